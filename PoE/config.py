@@ -1,0 +1,178 @@
+"""Per-dataset configuration and per-profile training schedules.
+
+Datasets differ only by the values here; every stage runs the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from PoE.errors import PoEError
+from PoE.hierarchy import (
+    CIFAR100_DEFAULT,
+    CIFAR100_TASKS,
+    IMAGENET_DEFAULT,
+    IMAGENET_TASKS,
+    TINYIMAGENET_DEFAULT,
+    TINYIMAGENET_TASKS,
+)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str  # command-line name and folder under data_root / the pool
+    tag: str  # suffix of the original code's file names (library_<tag>.pt)
+    num_classes: int
+    image_size: int
+    crop_pad: int  # zero padding of the random crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tasks: dict[str, list[int]]
+    default_tasks: list[str]
+    oracle_arch: str  # the paper's Oracle
+    library_arch: str  # the WRN whose front is the library
+    expert_width: int  # width of an expert's block3
+    first_stride: int = 1
+
+
+DATASETS: dict[str, DatasetConfig] = {
+    "cifar100": DatasetConfig(
+        name="cifar100",
+        tag="cifar100",
+        num_classes=100,
+        image_size=32,
+        crop_pad=4,
+        # the original code's constants (its released experts expect exactly these)
+        mean=(0.5071, 0.4867, 0.4408),
+        std=(0.2675, 0.2565, 0.2761),
+        tasks=CIFAR100_TASKS,
+        default_tasks=CIFAR100_DEFAULT,
+        oracle_arch="wrn-40-4",
+        library_arch="wrn-16-1",
+        expert_width=16,
+    ),
+    "tinyimagenet": DatasetConfig(
+        name="tinyimagenet",
+        tag="TinyImageNet",
+        num_classes=200,
+        image_size=64,
+        crop_pad=8,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        tasks=TINYIMAGENET_TASKS,
+        default_tasks=TINYIMAGENET_DEFAULT,
+        oracle_arch="wrn-16-10",
+        library_arch="wrn-16-2",
+        expert_width=16,
+        first_stride=2,
+    ),
+    "imagenet": DatasetConfig(
+        name="imagenet",
+        tag="ImageNet",
+        num_classes=1000,
+        image_size=224,
+        crop_pad=0,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        tasks=IMAGENET_TASKS,
+        default_tasks=IMAGENET_DEFAULT,
+        oracle_arch="wide_resnet101_2",
+        library_arch="mobilenet_v2",
+        expert_width=0,
+    ),
+}
+
+
+def get_dataset(name: str) -> DatasetConfig:
+    if name not in DATASETS:
+        raise PoEError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage: SGD with momentum, step decay (at fractions of the run) or one-cycle."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 512
+    schedule: str = "step"  # "step": x gamma at each milestone; "onecycle": warm-up then cosine to 0
+    milestones: tuple[float, ...] = (0.4, 0.8)  # fractions of ``epochs``
+    gamma: float = 0.1
+    warmup: float = 0.15  # fraction of the run spent warming up (onecycle)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+
+    def lr_at(self, progress: float) -> float:
+        """Learning rate after ``progress`` epochs (fractional)."""
+        frac = progress / max(self.epochs, 1)
+        if self.schedule == "step":
+            return self.lr * self.gamma ** sum(frac >= m for m in self.milestones)
+        if self.schedule == "onecycle":
+            if frac < self.warmup:
+                return self.lr * (0.1 + 0.9 * frac / self.warmup)
+            t = (frac - self.warmup) / max(1e-8, 1 - self.warmup)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        raise PoEError(f"unknown schedule {self.schedule!r}; known: step, onecycle")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    oracle_arch: str | None  # None: the dataset's paper Oracle
+    oracle: StageConfig
+    library: StageConfig
+    experts: StageConfig
+    T: float = 4.0
+    alpha: float = 0.3
+    teacher_views: int = 0  # distinct augmented views whose Oracle logits are cached (0: one per epoch)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(
+        name="paper",
+        description="the paper's schedules: Oracle and library 200 epochs (x0.1 at 80, 160), experts 100 (40, 80)",
+        oracle_arch=None,
+        oracle=StageConfig(epochs=200, lr=0.1),
+        library=StageConfig(epochs=200, lr=0.1),
+        experts=StageConfig(epochs=100, lr=0.1),
+    ),
+    "quick": Profile(
+        name="quick",
+        description="about 7 minutes on a 2-core CPU, to try the pipeline: WRN-16-1 Oracle, one epoch per stage",
+        oracle_arch="wrn-16-1",
+        oracle=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        library=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        experts=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        teacher_views=1,
+    ),
+    "cpu": Profile(
+        name="cpu",
+        description="the shipped CIFAR-100 pool, about 2.3 hours on 2 CPU cores: WRN-16-2 Oracle 10 epochs, "
+        "library 16, experts 12, one-cycle schedules, Oracle logits cached for 6 augmented views",
+        oracle_arch="wrn-16-2",
+        oracle=StageConfig(epochs=10, lr=0.2, batch_size=256, schedule="onecycle", nesterov=True),
+        library=StageConfig(epochs=16, lr=0.2, batch_size=256, schedule="onecycle", nesterov=True),
+        experts=StageConfig(epochs=12, lr=0.1, batch_size=256, schedule="onecycle", nesterov=True),
+        teacher_views=6,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise PoEError(f"unknown profile {name!r}; known profiles: {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+def override(stage: StageConfig, **changes: object) -> StageConfig:
+    """``stage`` with the non-None ``changes`` applied."""
+    return replace(stage, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,94 @@
+"""Accuracy, cross-expert errors, and model cost (multiply-adds, parameters)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from PoE.data import ImageSet, Normalizer
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: ImageSet,
+    normalize: Normalizer,
+    device: str | torch.device,
+    batch_size: int = 500,
+    columns: Sequence[int] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Argmax predictions (CPU, int64); ``columns`` restricts the argmax to those output columns."""
+    from tqdm import tqdm
+
+    model.eval()
+    cols = None if columns is None else torch.tensor(list(columns), device=device)
+    out = []
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc="evaluate", leave=False, disable=not progress):
+        x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        if cols is not None:
+            logits = logits.index_select(1, cols)
+        out.append(logits.argmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(
+    model: nn.Module,
+    images: ImageSet,
+    classes: Sequence[int] | None,
+    normalize: Normalizer,
+    device: str | torch.device,
+    restrict: bool = False,
+    progress: bool = False,
+) -> tuple[float, int]:
+    """(accuracy in %, number of images) over the test images whose label is in ``classes``.
+
+    ``restrict=False``: the model's outputs are ``classes``, in that order (an expert, or a
+    task-specific model with its ascending class ids). ``restrict=True``: the model scores every
+    class (an Oracle) and the argmax is taken over the ``classes`` columns only. ``classes=None``:
+    all classes, all images.
+    """
+    if classes is None:
+        subset, labels, columns = images, images.y, None
+    else:
+        subset, labels = images.with_classes(list(classes))
+        columns = list(classes) if restrict else None
+    if len(labels) == 0:
+        return float("nan"), 0
+    pred = predict(model, subset, normalize, device, columns=columns, progress=progress)
+    return 100.0 * (pred == labels).float().mean().item(), len(labels)
+
+
+def cross_expert_share(pred: torch.Tensor, labels: torch.Tensor, owner: Sequence[int]) -> tuple[int, int]:
+    """(cross-expert errors, all errors): a wrong argmax that falls in another expert's classes.
+
+    ``pred`` and ``labels`` are positions in the composite output; ``owner[p]`` is the expert of position p.
+    """
+    own = torch.as_tensor(list(owner))
+    wrong = pred != labels
+    cross = wrong & (own[pred] != own[labels])
+    return int(cross.sum()), int(wrong.sum())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu") -> int:
+    """Multiply-adds of the convolutions and linear layers for one image.
+
+    PyTorch's FlopCounterMode counts 2 FLOPs per multiply-add; the paper counts one, so halve it.
+    BatchNorm, ReLU and pooling (a few percent more in the original code's count) are not included.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable-parameter count (BatchNorm running statistics are buffers and are not counted)."""
+    return sum(p.numel() for p in model.parameters())

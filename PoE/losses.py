@@ -1,0 +1,33 @@
+"""Distillation losses: plain KD, and the conditional KD that extracts an expert (L_soft + alpha * L_scale)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch."""
+    log_p_s = F.log_softmax(student / T, dim=1)
+    log_p_t = F.log_softmax(teacher.float() / T, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+def scale_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L_scale: mean absolute difference of raw logits, which keeps an expert on the Oracle's logit scale."""
+    return (student - teacher.float()).abs().mean()
+
+
+def ckd_loss(
+    student: torch.Tensor, teacher_h: torch.Tensor, T: float, alpha: float, soft: bool = True, scale: bool = True
+) -> torch.Tensor:
+    """Conditional KD: ``teacher_h`` are the Oracle's logits restricted to the expert's classes.
+
+    ``soft``/``scale`` switch off either term (the paper's ablation: L_soft only, L_scale only).
+    """
+    loss = student.new_zeros(())
+    if soft:
+        loss = loss + kd_loss(student, teacher_h, T)
+    if scale:
+        loss = loss + alpha * scale_loss(student, teacher_h)
+    return loss

@@ -1,0 +1,177 @@
+"""Wide residual networks (pre-activation), split into a library front and an expert back.
+
+Parameter names follow the common WideResNet code (``conv1``, ``block1.layer.0.bn1``, ...,
+``block3``, ``bn1``, ``fc``) so the original Pool of Experts checkpoints load unchanged:
+a library holds ``conv1``/``block1``/``block2`` and an expert (or the library student's head)
+holds ``block3``/``bn1``/``fc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation basic block; the 1x1 shortcut (when widths differ) sees relu(bn1(x))."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal_in_out = in_planes == out_planes and stride == 1
+        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        shortcut = x if self.convShortcut is None else self.convShortcut(o)
+        o = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return o + shortcut
+
+
+class NetworkBlock(nn.Module):
+    """A group of ``n`` basic blocks; only the first changes width and stride."""
+
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@dataclass(frozen=True)
+class WRNSpec:
+    """Shape of a WRN-depth-widen; ``first_stride`` 2 for 64x64 inputs (Tiny-ImageNet)."""
+
+    depth: int
+    widen: int
+    first_stride: int = 1
+
+    def __post_init__(self) -> None:
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...), got {self.depth}")
+        if self.widen < 1:
+            raise ValueError(f"WRN widen factor must be >= 1, got {self.widen}")
+
+    @property
+    def blocks_per_group(self) -> int:
+        return (self.depth - 4) // 6
+
+    @property
+    def widths(self) -> tuple[int, int, int, int]:
+        k = self.widen
+        return 16, 16 * k, 32 * k, 64 * k
+
+    @property
+    def name(self) -> str:
+        return f"wrn-{self.depth}-{self.widen}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def parse(text: str, first_stride: int = 1) -> WRNSpec:
+        """``'wrn-40-4'`` -> WRNSpec(40, 4)."""
+        parts = text.lower().split("-")
+        if len(parts) != 3 or parts[0] != "wrn" or not parts[1].isdigit() or not parts[2].isdigit():
+            raise ValueError(f"architecture must look like wrn-<depth>-<widen> (e.g. wrn-40-4), got {text!r}")
+        return WRNSpec(int(parts[1]), int(parts[2]), first_stride)
+
+
+class WRNLibrary(nn.Module):
+    """conv1 + block1 + block2 of a WRN: the shared front of every task-specific model."""
+
+    def __init__(self, spec: WRNSpec) -> None:
+        super().__init__()
+        w, n = spec.widths, spec.blocks_per_group
+        self.spec = spec
+        self.conv1 = nn.Conv2d(3, w[0], 3, spec.first_stride, 1, bias=False)
+        self.block1 = NetworkBlock(n, w[0], w[1], 1)
+        self.block2 = NetworkBlock(n, w[1], w[2], 2)
+        self.out_channels = w[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.block1(self.conv1(x)))
+
+
+class WRNExpert(nn.Module):
+    """block3 + BN + ReLU + global average pool + fc: one expert, or the library student's head."""
+
+    def __init__(self, in_channels: int, width: int, num_classes: int, n_blocks: int) -> None:
+        super().__init__()
+        self.block3 = NetworkBlock(n_blocks, in_channels, width, 2)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+        self.in_channels, self.width, self.num_classes, self.n_blocks = in_channels, width, num_classes, n_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(self.block3(x)))
+        return self.fc(F.adaptive_avg_pool2d(o, 1).flatten(1))
+
+
+class WideResNet(nn.Module):
+    """A whole WRN = library front + back of width 64*widen over all classes."""
+
+    def __init__(self, spec: WRNSpec, num_classes: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.front = WRNLibrary(spec)
+        self.back = WRNExpert(spec.widths[2], spec.widths[3], num_classes, spec.blocks_per_group)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.back(self.front(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """He init for convs, unit BN, zero biases (the usual WRN initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def new_expert(library: WRNLibrary, width: int, num_classes: int) -> WRNExpert:
+    """A freshly initialised expert that sits on ``library``'s features."""
+    e = WRNExpert(library.out_channels, width, num_classes, library.spec.blocks_per_group)
+    init_weights(e)
+    return e
+
+
+def _layer_count(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    ids = {k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)}
+    return len([i for i in ids if i.isdigit()])
+
+
+def library_spec_from_state(state_dict: dict[str, torch.Tensor], first_stride: int) -> WRNSpec:
+    """Read a library's WRN shape off its weights (the stride is not visible in shapes: pass it)."""
+    try:
+        n = _layer_count(state_dict, "block1.layer.")
+        width2 = state_dict["block2.layer.0.conv1.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a WRN library state dict (no {e})") from None
+    if n < 1 or width2 % 32:
+        raise ValueError("not a WRN library state dict (unexpected block layout)")
+    return WRNSpec(6 * n + 4, width2 // 32, first_stride)
+
+
+def expert_from_state(state_dict: dict[str, torch.Tensor]) -> WRNExpert:
+    """An (untrained) expert shaped like ``state_dict``."""
+    try:
+        conv = state_dict["block3.layer.0.conv1.weight"]
+        classes = state_dict["fc.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not an expert state dict (no {e})") from None
+    return WRNExpert(conv.shape[1], conv.shape[0], classes, _layer_count(state_dict, "block3.layer."))

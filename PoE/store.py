@@ -1,0 +1,146 @@
+"""Checkpoints and the pool on disk: atomic writes, safe loads, and the two pool layouts.
+
+A pool for one dataset is a folder holding ``library_<tag>.pt`` and ``experts/expert_<task>.pt``
+(the original code's names), plus ``manifest.json`` when this project made it. Files written here
+wrap the weights with what they are (``{"poe_format": 1, "kind": ..., "state_dict": ...}``); the
+original code's files are bare state dicts. Both load the same way: the architecture is read off
+the tensor shapes and checked against what the caller expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from PoE.errors import PoEError
+
+FORMAT = 1
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise PoEError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(dict(payload), f))
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
+
+
+def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """Load with ``weights_only=True``; a missing or unreadable file raises PoEError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoEError(f"missing checkpoint {path}" + (f"; {hint}" if hint else ""))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PoEError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from None
+    if not isinstance(obj, dict):
+        raise PoEError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    return obj
+
+
+def unwrap(obj: dict[str, Any], path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, metadata) of a checkpoint of ``kind``; bare state dicts (original code) have no metadata."""
+    if "poe_format" in obj:
+        if obj.get("kind") != kind:
+            raise PoEError(f"{path} holds a {obj.get('kind')!r} checkpoint, expected {kind!r}")
+        sd = obj.get("state_dict")
+        if not isinstance(sd, dict):
+            raise PoEError(f"{path} has no state_dict")
+        return sd, {k: v for k, v in obj.items() if k != "state_dict"}
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PoEError(f"{path} is neither a Pool of Experts checkpoint nor a state dict")
+    return obj, {}
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | Path, what: str) -> nn.Module:
+    """Strictly load weights, turning any key or shape mismatch into one clear line naming ``path``."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
+        if shapes:
+            parts.append(f"shape mismatch {'; '.join(shapes[:2])}")
+        raise PoEError(f"{path} does not match the {what} it should hold: {'; '.join(parts)}")
+    module.load_state_dict(state_dict)
+    return module
+
+
+class PoolPaths:
+    """Where the parts of one dataset's pool live."""
+
+    def __init__(self, root: str | Path, tag: str) -> None:
+        self.root = Path(root)
+        self.tag = tag
+
+    @property
+    def library(self) -> Path:
+        return self.root / f"library_{self.tag}.pt"
+
+    def expert(self, task: str) -> Path:
+        return self.root / "experts" / f"expert_{task}.pt"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    def experts_present(self) -> list[str]:
+        d = self.root / "experts"
+        return sorted(p.name[len("expert_") : -3] for p in d.glob("expert_*.pt")) if d.is_dir() else []
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest.is_file():
+            return {}
+        try:
+            return json.loads(self.manifest.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PoEError(f"{self.manifest} is not valid JSON ({e})") from None
+
+
+def resolve_pool(db: str | Path, dataset: str, tag: str) -> PoolPaths:
+    """``db`` may be the pool folder itself (e.g. the original release) or hold ``<dataset>/``."""
+    db = Path(db)
+    for root in (db, db / dataset):
+        if (root / f"library_{tag}.pt").is_file():
+            return PoolPaths(root, tag)
+    raise PoEError(
+        f"no {dataset} pool at {db}: expected {db / dataset / f'library_{tag}.pt'}; "
+        f"create it with: python Run_preprocessing.py --dataset {dataset} --db {db}"
+    )

@@ -1,0 +1,112 @@
+"""One training loop for every stage: SGD, per-step schedule, progress bar, resumable epochs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from PoE.config import StageConfig
+from PoE.data import Batch
+from PoE.errors import PoEError
+from PoE.store import load_checkpoint, save_checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(
+        params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, nesterov=stage.nesterov
+    )
+
+
+def train_stage(
+    name: str,
+    modules: dict[str, nn.Module],
+    loss_fn: Callable[[Batch], torch.Tensor],
+    batches: Callable[[int], Iterator[Batch]],
+    steps_per_epoch: int,
+    stage: StageConfig,
+    resume_path: Path | None,
+    fingerprint: dict[str, Any],
+    frozen: tuple[nn.Module, ...] = (),
+    on_epoch_start: Callable[[int], None] | None = None,
+    is_main: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``modules`` (all their parameters) for ``stage.epochs``; return the run's history.
+
+    After every epoch the weights, optimizer state and history go atomically to ``resume_path``;
+    a later call with the same ``fingerprint`` continues after the last finished epoch. Epoch ``e``
+    draws its batches from ``batches(e)``, so a resumed run sees the data a straight run would.
+    ``frozen`` modules stay in eval mode (their BatchNorm statistics do not move).
+    """
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = make_optimizer(params, stage)
+    history: dict[str, Any] = {"epochs_done": 0, "loss": [], "seconds": 0.0}
+    if resume_path is not None and resume_path.exists():
+        state = load_checkpoint(resume_path)
+        if state.get("fingerprint") != fingerprint:
+            raise PoEError(
+                f"{resume_path} resumes a different {name} run (its settings differ from these); "
+                f"pass --retrain {name} to start this stage over"
+            )
+        for key, m in modules.items():
+            m.load_state_dict(state["modules"][key])
+        opt.load_state_dict(state["optimizer"])
+        history = state["history"]
+        if is_main and history["epochs_done"] < stage.epochs:
+            print(f"[{name}] resuming after epoch {history['epochs_done']}/{stage.epochs} ({resume_path})")
+    for epoch in range(history["epochs_done"], stage.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        for m in modules.values():
+            m.train()
+        for m in frozen:
+            m.eval()
+        t0 = time.perf_counter()
+        total, count = 0.0, 0
+        bar = tqdm(
+            batches(epoch),
+            total=steps_per_epoch,
+            desc=f"{name} {epoch + 1}/{stage.epochs}",
+            leave=False,
+            disable=not (progress and is_main),
+        )
+        for i, batch in enumerate(bar):
+            lr = stage.lr_at(epoch + i / steps_per_epoch)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise PoEError(f"[{name}] loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.4f}")
+        seconds = time.perf_counter() - t0
+        history["epochs_done"] = epoch + 1
+        history["loss"].append(total / max(count, 1))
+        history["seconds"] += seconds
+        if is_main:
+            print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {total / max(count, 1):.4f} ({seconds:.0f}s)")
+            if resume_path is not None:
+                save_checkpoint(
+                    resume_path,
+                    {
+                        "fingerprint": fingerprint,
+                        "modules": {k: m.state_dict() for k, m in modules.items()},
+                        "optimizer": opt.state_dict(),
+                        "history": history,
+                    },
+                )
+    return history

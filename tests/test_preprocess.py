@@ -1,0 +1,185 @@
+"""Preprocessing: a tiny real-data run, reloading, resuming, the teacher cache, CKD on real features."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from PoE.cli import main_preprocessing, main_service
+from PoE.config import StageConfig
+from PoE.data import Batch, ImageSet, Normalizer, TensorLoader, load_split
+from PoE.errors import PoEError
+from PoE.networks import WideResNet, WRNSpec
+from PoE.preprocess import TeacherOutputs, state_id
+from PoE.store import load_checkpoint, save_checkpoint
+from PoE.train import train_stage
+
+from .conftest import TINY
+
+
+def test_tiny_run_builds_a_pool_the_service_loads(tiny_pool, data_root, capsys):
+    pool = tiny_pool["pool"]
+    assert (pool / "library_cifar100.pt").is_file()
+    assert sorted(p.name for p in (pool / "experts").iterdir()) == [
+        "expert_people.pt",
+        "expert_vehicles_1.pt",
+        "expert_vehicles_2.pt",
+    ]
+    manifest = json.loads((pool / "manifest.json").read_text())
+    assert manifest["profile"] == "quick" and manifest["settings"]["train_limit"] == 1024
+    assert set(manifest["experts"]) == {"people", "vehicles_1", "vehicles_2"}
+    assert manifest["train_data_sha256"] and manifest["oracle"]["arch"] == "wrn-10-1"
+    expert = load_checkpoint(pool / "experts" / "expert_people.pt")
+    assert expert["kind"] == "expert" and expert["classes"] == [2, 11, 35, 46, 98]
+    assert not (tiny_pool["pretrained"] / "cifar100" / "resume" / "oracle.pt").exists()
+    capsys.readouterr()
+    rc = main_service(["--db", str(tiny_pool["db"]), "--data_root", str(data_root), "--queriedTask", "people",
+                       "vehicles_2", "--json", "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["n_test"] == 1000 and 0.0 <= r["accuracy"] <= 100.0
+
+
+def test_second_run_loads_instead_of_training(tiny_pool, data_root, capsys):
+    capsys.readouterr()
+    argv = [*TINY, "--data_root", str(data_root), "--db", str(tiny_pool["db"]),
+            "--pretrained", str(tiny_pool["pretrained"])]  # fmt: skip
+    before = (tiny_pool["pool"] / "experts" / "expert_people.pt").stat().st_mtime_ns
+    assert main_preprocessing(argv) == 0
+    out = capsys.readouterr().out
+    assert "epoch" not in out  # nothing trained
+    assert "Oracle (wrn-10-1)" in out and "expert vehicles_2" in out and "library student" in out
+    assert (tiny_pool["pool"] / "experts" / "expert_people.pt").stat().st_mtime_ns == before
+
+
+def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, capsys):
+    rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(tmp_path / "db"),
+                             "--pretrained", str(tmp_path / "pre"), "--stages", "experts"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "oracle.pt" in err and "--stages oracle" in err
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stages", "warmup"], "unknown stage 'warmup'"),
+        (["--profile", "fast"], "unknown profile 'fast'; known profiles: paper, quick, cpu"),
+        (["--tasks", "people", "martians"], "unknown task 'martians'"),
+        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["--oracle_arch", "resnet50"], "--oracle_arch"),
+        (["--expert_lr", "-1"], "--expert_lr must be positive"),
+        (["--loss", "hard"], "unknown --loss 'hard'"),
+    ],
+)
+def test_bad_preprocessing_input(tmp_path, capsys, argv, message):
+    rc = main_preprocessing([*argv, "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ resumable training
+def toy_problem(seed: int = 0):
+    data = torch.Generator().manual_seed(0)  # the same data for every model
+    x, y = torch.randn(64, 6, generator=data), torch.randint(0, 3, (64,), generator=data)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def batches(epoch: int):
+        g = torch.Generator().manual_seed(epoch)
+        perm = torch.randperm(64, generator=g)
+        for i in range(4):
+            idx = perm[i * 16 : (i + 1) * 16]
+            yield Batch(x[idx], y[idx], idx, epoch)
+
+    def loss_fn(b: Batch) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(b.x), b.y)
+
+    return model, batches, loss_fn
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    stage = StageConfig(epochs=4, lr=0.1, schedule="onecycle")
+    straight, batches, loss_fn = toy_problem()
+    train_stage("toy", {"m": straight}, loss_fn, batches, 4, stage, tmp_path / "a.pt", {"k": 1}, progress=False)
+
+    resumed, batches, loss_fn = toy_problem()
+
+    def stop_at_epoch_2(epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage("toy", {"m": resumed}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1},
+                    on_epoch_start=stop_at_epoch_2, progress=False)  # fmt: skip
+    assert load_checkpoint(tmp_path / "b.pt")["history"]["epochs_done"] == 2
+    fresh, batches, loss_fn = toy_problem(seed=123)  # different init: everything must come from the checkpoint
+    hist = train_stage("toy", {"m": fresh}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1}, progress=False)
+    assert hist["epochs_done"] == 4
+    for a, b in zip(straight.state_dict().values(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_resume_file_of_another_run_is_refused(tmp_path):
+    model, batches, loss_fn = toy_problem()
+    stage = StageConfig(epochs=1, lr=0.1)
+    save_checkpoint(tmp_path / "r.pt", {"fingerprint": {"k": 0}, "modules": {}, "optimizer": {}, "history": {}})
+    with pytest.raises(PoEError, match="--retrain toy"):
+        train_stage("toy", {"m": model}, loss_fn, batches, 4, stage, tmp_path / "r.pt", {"k": 1}, progress=False)
+
+
+# ------------------------------------------------------------------ teacher cache
+def test_cached_teacher_logits_equal_running_the_oracle(tmp_path):
+    torch.manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,)))
+    oracle = WideResNet(WRNSpec(10, 1), 10).eval()
+    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    loader = TensorLoader(data, 8, norm, 4, "cpu", seed=1, view_seed=7)
+    cached = TeacherOutputs(oracle, state_id(oracle), 3, 7, tmp_path, progress=False)
+    online = TeacherOutputs(oracle, state_id(oracle), 0, 7, tmp_path, progress=False)
+    for epoch in (0, 1, 4):  # epoch 4 reuses view 1
+        for batch in cached.batches(loader)(epoch):
+            assert batch.view == epoch % 3
+            torch.testing.assert_close(cached.logits(batch, loader), online.logits(batch, loader), atol=2e-2, rtol=1e-2)
+    assert len(list(tmp_path.glob("teacher_*_view*.pt"))) == 3
+
+
+# ------------------------------------------------------------------ conditional KD on real data
+def test_ckd_extracts_an_accurate_expert_from_real_features(tmp_path, official_cifar, data_root, capsys):
+    """Teacher = the original release's WRN-16-1 (its library + head), library = its front, frozen.
+
+    Our expert stage, on 5,000 real training images for 3 epochs, must give an expert far above the
+    20% chance level of a 5-class task.
+    """
+    lib = load_checkpoint(official_cifar / "library_cifar100.pt")
+    head = load_checkpoint(official_cifar / "library_student_classifier_cifar100.pt")
+    teacher = WideResNet(WRNSpec(16, 1), 100)
+    teacher.front.load_state_dict(lib)
+    teacher.back.load_state_dict(head)
+    tid = state_id(teacher)
+    pre, db = tmp_path / "pre" / "cifar100", tmp_path / "db" / "cifar100"
+    meta = {"poe_format": 1, "dataset": "cifar100", "arch": "wrn-16-1", "epochs": 200, "config": "original release",
+            "test_acc": 0.0, "test_n": 0, "train_seconds": 0.0}  # fmt: skip
+    save_checkpoint(pre / "oracle.pt", {**meta, "kind": "oracle", "id": tid, "state_dict": teacher.state_dict()})
+    lib_meta = {**meta, "oracle_id": tid, "id": state_id(teacher.front)}
+    save_checkpoint(pre / "library_student.pt", {**lib_meta, "kind": "library_student",
+                                                 "state_dict": teacher.state_dict()})  # fmt: skip
+    save_checkpoint(db / "library_cifar100.pt", {**lib_meta, "kind": "library", "state_dict": lib})
+    rc = main_preprocessing(["--data_root", str(data_root), "--db", str(tmp_path / "db"), "--pretrained",
+                             str(tmp_path / "pre"), "--oracle_arch", "wrn-16-1", "--stages", "experts", "--tasks",
+                             "people", "--train_limit", "5000", "--expert_epochs", "3", "--teacher_views", "3",
+                             "--profile", "quick", "--no_progress", "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    expert = load_checkpoint(db / "experts" / "expert_people.pt")
+    assert expert["test_n"] == 500
+    assert expert["test_acc"] > 45.0, capsys.readouterr().out
+
+
+def test_load_split_reads_real_cifar(data_root):
+    test = load_split("cifar100", data_root, "test")
+    assert test.x.shape == (10000, 3, 32, 32) and test.x.dtype == torch.uint8
+    assert torch.bincount(test.y).tolist() == [100] * 100
