@@ -30,18 +30,21 @@ def pick_device(name: str | None) -> torch.device:
 
 def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None):
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return body(args)
     except PoEError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into e.g. head
+        return 0
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 
 def common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="cifar100", help="cifar100 (default), tinyimagenet or imagenet")
+    p.add_argument("--dataset", default="cifar100", help="dataset of the pool")
     p.add_argument("--data_root", default="data", help="folder holding <dataset>/ (default: data)")
     p.add_argument("--db", default="DB_PoE", help="pool root; the pool is <db>/<dataset>/ (default: DB_PoE)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -165,6 +168,7 @@ def preprocessing_settings(a: argparse.Namespace):
         soft=a.loss in ("both", "soft"),
         scale=a.loss in ("both", "scale"),
         progress=not a.no_progress,
+        command="python Run_preprocessing.py " + " ".join(a.argv),
     )
 
 
@@ -313,3 +317,324 @@ def service_body(a: argparse.Namespace) -> int:
 
 def main_service(argv: Sequence[str] | None = None) -> int:
     return run_main(service_body, service_parser(), argv)
+
+
+# ---------------------------------------------------------------------------- evaluation over combinations
+def evaluation_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="Run_Evaluation.py",
+        description="Score a pool's train-free consolidated models over every combination of n of a list of "
+        "tasks and print, per n, the mean +- std accuracy (over combinations), the share of errors that are "
+        "cross-expert errors, and the models' multiply-adds and parameters.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common_arguments(p)
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks to combine (default: the "
+                   "dataset's six default tasks)")  # fmt: skip
+    p.add_argument("--n", nargs="+", type=int, default=None, help="combination sizes (default: 2 .. len(tasks)-1)")
+    p.add_argument("--out", default=None, help="also write <out>.md and <out>.csv (per n) and <out>_all.csv")
+    p.add_argument("--json", action="store_true", help="also print the per-n rows as one JSON list (last line)")
+    return p
+
+
+SUMMARY_COLUMNS = [
+    ("n", "n"),
+    ("combinations", "combinations"),
+    ("acc_mean", "accuracy mean (%)"),
+    ("acc_std", "std"),
+    ("acc_min", "min"),
+    ("acc_max", "max"),
+    ("cross_expert_error_share", "cross-expert errors / errors (%)"),
+    ("macs", "multiply-adds"),
+    ("params", "parameters"),
+]
+
+
+def evaluation_body(a: argparse.Namespace) -> int:
+    from PoE.config import get_dataset
+    from PoE.data import load_split
+    from PoE.experiments import markdown_table, pool_combinations, summarize, write_csv, write_text
+    from PoE.hierarchy import make_query
+    from PoE.store import resolve_pool
+
+    cfg = get_dataset(a.dataset)
+    tasks = a.tasks or cfg.default_tasks
+    make_query(tasks, cfg.tasks, cfg.name)
+    ns = a.n or list(range(2, len(tasks)))
+    bad = [n for n in ns if not 1 <= n <= len(tasks)]
+    if bad or not ns:
+        raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {bad or ns}")
+    device = pick_device(a.device)
+    pool = resolve_pool(a.db, cfg.name, cfg.tag)
+    test = load_split(cfg.name, a.data_root, "test")
+    results = pool_combinations(pool, cfg, tasks, ns, test, device)
+    rows = summarize(results)
+    for r in rows:
+        r["macs"], r["params"] = round(r["macs"]), round(r["params"])
+    print(f"pool {pool.root}: {cfg.name}, tasks {', '.join(tasks)}")
+    print("accuracy: over each composite task's test images; mean and population std over combinations\n")
+    table = markdown_table(rows, SUMMARY_COLUMNS)
+    print(table)
+    if a.out:
+        write_text(f"{a.out}.md", table + "\n")
+        write_csv(f"{a.out}.csv", rows)
+        per_combo = [{"n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy, "n_test": r.n_test,
+                      "cross_expert_errors": r.cross_errors, "errors": r.errors, "macs": r.macs,
+                      "params": r.params} for r in results]  # fmt: skip
+        write_csv(f"{a.out}_all.csv", per_combo)
+        print(f"\nwrote {a.out}.md, {a.out}.csv, {a.out}_all.csv")
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def main_evaluation(argv: Sequence[str] | None = None) -> int:
+    return run_main(evaluation_body, evaluation_parser(), argv)
+
+
+# ---------------------------------------------------------------------------- baselines
+def baselines_parser() -> argparse.ArgumentParser:
+    from PoE.baselines import METHODS
+
+    p = argparse.ArgumentParser(
+        prog="Run_Baselines.py",
+        description="Train the paper's baselines for a query and print them beside PoE's train-free model: "
+        "accuracy on the composite task, multiply-adds, parameters and the wall time to produce each model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common_arguments(p)
+    p.add_argument("--queriedTask", nargs="+", required=True, metavar="TASK", help="primitive tasks of the query")
+    p.add_argument("--method", nargs="+", default=list(METHODS), metavar="METHOD", help=f"of {METHODS}")
+    p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (for ckd)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every method (default: the paper's: 200 "
+                   "for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--schedule", default="step", help="step (x0.1 at 40%% and 80%%) or onecycle")
+    p.add_argument("--T", type=float, default=4.0)
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="also print the rows as one JSON list (last line)")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def load_oracle(pretrained: str | Path, cfg, device: torch.device) -> torch.nn.Module:
+    from PoE.networks import build_network
+    from PoE.store import load_checkpoint, load_into, unwrap
+
+    path = Path(pretrained) / cfg.name / "oracle.pt"
+    hint = f"make it with: python Run_preprocessing.py --dataset {cfg.name} --stages oracle"
+    sd, meta = unwrap(load_checkpoint(path, hint), path, "oracle")
+    arch = str(meta.get("arch"))
+    model = load_into(build_network(arch, cfg), sd, path, f"{arch} Oracle")
+    return model.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def baselines_body(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from PoE.baselines import METHODS, BaselineRunner
+    from PoE.config import StageConfig, get_dataset
+    from PoE.consolidate import build_from_pool, load_expert, load_library
+    from PoE.data import Normalizer, load_split
+    from PoE.evaluate import accuracy, count_macs, count_params
+    from PoE.hierarchy import make_query
+    from PoE.store import resolve_pool
+
+    cfg = get_dataset(a.dataset)
+    query = make_query(a.queriedTask, cfg.tasks, cfg.name)
+    bad = [m for m in a.method if m not in METHODS]
+    if bad:
+        raise PoEError(f"unknown method {bad[0]!r}; known methods: {', '.join(METHODS)}")
+    for name in ("epochs", "lr", "batch_size", "T"):
+        positive(name, getattr(a, name))
+    if a.schedule not in ("step", "onecycle"):
+        raise PoEError(f"unknown --schedule {a.schedule!r}; known: step, onecycle")
+    device = pick_device(a.device)
+    pool = None
+    library_cache: dict[str, torch.nn.Module] = {}
+
+    def pool_part(task: str | None) -> torch.nn.Module:
+        nonlocal pool
+        pool = pool or resolve_pool(a.db, cfg.name, cfg.tag)
+        if "lib" not in library_cache:
+            library_cache["lib"] = load_library(pool, cfg)
+        lib = library_cache["lib"]
+        return lib if task is None else load_expert(pool, cfg, task, lib.out_channels)
+
+    train = load_split(cfg.name, a.data_root, "train")
+    test = load_split(cfg.name, a.data_root, "test")
+    rows = []
+    for method in a.method:
+        epochs = a.epochs or (100 if method in ("transfer", "ckd") else 200)
+        stage = StageConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule)
+        runner = BaselineRunner(cfg, train, test, device, stage, a.T, a.alpha, a.seed,
+                                oracle=lambda: load_oracle(a.pretrained, cfg, device), pool_part=pool_part,
+                                teacher_dir=Path(a.pretrained) / cfg.name / "baselines",
+                                progress=not a.no_progress)  # fmt: skip
+        r = runner.run(method, list(query.tasks))
+        rows.append({k: v for k, v in asdict(r).items() if k != "extra"})
+    try:
+        pool = pool or resolve_pool(a.db, cfg.name, cfg.tag)
+        built = build_from_pool(pool, cfg, query, device)
+        acc, n = accuracy(built.model, test, query.classes, Normalizer(cfg.mean, cfg.std, device), device)
+        shape = (3, cfg.image_size, cfg.image_size)
+        rows.append({"method": "poe", "tasks": list(query.tasks), "accuracy": acc, "n_test": n,
+                     "macs": count_macs(built.model, shape, device), "params": count_params(built.model),
+                     "seconds": built.build_ms / 1e3, "teacher_seconds": 0.0, "epochs": 0})  # fmt: skip
+    except PoEError as e:
+        print(f"(no PoE row: {e})")
+    cols = [("method", "method"), ("accuracy", "accuracy (%)"), ("n_test", "test images"), ("macs", "multiply-adds"),
+            ("params", "parameters"), ("epochs", "epochs"), ("seconds", "time to produce (s)"),
+            ("teacher_seconds", "+ teachers (s)")]  # fmt: skip
+    from PoE.experiments import markdown_table
+
+    print(f"query: {', '.join(query.tasks)} ({query.num_classes} classes); device {device}")
+    print(markdown_table(rows, cols))
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def main_baselines(argv: Sequence[str] | None = None) -> int:
+    return run_main(baselines_body, baselines_parser(), argv)
+
+
+# ---------------------------------------------------------------------------- the paper's tables
+def experiments_parser() -> argparse.ArgumentParser:
+    from PoE.baselines import METHODS
+
+    p = argparse.ArgumentParser(
+        prog="Run_Experiments.py",
+        description="The paper's comparisons: for n tasks out of a list, the Oracle (restricted to the composite's "
+        "classes), PoE and the training-based baselines: accuracy (mean +- std over combinations), multiply-adds, "
+        "parameters and time per query; and the cross-expert error share of pools extracted with L_soft only, "
+        "L_scale only and both. Writes Markdown and CSV tables and PNG plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    common_arguments(p)
+    p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="default: the dataset's six")
+    p.add_argument("--n", nargs="+", type=int, default=[2, 3, 4, 5])
+    p.add_argument("--methods", nargs="+", default=["oracle", "poe", *METHODS], metavar="METHOD")
+    p.add_argument("--combos_per_n", type=int, default=2, help="baselines: a fixed seeded sample of this many "
+                   "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None, help="baseline epochs (default: the paper's 200 / 100)")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch_size", type=int, default=512)
+    p.add_argument("--schedule", default="step", help="step or onecycle")
+    p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
+                   "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="addImg", help="folder for the tables and plots")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def experiments_body(a: argparse.Namespace) -> int:
+    from PoE.baselines import METHODS, BaselineRunner
+    from PoE.config import StageConfig, get_dataset
+    from PoE.consolidate import build_from_pool, load_expert, load_library
+    from PoE.data import load_split
+    from PoE.experiments import (
+        METHOD_ORDER,
+        markdown_table,
+        oracle_combinations,
+        plot_results,
+        pool_combinations,
+        sample_combinations,
+        summarize,
+        summarize_methods,
+        write_csv,
+        write_text,
+    )
+    from PoE.hierarchy import make_query
+    from PoE.store import resolve_pool
+
+    cfg = get_dataset(a.dataset)
+    tasks = a.tasks or cfg.default_tasks
+    make_query(tasks, cfg.tasks, cfg.name)
+    bad = [m for m in a.methods if m not in METHOD_ORDER]
+    if bad:
+        raise PoEError(f"unknown method {bad[0]!r}; known: {', '.join(METHOD_ORDER)}")
+    if not a.n or any(not 1 <= n <= len(tasks) for n in a.n):
+        raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {a.n}")
+    ablation = {}
+    for item in a.ablation:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PoEError(f"--ablation takes NAME=DB pairs (e.g. soft=DB_soft), got {item!r}")
+        ablation[name] = path
+    device = pick_device(a.device)
+    pool = resolve_pool(a.db, cfg.name, cfg.tag)
+    test = load_split(cfg.name, a.data_root, "test")
+    out = Path(a.out)
+    all_combos = {n: sample_combinations(tasks, n, 0) for n in a.n}
+    rows: list[dict] = []
+    if "oracle" in a.methods:
+        oracle = load_oracle(a.pretrained, cfg, device)
+        rows += oracle_combinations(oracle, cfg, [c for n in a.n for c in all_combos[n]], test, device)
+    poe = pool_combinations(pool, cfg, tasks, a.n, test, device)
+    if "poe" in a.methods:
+        for r in poe:
+            built = build_from_pool(pool, cfg, make_query(r.tasks, cfg.tasks), device)
+            rows.append({"method": "poe", "n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy,
+                         "n_test": r.n_test, "macs": r.macs, "params": r.params,
+                         "seconds": built.build_ms / 1e3})  # fmt: skip
+    methods = [m for m in a.methods if m in METHODS]
+    schedule_note = ""
+    if methods:
+        train = load_split(cfg.name, a.data_root, "train")
+        library = load_library(pool, cfg)
+
+        def pool_part(task: str | None) -> torch.nn.Module:
+            return library if task is None else load_expert(pool, cfg, task, library.out_channels)
+
+        for method in methods:
+            epochs = a.epochs or (100 if method in ("transfer", "ckd") else 200)
+            stage = StageConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule)
+            runner = BaselineRunner(cfg, train, test, device, stage, seed=a.seed,
+                                    oracle=lambda: load_oracle(a.pretrained, cfg, device), pool_part=pool_part,
+                                    teacher_dir=Path(a.pretrained) / cfg.name / "baselines",
+                                    progress=not a.no_progress)  # fmt: skip
+            for n in a.n:
+                for combo in sample_combinations(tasks, n, a.combos_per_n, a.seed):
+                    r = runner.run(method, list(combo))
+                    rows.append({"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
+                                 "n_test": r.n_test, "macs": r.macs, "params": r.params, "seconds": r.seconds,
+                                 "teacher_seconds": r.teacher_seconds})  # fmt: skip
+        schedule_note = (
+            f"baselines: {a.combos_per_n or 'all'} combination(s) per n (seed {a.seed}), SGD lr {a.lr}, batch "
+            f"{a.batch_size}, {a.schedule} schedule, {a.epochs or 'paper'} epochs; "
+        )
+    summary = summarize_methods(rows)
+    cols = [("method", "method"), ("n", "n"), ("combinations", "combinations"), ("acc_mean", "accuracy (%)"),
+            ("acc_std", "std"), ("macs", "multiply-adds"), ("params", "parameters"),
+            ("seconds_per_query", "time per query (s)")]  # fmt: skip
+    note = (f"{cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {device}. {schedule_note}"
+            "Oracle and PoE: every combination. PoE time = reading + consolidating (no training).")  # fmt: skip
+    table = markdown_table(summary, cols)
+    print(note + "\n\n" + table)
+    write_text(out / "composite_tasks.md", note + "\n\n" + table + "\n")
+    write_csv(out / "composite_tasks.csv", summary)
+    write_csv(out / "composite_tasks_all.csv", rows)
+    plot_results(summary, out, f"{cfg.name}: {', '.join(tasks)}")
+    variants = {"both": pool, **{k: resolve_pool(v, cfg.name, cfg.tag) for k, v in ablation.items()}}
+    cross_rows = []
+    for name, p in variants.items():
+        results = poe if name == "both" else pool_combinations(p, cfg, tasks, a.n, test, device)
+        for r in summarize(results):
+            cross_rows.append({"experts trained with": name, "n": r["n"], "accuracy": r["acc_mean"],
+                               "cross-expert errors / errors (%)": r["cross_expert_error_share"]})  # fmt: skip
+    ctable = markdown_table(cross_rows, [(k, k) for k in cross_rows[0]])
+    print("\n" + ctable)
+    write_text(out / "cross_expert_errors.md", ctable + "\n")
+    write_csv(out / "cross_expert_errors.csv", cross_rows)
+    print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, cross_expert_errors.{{md,csv}}, "
+          "accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
+    return 0
+
+
+def main_experiments(argv: Sequence[str] | None = None) -> int:
+    return run_main(experiments_body, experiments_parser(), argv)

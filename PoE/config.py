@@ -9,14 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from PoE.errors import PoEError
-from PoE.hierarchy import (
-    CIFAR100_DEFAULT,
-    CIFAR100_TASKS,
-    IMAGENET_DEFAULT,
-    IMAGENET_TASKS,
-    TINYIMAGENET_DEFAULT,
-    TINYIMAGENET_TASKS,
-)
+from PoE.hierarchy import CIFAR100_DEFAULT, CIFAR100_TASKS
 
 
 @dataclass(frozen=True)
@@ -51,35 +44,6 @@ DATASETS: dict[str, DatasetConfig] = {
         oracle_arch="wrn-40-4",
         library_arch="wrn-16-1",
         expert_width=16,
-    ),
-    "tinyimagenet": DatasetConfig(
-        name="tinyimagenet",
-        tag="TinyImageNet",
-        num_classes=200,
-        image_size=64,
-        crop_pad=8,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        tasks=TINYIMAGENET_TASKS,
-        default_tasks=TINYIMAGENET_DEFAULT,
-        oracle_arch="wrn-16-10",
-        library_arch="wrn-16-2",
-        expert_width=16,
-        first_stride=2,
-    ),
-    "imagenet": DatasetConfig(
-        name="imagenet",
-        tag="ImageNet",
-        num_classes=1000,
-        image_size=224,
-        crop_pad=0,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        tasks=IMAGENET_TASKS,
-        default_tasks=IMAGENET_DEFAULT,
-        oracle_arch="wide_resnet101_2",
-        library_arch="mobilenet_v2",
-        expert_width=0,
     ),
 }
 

@@ -86,14 +86,9 @@ def load_split(dataset: str, data_root: str | Path, split: str) -> ImageSet:
     folder = Path(data_root) / dataset
     path = folder / f"{split}.npz"
     if not path.exists():
-        if dataset == "cifar100":
-            fetch_cifar100(folder, split)
-        elif dataset == "tinyimagenet":
-            from PoE.tinyimagenet import build_cache
-
-            build_cache(Path(data_root), split)
-        else:
+        if dataset != "cifar100":
             raise PoEError(f"no {split} data for {dataset} at {path}")
+        fetch_cifar100(folder, split)
     return load_npz(path)
 
 

@@ -92,3 +92,47 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | tor
 def count_params(model: nn.Module) -> int:
     """Trainable-parameter count (BatchNorm running statistics are buffers and are not counted)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def expert_outputs(
+    library: nn.Module,
+    experts: dict[str, nn.Module],
+    images: ImageSet,
+    normalize: Normalizer,
+    device: str | torch.device,
+    batch_size: int = 500,
+) -> dict[str, torch.Tensor]:
+    """Every expert's logits on every image (CPU), with one library forward per batch.
+
+    A consolidated model's output is these logits concatenated and reordered, so any composite task
+    over these experts can be scored from them without running a network again.
+    """
+    library.eval()
+    outs: dict[str, list[torch.Tensor]] = {t: [] for t in experts}
+    for s in range(0, len(images), batch_size):
+        x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        f = library(x)
+        for t, e in experts.items():
+            outs[t].append(e.eval()(f).float().cpu())
+    return {t: torch.cat(v) for t, v in outs.items()}
+
+
+def score_composite(
+    query_classes: list[list[int]], logits: list[torch.Tensor], labels: torch.Tensor
+) -> tuple[float, int, int, int]:
+    """(accuracy %, images, cross-expert errors, errors) of a composite task from per-expert logits.
+
+    ``labels`` are class ids of the rows of ``logits``; rows outside the composite's classes are ignored.
+    """
+    concat = [c for cls in query_classes for c in cls]
+    owner = torch.tensor([i for i, cls in enumerate(query_classes) for _ in cls])
+    lookup = torch.full((max(max(concat), int(labels.max())) + 1,), -1, dtype=torch.long)
+    lookup[torch.tensor(concat)] = torch.arange(len(concat))
+    target = lookup[labels]
+    keep = target >= 0
+    pred = torch.cat(logits, 1)[keep].argmax(1)
+    target = target[keep]
+    cross, wrong = cross_expert_share(pred, target, owner.tolist())
+    n = int(keep.sum())
+    return 100.0 * (pred == target).float().mean().item(), n, cross, wrong

@@ -56,6 +56,7 @@ class Settings:
     soft: bool = True  # ablation switches for the expert loss
     scale: bool = True
     progress: bool = True
+    command: str = ""  # the command line, recorded in the manifest
 
     def stage_seed(self, stage: str) -> int:
         return self.seed * 100 + STAGES.index(stage)
@@ -441,6 +442,7 @@ class Preprocessor:
         manifest = {
             "dataset": self.cfg.name,
             "profile": self.s.profile.name,
+            "command": self.s.command,
             "settings": {
                 "oracle_arch": self.s.oracle_arch,
                 "oracle": repr(self.s.oracle),

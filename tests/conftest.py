@@ -58,3 +58,35 @@ def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
     rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(db), "--pretrained", str(pre)])
     assert rc == 0
     return {"db": db, "pretrained": pre, "pool": db / "cifar100"}
+
+
+def official_student(official_cifar: Path):
+    """The original release's full WRN-16-1 (its library + the head trained with it), for use as a teacher."""
+    from PoE.networks import WideResNet, WRNSpec
+    from PoE.store import load_checkpoint
+
+    net = WideResNet(WRNSpec(16, 1), 100)
+    net.front.load_state_dict(load_checkpoint(official_cifar / "library_cifar100.pt"))
+    net.back.load_state_dict(load_checkpoint(official_cifar / "library_student_classifier_cifar100.pt"))
+    return net.eval()
+
+
+def install_stand_in_oracle(official_cifar: Path, pretrained: Path, db: Path | None = None) -> str:
+    """Write the original release's WRN-16-1 as ``pretrained/cifar100/oracle.pt`` (and, with ``db``, its
+    library as a pool library distilled from it); returns the Oracle's id."""
+    from PoE.preprocess import state_id
+    from PoE.store import save_checkpoint
+
+    net = official_student(official_cifar)
+    tid = state_id(net)
+    meta = {"poe_format": 1, "dataset": "cifar100", "arch": "wrn-16-1", "epochs": 200, "config": "original release",
+            "test_acc": 0.0, "test_n": 0, "train_seconds": 0.0}  # fmt: skip
+    save_checkpoint(pretrained / "cifar100" / "oracle.pt", {**meta, "kind": "oracle", "id": tid,
+                                                             "state_dict": net.state_dict()})  # fmt: skip
+    if db is not None:
+        lib = {**meta, "oracle_id": tid, "id": state_id(net.front)}
+        save_checkpoint(pretrained / "cifar100" / "library_student.pt", {**lib, "kind": "library_student",
+                                                                         "state_dict": net.state_dict()})  # fmt: skip
+        save_checkpoint(db / "cifar100" / "library_cifar100.pt", {**lib, "kind": "library",
+                                                                   "state_dict": net.front.state_dict()})  # fmt: skip
+    return tid

@@ -261,3 +261,31 @@ def test_mismatched_state_dict_names_the_file():
     sd = WRNLibrary(WRNSpec(16, 2)).state_dict()
     with pytest.raises(PoEError, match=r"lib\.pt does not match the library it should hold: .*shape mismatch"):
         load_into(lib, sd, "lib.pt", "library")
+
+
+def test_cifar100_is_fetched_through_torchvision_once_and_cached(tmp_path, monkeypatch):
+    import numpy as np
+    import torchvision
+
+    from PoE.data import load_split
+
+    class FakeCIFAR100:  # what torchvision's dataset exposes after a download
+        def __init__(self, root, train, download):
+            assert download
+            n = 7 if train else 3
+            self.data = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = list(range(n))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    first = load_split("cifar100", tmp_path, "test")
+    assert first.x.shape == (3, 3, 32, 32) and first.y.tolist() == [0, 1, 2]
+    assert (tmp_path / "cifar100" / "test.npz").is_file()
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    assert torch.equal(load_split("cifar100", tmp_path, "test").x, first.x)  # from the cache
+    with pytest.raises(PoEError, match=r"torchvision download failed .*--data_root"):
+        load_split("cifar100", tmp_path, "train")
+    assert not (tmp_path / "cifar100" / "train.npz").exists()

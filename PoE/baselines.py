@@ -1,0 +1,213 @@
+"""Training-based ways of getting a task-specific model, to compare with PoE's train-free consolidation.
+
+For a query of n primitive tasks over K classes, every baseline produces the same target network:
+a library-shaped front (conv1 + block1 + block2 of the library's WRN) + block3 of width 16n + fc(K),
+trained on the composite task's training images (labels are positions in ascending class id).
+
+- scratch:      the whole network, cross-entropy.
+- transfer:     PoE's library frozen, a new head, cross-entropy.
+- ckd:          PoE's library frozen, a new head, KD from the Oracle's logits on the composite's classes
+                (+ alpha * L1), i.e. conditional KD for the composite task itself.
+- sd_*:         a whole student distilled from per-task teachers; the student's softmax over all K classes
+                is matched to each teacher's softmax, zero-padded to K.
+- uhc_*:        as sd, but the student's softmax restricted (renormalised) to each teacher's classes is matched.
+  Teachers: *_scratch = one Scratch model per task; *_ckd = PoE's library + that task's expert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from PoE.config import DatasetConfig, StageConfig
+from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.errors import PoEError
+from PoE.evaluate import accuracy, count_macs, count_params
+from PoE.hierarchy import Query, make_query
+from PoE.losses import ckd_loss
+from PoE.networks import WRNExpert, WRNLibrary, WRNSpec
+from PoE.networks.wrn import init_weights
+from PoE.store import load_checkpoint, load_into, save_checkpoint, unwrap
+from PoE.train import seed_everything, train_stage
+
+METHODS = ("scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd")
+
+
+def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None = None) -> nn.Sequential:
+    """Library-shaped front (new, or the given one) + block3 of width ``expert_width * n_tasks`` + fc."""
+    spec = WRNSpec.parse(cfg.library_arch, cfg.first_stride)
+    if front is None:
+        front = WRNLibrary(spec)
+        init_weights(front)
+    head = WRNExpert(spec.widths[2], cfg.expert_width * n_tasks, num_classes, spec.blocks_per_group)
+    init_weights(head)
+    return nn.Sequential(front, head)
+
+
+def padded_kd(student: torch.Tensor, teacher: torch.Tensor, cols: torch.Tensor, T: float) -> torch.Tensor:
+    """SD: KL(zero-padded teacher softmax || student softmax over all classes) * T^2.
+
+    With the teacher's mass only on ``cols``, KL reduces to a cross-entropy on those columns plus
+    the teacher's (constant) negative entropy, which is kept so that a perfect student scores 0.
+    """
+    p = F.softmax(teacher / T, dim=1)
+    log_q = F.log_softmax(student / T, dim=1)[:, cols]
+    return (p * (torch.log(p.clamp_min(1e-12)) - log_q)).sum(1).mean() * (T * T)
+
+
+def restricted_kd(student: torch.Tensor, teacher: torch.Tensor, cols: torch.Tensor, T: float) -> torch.Tensor:
+    """UHC: KL(teacher softmax || student softmax restricted to the teacher's classes) * T^2."""
+    p = F.log_softmax(teacher / T, dim=1)
+    q = F.log_softmax(student[:, cols] / T, dim=1)
+    return F.kl_div(q, p, reduction="batchmean", log_target=True) * (T * T)
+
+
+@dataclass
+class BaselineResult:
+    method: str
+    tasks: tuple[str, ...]
+    accuracy: float
+    n_test: int
+    macs: int
+    params: int
+    seconds: float  # wall time to produce the model for this query (training)
+    teacher_seconds: float = 0.0  # training the per-task Scratch teachers, when they had to be made
+    epochs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BaselineRunner:
+    """Trains baselines for queries; the Oracle, PoE's pool and Scratch teachers are loaded on demand."""
+
+    def __init__(
+        self,
+        cfg: DatasetConfig,
+        train: ImageSet,
+        test: ImageSet,
+        device: torch.device,
+        stage: StageConfig,
+        T: float = 4.0,
+        alpha: float = 0.3,
+        seed: int = 0,
+        oracle: Callable[[], nn.Module] | None = None,
+        pool_part: Callable[[str | None], nn.Module] | None = None,
+        teacher_dir: Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        """``oracle()`` returns the Oracle; ``pool_part(None)`` PoE's library, ``pool_part(task)`` an expert."""
+        self.cfg, self.train, self.test, self.device = cfg, train, test, device
+        self.stage, self.T, self.alpha, self.seed = stage, T, alpha, seed
+        self.oracle, self.pool_part, self.teacher_dir, self.progress = oracle, pool_part, teacher_dir, progress
+        self.normalize = Normalizer(cfg.mean, cfg.std, device)
+        self.train_id = f"{len(train)}-{int(train.y.sum())}"  # tells a training subset from the full set
+
+    def need(self, what: str, getter: Callable | None) -> Callable:
+        if getter is None:
+            raise PoEError(f"this baseline needs {what}")
+        return getter
+
+    def fit(
+        self, name: str, net: nn.Module, trainable: list[nn.Module], frozen: tuple[nn.Module, ...], data: ImageSet,
+        loss_of: Callable[[torch.Tensor, Batch], torch.Tensor],
+    ) -> float:  # fmt: skip
+        loader = TensorLoader(data, self.stage.batch_size, self.normalize, self.cfg.crop_pad, self.device, self.seed)
+        holder = nn.ModuleList(trainable)
+
+        def loss_fn(b: Batch) -> torch.Tensor:
+            return loss_of(net(b.x), b)
+
+        t0 = time.perf_counter()
+        train_stage(name, {"net": holder}, loss_fn, loader.epoch, len(loader), self.stage, None, {}, frozen,
+                    is_main=True, progress=self.progress)  # fmt: skip
+        return time.perf_counter() - t0
+
+    def scratch_teacher(self, task: str) -> tuple[nn.Module, float]:
+        """The per-task Scratch model (trained once per schedule and cached in ``teacher_dir``)."""
+        path = None
+        if self.teacher_dir is not None:
+            key = hashlib.sha256(f"{self.stage!r} {self.seed} {self.train_id}".encode()).hexdigest()[:12]
+            path = self.teacher_dir / f"scratch_{task}_{key}.pt"
+            if path.exists():
+                sd, _ = unwrap(load_checkpoint(path), path, "scratch_teacher")
+                net = target_network(self.cfg, 1, len(self.cfg.tasks[task]))
+                return load_into(net, sd, path, f"Scratch teacher of {task!r}").to(self.device).eval(), 0.0
+        result, net = self.run("scratch", [task], keep=True)
+        if path is not None:
+            save_checkpoint(path, {"poe_format": 1, "kind": "scratch_teacher", "task": task,
+                                   "state_dict": net.state_dict()})  # fmt: skip
+        return net.eval(), result.seconds
+
+    def run(self, method: str, tasks: list[str], keep: bool = False):
+        """Train ``method`` for the query ``tasks``; returns the result (and the network if ``keep``)."""
+        if method not in METHODS:
+            raise PoEError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        q: Query = make_query(tasks, self.cfg.tasks, self.cfg.name)
+        subset, labels = self.train.with_classes(q.classes)
+        train = ImageSet(subset.x, labels)  # labels are positions in the composite's ascending classes
+        seed_everything(self.seed)
+        T, alpha = self.T, self.alpha
+        teacher_seconds = 0.0
+        if method in ("transfer", "ckd"):
+            library = self.need("PoE's library (--db)", self.pool_part)(None).to(self.device).eval()
+            for p in library.parameters():
+                p.requires_grad_(False)
+            net = target_network(self.cfg, len(tasks), q.num_classes, library).to(self.device)
+            trainable, frozen = [net[1]], (library,)
+        else:
+            net = target_network(self.cfg, len(tasks), q.num_classes).to(self.device)
+            trainable, frozen = [net], ()
+        net = net.to(memory_format=torch.channels_last)
+        if method in ("scratch", "transfer"):
+
+            def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
+                return F.cross_entropy(out, b.y)
+
+        elif method == "ckd":
+            oracle = self.need("the Oracle (--pretrained)", self.oracle)().to(self.device).eval()
+            cols = torch.tensor(q.classes, device=self.device)
+
+            def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
+                with torch.no_grad():
+                    t = oracle(b.x)[:, cols]
+                return ckd_loss(out, t, T, alpha)
+
+        else:
+            kind, source = method.split("_")
+            teachers = []
+            for t in tasks:
+                if source == "scratch":
+                    teacher, sec = self.scratch_teacher(t)
+                    teacher_seconds += sec
+                else:
+                    part = self.need("PoE's pool (--db)", self.pool_part)
+                    teacher = nn.Sequential(part(None), part(t)).to(self.device).eval()
+                # columns of this teacher's outputs in the composite: teacher order is the task's class order
+                # for PoE experts, ascending class id for Scratch teachers (a one-task target network)
+                order = self.cfg.tasks[t] if source == "ckd" else sorted(self.cfg.tasks[t])
+                cols = torch.tensor([q.classes.index(c) for c in order], device=self.device)
+                teachers.append((teacher, cols))
+            match = padded_kd if kind == "sd" else restricted_kd
+
+            def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
+                total = out.new_zeros(())
+                for teacher, cols in teachers:
+                    with torch.no_grad():
+                        t = teacher(b.x)
+                    total = total + match(out, t, cols, T)
+                return total
+
+        seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, train, loss_of)
+        net.eval()
+        acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device)
+        shape = (3, self.cfg.image_size, self.cfg.image_size)
+        result = BaselineResult(method, q.tasks, acc, n, count_macs(net, shape, self.device), count_params(net),
+                                seconds, teacher_seconds, self.stage.epochs)  # fmt: skip
+        return (result, net) if keep else result

@@ -1,0 +1,224 @@
+"""Composite-task experiments: a pool scored over every combination of n of a list of tasks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from PoE.config import DatasetConfig
+from PoE.consolidate import load_expert, load_library
+from PoE.data import ImageSet, Normalizer
+from PoE.evaluate import count_macs, count_params, expert_outputs, score_composite
+from PoE.store import PoolPaths, atomic_write
+
+
+@dataclass
+class ComboResult:
+    tasks: tuple[str, ...]
+    accuracy: float
+    n_test: int
+    cross_errors: int
+    errors: int
+    macs: int
+    params: int
+
+
+def pool_combinations(
+    pool: PoolPaths,
+    cfg: DatasetConfig,
+    tasks: list[str],
+    ns: list[int],
+    test: ImageSet,
+    device: str | torch.device,
+) -> list[ComboResult]:
+    """Score the train-free consolidated model of every combination of n of ``tasks``, for each n.
+
+    The library and each expert run once over the test images of all ``tasks``; each combination is
+    then scored from those logits (identical to building and running its consolidated model).
+    """
+    library = load_library(pool, cfg).to(device).eval()
+    experts = {t: load_expert(pool, cfg, t, library.out_channels).to(device).eval() for t in tasks}
+    classes = sorted(c for t in tasks for c in cfg.tasks[t])
+    subset, _ = test.with_classes(classes)
+    logits = expert_outputs(library, experts, subset, Normalizer(cfg.mean, cfg.std, device), device)
+    shape = (3, cfg.image_size, cfg.image_size)
+    lib_macs, lib_params = count_macs(library, shape, device), count_params(library)
+    with torch.no_grad():
+        feat = library(torch.zeros(1, *shape, device=device)).shape[1:]
+    cost = {t: (count_macs(e, tuple(feat), device), count_params(e)) for t, e in experts.items()}
+    results = []
+    for n in ns:
+        for combo in itertools.combinations(tasks, n):
+            acc, n_test, cross, wrong = score_composite(
+                [cfg.tasks[t] for t in combo], [logits[t] for t in combo], subset.y
+            )
+            macs = lib_macs + sum(cost[t][0] for t in combo)
+            params = lib_params + sum(cost[t][1] for t in combo)
+            results.append(ComboResult(combo, acc, n_test, cross, wrong, macs, params))
+    return results
+
+
+def summarize(results: list[ComboResult]) -> list[dict]:
+    """Per n: combinations, mean and (population) std of accuracy, cross-expert share, mean cost."""
+    rows = []
+    for n in sorted({len(r.tasks) for r in results}):
+        rs = [r for r in results if len(r.tasks) == n]
+        accs = [r.accuracy for r in rs]
+        shares = [100.0 * r.cross_errors / r.errors for r in rs if r.errors]
+        rows.append(
+            {
+                "n": n,
+                "combinations": len(rs),
+                "acc_mean": statistics.fmean(accs),
+                "acc_std": statistics.pstdev(accs),
+                "acc_min": min(accs),
+                "acc_max": max(accs),
+                "cross_expert_error_share": statistics.fmean(shares) if shares else float("nan"),
+                "macs": statistics.fmean(r.macs for r in rs),
+                "params": statistics.fmean(r.params for r in rs),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """``columns``: (key, heading) pairs; floats get two decimals."""
+
+    def cell(v: object) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(cell(r[k]) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ in their optional keys
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def sample_combinations(tasks: list[str], n: int, k: int | None, seed: int = 0) -> list[tuple[str, ...]]:
+    """All combinations of n tasks, or a fixed seeded sample of ``k`` of them (in their natural order)."""
+    combos = list(itertools.combinations(tasks, n))
+    if not k or k >= len(combos):
+        return combos
+    g = torch.Generator().manual_seed(seed * 1000 + n)
+    keep = sorted(torch.randperm(len(combos), generator=g)[:k].tolist())
+    return [combos[i] for i in keep]
+
+
+@torch.no_grad()
+def oracle_combinations(
+    oracle: torch.nn.Module,
+    cfg: DatasetConfig,
+    combos: list[tuple[str, ...]],
+    test: ImageSet,
+    device: str | torch.device,
+) -> list[dict]:
+    """The Oracle restricted to each composite's classes (argmax over those columns), one forward in all."""
+    classes = sorted({c for combo in combos for t in combo for c in cfg.tasks[t]})
+    subset, _ = test.with_classes(classes)
+    normalize = Normalizer(cfg.mean, cfg.std, device)
+    oracle.eval()
+    logits = []
+    for s in range(0, len(subset), 500):
+        x = normalize(subset.x[s : s + 500].to(device)).contiguous(memory_format=torch.channels_last)
+        logits.append(oracle(x).float().cpu())
+    full = torch.cat(logits)
+    shape = (3, cfg.image_size, cfg.image_size)
+    macs, params = count_macs(oracle, shape, device), count_params(oracle)
+    rows = []
+    for combo in combos:
+        cls = sorted(c for t in combo for c in cfg.tasks[t])
+        acc, n_test, _, _ = score_composite([cls], [full[:, cls]], subset.y)
+        rows.append({"method": "oracle", "n": len(combo), "tasks": " ".join(combo), "accuracy": acc,
+                     "n_test": n_test, "macs": macs, "params": params, "seconds": 0.0})  # fmt: skip
+    return rows
+
+
+def summarize_methods(rows: list[dict]) -> list[dict]:
+    """Per (method, n): combinations, accuracy mean and population std, mean cost and time per query."""
+    out = []
+    keys = sorted({(r["method"], r["n"]) for r in rows}, key=lambda k: (METHOD_ORDER.index(k[0]), k[1]))
+    for method, n in keys:
+        rs = [r for r in rows if r["method"] == method and r["n"] == n]
+        accs = [r["accuracy"] for r in rs]
+        out.append(
+            {
+                "method": method,
+                "n": n,
+                "combinations": len(rs),
+                "acc_mean": statistics.fmean(accs),
+                "acc_std": statistics.pstdev(accs),
+                "macs": round(statistics.fmean(r["macs"] for r in rs)),
+                "params": round(statistics.fmean(r["params"] for r in rs)),
+                "seconds_per_query": statistics.fmean(r["seconds"] for r in rs),
+            }
+        )
+    return out
+
+
+METHOD_ORDER = ["oracle", "poe", "scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd"]
+
+
+def plot_results(summary: list[dict], out_dir: Path, title: str) -> list[Path]:
+    """accuracy_vs_n.png and accuracy_vs_time.png (time per query on a log axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in summary)]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in methods:
+        rs = [r for r in summary if r["method"] == m]
+        ax.errorbar([r["n"] for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs], marker="o",
+                    capsize=3, label=m)  # fmt: skip
+    ax.set_xlabel("primitive tasks in the query (n)")
+    ax.set_ylabel("accuracy on the composite task (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(out_dir / "accuracy_vs_n.png")
+    save_figure(fig, paths[-1])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in methods:
+        rs = [r for r in summary if r["method"] == m and r["seconds_per_query"] > 0]
+        if rs:
+            ax.scatter([r["seconds_per_query"] for r in rs], [r["acc_mean"] for r in rs], label=m)
+            for r in rs:
+                ax.annotate(f"n={r['n']}", (r["seconds_per_query"], r["acc_mean"]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("time to produce the model for a query (s, log scale)")
+    ax.set_ylabel("accuracy on the composite task (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    paths.append(out_dir / "accuracy_vs_time.png")
+    save_figure(fig, paths[-1])
+    return paths
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)

@@ -1,0 +1,82 @@
+"""Every baseline runs end to end on a few batches of real data and yields the stated target network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from PoE.baselines import METHODS, BaselineRunner, padded_kd, restricted_kd
+from PoE.config import StageConfig, get_dataset
+from PoE.consolidate import load_expert, load_library
+from PoE.data import load_split
+from PoE.errors import PoEError
+from PoE.store import resolve_pool
+
+from .conftest import official_student
+
+TASKS = ["people", "vehicles_1"]
+
+
+@pytest.fixture(scope="module")
+def runner(official_cifar, data_root, tmp_path_factory):
+    cfg = get_dataset("cifar100")
+    train = load_split("cifar100", data_root, "train")
+    classes = sorted(c for t in TASKS for c in cfg.tasks[t])
+    keep = torch.isin(train.y, torch.tensor(classes)).nonzero().flatten()
+    train = train.subset(keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))[:256]])
+    test = load_split("cifar100", data_root, "test")
+    pool = resolve_pool(official_cifar, "cifar100", "cifar100")
+    library = load_library(pool, cfg)
+
+    def oracle():  # stand-in Oracle: the original release's WRN-16-1 (library + its head)
+        return official_student(official_cifar)
+
+    def pool_part(task):
+        return library if task is None else load_expert(pool, cfg, task, library.out_channels)
+
+    stage = StageConfig(epochs=1, lr=0.05, batch_size=128)
+    return BaselineRunner(cfg, train, test, torch.device("cpu"), stage, oracle=oracle, pool_part=pool_part,
+                          teacher_dir=tmp_path_factory.mktemp("teachers"), progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_end_to_end(runner, method):
+    result, net = runner.run(method, TASKS, keep=True)
+    assert result.method == method and result.tasks == tuple(TASKS)
+    assert result.n_test == 1000  # only the composite's test images are scored
+    assert 0.0 <= result.accuracy <= 100.0
+    head = net[1]
+    assert head.width == 16 * len(TASKS) and head.num_classes == 10
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert result.macs > 18_000_000 and result.params == sum(p.numel() for p in net.parameters())
+    assert result.seconds > 0
+
+
+def test_transfer_keeps_the_library_frozen(runner):
+    before = {k: v.clone() for k, v in runner.pool_part(None).state_dict().items()}
+    _, net = runner.run("transfer", TASKS, keep=True)
+    for k, v in net[0].state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_unknown_method(runner):
+    with pytest.raises(PoEError, match="unknown method 'distill'; known methods: scratch"):
+        runner.run("distill", TASKS)
+
+
+def test_sd_and_uhc_losses_by_hand():
+    s = torch.tensor([[1.0, 0.0, 2.0]])
+    t = torch.tensor([[0.0, 1.0]])
+    cols = torch.tensor([2, 0])
+    T = 1.0
+    p = torch.softmax(t, 1)
+    q_all = torch.softmax(s, 1)[0, cols]
+    q_res = torch.softmax(s[:, cols], 1)[0]
+    want_sd = (p[0] * (p[0].log() - q_all.log())).sum()
+    want_uhc = (p[0] * (p[0].log() - q_res.log())).sum()
+    assert padded_kd(s, t, cols, T).item() == pytest.approx(want_sd.item(), rel=1e-5)
+    assert restricted_kd(s, t, cols, T).item() == pytest.approx(want_uhc.item(), rel=1e-5)
+    # a student whose restricted softmax equals the teacher's has zero UHC loss but positive SD loss
+    s2 = torch.tensor([[5.0, 9.0, 4.0]])
+    assert restricted_kd(s2, t, cols, T).item() == pytest.approx(0.0, abs=1e-6)
+    assert padded_kd(s2, t, cols, T).item() > 0.1

@@ -1,0 +1,66 @@
+"""Scoring a pool over every combination of n tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from PoE.cli import main_evaluation
+from PoE.evaluate import score_composite
+
+
+def test_combinations_reproduce_the_original_release(capsys, tmp_path, official_cifar, data_root):
+    out = tmp_path / "combos"
+    rc = main_evaluation(["--db", str(official_cifar), "--data_root", str(data_root), "--device", "cpu",
+                          "--out", str(out), "--json"])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["n"] for r in rows] == [2, 3, 4, 5]
+    assert [r["combinations"] for r in rows] == [15, 20, 15, 6]
+    # the means the original code reports for its released pool
+    for r, want in zip(rows, [79.03, 76.41, 74.18, 72.22], strict=True):
+        assert r["acc_mean"] == pytest.approx(want, abs=0.005)
+    # cross-expert errors grow with n, as in the paper's Table 6 (24.71, 37.91, 46.51, 52.75 there)
+    shares = [r["cross_expert_error_share"] for r in rows]
+    assert shares == sorted(shares) and 20 < shares[0] < 30 and 48 < shares[-1] < 58
+    assert (tmp_path / "combos.md").read_text().startswith("| n |")
+    assert len((tmp_path / "combos_all.csv").read_text().strip().splitlines()) == 1 + 56
+
+
+def test_score_composite_by_hand():
+    # two experts: A owns classes 3, 1; B owns class 7. Labels 3, 1, 7, 7, 5 (5 is outside: ignored)
+    a = torch.tensor([[5.0, 0.0], [0.0, 1.0], [9.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[1.0], [2.0], [3.0], [1.0], [0.0]])
+    labels = torch.tensor([3, 1, 7, 7, 5])
+    acc, n, cross, wrong = score_composite([[3, 1], [7]], [a, b], labels)
+    # predictions: 3 (ok), 7 (wrong, cross), 3 (wrong, cross), 7 (ok)
+    assert (n, cross, wrong) == (4, 2, 2) and acc == pytest.approx(50.0)
+
+
+def test_bad_n(capsys, official_cifar):
+    assert main_evaluation(["--db", str(official_cifar), "--n", "9", "--device", "cpu"]) == 2
+    assert "--n must be between 1 and the number of tasks (6)" in capsys.readouterr().err
+
+
+def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, official_cifar, data_root):
+    from PoE.cli import main_experiments
+
+    from .conftest import install_stand_in_oracle
+
+    install_stand_in_oracle(official_cifar, tmp_path / "pre")
+    out = tmp_path / "addImg"
+    rc = main_experiments(["--db", str(official_cifar), "--data_root", str(data_root), "--pretrained",
+                           str(tmp_path / "pre"), "--device", "cpu", "--n", "2", "3", "--methods", "oracle", "poe",
+                           "transfer", "--epochs", "1", "--combos_per_n", "1", "--ablation",
+                           f"copy={official_cifar}", "--out", str(out), "--no_progress"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    table = (out / "composite_tasks.md").read_text()
+    assert "| oracle | 2 | 15 |" in table and "| poe | 3 | 20 |" in table and "| transfer | 2 | 1 |" in table
+    assert "| poe | 2 | 15 | 79.03 |" in table
+    for name in ("accuracy_vs_n.png", "accuracy_vs_time.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cross = (out / "cross_expert_errors.csv").read_text().strip().splitlines()
+    assert len(cross) == 1 + 4  # both and copy, n = 2 and 3
+    assert "transfer" in (out / "composite_tasks_all.csv").read_text()
