@@ -14,6 +14,17 @@ import torch
 from PoE.errors import PoEError
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not None, not already in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        empty = action.default is None or action.default is False or action.default == []
+        if empty or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,16 +70,18 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         prog="Run_preprocessing.py",
         description="Build the pool: train (or load) the Oracle, distill the library, extract one expert per "
         "primitive task by conditional KD. Finished stages are loaded; interrupted ones resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--profile", default="paper", help="schedule preset: " + "; ".join(
         f"{k}: {v.description}" for k, v in PROFILES.items()))  # fmt: skip
-    p.add_argument("--stages", nargs="+", default=list(STAGES), metavar="STAGE", help=f"stages to run: {STAGES}")
+    p.add_argument(
+        "--stages", nargs="+", default=list(STAGES), metavar="STAGE", help=f"stages to run, of {', '.join(STAGES)}"
+    )
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="primitive tasks (default: all)")
     p.add_argument("--retrain", nargs="*", default=[], metavar="STAGE", help="retrain these stages even if done")
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and augmented views")
     p.add_argument("--oracle_arch", default=None, help="Oracle network, e.g. wrn-40-4 (default: the profile's)")
     for stage in STAGES:
         g = p.add_argument_group(f"{stage} stage (default: the profile's)")
@@ -197,7 +210,7 @@ def service_parser() -> argparse.ArgumentParser:
         prog="Run_Service.py",
         description="Answer a query (a set of primitive tasks) in real time: consolidate the shared library and "
         "the queried experts into one task-specific model, without training, and report its accuracy and cost.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--queriedTask", nargs="*", default=None, metavar="TASK", help="primitive tasks of the query")
@@ -326,7 +339,7 @@ def evaluation_parser() -> argparse.ArgumentParser:
         description="Score a pool's train-free consolidated models over every combination of n of a list of "
         "tasks and print, per n, the mean +- std accuracy (over combinations), the share of errors that are "
         "cross-expert errors, and the models' multiply-adds and parameters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks to combine (default: the "
@@ -400,7 +413,7 @@ def baselines_parser() -> argparse.ArgumentParser:
         prog="Run_Baselines.py",
         description="Train the paper's baselines for a query and print them beside PoE's train-free model: "
         "accuracy on the composite task, multiply-adds, parameters and the wall time to produce each model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--queriedTask", nargs="+", required=True, metavar="TASK", help="primitive tasks of the query")
@@ -511,7 +524,7 @@ def experiments_parser() -> argparse.ArgumentParser:
         "classes), PoE and the training-based baselines: accuracy (mean +- std over combinations), multiply-adds, "
         "parameters and time per query; and the cross-expert error share of pools extracted with L_soft only, "
         "L_scale only and both. Writes Markdown and CSV tables and PNG plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle")

@@ -120,8 +120,8 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu",
-        description="the shipped CIFAR-100 pool, about 2.3 hours on 2 CPU cores: WRN-16-2 Oracle 10 epochs, "
-        "library 16, experts 12, one-cycle schedules, Oracle logits cached for 6 augmented views",
+        description="sized for 2 CPU cores: WRN-16-2 Oracle 10 epochs, library 16, experts 12, one-cycle "
+        "schedules, Oracle logits cached for 6 augmented views",
         oracle_arch="wrn-16-2",
         oracle=StageConfig(epochs=10, lr=0.2, batch_size=256, schedule="onecycle", nesterov=True),
         library=StageConfig(epochs=16, lr=0.2, batch_size=256, schedule="onecycle", nesterov=True),
