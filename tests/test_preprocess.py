@@ -145,26 +145,27 @@ def test_cached_teacher_logits_equal_running_the_oracle(tmp_path):
         for batch in cached.batches(loader)(epoch):
             assert batch.view == epoch % 3
             torch.testing.assert_close(cached.logits(batch, loader), online.logits(batch, loader), atol=2e-2, rtol=1e-2)
-    assert sorted(p.name[-8:] for p in tmp_path.glob("teacher_*.pt")) == ["0000.pt", "0001.pt"]  # epoch 4: view 1
+    assert sorted(p.name[-7:] for p in tmp_path.glob("teacher_*.pt")) == ["0000.pt", "0001.pt"]  # epoch 4: view 1
 
 
 # ------------------------------------------------------------------ conditional KD on real data
 def test_ckd_extracts_an_accurate_expert_from_real_features(tmp_path, official_cifar, data_root, capsys):
     """Teacher = the original release's WRN-16-1 (its library + head), library = its front, frozen.
 
-    Our expert stage, on 5,000 real training images for 3 epochs, must give an expert far above the
-    20% chance level of a 5-class task.
+    Our expert stage, on 8,000 real training images (all classes) for 4 epochs, must give an expert
+    for vehicles_2 far above the 20% chance level of a 5-class task.
     """
     install_stand_in_oracle(official_cifar, tmp_path / "pre", tmp_path / "db")
     db = tmp_path / "db" / "cifar100"
     rc = main_preprocessing(["--data_root", str(data_root), "--db", str(tmp_path / "db"), "--pretrained",
                              str(tmp_path / "pre"), "--oracle_arch", "wrn-16-1", "--stages", "experts", "--tasks",
-                             "people", "--train_limit", "5000", "--expert_epochs", "3", "--teacher_views", "3",
+                             "vehicles_2", "--train_limit", "8000", "--expert_epochs", "4", "--teacher_views", "2",
+                             "--expert_batch_size", "128",
                              "--profile", "quick", "--no_progress", "--device", "cpu"])  # fmt: skip
     assert rc == 0
-    expert = load_checkpoint(db / "experts" / "expert_people.pt")
+    expert = load_checkpoint(db / "experts" / "expert_vehicles_2.pt")
     assert expert["test_n"] == 500
-    assert expert["test_acc"] > 45.0, capsys.readouterr().out
+    assert expert["test_acc"] > 50.0, capsys.readouterr().out
 
 
 def test_load_split_reads_real_cifar(data_root):

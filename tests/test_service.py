@@ -157,3 +157,11 @@ def test_script_exit_code_and_single_line_without_traceback(official_cifar):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "unknown task 'unicorns'" in r.stderr
+
+
+def test_shipped_pool_answers_the_readme_query(capsys, data_root):
+    from .conftest import ROOT
+
+    r = service_json(capsys, "--db", str(ROOT / "DB_PoE"), "--data_root", str(data_root), "--queriedTask", *QUERY)
+    assert r["n_test"] == 1500 and r["params"] == 79695
+    assert r["accuracy"] > 40.0  # chance on 15 classes is 6.7%
