@@ -111,7 +111,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "quick": Profile(
         name="quick",
-        description="about 7 minutes on a 2-core CPU, to try the pipeline: WRN-16-1 Oracle, one epoch per stage",
+        description="to try the pipeline: WRN-16-1 Oracle, one epoch per stage, one cached teacher view",
         oracle_arch="wrn-16-1",
         oracle=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
         library=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
