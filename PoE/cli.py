@@ -444,12 +444,44 @@ def load_oracle(pretrained: str | Path, cfg, device: torch.device) -> torch.nn.M
     return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
+def check_baseline_flags(a: argparse.Namespace) -> None:
+    for name in ("epochs", "lr", "batch_size"):
+        positive(name, getattr(a, name))
+    if a.schedule not in ("step", "onecycle"):
+        raise PoEError(f"unknown --schedule {a.schedule!r}; known: step, onecycle")
+
+
+def baseline_runner(a: argparse.Namespace, cfg, device: torch.device, train, test, method: str, T: float = 4.0,
+                    alpha: float = 0.3):  # fmt: skip
+    """A BaselineRunner for ``method`` with the command line's schedule (paper epochs unless --epochs)."""
+    from PoE.baselines import BaselineRunner
+    from PoE.config import StageConfig
+    from PoE.consolidate import load_expert, load_library
+    from PoE.store import resolve_pool
+
+    parts: dict[str, torch.nn.Module] = {}
+
+    def pool_part(task: str | None) -> torch.nn.Module:  # PoE's library / an expert, loaded on first use
+        pool = resolve_pool(a.db, cfg.name, cfg.tag)
+        if "library" not in parts:
+            parts["library"] = load_library(pool, cfg)
+        lib = parts["library"]
+        return lib if task is None else load_expert(pool, cfg, task, lib.out_channels)
+
+    epochs = a.epochs or (100 if method in ("transfer", "ckd") else 200)
+    stage = StageConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule)
+    return BaselineRunner(cfg, train, test, device, stage, T, alpha, a.seed,
+                          oracle=lambda: load_oracle(a.pretrained, cfg, device), pool_part=pool_part,
+                          teacher_dir=Path(a.pretrained) / cfg.name / "baselines",
+                          progress=not a.no_progress)  # fmt: skip
+
+
 def baselines_body(a: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from PoE.baselines import METHODS, BaselineRunner
-    from PoE.config import StageConfig, get_dataset
-    from PoE.consolidate import build_from_pool, load_expert, load_library
+    from PoE.baselines import METHODS
+    from PoE.config import get_dataset
+    from PoE.consolidate import build_from_pool
     from PoE.data import Normalizer, load_split
     from PoE.evaluate import accuracy, count_macs, count_params
     from PoE.hierarchy import make_query
@@ -460,36 +492,17 @@ def baselines_body(a: argparse.Namespace) -> int:
     bad = [m for m in a.method if m not in METHODS]
     if bad:
         raise PoEError(f"unknown method {bad[0]!r}; known methods: {', '.join(METHODS)}")
-    for name in ("epochs", "lr", "batch_size", "T"):
-        positive(name, getattr(a, name))
-    if a.schedule not in ("step", "onecycle"):
-        raise PoEError(f"unknown --schedule {a.schedule!r}; known: step, onecycle")
+    check_baseline_flags(a)
+    positive("T", a.T)
     device = pick_device(a.device)
-    pool = None
-    library_cache: dict[str, torch.nn.Module] = {}
-
-    def pool_part(task: str | None) -> torch.nn.Module:
-        nonlocal pool
-        pool = pool or resolve_pool(a.db, cfg.name, cfg.tag)
-        if "lib" not in library_cache:
-            library_cache["lib"] = load_library(pool, cfg)
-        lib = library_cache["lib"]
-        return lib if task is None else load_expert(pool, cfg, task, lib.out_channels)
-
     train = load_split(cfg.name, a.data_root, "train")
     test = load_split(cfg.name, a.data_root, "test")
     rows = []
     for method in a.method:
-        epochs = a.epochs or (100 if method in ("transfer", "ckd") else 200)
-        stage = StageConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule)
-        runner = BaselineRunner(cfg, train, test, device, stage, a.T, a.alpha, a.seed,
-                                oracle=lambda: load_oracle(a.pretrained, cfg, device), pool_part=pool_part,
-                                teacher_dir=Path(a.pretrained) / cfg.name / "baselines",
-                                progress=not a.no_progress)  # fmt: skip
-        r = runner.run(method, list(query.tasks))
+        r = baseline_runner(a, cfg, device, train, test, method, a.T, a.alpha).run(method, list(query.tasks))
         rows.append({k: v for k, v in asdict(r).items() if k != "extra"})
     try:
-        pool = pool or resolve_pool(a.db, cfg.name, cfg.tag)
+        pool = resolve_pool(a.db, cfg.name, cfg.tag)
         built = build_from_pool(pool, cfg, query, device)
         acc, n = accuracy(built.model, test, query.classes, Normalizer(cfg.mean, cfg.std, device), device)
         shape = (3, cfg.image_size, cfg.image_size)
@@ -546,9 +559,9 @@ def experiments_parser() -> argparse.ArgumentParser:
 
 
 def experiments_body(a: argparse.Namespace) -> int:
-    from PoE.baselines import METHODS, BaselineRunner
-    from PoE.config import StageConfig, get_dataset
-    from PoE.consolidate import build_from_pool, load_expert, load_library
+    from PoE.baselines import METHODS
+    from PoE.config import get_dataset
+    from PoE.consolidate import build_from_pool
     from PoE.data import load_split
     from PoE.experiments import (
         METHOD_ORDER,
@@ -579,6 +592,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise PoEError(f"--ablation takes NAME=DB pairs (e.g. soft=DB_soft), got {item!r}")
         ablation[name] = path
+    check_baseline_flags(a)
     device = pick_device(a.device)
     pool = resolve_pool(a.db, cfg.name, cfg.tag)
     test = load_split(cfg.name, a.data_root, "test")
@@ -599,18 +613,8 @@ def experiments_body(a: argparse.Namespace) -> int:
     schedule_note = ""
     if methods:
         train = load_split(cfg.name, a.data_root, "train")
-        library = load_library(pool, cfg)
-
-        def pool_part(task: str | None) -> torch.nn.Module:
-            return library if task is None else load_expert(pool, cfg, task, library.out_channels)
-
         for method in methods:
-            epochs = a.epochs or (100 if method in ("transfer", "ckd") else 200)
-            stage = StageConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule)
-            runner = BaselineRunner(cfg, train, test, device, stage, seed=a.seed,
-                                    oracle=lambda: load_oracle(a.pretrained, cfg, device), pool_part=pool_part,
-                                    teacher_dir=Path(a.pretrained) / cfg.name / "baselines",
-                                    progress=not a.no_progress)  # fmt: skip
+            runner = baseline_runner(a, cfg, device, train, test, method)
             for n in a.n:
                 for combo in sample_combinations(tasks, n, a.combos_per_n, a.seed):
                     r = runner.run(method, list(combo))

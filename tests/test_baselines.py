@@ -80,3 +80,19 @@ def test_sd_and_uhc_losses_by_hand():
     s2 = torch.tensor([[5.0, 9.0, 4.0]])
     assert restricted_kd(s2, t, cols, T).item() == pytest.approx(0.0, abs=1e-6)
     assert padded_kd(s2, t, cols, T).item() > 0.1
+
+
+def test_baselines_command_prints_methods_beside_poe(capsys, official_cifar, data_root):
+    import json
+
+    from PoE.cli import main_baselines
+
+    rc = main_baselines(["--queriedTask", "people", "vehicles_1", "--method", "transfer", "--epochs", "1",
+                         "--batch_size", "256", "--db", str(official_cifar), "--data_root", str(data_root),
+                         "--no_progress", "--device", "cpu", "--json"])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["method"] for r in rows] == ["transfer", "poe"]
+    assert rows[1]["accuracy"] == pytest.approx(74.70, abs=0.01) and rows[0]["n_test"] == 1000
+    assert main_baselines(["--queriedTask", "people", "--schedule", "cosine", "--db", str(official_cifar)]) == 2
+    assert "unknown --schedule 'cosine'" in capsys.readouterr().err
