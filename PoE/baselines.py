@@ -126,7 +126,7 @@ class BaselineRunner:
 
         t0 = time.perf_counter()
         train_stage(name, {"net": holder}, loss_fn, loader.epoch, len(loader), self.stage, None, {}, frozen,
-                    is_main=True, progress=self.progress)  # fmt: skip
+                    progress=self.progress)  # fmt: skip
         return time.perf_counter() - t0
 
     def scratch_teacher(self, task: str) -> tuple[nn.Module, float]:

@@ -103,6 +103,13 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         "--train_limit", type=int, default=None, help="train on a random subset of this many images (smoke tests)"
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("pretrained Oracle and library (ImageNet)")
+    g.add_argument("--oracle_weights", default=None, help="the Oracle's state dict file (default: torchvision's "
+                   "ImageNet weights in the torch hub cache)")  # fmt: skip
+    g.add_argument("--library_weights", default=None, help="a whole MobileNetV2 state dict file whose features[:18] "
+                   "become the library (default: torchvision's ImageNet weights in the torch hub cache)")  # fmt: skip
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers decoding images (default: one "
+                   "per core, at most 8)")  # fmt: skip
     return p
 
 
@@ -112,12 +119,12 @@ def positive(name: str, value: float | None) -> None:
 
 
 def preprocessing_settings(a: argparse.Namespace):
-    from PoE.config import get_dataset, get_profile, override
-    from PoE.networks import WRNSpec
+    from PoE.config import for_dataset, get_dataset, get_profile, override
+    from PoE.networks import check_arch
     from PoE.preprocess import STAGES, Settings
 
     cfg = get_dataset(a.dataset)
-    prof = get_profile(a.profile)
+    prof = for_dataset(get_profile(a.profile), cfg)
     for lst, what in ((a.stages, "--stages"), (a.retrain, "--retrain")):
         bad = [x for x in lst if x not in STAGES]
         if bad:
@@ -153,10 +160,14 @@ def preprocessing_settings(a: argparse.Namespace):
     positive("T", a.T)
     oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.oracle_arch
     try:
-        WRNSpec.parse(oracle_arch)
+        check_arch(oracle_arch, cfg)
     except ValueError as e:
         raise PoEError(f"--oracle_arch: {e}") from None
     views = prof.teacher_views if a.teacher_views is None else a.teacher_views
+    if cfg.pretrained and views:
+        raise PoEError(f"--teacher_views must be 0 for {cfg.name}: its images are streamed, the Oracle sees each batch")
+    if a.workers is not None and a.workers < 0:
+        raise PoEError(f"--workers must be >= 0, got {a.workers}")
     if views < 0:
         raise PoEError(f"--teacher_views must be >= 0, got {views}")
     return Settings(
@@ -182,16 +193,29 @@ def preprocessing_settings(a: argparse.Namespace):
         scale=a.loss in ("both", "scale"),
         progress=not a.no_progress,
         command="python Run_preprocessing.py " + " ".join(a.argv),
+        oracle_weights=Path(a.oracle_weights) if a.oracle_weights else None,
+        library_weights=Path(a.library_weights) if a.library_weights else None,
+        workers=a.workers,
     )
 
 
 def preprocessing_body(a: argparse.Namespace) -> int:
+    from PoE import distributed
     from PoE.preprocess import Preprocessor
 
     s = preprocessing_settings(a)
-    print(f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
-          f"device {s.device}, stages {', '.join(s.stages)}")  # fmt: skip
-    report = Preprocessor(s).run()
+    s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
+    main, procs = distributed.is_main(), distributed.world()
+    try:
+        if main:
+            print(f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
+                  f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
+                  f"stages {', '.join(s.stages)}")  # fmt: skip
+        report = Preprocessor(s).run()
+    finally:
+        distributed.destroy()
+    if not main:  # rank 0 reports
+        return 0
     print()
     print(report.table())
     info = report.info
@@ -296,7 +320,7 @@ def service_body(a: argparse.Namespace) -> int:
         "pool": str(pool.root),
     }
     if not a.no_eval:
-        test = load_split(cfg.name, a.data_root, "test")
+        test = load_split(cfg.name, a.data_root, "test", classes=query.classes)
         acc, n = accuracy(model, test, query.classes, Normalizer(cfg.mean, cfg.std, device), device)
         result["accuracy"], result["n_test"] = round(acc, 2), n
     if a.export:
@@ -379,7 +403,7 @@ def evaluation_body(a: argparse.Namespace) -> int:
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {bad or ns}")
     device = pick_device(a.device)
     pool = resolve_pool(a.db, cfg.name, cfg.tag)
-    test = load_split(cfg.name, a.data_root, "test")
+    test = load_split(cfg.name, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
     results = pool_combinations(pool, cfg, tasks, ns, test, device)
     rows = summarize(results)
     for r in rows:

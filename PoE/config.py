@@ -9,7 +9,14 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from PoE.errors import PoEError
-from PoE.hierarchy import CIFAR100_DEFAULT, CIFAR100_TASKS
+from PoE.hierarchy import (
+    CIFAR100_DEFAULT,
+    CIFAR100_TASKS,
+    IMAGENET_DEFAULT,
+    IMAGENET_TASKS,
+    TINYIMAGENET_DEFAULT,
+    TINYIMAGENET_TASKS,
+)
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,15 @@ class DatasetConfig:
     library_arch: str  # the WRN whose front is the library
     expert_width: int  # width of an expert's block3
     first_stride: int = 1
+    folder: str = ""  # under data_root (default: name)
+    reader: str = "npz"  # npz: <folder>/{train,test}.npz; tinyimagenet: the distributed JPEG folder;
+    # imagefolder: train/<class>/*, val/<class>/* streamed from disk (too big for memory)
+    pretrained: bool = False  # Oracle and library come with ImageNet weights: only the experts are trained
+    expert_stage: dict = field(default_factory=dict)  # the paper's expert schedule where it differs (paper profile)
+
+    def __post_init__(self) -> None:
+        if not self.folder:
+            object.__setattr__(self, "folder", self.name)
 
 
 DATASETS: dict[str, DatasetConfig] = {
@@ -44,6 +60,40 @@ DATASETS: dict[str, DatasetConfig] = {
         oracle_arch="wrn-40-4",
         library_arch="wrn-16-1",
         expert_width=16,
+    ),
+    "tinyimagenet": DatasetConfig(
+        name="tinyimagenet",
+        tag="TinyImageNet",
+        num_classes=200,
+        image_size=64,
+        crop_pad=8,
+        mean=(0.485, 0.456, 0.406),  # ImageNet statistics, as the original code
+        std=(0.229, 0.224, 0.225),
+        tasks=TINYIMAGENET_TASKS,
+        default_tasks=TINYIMAGENET_DEFAULT,
+        oracle_arch="wrn-16-10",
+        library_arch="wrn-16-2",
+        expert_width=16,
+        first_stride=2,
+        folder="tiny-imagenet-200",
+        reader="tinyimagenet",
+    ),
+    "imagenet": DatasetConfig(
+        name="imagenet",
+        tag="ImageNet",
+        num_classes=1000,
+        image_size=224,  # random resized crop 224 + flip (train); resize 256 + centre crop 224 (test)
+        crop_pad=0,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        tasks=IMAGENET_TASKS,
+        default_tasks=IMAGENET_DEFAULT,
+        oracle_arch="wide_resnet101_2",  # torchvision, ImageNet weights
+        library_arch="mobilenet_v2",  # features[:18] of torchvision's, ImageNet weights
+        expert_width=80,  # MobileNetV2's 1280-wide last conv narrowed 16x
+        reader="imagefolder",
+        pretrained=True,
+        expert_stage={"epochs": 20, "lr": 0.01, "milestones": (0.5, 0.75)},  # x0.1 at epochs 10 and 15
     ),
 }
 
@@ -135,6 +185,16 @@ def get_profile(name: str) -> Profile:
     if name not in PROFILES:
         raise PoEError(f"unknown profile {name!r}; known profiles: {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+def for_dataset(profile: Profile, cfg: DatasetConfig) -> Profile:
+    """``profile`` as it applies to ``cfg``: a dataset with a pretrained Oracle keeps that Oracle and runs it on
+    every batch (streamed augmentations cannot be cached per view); the paper profile takes the dataset's
+    own expert schedule when the paper gives one (ImageNet: 20 epochs, lr 0.01, x0.1 at 10 and 15)."""
+    if not cfg.pretrained:
+        return profile
+    experts = replace(profile.experts, **cfg.expert_stage) if profile.name == "paper" else profile.experts
+    return replace(profile, oracle_arch=None, teacher_views=0, experts=experts)
 
 
 def override(stage: StageConfig, **changes: object) -> StageConfig:

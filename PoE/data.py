@@ -1,9 +1,10 @@
 """Datasets held as uint8 tensors, with augmentation and normalisation done on whole batches.
 
-Image datasets that fit in memory (CIFAR-100, Tiny-ImageNet) are decoded once into
-``<data_root>/<name>/{train,test}.npz`` (``x``: uint8 N x H x W x 3, ``y``: int64) and served as
-tensors. A training "view" is one random crop+flip of every image, drawn from a seed, so a view can
-be recomputed exactly: that lets teacher outputs be cached per view and shared by later stages.
+Image datasets that fit in memory (CIFAR-100, Tiny-ImageNet) are held as npz files (``x``: uint8
+N x H x W x 3, ``y``: int64): CIFAR-100's ``<data_root>/cifar100/{train,test}.npz``, Tiny-ImageNet's
+JPEG folder decoded once into a cache (see ``cache_root``), and served as tensors. A training "view"
+is one random crop+flip of every image, drawn from a seed, so a view can be recomputed exactly: that
+lets teacher outputs be cached per view and shared by later stages.
 """
 
 from __future__ import annotations
@@ -81,15 +82,130 @@ def fetch_cifar100(folder: Path, split: str) -> None:
     save_npz_atomic(folder / f"{split}.npz", np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets))
 
 
-def load_split(dataset: str, data_root: str | Path, split: str) -> ImageSet:
-    """The ``split`` ('train' or 'test') of an in-memory dataset, decoding and caching on first use."""
-    folder = Path(data_root) / dataset
+TINY_LAYOUT = (
+    "tiny-imagenet-200/ as distributed: wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
+    "val/val_annotations.txt (tab-separated: file, wnid, box)"
+)
+
+
+def cache_root() -> Path:
+    """Where decoded image folders are cached (``$POE_CACHE``, default ``~/.cache/PoE``): never in the data."""
+    return Path(os.environ.get("POE_CACHE") or Path.home() / ".cache" / "PoE")
+
+
+def tiny_listing(folder: Path, split: str) -> tuple[list[Path], list[int]]:
+    """Image files and class indices (position of the wnid in sorted order) of one Tiny-ImageNet split."""
+    if not folder.is_dir():
+        raise PoEError(f"no Tiny-ImageNet folder at {folder}; expected {TINY_LAYOUT}")
+    wnids_file = folder / "wnids.txt"
+    if wnids_file.is_file():
+        wnids = sorted(w.strip() for w in wnids_file.read_text().split() if w.strip())
+    elif (folder / "train").is_dir():
+        wnids = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
+    else:
+        raise PoEError(f"{folder} has neither wnids.txt nor train/; expected {TINY_LAYOUT}")
+    index = {w: i for i, w in enumerate(wnids)}
+    files: list[Path] = []
+    labels: list[int] = []
+    if split == "train":
+        root = folder / "train"
+        if not root.is_dir():
+            raise PoEError(
+                f"no Tiny-ImageNet training images: {root} is missing (a folder without train/ serves evaluation "
+                f"only); expected {TINY_LAYOUT}"
+            )
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            if d.name not in index:
+                raise PoEError(f"{d} is not one of the wnids of {wnids_file}; expected {TINY_LAYOUT}")
+            found = sorted((d / "images").glob("*.JPEG"))
+            if not found:
+                raise PoEError(f"no images in {d / 'images'}; expected {TINY_LAYOUT}")
+            files += found
+            labels += [index[d.name]] * len(found)
+    else:
+        ann = folder / "val" / "val_annotations.txt"
+        if not ann.is_file():
+            raise PoEError(f"no Tiny-ImageNet validation annotations at {ann}; expected {TINY_LAYOUT}")
+        for i, line in enumerate(ann.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or fields[1] not in index:
+                raise PoEError(f"{ann} line {i} is not 'file<TAB>wnid<TAB>box' with a known wnid: {line[:80]!r}")
+            files.append(folder / "val" / "images" / fields[0])
+            labels.append(index[fields[1]])
+    if not files:
+        raise PoEError(f"no images listed for the {split} split of {folder}; expected {TINY_LAYOUT}")
+    return files, labels
+
+
+def decode_images(files: list[Path], size: int, progress: bool = True) -> np.ndarray:
+    """JPEGs -> uint8 N x size x size x 3 (grayscale converted to RGB, as PIL's convert does)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    # tqdm's disable=None: a bar on terminals only, so logs and captured output stay clean
+    for i, f in enumerate(tqdm(files, desc="decoding images", disable=None if progress else True, leave=False)):
+        try:
+            with Image.open(f) as im:
+                img = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise PoEError(f"cannot read image {f} ({e})") from None
+        if img.shape != (size, size, 3):
+            raise PoEError(f"{f} is {img.shape[1]}x{img.shape[0]}, expected {size}x{size}")
+        out[i] = img
+    return out
+
+
+def load_tiny_imagenet(folder: Path, split: str, size: int = 64, progress: bool = True) -> tuple[ImageSet, Path]:
+    """One split of a Tiny-ImageNet folder, decoded once into a cached npz keyed by the folder and its listing."""
+    files, labels = tiny_listing(folder, split)
+    key = hashlib.sha256(str(folder.resolve()).encode())
+    for f, y in zip(files, labels, strict=True):
+        key.update(f"{f.name}:{y};".encode())
+    cache = cache_root() / "tinyimagenet" / f"{split}-{key.hexdigest()[:16]}.npz"
+    if not cache.exists():
+        save_npz_atomic(cache, decode_images(files, size, progress), np.asarray(labels, dtype=np.int64))
+    return load_npz(cache), cache
+
+
+def load_split_file(
+    dataset: str, data_root: str | Path, split: str, progress: bool = True, classes: list[int] | None = None
+) -> tuple[ImageSet, Path]:
+    """The ``split`` ('train' or 'test') of an in-memory dataset and the npz it was read from.
+
+    CIFAR-100 is read from ``<data_root>/cifar100/<split>.npz`` (downloaded through torchvision when
+    absent); Tiny-ImageNet from ``<data_root>/tiny-imagenet-200/`` (its val/ is the test split). An image
+    folder (ImageNet) is too big for memory: only ``classes``' test images are decoded (resize + centre crop).
+    """
+    from PoE.config import get_dataset
+
+    cfg = get_dataset(dataset)
+    folder = Path(data_root) / cfg.folder
+    if cfg.reader == "imagefolder":
+        if split == "train":
+            raise PoEError(f"{dataset}'s training images are streamed from {folder / 'train'}, not held in memory")
+        if classes is None:
+            raise PoEError(f"{dataset}'s test images are read per query: name the classes (tasks) to evaluate")
+        test = load_folder_split(folder, split, cfg.num_classes, cfg.image_size, classes)
+        return test, folder / "val"
+    if cfg.reader == "tinyimagenet":
+        return load_tiny_imagenet(folder, "train" if split == "train" else "test", cfg.image_size, progress)
+    if cfg.reader != "npz":
+        raise PoEError(f"{dataset} is not held in memory (reader {cfg.reader!r})")
     path = folder / f"{split}.npz"
     if not path.exists():
-        if dataset != "cifar100":
-            raise PoEError(f"no {split} data for {dataset} at {path}")
         fetch_cifar100(folder, split)
-    return load_npz(path)
+    return load_npz(path), path
+
+
+def load_split(
+    dataset: str, data_root: str | Path, split: str, progress: bool = True, classes: list[int] | None = None
+) -> ImageSet:
+    """The ``split`` ('train' or 'test') of an in-memory dataset, decoding and caching on first use; an image
+    folder's test split holds ``classes``' images only (in-memory datasets ignore ``classes``)."""
+    return load_split_file(dataset, data_root, split, progress, classes)[0]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -157,7 +273,14 @@ class TensorLoader:
         world: int = 1,
         view_seed: int | None = None,
     ) -> None:
-        """``seed`` fixes the batch order of each epoch, ``view_seed`` (default ``seed``) the augmented views."""
+        """``seed`` fixes the batch order of each epoch, ``view_seed`` (default ``seed``) the augmented views.
+
+        With ``world`` > 1 processes, ``batch_size`` is the global batch: every rank draws the same batches and
+        keeps rows ``rank::world`` of each (``batch_size / world`` images), so the ranks together see exactly
+        the batches of one process and a schedule per step means the same at any process count.
+        """
+        if batch_size % world:
+            raise PoEError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple")
         self.device, self.seed = torch.device(device), seed
         self.view_seed = seed if view_seed is None else view_seed
         if self.device.type == "cuda":  # a whole in-memory dataset fits on the GPU: no per-batch copies
@@ -166,7 +289,7 @@ class TensorLoader:
         self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return max(1, len(self.data) // self.world // self.batch_size)  # the last partial batch is dropped
+        return max(1, len(self.data) // self.batch_size)  # the last partial batch is dropped
 
     def epoch(self, epoch: int, view: int | None = None) -> Iterator[Batch]:
         """Batches of one epoch; images come from augmented ``view`` (default: the epoch number)."""
@@ -174,10 +297,9 @@ class TensorLoader:
         n = len(self.data)
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
         perm = torch.randperm(n, generator=g)
-        perm = perm[: (n // self.world) * self.world][self.rank :: self.world]  # this rank's shard
         params = view_params(n, self.pad, self.view_seed, view)
         for i in range(len(self)):
-            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = perm[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's shard
             yield self.make_batch(idx, params[idx], view)
 
     def ordered(self, view: int | None, batch_size: int | None = None) -> Iterator[Batch]:
@@ -196,3 +318,150 @@ class TensorLoader:
             x = crop_flip(x, params, self.pad)
         x = self.normalize(x).contiguous(memory_format=torch.channels_last)
         return Batch(x, self.data.y[rows].to(self.device, non_blocking=True), idx, view)
+
+
+# ---------------------------------------------------------------------------- ImageNet: a streamed image folder
+FOLDER_LAYOUT = (
+    "{folder}/ with train/<class>/*.JPEG and val/<class>/*.JPEG: one folder per class, the same {n} names in "
+    "both (e.g. the wnids; class id = position in sorted order), val/ sorted into class folders"
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def folder_listing(
+    folder: Path, split: str, num_classes: int, classes: list[int] | None = None
+) -> tuple[list[Path], list[int]]:
+    """Image files and class ids of one split of an ImageFolder-style dataset, for ``classes`` only (all when
+    None): only those classes' folders are listed, so a query over a few classes of ImageNet starts at once."""
+    layout = FOLDER_LAYOUT.format(folder=folder.name, n=num_classes)
+    if not folder.is_dir():
+        raise PoEError(f"no image folder at {folder}; expected {layout}")
+    root = folder / ("train" if split == "train" else "val")
+    if not root.is_dir():
+        what = "training" if split == "train" else "validation (test)"
+        raise PoEError(f"no {what} images: {root} is missing; expected {layout}")
+    names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if len(names) != num_classes:
+        loose = next((f.name for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), None)
+        hint = f" (it holds images such as {loose} directly: sort them into class folders)" if loose else ""
+        raise PoEError(f"{root} has {len(names)} class folders, expected {num_classes}{hint}; expected {layout}")
+    files: list[Path] = []
+    labels: list[int] = []
+    for c in range(num_classes) if classes is None else sorted(classes):
+        found = sorted(f for f in (root / names[c]).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise PoEError(f"no images in {root / names[c]} (class {c}); expected {layout}")
+        files += found
+        labels += [c] * len(found)
+    return files, labels
+
+
+def default_workers() -> int:
+    """DataLoader workers when not given: one per core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Decodes one image per item (PIL, RGB) through ``transform``; items are (uint8 3 x S x S, label, index)."""
+
+    def __init__(self, files: list[Path], labels: list[int], transform: object) -> None:
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise PoEError(f"cannot read image {self.files[i]} ({e})") from None
+        return self.transform(img), self.labels[i], i
+
+
+def folder_transform(size: int, train: bool) -> object:
+    """Random resized crop + flip (training) or resize to size*256/224 + centre crop (test), as uint8 tensors."""
+    from torchvision import transforms as T
+
+    if train:
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+class FolderLoader:
+    """Batches decoded from disk by DataLoader workers: TensorLoader's interface for data that does not fit in
+    memory. Batch order follows (seed, epoch); augmentation is drawn in the workers, so views are not cached
+    (every Batch has view -1 and the teacher runs on it)."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        labels: list[int],
+        batch_size: int,
+        normalize: Normalizer,
+        size: int,
+        device: torch.device | str,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        view_seed: int | None = None,
+    ) -> None:
+        if batch_size % world:
+            raise PoEError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple")
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.train_images = FolderImages(files, labels, folder_transform(size, train=True))
+        self.test_images = FolderImages(files, labels, folder_transform(size, train=False))
+        self.batch_size, self.normalize, self.device = batch_size, normalize, torch.device(device)
+        self.seed, self.rank, self.world, self.workers = seed, rank, world, workers
+        self.view_seed = seed if view_seed is None else view_seed
+
+    def __len__(self) -> int:
+        return max(1, len(self.labels) // self.batch_size)  # the last partial batch is dropped
+
+    def epoch(self, epoch: int, view: int | None = None) -> Iterator[Batch]:
+        """Shuffled, augmented batches of one epoch (``view`` is ignored: each epoch draws fresh crops)."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        perm = torch.randperm(len(self.labels), generator=g)
+        index = [
+            perm[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world].tolist()
+            for i in range(len(self))
+        ]
+        crop_seed = (self.view_seed * 1_000_003 + epoch) * 64 + self.rank
+        yield from self.stream(self.train_images, index, crop_seed)
+
+    def ordered(self, view: int | None = None, batch_size: int | None = None) -> Iterator[Batch]:
+        """All images in listing order, resized and centre-cropped (``view`` is ignored)."""
+        bs, n = batch_size or self.batch_size, len(self.labels)
+        yield from self.stream(self.test_images, [list(range(s, min(s + bs, n))) for s in range(0, n, bs)], 0)
+
+    def stream(self, images: FolderImages, index: list[list[int]], seed: int) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            images,
+            batch_sampler=index,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),  # seeds the workers' crops
+        )
+        try:
+            for x, y, idx in loader:
+                x = self.normalize(x.to(self.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+                yield Batch(x, y.to(self.device, non_blocking=True), idx, -1)
+        except PoEError as e:  # raised in a worker: keep the original one-line message, not the traceback
+            raise PoEError(str(e).strip().splitlines()[-1].removeprefix("PoE.errors.PoEError: ")) from None
+
+
+def load_folder_split(
+    folder: Path, split: str, num_classes: int, size: int, classes: list[int] | None, workers: int | None = None
+) -> ImageSet:
+    """The test view (resize + centre crop) of ``classes``' images of one split, decoded by workers into memory:
+    for evaluation, which needs only the query's classes (50 validation images each on ImageNet)."""
+    files, labels = folder_listing(folder, split, num_classes, classes)
+    workers = default_workers() if workers is None else workers
+    loader = FolderLoader(files, labels, 64, lambda x: x, size, "cpu", workers=workers)
+    xs = [b.x.contiguous() for b in loader.ordered()]
+    return ImageSet(torch.cat(xs), loader.labels)

@@ -21,12 +21,25 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from PoE import distributed
 from PoE.config import DatasetConfig, Profile, StageConfig
-from PoE.data import Batch, ImageSet, Normalizer, TensorLoader, file_sha256, load_split
+from PoE.data import (
+    Batch,
+    FolderLoader,
+    ImageSet,
+    Normalizer,
+    TensorLoader,
+    default_workers,
+    file_sha256,
+    folder_listing,
+    load_split_file,
+)
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy
 from PoE.losses import ckd_loss, kd_loss
 from PoE.networks import WideResNet, WRNExpert, build_network, new_expert
+from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
+from PoE.networks.pretrained import imagenet_weights
 from PoE.store import PoolPaths, load_checkpoint, load_into, save_checkpoint, save_json, unwrap
 from PoE.train import seed_everything, train_stage
 
@@ -57,6 +70,9 @@ class Settings:
     scale: bool = True
     progress: bool = True
     command: str = ""  # the command line, recorded in the manifest
+    oracle_weights: Path | None = None  # pretrained datasets: the Oracle's state dict (default: torch hub cache)
+    library_weights: Path | None = None  # pretrained datasets: a whole MobileNetV2's state dict (ditto)
+    workers: int | None = None  # DataLoader workers of a streamed image folder (default: one per core, <= 8)
 
     def stage_seed(self, stage: str) -> int:
         return self.seed * 100 + STAGES.index(stage)
@@ -102,21 +118,41 @@ class TeacherOutputs:
 
     @torch.no_grad()
     def load_view(self, view: int, loader: TensorLoader) -> torch.Tensor:
+        """One view's table: rank 0 reads it from the cache or computes and writes it; the other ranks
+        wait for that and read the file (every rank calls this at the same batches, all views alike)."""
         n = len(loader.data)
         path = self.cache_dir / f"teacher_{self.oracle_id}_seed{self.view_seed}_n{n}_view{view:04d}.pt"
+        table = None
+        if distributed.is_main():
+            table = self.cached(path, n)
+            if table is None:
+                table = self.compute(view, loader)
+                save_checkpoint(path, {"logits": table})
+        distributed.barrier()
+        if table is None:
+            table = self.cached(path, n)
+            if table is None:
+                raise PoEError(f"{path}: teacher logits missing or unreadable after rank 0 wrote them")
+        return table
+
+    @staticmethod
+    def cached(path: Path, n: int) -> torch.Tensor | None:
         if path.exists():
             table = load_checkpoint(path).get("logits")
             if isinstance(table, torch.Tensor) and table.shape[0] == n:
                 return table
+        return None
+
+    @torch.no_grad()
+    def compute(self, view: int, loader: TensorLoader) -> torch.Tensor:
         t0 = time.perf_counter()
         parts = []
-        steps = -(-n // 500)
+        steps = -(-len(loader.data) // 500)
         for batch in tqdm(
             loader.ordered(view, 500), total=steps, desc=f"teacher view {view}", leave=False, disable=not self.progress
         ):
             parts.append(self.oracle(batch.x).half().cpu())
         table = torch.cat(parts)
-        save_checkpoint(path, {"logits": table})
         self.seconds += time.perf_counter() - t0
         return table
 
@@ -149,6 +185,13 @@ def summary(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta[k] for k in keys if k in meta}
 
 
+class ExpertHeads(nn.ModuleList):
+    """The experts trained together, as one module: one DDP wrapper averages all their gradients at once."""
+
+    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return [e(features) for e in self]
+
+
 class Preprocessor:
     """Runs the requested stages for one dataset; earlier stages are loaded (or trained if asked)."""
 
@@ -161,13 +204,14 @@ class Preprocessor:
         self.report = Report()
         self._train: ImageSet | None = None
         self._test: ImageSet | None = None
+        self._train_file: Path | None = None  # the npz the training images came from (its checksum is recorded)
         self.teacher: TeacherOutputs | None = None
 
     # ---------------------------------------------------------------- helpers
     @property
     def train_set(self) -> ImageSet:
         if self._train is None:
-            data = load_split(self.cfg.name, self.s.data_root, "train")
+            data, self._train_file = self.read_split("train")
             if self.s.train_limit and self.s.train_limit < len(data):
                 g = torch.Generator().manual_seed(self.s.seed)
                 data = data.subset(torch.randperm(len(data), generator=g)[: self.s.train_limit].sort().values)
@@ -177,11 +221,48 @@ class Preprocessor:
     @property
     def test_set(self) -> ImageSet:
         if self._test is None:
-            self._test = load_split(self.cfg.name, self.s.data_root, "test")
+            self._test = self.read_split("test")[0]
         return self._test
 
-    def loader(self, stage: str, conf: StageConfig) -> TensorLoader:
-        """Batch order seeded per stage; augmented views seeded per run, so cached teacher views match."""
+    @property
+    def task_classes(self) -> list[int]:
+        """The classes of this run's tasks: all an image folder's experts train and are tested on."""
+        return sorted({c for t in self.s.tasks for c in self.cfg.tasks[t]})
+
+    def read_split(self, split: str) -> tuple[ImageSet, Path]:
+        """Rank 0 reads first (decoding an image folder into the cache once); the other ranks then read the cache."""
+        classes = self.task_classes if self.cfg.reader == "imagefolder" else None
+        if distributed.is_main():
+            out = load_split_file(self.cfg.name, self.s.data_root, split, self.s.progress, classes)
+        distributed.barrier()
+        if not distributed.is_main():
+            out = load_split_file(self.cfg.name, self.s.data_root, split, False, classes)
+        return out
+
+    def loader(self, stage: str, conf: StageConfig) -> TensorLoader | FolderLoader:
+        """Batch order seeded per stage; augmented views seeded per run, so cached teacher views match.
+        An image folder (ImageNet) is streamed, and only its images of this run's tasks are used."""
+        if self.cfg.reader == "imagefolder":
+            files, labels = folder_listing(
+                self.s.data_root / self.cfg.folder, "train", self.cfg.num_classes, self.task_classes
+            )
+            if self.s.train_limit and self.s.train_limit < len(files):
+                g = torch.Generator().manual_seed(self.s.seed)
+                keep = torch.randperm(len(files), generator=g)[: self.s.train_limit].sort().values.tolist()
+                files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+            return FolderLoader(
+                files,
+                labels,
+                conf.batch_size,
+                self.normalize,
+                self.cfg.image_size,
+                self.s.device,
+                self.s.stage_seed(stage),
+                rank=distributed.rank(),
+                world=distributed.world(),
+                workers=default_workers() if self.s.workers is None else self.s.workers,
+                view_seed=self.s.seed,
+            )
         return TensorLoader(
             self.train_set,
             conf.batch_size,
@@ -189,11 +270,33 @@ class Preprocessor:
             self.cfg.crop_pad,
             self.s.device,
             self.s.stage_seed(stage),
+            rank=distributed.rank(),
+            world=distributed.world(),
             view_seed=self.s.seed,
         )
 
-    def evaluate(self, model: nn.Module, classes: list[int] | None) -> tuple[float, int]:
-        return accuracy(model, self.test_set, classes, self.normalize, self.s.device, progress=self.s.progress)
+    def evaluate(self, model: nn.Module, classes: list[int] | None, restrict: bool = False) -> tuple[float, int]:
+        """Test accuracy (%) and image count. Several ranks each score every world-th test image and add up
+        their counts, so all of them get the single-process numbers in a fraction of the time."""
+        rank, world, test = distributed.rank(), distributed.world(), self.test_set
+        if world > 1:
+            test = test.subset(torch.arange(rank, len(test), world))
+        progress = self.s.progress and rank == 0
+        acc, n = accuracy(model, test, classes, self.normalize, self.s.device, restrict, progress)
+        if world == 1:
+            return acc, n
+        correct, n = distributed.total([round(acc * n / 100) if n else 0, n])
+        return (100.0 * correct / n if n else float("nan")), n
+
+    def save(self, path: Path, payload: dict[str, Any]) -> None:
+        """Rank 0 writes a finished part; every rank waits for it, so all see the same files afterwards."""
+        if distributed.is_main():
+            save_checkpoint(path, payload)
+        distributed.barrier()
+
+    def say(self, text: str) -> None:
+        if distributed.is_main():
+            print(text)
 
     def train(
         self,
@@ -206,8 +309,9 @@ class Preprocessor:
         frozen: tuple[nn.Module, ...] = (),
     ) -> dict[str, Any]:
         resume = self.pre / "resume" / f"{stage}.pt"
-        if stage in self.s.retrain:
+        if stage in self.s.retrain and distributed.is_main():
             resume.unlink(missing_ok=True)
+        distributed.barrier()  # no rank reads a resume file rank 0 is about to drop
         conf = getattr(self.s, stage)
         fingerprint = {
             "stage": stage,
@@ -220,7 +324,8 @@ class Preprocessor:
         history = train_stage(
             stage, modules, loss_fn, batches, len(loader), conf, resume, fingerprint, frozen, progress=self.s.progress
         )
-        resume.unlink(missing_ok=True)
+        if distributed.is_main():
+            resume.unlink(missing_ok=True)
         return {"epochs": conf.epochs, "config": repr(conf), "seed": self.s.seed, "train_seconds": history["seconds"]}
 
     def existing(self, stage: str, path: Path, kind: str) -> tuple[dict, dict] | None:
@@ -237,6 +342,8 @@ class Preprocessor:
 
     # ---------------------------------------------------------------- Oracle
     def oracle(self) -> tuple[nn.Module, str]:
+        if self.cfg.pretrained:
+            return self.pretrained_oracle()
         path = self.pre / "oracle.pt"
         arch = self.s.oracle_arch
         found = self.existing("oracle", path, "oracle")
@@ -256,9 +363,10 @@ class Preprocessor:
             seed_everything(self.s.stage_seed("oracle"))
             model = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
             loader = self.loader("oracle", conf)
+            net = distributed.wrap(model)
 
             def loss_fn(b: Batch) -> torch.Tensor:
-                return F.cross_entropy(model(b.x), b.y, label_smoothing=conf.label_smoothing)
+                return F.cross_entropy(net(b.x), b.y, label_smoothing=conf.label_smoothing)
 
             meta = {
                 "arch": arch,
@@ -266,7 +374,7 @@ class Preprocessor:
             }
             meta["test_acc"], meta["test_n"] = self.evaluate(model, None)
             meta["id"] = state_id(model)
-            save_checkpoint(
+            self.save(
                 path,
                 {"poe_format": 1, "kind": "oracle", "dataset": self.cfg.name, **meta, "state_dict": model.state_dict()},
             )
@@ -278,7 +386,47 @@ class Preprocessor:
         )
         return model, str(meta["id"])
 
+    def pretrained_oracle(self) -> tuple[nn.Module, str]:
+        """A torchvision Oracle with its ImageNet weights (a file or the hub cache); nothing is trained. It is
+        scored on this run's tasks' test images, its argmax restricted to their classes (as the paper's table)."""
+        arch = self.s.oracle_arch
+        sd, source = imagenet_weights(arch, self.s.oracle_weights, "--oracle_weights")
+        model = load_into(build_network(arch, self.cfg), sd, source, f"{arch} Oracle")
+        model = model.to(self.s.device).to(memory_format=torch.channels_last).eval()
+        meta: dict[str, Any] = {"arch": arch, "weights": str(source), "train_seconds": 0.0, "id": state_id(model)}
+        meta["test_acc"], meta["test_n"] = self.evaluate(model, self.task_classes, restrict=True)
+        self.report.add(f"Oracle ({arch}, pretrained)", "the tasks' classes", meta)
+        self.report.info["oracle"] = summary(meta) | {"weights": str(source)}
+        self.teacher = TeacherOutputs(model, meta["id"], 0, self.s.seed, self.pre / "cache", self.s.progress)
+        return model, meta["id"]
+
     # ---------------------------------------------------------------- library
+    def pretrained_library(self) -> tuple[MobileNetLibrary, str]:
+        """The front of torchvision's ImageNet MobileNetV2 (features[:18]) as the library: not distilled.
+        Written to the pool once; later runs load the pool's copy (``--retrain library`` replaces it)."""
+        lib_path = self.pool.library
+        found = self.existing("library", lib_path, "library")
+        if found is not None:
+            sd, meta = found
+            library = load_into(MobileNetLibrary(), sd, lib_path, f"{self.cfg.name} library")
+        else:
+            if "library" not in self.s.stages:
+                raise self.missing(lib_path, "library")
+            full, source = imagenet_weights(self.cfg.library_arch, self.s.library_weights, "--library_weights")
+            library = MobileNetLibrary()
+            load_into(library, library_state(full), source, f"{self.cfg.library_arch} front (features[:18])")
+            meta = {"arch": f"{self.cfg.library_arch} features[:18]", "weights": str(source), "train_seconds": 0.0}
+            meta["id"] = state_id(library)
+            payload = {"poe_format": 1, "kind": "library", "dataset": self.cfg.name, **meta}
+            self.save(lib_path, {**payload, "state_dict": library.state_dict()})
+        self.report.add(
+            f"library ({meta.get('arch')}, pretrained)",
+            "not scored alone",
+            {**meta, "test_acc": float("nan"), "test_n": 0},
+        )
+        self.report.info["library"] = summary(meta) | {"weights": meta.get("weights")}
+        return library.to(self.s.device).eval(), str(meta["id"])
+
     def library(self, oracle_id: str) -> tuple[WideResNet, str]:
         path, lib_path = self.pre / "library_student.pt", self.pool.library
         arch = self.cfg.library_arch
@@ -289,7 +437,7 @@ class Preprocessor:
                     f"{path} was distilled from another Oracle than {self.pre / 'oracle.pt'}; "
                     "run --stages library again"
                 )
-            print(f"[library] {path} was distilled from another Oracle: retraining it")
+            self.say(f"[library] {path} was distilled from another Oracle: retraining it")
             found = None
         if found is not None:
             sd, meta = found
@@ -302,9 +450,10 @@ class Preprocessor:
             seed_everything(self.s.stage_seed("library"))
             student = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
             loader = self.loader("library", conf)
+            net = distributed.wrap(student)
 
             def loss_fn(b: Batch) -> torch.Tensor:
-                return kd_loss(student(b.x), teacher.logits(b, loader), T)
+                return kd_loss(net(b.x), teacher.logits(b, loader), T)
 
             fp = {"arch": arch, "oracle": oracle_id, "T": T, "views": self.s.teacher_views}
             meta = {
@@ -320,8 +469,8 @@ class Preprocessor:
                 teacher_seconds=teacher.seconds,
             )
             base = {"poe_format": 1, "dataset": self.cfg.name, **meta}
-            save_checkpoint(path, {**base, "kind": "library_student", "state_dict": student.state_dict()})
-            save_checkpoint(lib_path, {**base, "kind": "library", "state_dict": student.front.state_dict()})
+            self.save(path, {**base, "kind": "library_student", "state_dict": student.state_dict()})
+            self.save(lib_path, {**base, "kind": "library", "state_dict": student.front.state_dict()})
         self.report.add(f"library student ({arch})", "all classes", meta)
         self.report.info["library"] = summary(meta)
         return student.to(self.s.device).eval(), str(meta["id"])
@@ -338,7 +487,12 @@ class Preprocessor:
             path = self.pool.expert(task)
             found = self.existing("experts", path, "expert")
             if found is not None and found[1].get("library_id") != lib_id:
-                print(f"[experts] {path} was trained on another library: retraining it")
+                self.say(f"[experts] {path} was trained on another library: retraining it")
+                found = None
+            teacher_id = self.teacher.oracle_id if self.teacher is not None else None
+            if self.cfg.pretrained and found is not None and found[1].get("oracle_id") != teacher_id:
+                # a pretrained library does not change with the Oracle: check the Oracle itself
+                self.say(f"[experts] {path} was distilled from another Oracle: retraining it")
                 found = None
             if found is None:
                 todo.append(task)
@@ -367,12 +521,14 @@ class Preprocessor:
         cols = {t: torch.tensor(self.cfg.tasks[t], device=self.s.device) for t in tasks}
         T, alpha, soft, scale = self.s.T, self.s.alpha, self.s.soft, self.s.scale
         loader = self.loader("experts", conf)
+        heads = distributed.wrap(ExpertHeads(experts.values()))  # the frozen library is not wrapped
 
         def loss_fn(b: Batch) -> torch.Tensor:
             with torch.no_grad():  # one library forward and one teacher lookup serve every expert
                 features = library(b.x)
                 t_all = teacher.logits(b, loader)
-            losses = [ckd_loss(e(features), t_all[:, cols[t]], T, alpha, soft, scale) for t, e in experts.items()]
+            outs = heads(features)
+            losses = [ckd_loss(o, t_all[:, cols[t]], T, alpha, soft, scale) for t, o in zip(experts, outs, strict=True)]
             return torch.stack(losses).sum()
 
         fp = {
@@ -403,7 +559,7 @@ class Preprocessor:
                 "oracle_id": teacher.oracle_id,
             }
             meta["test_acc"], meta["test_n"] = self.evaluate(nn.Sequential(library, e), self.cfg.tasks[t])
-            save_checkpoint(
+            self.save(
                 self.pool.expert(t),
                 {"poe_format": 1, "kind": "expert", "dataset": self.cfg.name, **meta, "state_dict": e.state_dict()},
             )
@@ -417,10 +573,15 @@ class Preprocessor:
         last = max(STAGES.index(st) for st in self.s.stages)
         _, oracle_id = self.oracle()
         if last >= 1:
-            student, lib_id = self.library(oracle_id)
+            if self.cfg.pretrained:
+                library, lib_id = self.pretrained_library()
+            else:
+                student, lib_id = self.library(oracle_id)
+                library = student.front
             if last >= 2:
-                self.experts(student.front, lib_id)
-            self.write_manifest()
+                self.experts(library, lib_id)
+            if distributed.is_main():
+                self.write_manifest()
         assert self.teacher is not None
         self.report.info["teacher_cache_seconds"] = self.teacher.seconds
         self.report.info["wall_seconds"] = time.perf_counter() - t0
@@ -438,7 +599,6 @@ class Preprocessor:
                     "test_n": n,
                     "train_seconds": round(sec, 1),
                 }
-        train_npz = self.s.data_root / self.cfg.name / "train.npz"
         manifest = {
             "dataset": self.cfg.name,
             "profile": self.s.profile.name,
@@ -455,7 +615,7 @@ class Preprocessor:
                 "losses": {"soft": self.s.soft, "scale": self.s.scale},
                 "train_limit": self.s.train_limit,
             },
-            "train_data_sha256": file_sha256(train_npz) if train_npz.exists() else None,
+            "train_data_sha256": file_sha256(self._train_file) if self._train_file else old.get("train_data_sha256"),
             "oracle": self.report.info.get("oracle"),
             "library": self.report.info.get("library"),
             "experts": dict(sorted(experts.items())),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from PoE import distributed
 from PoE.config import StageConfig
 from PoE.data import Batch
 from PoE.errors import PoEError
@@ -38,7 +39,6 @@ def train_stage(
     fingerprint: dict[str, Any],
     frozen: tuple[nn.Module, ...] = (),
     on_epoch_start: Callable[[int], None] | None = None,
-    is_main: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``modules`` (all their parameters) for ``stage.epochs``; return the run's history.
@@ -47,7 +47,12 @@ def train_stage(
     a later call with the same ``fingerprint`` continues after the last finished epoch. Epoch ``e``
     draws its batches from ``batches(e)``, so a resumed run sees the data a straight run would.
     ``frozen`` modules stay in eval mode (their BatchNorm statistics do not move).
+
+    Under several processes ``loss_fn`` must run ``distributed.wrap`` of the modules (so DDP averages
+    the gradients) and ``batches`` yield this rank's shard; rank 0 alone prints and writes ``resume_path``,
+    and at the end every rank holds rank 0's weights and buffers.
     """
+    is_main = distributed.is_main()
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = make_optimizer(params, stage)
     history: dict[str, Any] = {"epochs_done": 0, "loss": [], "seconds": 0.0}
@@ -94,11 +99,12 @@ def train_stage(
             count += 1
             bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.4f}")
         seconds = time.perf_counter() - t0
+        epoch_loss = distributed.mean(total / max(count, 1))  # over all ranks' shards
         history["epochs_done"] = epoch + 1
-        history["loss"].append(total / max(count, 1))
+        history["loss"].append(epoch_loss)
         history["seconds"] += seconds
         if is_main:
-            print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {total / max(count, 1):.4f} ({seconds:.0f}s)")
+            print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
             if resume_path is not None:
                 save_checkpoint(
                     resume_path,
@@ -109,4 +115,6 @@ def train_stage(
                         "history": history,
                     },
                 )
+    for m in modules.values():
+        distributed.broadcast_state(m)
     return history

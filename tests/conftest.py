@@ -26,6 +26,19 @@ def need(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache(tmp_path_factory) -> Path:
+    """Decoded image folders go to a per-session folder, never to the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("poe_cache")
+    old = os.environ.get("POE_CACHE")
+    os.environ["POE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("POE_CACHE", None)
+    else:
+        os.environ["POE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     need(shared_dir() / "data" / "cifar100" / "test.npz")

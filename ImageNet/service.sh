@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Answer one query from the ImageNet pool, e.g.: ImageNet/service.sh bird_passerine bird_etc1
+# DATA_ROOT holds imagenet/val/<wnid>/ (only the query's classes are read).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python Run_Service.py --dataset imagenet --data_root "${DATA_ROOT:-data}" --queriedTask "$@"

@@ -1,0 +1,98 @@
+"""MobileNetV2 split into a library front and narrow expert backs (the paper's ImageNet pool).
+
+The library is torchvision's ``mobilenet_v2().features[:18]``: every inverted-residual block, up to the
+320-channel stage (1.81M parameters), under torchvision's own key names (``features.0.0.weight``, ...), so
+torchvision's ImageNet weights load into it unchanged. An expert is the back of MobileNetV2 with the
+1280-wide last 1x1 convolution narrowed (``conv``: 1x1 conv + BN + ReLU6), then global average pooling,
+dropout and ``fc`` over the task's classes (``classifier.1`` as torchvision names it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import mobilenet_v2
+from torchvision.ops import Conv2dNormActivation
+
+LIBRARY_SPLIT = 18  # features[:18]: all inverted-residual blocks; features[18] is the 1280-wide conv
+
+
+class MobileNetLibrary(nn.Module):
+    """The first ``split`` feature layers of torchvision's MobileNetV2, under torchvision's key names."""
+
+    def __init__(self, split: int = LIBRARY_SPLIT) -> None:
+        super().__init__()
+        full = mobilenet_v2(weights=None)
+        if not 1 <= split <= LIBRARY_SPLIT:
+            raise ValueError(f"MobileNetV2 library split must be 1..{LIBRARY_SPLIT}, got {split}")
+        self.features = nn.Sequential(*list(full.features)[:split])
+        self.split = split
+        self.out_channels = _out_channels(self.features[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _out_channels(layer: nn.Module) -> int:
+    convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+class MobileNetExpert(nn.Module):
+    """MobileNetV2's back with the last conv narrowed to ``width``: 1x1 conv + BN + ReLU6, pool, dropout, fc."""
+
+    def __init__(self, in_channels: int, width: int, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.conv = Conv2dNormActivation(in_channels, width, kernel_size=1, activation_layer=nn.ReLU6)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+        self.in_channels, self.width, self.num_classes = in_channels, width, num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+
+
+def init_mobilenet(module: nn.Module) -> None:
+    """torchvision's MobileNetV2 initialisation (He fan-out convs, unit BN, small normal linear)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def library_from_state(state_dict: dict[str, torch.Tensor]) -> MobileNetLibrary:
+    """An empty library with as many feature layers as ``state_dict`` holds (a whole MobileNetV2's
+    state dict, e.g. torchvision's ImageNet weights, must be cut with ``library_state`` first)."""
+    ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("features.") and k.split(".")[1].isdigit()}
+    if not ids or ids != set(range(max(ids) + 1)) or any(not k.startswith("features.") for k in state_dict):
+        raise ValueError("not a MobileNetV2 library state dict (expected only features.0 .. features.N keys)")
+    return MobileNetLibrary(max(ids) + 1)
+
+
+def library_state(full: dict[str, torch.Tensor], split: int = LIBRARY_SPLIT) -> dict[str, torch.Tensor]:
+    """The library's part (``features.0`` .. ``features.<split-1>``) of a whole MobileNetV2 state dict."""
+    return {k: v for k, v in full.items() if k.startswith("features.") and int(k.split(".")[1]) < split}
+
+
+def expert_from_state(state_dict: dict[str, torch.Tensor]) -> MobileNetExpert:
+    """An (untrained) expert shaped like ``state_dict``."""
+    try:
+        conv = state_dict["conv.0.weight"]
+        classes = state_dict["classifier.1.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a MobileNetV2 expert state dict (no {e})") from None
+    return MobileNetExpert(conv.shape[1], conv.shape[0], classes)
+
+
+def new_expert(library: MobileNetLibrary, width: int, num_classes: int) -> MobileNetExpert:
+    """A freshly initialised expert that sits on ``library``'s features."""
+    e = MobileNetExpert(library.out_channels, width, num_classes)
+    init_mobilenet(e)
+    return e

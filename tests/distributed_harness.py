@@ -1,0 +1,87 @@
+"""Code that tests/test_distributed.py runs in every process of a two-process (gloo, CPU) job.
+
+As a script under torchrun, ``distributed_harness.py OUT ARG ...`` runs the preprocessing command line
+with the ARGs and writes ``OUT/rank<r>.json``: the exit code and, for each trained stage, the content id
+of every module this rank held when the stage ended (the ranks must agree; rank 1 writes no files).
+``toy_worker`` (started by torch.multiprocessing) trains a small model straight and interrupted+resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from PoE import distributed
+from PoE.config import StageConfig
+from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.train import train_stage
+
+
+def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
+    """A linear model (no BatchNorm: shards change nothing) trained 3 epochs on this rank's shard of 96 images."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8, generator=g)
+    data = ImageSet(images, torch.randint(0, 4, (96,), generator=g))
+    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    loader = TensorLoader(data, 16, norm, 2, "cpu", seed=3, rank=distributed.rank(), world=distributed.world())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    net = distributed.wrap(model)
+
+    def loss_fn(b: Batch) -> torch.Tensor:
+        return F.cross_entropy(net(b.x), b.y)
+
+    def stop(epoch: int) -> None:
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+
+    stage = StageConfig(epochs=3, lr=0.1, schedule="onecycle")
+    train_stage("toy", {"m": model}, loss_fn, loader.epoch, len(loader), stage, resume, {"toy": 1},
+                on_epoch_start=stop, progress=False)  # fmt: skip
+    return model
+
+
+def toy_worker(index: int, port: int, out: str) -> None:
+    """One of two ranks: a straight run, then a run stopped before epoch 3 and resumed; saves both weights."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
+                      WORLD_SIZE="2")  # fmt: skip
+    distributed.setup(torch.device("cpu"))
+    try:
+        folder = Path(out)
+        straight = toy_training(folder / "straight.pt")
+        try:
+            toy_training(folder / "resumed.pt", stop_at=2)
+        except KeyboardInterrupt:
+            distributed.barrier()  # rank 0 has written epoch 2's resume file before it stopped
+        resumed = toy_training(folder / "resumed.pt")
+        torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict()}, folder / f"toy{index}.pt")
+    finally:
+        distributed.destroy()
+
+
+def main(out: Path, argv: list[str]) -> int:
+    import PoE.preprocess as pre
+    from PoE.cli import main_preprocessing
+
+    ids: dict[str, dict[str, str]] = {}
+
+    def recording(name, modules, *args, **kwargs):  # train_stage, noting what each rank ends the stage with
+        history = train_stage(name, modules, *args, **kwargs)
+        ids[name] = {k: pre.state_id(m) for k, m in modules.items()}
+        return history
+
+    pre.train_stage = recording
+    rank = os.environ["RANK"]  # read now: the process group is gone when main_preprocessing returns
+    rc = main_preprocessing(argv)
+    (out / f"rank{rank}.json").write_text(json.dumps({"rc": rc, "ids": ids}))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2:]))

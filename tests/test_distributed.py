@@ -1,0 +1,98 @@
+"""Several processes (torchrun, gloo on CPU): sharded batches, DDP-averaged gradients, rank-0-only files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from PoE.config import get_dataset
+from PoE.consolidate import load_expert, load_library
+from PoE.data import ImageSet, Normalizer, TensorLoader, load_split
+from PoE.errors import PoEError
+from PoE.evaluate import accuracy
+from PoE.store import PoolPaths, load_checkpoint
+
+from .conftest import ROOT
+from .distributed_harness import toy_training, toy_worker
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_loader(rank: int = 0, world: int = 1, batch_size: int = 8) -> TensorLoader:
+    data = ImageSet(torch.zeros(30, 3, 4, 4, dtype=torch.uint8), torch.zeros(30, dtype=torch.long))
+    norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return TensorLoader(data, batch_size, norm, 1, "cpu", seed=5, rank=rank, world=world)
+
+
+def test_ranks_split_each_global_batch_of_a_single_process():
+    single = [b.index for b in tiny_loader().epoch(2)]
+    shards = [[b.index for b in tiny_loader(r, 2).epoch(2)] for r in (0, 1)]
+    assert len(single) == len(shards[0]) == len(shards[1]) == 3  # same steps per epoch: 30 // 8
+    for i, whole in enumerate(single):
+        a, b = shards[0][i], shards[1][i]
+        assert len(a) == len(b) == 4 and not set(a.tolist()) & set(b.tolist())
+        assert sorted([*a.tolist(), *b.tolist()]) == sorted(whole.tolist())
+    with pytest.raises(PoEError, match="does not split evenly over 2 processes"):
+        tiny_loader(0, 2, batch_size=9)
+
+
+def test_two_ranks_train_like_one_process_and_resume(tmp_path):
+    """DDP over rank shards = one process on whole batches (no BatchNorm here), straight or resumed."""
+    torch.multiprocessing.spawn(toy_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    single = toy_training(tmp_path / "single.pt").state_dict()
+    for index in (0, 1):
+        runs = torch.load(tmp_path / f"toy{index}.pt")
+        for k, v in single.items():
+            torch.testing.assert_close(runs["straight"][k], v, rtol=0, atol=1e-5)
+            torch.testing.assert_close(runs["resumed"][k], runs["straight"][k], rtol=0, atol=0)
+
+
+def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, data_root):
+    db, pre, out = tmp_path / "db", tmp_path / "pre", tmp_path / "out"
+    out.mkdir()
+    argv = ["--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "512", "--batch_size", "64",
+            "--epochs", "1", "--teacher_views", "1", "--tasks", "people", "vehicles_1", "--no_progress",
+            "--device", "cpu", "--data_root", str(data_root), "--db", str(db), "--pretrained", str(pre)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(ROOT / "tests" / "distributed_harness.py"), str(out), *argv]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [x["rc"] for x in ranks] == [0, 0]
+    assert set(ranks[0]["ids"]) == {"oracle", "library", "experts"}
+    assert ranks[0]["ids"] == ranks[1]["ids"]  # equal weights and BatchNorm statistics on both ranks
+    assert "x 2 processes" in r.stdout and r.stdout.count("[oracle] epoch 1/1") == 1  # rank 0 alone prints
+
+    pool = db / "cifar100"
+    oracle = load_checkpoint(pre / "cifar100" / "oracle.pt")
+    assert oracle["kind"] == "oracle" and oracle["id"] == ranks[0]["ids"]["oracle"]["oracle"]
+    assert oracle["test_n"] == 10000 and 0.0 <= oracle["test_acc"] <= 100.0
+    assert load_checkpoint(pre / "cifar100" / "library_student.pt")["kind"] == "library_student"
+    assert load_checkpoint(pool / "library_cifar100.pt")["kind"] == "library"
+    cfg = get_dataset("cifar100")
+    library = load_library(PoolPaths(pool, cfg.tag), cfg)
+    test = load_split("cifar100", data_root, "test")
+    for task in ("people", "vehicles_1"):  # the ranks' shares of the test set add up to a one-process evaluation
+        expert = load_checkpoint(pool / "experts" / f"expert_{task}.pt")
+        assert expert["kind"] == "expert" and expert["test_n"] == 500
+        model = torch.nn.Sequential(library, load_expert(PoolPaths(pool, cfg.tag), cfg, task, library.out_channels))
+        acc, n = accuracy(model, test, cfg.tasks[task], Normalizer(cfg.mean, cfg.std), "cpu")
+        assert n == 500 and expert["test_acc"] == pytest.approx(acc, abs=1e-4)
+    assert set(json.loads((pool / "manifest.json").read_text())["experts"]) == {"people", "vehicles_1"}
+    assert len(list((pre / "cifar100" / "cache").glob("teacher_*_view0000.pt"))) == 1
+    assert not list((pre / "cifar100" / "resume").glob("*.pt"))
+    assert not list(tmp_path.rglob("*.tmp"))
