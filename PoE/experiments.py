@@ -181,8 +181,11 @@ def plot_results(summary: list[dict], out_dir: Path, title: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
 
+    title = "\n".join(textwrap.wrap(title, 90))  # a long task list would run off the figure
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in summary)]
     paths = []
