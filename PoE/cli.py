@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from PoE.errors import PoEError
+from PoE.precision import PRECISIONS
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -27,7 +28,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def pick_device(name: str | None) -> torch.device:
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -36,6 +37,8 @@ def pick_device(name: str | None) -> torch.device:
         raise PoEError("--device cuda asked for, but CUDA is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise PoEError(f"unsupported device {name!r}; use cpu, cuda or cuda:<index>")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batches have fixed shapes: let cuDNN time its algorithms once
     return dev
 
 
@@ -59,6 +62,9 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_root", default="data", help="folder holding <dataset>/ (default: data)")
     p.add_argument("--db", default="DB_PoE", help="pool root; the pool is <db>/<dataset>/ (default: DB_PoE)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="bf16: bfloat16 autocast (weights, "
+                   "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
+                   "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -103,6 +109,9 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         "--train_limit", type=int, default=None, help="train on a random subset of this many images (smoke tests)"
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "off", *STAGES),
+                   metavar="WHICH", help="torch.compile the training steps of these stages (on: all, off: none; "
+                   "auto: the profile's, on CUDA only)")  # fmt: skip
     g = p.add_argument_group("pretrained Oracle and library (ImageNet)")
     g.add_argument("--oracle_weights", default=None, help="the Oracle's state dict file (default: torchvision's "
                    "ImageNet weights in the torch hub cache)")  # fmt: skip
@@ -121,6 +130,7 @@ def positive(name: str, value: float | None) -> None:
 def preprocessing_settings(a: argparse.Namespace):
     from PoE.config import for_dataset, get_dataset, get_profile, override
     from PoE.networks import check_arch
+    from PoE.precision import resolve as resolve_precision
     from PoE.preprocess import STAGES, Settings
 
     cfg = get_dataset(a.dataset)
@@ -170,6 +180,10 @@ def preprocessing_settings(a: argparse.Namespace):
         raise PoEError(f"--workers must be >= 0, got {a.workers}")
     if views < 0:
         raise PoEError(f"--teacher_views must be >= 0, got {views}")
+    device = pick_device(a.device)
+    precision = resolve_precision(a.precision, device)
+    named = {"on": STAGES, "off": (), "auto": prof.compile if device.type == "cuda" else ()}
+    compile_stages = [st for st in STAGES if any(st in named.get(c, (c,)) for c in a.compile)]
     return Settings(
         cfg=cfg,
         profile=prof,
@@ -181,7 +195,7 @@ def preprocessing_settings(a: argparse.Namespace):
         alpha=prof.alpha if a.alpha is None else a.alpha,
         teacher_views=views,
         seed=a.seed,
-        device=pick_device(a.device),
+        device=device,
         data_root=Path(a.data_root),
         db=Path(a.db),
         pretrained=Path(a.pretrained),
@@ -196,11 +210,14 @@ def preprocessing_settings(a: argparse.Namespace):
         oracle_weights=Path(a.oracle_weights) if a.oracle_weights else None,
         library_weights=Path(a.library_weights) if a.library_weights else None,
         workers=a.workers,
+        precision=precision,
+        compile=tuple(compile_stages),
     )
 
 
 def preprocessing_body(a: argparse.Namespace) -> int:
     from PoE import distributed
+    from PoE.precision import describe
     from PoE.preprocess import Preprocessor
 
     s = preprocessing_settings(a)
@@ -210,7 +227,8 @@ def preprocessing_body(a: argparse.Namespace) -> int:
         if main:
             print(f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
                   f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
-                  f"stages {', '.join(s.stages)}")  # fmt: skip
+                  f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
+                  f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}")  # fmt: skip
         report = Preprocessor(s).run()
     finally:
         distributed.destroy()

@@ -254,7 +254,7 @@ def crop_flip(x: torch.Tensor, params: torch.Tensor, pad: int) -> torch.Tensor:
 class Batch:
     x: torch.Tensor  # normalised float images on the device
     y: torch.Tensor  # labels on the device
-    index: torch.Tensor  # rows of the dataset (CPU), to look up cached teacher outputs
+    index: torch.Tensor  # rows of the dataset (on the device holding it), to look up cached teacher outputs
     view: int  # which augmented view the images come from (-1: no augmentation)
 
 
@@ -296,8 +296,9 @@ class TensorLoader:
         view = epoch if view is None else view
         n = len(self.data)
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        perm = torch.randperm(n, generator=g)
-        params = view_params(n, self.pad, self.view_seed, view)
+        # drawn on the CPU (the same batches on every device), then moved once: no copies per batch
+        perm = torch.randperm(n, generator=g).to(self.data.x.device)
+        params = view_params(n, self.pad, self.view_seed, view).to(self.data.x.device)
         for i in range(len(self)):
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's shard
             yield self.make_batch(idx, params[idx], view)
@@ -305,10 +306,10 @@ class TensorLoader:
     def ordered(self, view: int | None, batch_size: int | None = None) -> Iterator[Batch]:
         """All images in dataset order, from ``view`` (None: un-augmented)."""
         n = len(self.data)
-        params = view_params(n, self.pad, self.view_seed, view) if view is not None else None
+        params = view_params(n, self.pad, self.view_seed, view).to(self.data.x.device) if view is not None else None
         bs = batch_size or self.batch_size
         for s in range(0, n, bs):
-            idx = torch.arange(s, min(s + bs, n))
+            idx = torch.arange(s, min(s + bs, n), device=self.data.x.device)
             yield self.make_batch(idx, None if params is None else params[idx], -1 if view is None else view)
 
     def make_batch(self, idx: torch.Tensor, params: torch.Tensor | None, view: int) -> Batch:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from PoE.data import ImageSet, Normalizer
+from PoE.precision import autocast
 
 
 @torch.no_grad()
@@ -20,6 +21,7 @@ def predict(
     batch_size: int = 500,
     columns: Sequence[int] | None = None,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Argmax predictions (CPU, int64); ``columns`` restricts the argmax to those output columns."""
     from tqdm import tqdm
@@ -30,7 +32,8 @@ def predict(
     starts = range(0, len(images), batch_size)
     for s in tqdm(starts, desc="evaluate", leave=False, disable=not progress):
         x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        logits = model(x)
+        with autocast(device, precision):
+            logits = model(x).float()
         if cols is not None:
             logits = logits.index_select(1, cols)
         out.append(logits.argmax(1).cpu())
@@ -45,6 +48,7 @@ def accuracy(
     device: str | torch.device,
     restrict: bool = False,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[float, int]:
     """(accuracy in %, number of images) over the test images whose label is in ``classes``.
 
@@ -60,7 +64,7 @@ def accuracy(
         columns = list(classes) if restrict else None
     if len(labels) == 0:
         return float("nan"), 0
-    pred = predict(model, subset, normalize, device, columns=columns, progress=progress)
+    pred = predict(model, subset, normalize, device, columns=columns, progress=progress, precision=precision)
     return 100.0 * (pred == labels).float().mean().item(), len(labels)
 
 
@@ -102,6 +106,7 @@ def expert_outputs(
     normalize: Normalizer,
     device: str | torch.device,
     batch_size: int = 500,
+    precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
     """Every expert's logits on every image (CPU), with one library forward per batch.
 
@@ -112,9 +117,10 @@ def expert_outputs(
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in experts}
     for s in range(0, len(images), batch_size):
         x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        f = library(x)
-        for t, e in experts.items():
-            outs[t].append(e.eval()(f).float().cpu())
+        with autocast(device, precision):
+            f = library(x)
+            for t, e in experts.items():
+                outs[t].append(e.eval()(f).float().cpu())
     return {t: torch.cat(v) for t, v in outs.items()}
 
 

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, T: float) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch."""
-    log_p_s = F.log_softmax(student / T, dim=1)
+    log_p_s = F.log_softmax(student.float() / T, dim=1)
     log_p_t = F.log_softmax(teacher.float() / T, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
 
 
 def scale_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """L_scale: mean absolute difference of raw logits, which keeps an expert on the Oracle's logit scale."""
-    return (student - teacher.float()).abs().mean()
+    return (student.float() - teacher.float()).abs().mean()
 
 
 def ckd_loss(

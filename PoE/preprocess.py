@@ -40,8 +40,9 @@ from PoE.losses import ckd_loss, kd_loss
 from PoE.networks import WideResNet, WRNExpert, build_network, new_expert
 from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.networks.pretrained import imagenet_weights
-from PoE.store import PoolPaths, load_checkpoint, load_into, save_checkpoint, save_json, unwrap
-from PoE.train import seed_everything, train_stage
+from PoE.precision import autocast, machine_info
+from PoE.store import PoolPaths, half_state, load_checkpoint, load_into, save_checkpoint, save_json, unwrap
+from PoE.train import compiled, seed_everything, train_stage
 
 STAGES = ("oracle", "library", "experts")
 
@@ -73,6 +74,8 @@ class Settings:
     oracle_weights: Path | None = None  # pretrained datasets: the Oracle's state dict (default: torch hub cache)
     library_weights: Path | None = None  # pretrained datasets: a whole MobileNetV2's state dict (ditto)
     workers: int | None = None  # DataLoader workers of a streamed image folder (default: one per core, <= 8)
+    precision: str = "fp32"  # fp32 or bf16 (resolved from --precision)
+    compile: tuple[str, ...] = ()  # stages whose training step is torch.compile'd
 
     def stage_seed(self, stage: str) -> int:
         return self.seed * 100 + STAGES.index(stage)
@@ -91,43 +94,59 @@ class TeacherOutputs:
     """The Oracle's logits for training batches, cached per augmented view when ``views`` > 0.
 
     Epoch ``e`` of a later stage uses view ``e % views``; each view's logits (fp16, N x classes) are
-    computed once in eval mode, saved under ``cache_dir`` and reused by every stage and expert.
+    computed once in eval mode, saved under ``cache_dir`` and reused by every stage and expert. The
+    tables stay on the device that holds the training images, so a lookup is one gather there.
     With ``views`` = 0 the Oracle runs on every batch instead (a fresh augmentation every epoch).
     """
 
     def __init__(
-        self, oracle: nn.Module, oracle_id: str, views: int, view_seed: int, cache_dir: Path, progress: bool
+        self,
+        oracle: nn.Module,
+        oracle_id: str,
+        views: int,
+        view_seed: int,
+        cache_dir: Path,
+        progress: bool,
+        precision: str = "fp32",
     ) -> None:
         self.oracle, self.oracle_id, self.views, self.view_seed = oracle.eval(), oracle_id, views, view_seed
-        self.cache_dir, self.progress = cache_dir, progress
-        self.current: tuple[int, torch.Tensor] | None = None
+        self.cache_dir, self.progress, self.precision = cache_dir, progress, precision
+        self.tables: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
 
-    def batches(self, loader: TensorLoader) -> Callable[[int], Iterator[Batch]]:
-        """Epoch -> batches of ``loader``, drawn from the views whose logits this object serves."""
+    def batches(self, loader: TensorLoader, stage: StageConfig) -> Callable[[int], Iterator[Batch]]:
+        """Epoch -> batches of ``loader``, drawn from the views whose logits this object serves. The views the
+        stage will use are made ready first, so no epoch stops to run the Oracle (and epoch times are
+        training alone)."""
         assert loader.view_seed == self.view_seed
+        for view in range(min(self.views, stage.epochs)):
+            self.table(view, loader)
         return lambda epoch: loader.epoch(epoch, epoch % self.views if self.views else epoch)
+
+    def table(self, view: int, loader: TensorLoader) -> torch.Tensor:
+        """One view's logits, on the device that holds ``loader``'s images."""
+        if view not in self.tables:
+            self.tables[view] = self.load_view(view, loader).to(loader.data.x.device)
+        return self.tables[view]
 
     @torch.no_grad()
     def logits(self, batch: Batch, loader: TensorLoader) -> torch.Tensor:
         if not self.views:
             return self.oracle(batch.x).float()
-        if self.current is None or self.current[0] != batch.view:
-            self.current = (batch.view, self.load_view(batch.view, loader))
-        return self.current[1][batch.index].to(batch.x.device).float()
+        return self.table(batch.view, loader)[batch.index].float()
 
     @torch.no_grad()
     def load_view(self, view: int, loader: TensorLoader) -> torch.Tensor:
         """One view's table: rank 0 reads it from the cache or computes and writes it; the other ranks
         wait for that and read the file (every rank calls this at the same batches, all views alike)."""
         n = len(loader.data)
-        path = self.cache_dir / f"teacher_{self.oracle_id}_seed{self.view_seed}_n{n}_view{view:04d}.pt"
+        path = self.cache_dir / f"teacher_{self.oracle_id}_seed{self.view_seed}_n{n}_{self.precision}_view{view:04d}.pt"
         table = None
         if distributed.is_main():
             table = self.cached(path, n)
             if table is None:
                 table = self.compute(view, loader)
-                save_checkpoint(path, {"logits": table})
+                save_checkpoint(path, {"logits": table.cpu()})
         distributed.barrier()
         if table is None:
             table = self.cached(path, n)
@@ -148,11 +167,17 @@ class TeacherOutputs:
         t0 = time.perf_counter()
         parts = []
         steps = -(-len(loader.data) // 500)
-        for batch in tqdm(
-            loader.ordered(view, 500), total=steps, desc=f"teacher view {view}", leave=False, disable=not self.progress
-        ):
-            parts.append(self.oracle(batch.x).half().cpu())
-        table = torch.cat(parts)
+        batches = loader.ordered(view, 500)
+        with torch.autocast(loader.device.type, enabled=False):  # called from inside a training step's autocast
+            for batch in tqdm(
+                batches, total=steps, desc=f"teacher view {view}", leave=False, disable=not self.progress
+            ):
+                with autocast(batch.x.device, self.precision):
+                    logits = self.oracle(batch.x)
+                parts.append(logits.half())
+            table = torch.cat(parts)
+        if table.is_cuda:
+            torch.cuda.synchronize(table.device)
         self.seconds += time.perf_counter() - t0
         return table
 
@@ -181,7 +206,8 @@ class Report:
 
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:
-    keys = ("arch", "epochs", "config", "test_acc", "test_n", "train_seconds", "teacher_seconds")
+    keys = ("arch", "epochs", "config", "test_acc", "test_n", "train_seconds", "epoch_seconds", "teacher_seconds",
+            "stored_as")  # fmt: skip
     return {k: meta[k] for k in keys if k in meta}
 
 
@@ -282,7 +308,7 @@ class Preprocessor:
         if world > 1:
             test = test.subset(torch.arange(rank, len(test), world))
         progress = self.s.progress and rank == 0
-        acc, n = accuracy(model, test, classes, self.normalize, self.s.device, restrict, progress)
+        acc, n = accuracy(model, test, classes, self.normalize, self.s.device, restrict, progress, self.s.precision)
         if world == 1:
             return acc, n
         correct, n = distributed.total([round(acc * n / 100) if n else 0, n])
@@ -322,11 +348,27 @@ class Preprocessor:
             **fingerprint,
         }
         history = train_stage(
-            stage, modules, loss_fn, batches, len(loader), conf, resume, fingerprint, frozen, progress=self.s.progress
+            stage,
+            modules,
+            loss_fn,
+            batches,
+            len(loader),
+            conf,
+            resume,
+            fingerprint,
+            frozen,
+            progress=self.s.progress,
+            precision=self.s.precision,
         )
         if distributed.is_main():
             resume.unlink(missing_ok=True)
-        return {"epochs": conf.epochs, "config": repr(conf), "seed": self.s.seed, "train_seconds": history["seconds"]}
+        return {
+            "epochs": conf.epochs,
+            "config": repr(conf),
+            "seed": self.s.seed,
+            "train_seconds": history["seconds"],
+            "epoch_seconds": history.get("epoch_seconds", []),
+        }
 
     def existing(self, stage: str, path: Path, kind: str) -> tuple[dict, dict] | None:
         """(state_dict, meta) of a finished stage's checkpoint, or None when it must be (re)trained."""
@@ -363,26 +405,35 @@ class Preprocessor:
             seed_everything(self.s.stage_seed("oracle"))
             model = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
             loader = self.loader("oracle", conf)
-            net = distributed.wrap(model)
+            net = compiled(distributed.wrap(model), "oracle" in self.s.compile)
 
             def loss_fn(b: Batch) -> torch.Tensor:
-                return F.cross_entropy(net(b.x), b.y, label_smoothing=conf.label_smoothing)
+                return F.cross_entropy(net(b.x).float(), b.y, label_smoothing=conf.label_smoothing)
 
             meta = {
                 "arch": arch,
                 **self.train("oracle", {"oracle": model}, loss_fn, loader, loader.epoch, {"arch": arch}),
             }
+            # kept at fp16: half the file, and the stored Oracle is exactly the one measured and distilled
+            model.load_state_dict(half_state(model))
+            meta["stored_as"] = "fp16"
             meta["test_acc"], meta["test_n"] = self.evaluate(model, None)
             meta["id"] = state_id(model)
             self.save(
                 path,
-                {"poe_format": 1, "kind": "oracle", "dataset": self.cfg.name, **meta, "state_dict": model.state_dict()},
+                {"poe_format": 1, "kind": "oracle", "dataset": self.cfg.name, **meta, "state_dict": half_state(model)},
             )
         self.report.add(f"Oracle ({arch})", "all classes", meta)
         self.report.info["oracle"] = summary(meta)
         model = model.to(self.s.device).to(memory_format=torch.channels_last).eval()
         self.teacher = TeacherOutputs(
-            model, str(meta["id"]), self.s.teacher_views, self.s.seed, self.pre / "cache", self.s.progress
+            model,
+            str(meta["id"]),
+            self.s.teacher_views,
+            self.s.seed,
+            self.pre / "cache",
+            self.s.progress,
+            self.s.precision,
         )
         return model, str(meta["id"])
 
@@ -397,7 +448,9 @@ class Preprocessor:
         meta["test_acc"], meta["test_n"] = self.evaluate(model, self.task_classes, restrict=True)
         self.report.add(f"Oracle ({arch}, pretrained)", "the tasks' classes", meta)
         self.report.info["oracle"] = summary(meta) | {"weights": str(source)}
-        self.teacher = TeacherOutputs(model, meta["id"], 0, self.s.seed, self.pre / "cache", self.s.progress)
+        self.teacher = TeacherOutputs(
+            model, meta["id"], 0, self.s.seed, self.pre / "cache", self.s.progress, self.s.precision
+        )
         return model, meta["id"]
 
     # ---------------------------------------------------------------- library
@@ -450,7 +503,7 @@ class Preprocessor:
             seed_everything(self.s.stage_seed("library"))
             student = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
             loader = self.loader("library", conf)
-            net = distributed.wrap(student)
+            net = compiled(distributed.wrap(student), "library" in self.s.compile)
 
             def loss_fn(b: Batch) -> torch.Tensor:
                 return kd_loss(net(b.x), teacher.logits(b, loader), T)
@@ -458,7 +511,7 @@ class Preprocessor:
             fp = {"arch": arch, "oracle": oracle_id, "T": T, "views": self.s.teacher_views}
             meta = {
                 "arch": arch,
-                **self.train("library", {"student": student}, loss_fn, loader, teacher.batches(loader), fp),
+                **self.train("library", {"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp),
             }
             meta["test_acc"], meta["test_n"] = self.evaluate(student, None)
             meta.update(
@@ -521,7 +574,7 @@ class Preprocessor:
         cols = {t: torch.tensor(self.cfg.tasks[t], device=self.s.device) for t in tasks}
         T, alpha, soft, scale = self.s.T, self.s.alpha, self.s.soft, self.s.scale
         loader = self.loader("experts", conf)
-        heads = distributed.wrap(ExpertHeads(experts.values()))  # the frozen library is not wrapped
+        heads = compiled(distributed.wrap(ExpertHeads(experts.values())), "experts" in self.s.compile)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             with torch.no_grad():  # one library forward and one teacher lookup serve every expert
@@ -541,8 +594,10 @@ class Preprocessor:
             "scale": scale,
             "views": self.s.teacher_views,
         }
-        run = self.train("experts", dict(experts), loss_fn, loader, teacher.batches(loader), fp, frozen=(library,))
+        batches = teacher.batches(loader, conf)
+        run = self.train("experts", dict(experts), loss_fn, loader, batches, fp, frozen=(library,))
         self.report.info["experts_seconds"] = run["train_seconds"]
+        self.report.info["experts_epoch_seconds"] = run.pop("epoch_seconds")
         run["train_seconds"] /= len(tasks)
         metas = {}
         for t, e in experts.items():
@@ -587,6 +642,32 @@ class Preprocessor:
         self.report.info["wall_seconds"] = time.perf_counter() - t0
         return self.report
 
+    def epoch_seconds(self, old: dict[str, Any]) -> dict[str, list[float]]:
+        """Each stage's per-epoch training seconds, as far as this pool's files record them."""
+        out = dict(old.get("stage_epoch_seconds", {}))
+        for stage in ("oracle", "library"):
+            if self.report.info.get(stage, {}).get("epoch_seconds"):
+                out[stage] = self.report.info[stage]["epoch_seconds"]
+        if "experts_epoch_seconds" in self.report.info:
+            out["experts"] = self.report.info["experts_epoch_seconds"]
+        return out
+
+    def stage_seconds(self, old: dict[str, Any]) -> dict[str, float]:
+        """Training seconds of each stage as its files record them, and their sum (a stage loaded from an
+        earlier run keeps that run's time)."""
+        info = self.report.info
+        out = dict(old.get("stage_seconds", {}))
+        for stage in ("oracle", "library"):
+            if info.get(stage):
+                out[stage] = round(float(info[stage].get("train_seconds", 0.0)), 1)
+        if info.get("library", {}).get("teacher_seconds") is not None:
+            out["teacher_logits"] = round(float(info["library"]["teacher_seconds"]), 1)
+        if "experts_seconds" in info:
+            out["experts"] = round(float(info["experts_seconds"]), 1)
+        out.pop("total", None)
+        out["total"] = round(sum(out.values()), 1)
+        return out
+
     def write_manifest(self) -> None:
         old = self.pool.read_manifest()
         experts = dict(old.get("experts", {}))
@@ -620,5 +701,10 @@ class Preprocessor:
             "library": self.report.info.get("library"),
             "experts": dict(sorted(experts.items())),
             "model_selection": "final epoch of every stage (the test set is only used for reporting)",
+            "precision": self.s.precision,
+            "compile": list(self.s.compile),
+            "stage_epoch_seconds": self.epoch_seconds(old),
+            "machine": machine_info(self.s.device),
+            "stage_seconds": self.stage_seconds(old),
         }
         save_json(self.pool.manifest, manifest)

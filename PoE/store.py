@@ -9,6 +9,8 @@ the tensor shapes and checked against what the caller expects.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import pickle
@@ -50,8 +52,44 @@ def current_umask() -> int:
     return mask
 
 
-def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
+SHARD_BYTES = 15 << 20  # a state dict larger than this is split, so no file is over 16 MiB
+
+
+def half_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state with floating-point tensors rounded to fp16 (integer buffers unchanged)."""
+    return {k: (v.detach().half() if v.is_floating_point() else v).cpu() for k, v in module.state_dict().items()}
+
+
+def tensor_bytes(state: Mapping[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any], shard_bytes: int = SHARD_BYTES) -> None:
+    """Write ``payload`` atomically. A ``state_dict`` over ``shard_bytes`` goes to shard files beside
+    ``path`` (``<name>.<hash>.<i>``) written first; ``path`` itself, written last, lists them, so a reader
+    never sees an index whose shards are not all there. Shards of an earlier version are then removed."""
+    path = Path(path)
+    state = payload.get("state_dict")
+    shards: list[str] = []
+    if isinstance(state, Mapping) and tensor_bytes(state) > shard_bytes:
+        groups: list[dict[str, torch.Tensor]] = [{}]
+        for k, v in state.items():
+            if groups[-1] and tensor_bytes(groups[-1]) + tensor_bytes({k: v}) > shard_bytes:
+                groups.append({})
+            groups[-1][k] = v
+        digest = hashlib.sha256()
+        for k, v in state.items():
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        tag = digest.hexdigest()[:12]
+        for i, group in enumerate(groups):
+            shards.append(f"{path.name}.{tag}.{i}")
+            atomic_write(path.parent / shards[-1], lambda f, g=group: torch.save(g, f))
+        payload = {**{k: v for k, v in payload.items() if k != "state_dict"}, "state_dict_shards": shards}
     atomic_write(path, lambda f: torch.save(dict(payload), f))
+    for old in path.parent.glob(f"{glob.escape(path.name)}.*.*"):
+        if old.name not in shards and old.name.rsplit(".", 1)[-1].isdigit():
+            old.unlink(missing_ok=True)
 
 
 def save_json(path: str | Path, obj: Any) -> None:
@@ -70,6 +108,15 @@ def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
         raise PoEError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from None
     if not isinstance(obj, dict):
         raise PoEError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    shards = obj.pop("state_dict_shards", None)
+    if shards is not None:
+        state: dict[str, Any] = {}
+        for name in shards:
+            if not isinstance(name, str) or "/" in name or "\\" in name or not name.startswith(path.name + "."):
+                raise PoEError(f"{path} lists a shard {name!r} outside its folder")
+            part = load_checkpoint(path.parent / name, f"it is a shard of {path}")
+            state.update(part)
+        obj["state_dict"] = state
     return obj
 
 

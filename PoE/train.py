@@ -1,7 +1,12 @@
-"""One training loop for every stage: SGD, per-step schedule, progress bar, resumable epochs."""
+"""One training loop for every stage: SGD, per-step schedule, progress bar, resumable epochs.
+
+The loop never waits for the device inside an epoch: the loss is summed on the device and read (and
+checked for NaN) once per epoch, and the progress bar shows it every ``SHOW_EVERY`` steps.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +20,7 @@ from PoE import distributed
 from PoE.config import StageConfig
 from PoE.data import Batch
 from PoE.errors import PoEError
+from PoE.precision import autocast
 from PoE.store import load_checkpoint, save_checkpoint
 
 
@@ -22,9 +28,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compiled(module: nn.Module, on: bool) -> nn.Module:
+    """``torch.compile(module)`` when ``on`` (fixed shapes: every training batch has the same size), else
+    ``module``. The uncompiled module keeps the weights, so evaluation and saving use it directly."""
+    return torch.compile(module, dynamic=False) if on else module
+
+
+SHOW_EVERY = 50  # steps between progress-bar loss updates (each one waits for the device)
+
+
 def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.optim.SGD:
+    """SGD; on CUDA the fused kernel (one launch for all parameters) where this torch has it."""
+    cuda = bool(params) and params[0].is_cuda
     return torch.optim.SGD(
-        params, lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay, nesterov=stage.nesterov
+        params,
+        lr=stage.lr,
+        momentum=stage.momentum,
+        weight_decay=stage.weight_decay,
+        nesterov=stage.nesterov,
+        fused=True if cuda else None,
     )
 
 
@@ -40,13 +62,15 @@ def train_stage(
     frozen: tuple[nn.Module, ...] = (),
     on_epoch_start: Callable[[int], None] | None = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Train ``modules`` (all their parameters) for ``stage.epochs``; return the run's history.
 
     After every epoch the weights, optimizer state and history go atomically to ``resume_path``;
     a later call with the same ``fingerprint`` continues after the last finished epoch. Epoch ``e``
     draws its batches from ``batches(e)``, so a resumed run sees the data a straight run would.
-    ``frozen`` modules stay in eval mode (their BatchNorm statistics do not move).
+    ``frozen`` modules stay in eval mode (their BatchNorm statistics do not move). ``loss_fn`` runs under
+    the autocast of ``precision``; the backward pass and the optimizer step stay outside it.
 
     Under several processes ``loss_fn`` must run ``distributed.wrap`` of the modules (so DDP averages
     the gradients) and ``batches`` yield this rank's shard; rank 0 alone prints and writes ``resume_path``,
@@ -54,8 +78,9 @@ def train_stage(
     """
     is_main = distributed.is_main()
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cpu")
     opt = make_optimizer(params, stage)
-    history: dict[str, Any] = {"epochs_done": 0, "loss": [], "seconds": 0.0}
+    history: dict[str, Any] = {"epochs_done": 0, "loss": [], "seconds": 0.0, "epoch_seconds": []}
     if resume_path is not None and resume_path.exists():
         state = load_checkpoint(resume_path)
         if state.get("fingerprint") != fingerprint:
@@ -77,7 +102,8 @@ def train_stage(
         for m in frozen:
             m.eval()
         t0 = time.perf_counter()
-        total, count = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
         bar = tqdm(
             batches(epoch),
             total=steps_per_epoch,
@@ -89,20 +115,26 @@ def train_stage(
             lr = stage.lr_at(epoch + i / steps_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(batch)
-            if not torch.isfinite(loss):
-                raise PoEError(f"[{name}] loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+            with autocast(device, precision):
+                loss = loss_fn(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item()
+            total += loss.detach()
             count += 1
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.4f}")
+            if count % SHOW_EVERY == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{lr:.4f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_total = total.item()
+        if not math.isfinite(epoch_total):
+            raise PoEError(f"[{name}] loss became {epoch_total} in epoch {epoch + 1}; lower the learning rate")
         seconds = time.perf_counter() - t0
-        epoch_loss = distributed.mean(total / max(count, 1))  # over all ranks' shards
+        epoch_loss = distributed.mean(epoch_total / max(count, 1))  # over all ranks' shards
         history["epochs_done"] = epoch + 1
         history["loss"].append(epoch_loss)
         history["seconds"] += seconds
+        history.setdefault("epoch_seconds", []).append(round(seconds, 3))
         if is_main:
             print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
             if resume_path is not None:

@@ -58,6 +58,7 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 TINY = [
     "--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "1024", "--epochs", "2",
     "--teacher_views", "2", "--tasks", "people", "vehicles_1", "vehicles_2", "--no_progress", "--device", "cpu",
+    "--precision", "fp32",
 ]  # fmt: skip
 
 

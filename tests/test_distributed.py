@@ -16,7 +16,9 @@ from PoE.consolidate import load_expert, load_library
 from PoE.data import ImageSet, Normalizer, TensorLoader, load_split
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy
-from PoE.store import PoolPaths, load_checkpoint
+from PoE.networks import build_network
+from PoE.preprocess import state_id
+from PoE.store import PoolPaths, load_checkpoint, load_into
 
 from .conftest import ROOT
 from .distributed_harness import toy_training, toy_worker
@@ -64,7 +66,8 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, data_root):
     out.mkdir()
     argv = ["--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "512", "--batch_size", "64",
             "--epochs", "1", "--teacher_views", "1", "--tasks", "people", "vehicles_1", "--no_progress",
-            "--device", "cpu", "--data_root", str(data_root), "--db", str(db), "--pretrained", str(pre)]  # fmt: skip
+            "--device", "cpu", "--precision", "fp32", "--data_root", str(data_root), "--db", str(db),
+                "--pretrained", str(pre)]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            str(ROOT / "tests" / "distributed_harness.py"), str(out), *argv]  # fmt: skip
@@ -79,7 +82,9 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, data_root):
 
     pool = db / "cifar100"
     oracle = load_checkpoint(pre / "cifar100" / "oracle.pt")
-    assert oracle["kind"] == "oracle" and oracle["id"] == ranks[0]["ids"]["oracle"]["oracle"]
+    stored = load_into(build_network("wrn-10-1", get_dataset("cifar100")), oracle["state_dict"], "oracle", "Oracle")
+    assert oracle["kind"] == "oracle" and oracle["id"] == state_id(stored)  # the fp16-rounded Oracle, as distilled
+    assert load_checkpoint(pre / "cifar100" / "library_student.pt")["oracle_id"] == oracle["id"]
     assert oracle["test_n"] == 10000 and 0.0 <= oracle["test_acc"] <= 100.0
     assert load_checkpoint(pre / "cifar100" / "library_student.pt")["kind"] == "library_student"
     assert load_checkpoint(pool / "library_cifar100.pt")["kind"] == "library"

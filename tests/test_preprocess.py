@@ -67,7 +67,7 @@ def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, ca
     ("argv", "message"),
     [
         (["--stages", "warmup"], "unknown stage 'warmup'"),
-        (["--profile", "fast"], "unknown profile 'fast'; known profiles: paper, quick, cpu"),
+        (["--profile", "fast"], "unknown profile 'fast'; known profiles: paper, quick, gpu, cpu"),
         (["--tasks", "people", "martians"], "unknown task 'martians'"),
         (["--dataset", "svhn"], "unknown dataset 'svhn'"),
         (["--oracle_arch", "resnet50"], "--oracle_arch"),
@@ -142,7 +142,7 @@ def test_cached_teacher_logits_equal_running_the_oracle(tmp_path):
     cached = TeacherOutputs(oracle, state_id(oracle), 3, 7, tmp_path, progress=False)
     online = TeacherOutputs(oracle, state_id(oracle), 0, 7, tmp_path, progress=False)
     for epoch in (0, 1, 4):  # epoch 4 reuses view 1
-        for batch in cached.batches(loader)(epoch):
+        for batch in cached.batches(loader, StageConfig(epochs=2, lr=0.1))(epoch):  # makes views 0, 1 ready
             assert batch.view == epoch % 3
             torch.testing.assert_close(cached.logits(batch, loader), online.logits(batch, loader), atol=2e-2, rtol=1e-2)
     assert sorted(p.name[-7:] for p in tmp_path.glob("teacher_*.pt")) == ["0000.pt", "0001.pt"]  # epoch 4: view 1
