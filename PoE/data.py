@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -57,29 +60,90 @@ def save_npz_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
         raise
 
 
-def load_npz(path: Path) -> ImageSet:
+def load_npz(path: Path, size: int | None = None, num_classes: int | None = None) -> ImageSet:
+    """An (x, y) npz as an ImageSet; anything but N >= 1 uint8 RGB images of ``size`` with labels in
+    0..num_classes-1 is a one-line error naming the file."""
     try:
         with np.load(path) as z:
             x, y = z["x"], z["y"]
-    except (OSError, KeyError, ValueError) as e:
-        raise PoEError(f"{path} is not a readable image file with arrays x and y ({e})") from None
-    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or len(x) != len(y):
-        raise PoEError(f"{path}: expected x uint8 N x H x W x 3 and y of length N, got x {x.shape} {x.dtype}")
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        why = "the file is empty (0 bytes)" if path.is_file() and path.stat().st_size == 0 else type(e).__name__
+        raise PoEError(f"{path} is not a readable npz with arrays x and y ({why})") from None
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y):
+        raise PoEError(f"{path}: expected x uint8 N x H x W x 3 and y of length N, got x {x.shape} {x.dtype}, "
+                       f"y {y.shape}")  # fmt: skip
+    if len(x) == 0:
+        raise PoEError(f"{path} holds no images")
+    if size is not None and x.shape[1:3] != (size, size):
+        raise PoEError(f"{path}: images are {x.shape[2]}x{x.shape[1]}, this dataset's are {size}x{size}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise PoEError(f"{path}: labels y must be integers, got {y.dtype}")
+    if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise PoEError(f"{path}: labels must be 0..{num_classes - 1}, found {int(y.min())}..{int(y.max())}")
     return ImageSet(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
 
 
+class ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays, and nothing that could run code."""
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: only arrays are read from a data file")
+        return super().find_class(module, name)
+
+
+def torchvision_cifar100(root: Path, split: str) -> tuple[ImageSet, Path] | None:
+    """CIFAR-100 as torchvision downloads it (``<root>/cifar-100-python/{train,test}``, or ``root`` being that
+    folder), read in memory with a pickle reader that only accepts arrays; None when there is no such folder."""
+    base = root if root.name == "cifar-100-python" else root / "cifar-100-python"
+    if not base.is_dir():
+        return None
+    path = base / split
+    try:
+        with open(path, "rb") as f:
+            d = ArraysOnly(f, encoding="latin1").load()
+        data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["fine_labels"], dtype=np.int64)
+        x = data.reshape(-1, 3, 32, 32)
+    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
+        raise PoEError(f"{path} is not a CIFAR-100 batch as torchvision downloads it ({e})") from None
+    if len(x) != len(labels) or not len(x) or labels.min() < 0 or labels.max() >= 100:
+        raise PoEError(f"{path}: {len(x)} images and {len(labels)} labels in 0..99 expected to match")
+    return ImageSet(torch.from_numpy(x.copy()), torch.from_numpy(labels)), path
+
+
 def fetch_cifar100(folder: Path, split: str) -> None:
-    """Download CIFAR-100 through torchvision and cache it as ``<folder>/<split>.npz``."""
+    """Download CIFAR-100 through torchvision and cache it as ``<folder>/<split>.npz``; a failed download
+    leaves no folder behind that was not there before."""
+    import shutil
+
     import torchvision
 
+    made = [d for d in (folder.parent, folder) if not d.exists()]
     try:
-        ds = torchvision.datasets.CIFAR100(str(folder / "torchvision"), train=split == "train", download=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".download-"))
+    except OSError as e:
+        raise PoEError(f"CIFAR-100 is not at {folder / (split + '.npz')} and {folder} is not writable ({e})") from None
+    try:
+        ds = torchvision.datasets.CIFAR100(str(tmp), train=split == "train", download=True)
+        save_npz_atomic(folder / f"{split}.npz", np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets))
     except Exception as e:  # any download failure gets the same advice
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(made):
+            shutil.rmtree(d, ignore_errors=True)
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise PoEError(
-            f"CIFAR-100 not found at {folder / (split + '.npz')} and the torchvision download failed ({e}); "
-            "pass --data_root pointing at a folder with cifar100/{train,test}.npz"
+            f"CIFAR-100 not found at {folder / (split + '.npz')} and the torchvision download failed ({first}); "
+            "pass --data_root pointing at a folder with cifar100/{train,test}.npz or torchvision's cifar-100-python/"
         ) from None
-    save_npz_atomic(folder / f"{split}.npz", np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 TINY_LAYOUT = (
@@ -167,7 +231,7 @@ def load_tiny_imagenet(folder: Path, split: str, size: int = 64, progress: bool 
     cache = cache_root() / "tinyimagenet" / f"{split}-{key.hexdigest()[:16]}.npz"
     if not cache.exists():
         save_npz_atomic(cache, decode_images(files, size, progress), np.asarray(labels, dtype=np.int64))
-    return load_npz(cache), cache
+    return load_npz(cache, size), cache
 
 
 def load_split_file(
@@ -196,8 +260,11 @@ def load_split_file(
         raise PoEError(f"{dataset} is not held in memory (reader {cfg.reader!r})")
     path = folder / f"{split}.npz"
     if not path.exists():
+        held = torchvision_cifar100(Path(data_root), split)
+        if held is not None:
+            return held
         fetch_cifar100(folder, split)
-    return load_npz(path), path
+    return load_npz(path, cfg.image_size, cfg.num_classes), path
 
 
 def load_split(
@@ -466,3 +533,46 @@ def load_folder_split(
     loader = FolderLoader(files, labels, 64, lambda x: x, size, "cpu", workers=workers)
     xs = [b.x.contiguous() for b in loader.ordered()]
     return ImageSet(torch.cat(xs), loader.labels)
+
+
+IMAGE_INPUTS = (
+    "uint8 arrays H x W x 3 (or a stack N x H x W x 3), PIL images, uint8 tensors 3 x H x W (or N x 3 x H x W) "
+    "of 0..255 pixels, or float tensors of the same shapes in [0, 1]"
+)
+
+
+def image_batch(images: object, size: int) -> torch.Tensor:
+    """User images as float32 RGB in [0, 1], N x 3 x ``size`` x ``size``; anything else is a one-line error
+    naming what is accepted (a wrong scale would not fail later: it would answer wrong)."""
+    if isinstance(images, list | tuple):
+        if not images:
+            raise PoEError(f"no images given; accepted: {IMAGE_INPUTS}")
+        parts = [image_batch(im, size) for im in images]
+        return torch.cat(parts)
+    if type(images).__module__.startswith("PIL."):
+        images = np.asarray(images.convert("RGB"))
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise PoEError(f"numpy images must be uint8 (0..255), got {images.dtype}; accepted: {IMAGE_INPUTS}")
+        arr = images[None] if images.ndim == 3 else images
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise PoEError(f"numpy images must be H x W x 3 or N x H x W x 3, got {images.shape}")
+        images = torch.from_numpy(np.array(arr)).permute(0, 3, 1, 2)  # a copy: PIL's arrays are read-only
+    if not isinstance(images, torch.Tensor):
+        raise PoEError(f"cannot read images of type {type(images).__name__}; accepted: {IMAGE_INPUTS}")
+    x = images[None] if images.ndim == 3 else images
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise PoEError(f"image tensors must be 3 x H x W or N x 3 x H x W (RGB), got {tuple(images.shape)}")
+    if tuple(x.shape[2:]) != (size, size):
+        raise PoEError(f"images are {x.shape[3]}x{x.shape[2]}, this pool takes {size}x{size} RGB images")
+    if x.dtype == torch.uint8:
+        return x.float().div_(255)
+    if not x.is_floating_point():
+        raise PoEError(f"image tensors must be uint8 or float, got {x.dtype}; accepted: {IMAGE_INPUTS}")
+    x = x.float()
+    if len(x) and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        raise PoEError(
+            f"float images must be in [0, 1], got values from {float(x.min()):.3g} to {float(x.max()):.3g}; "
+            "divide 0..255 pixels by 255 (or pass them as uint8)"
+        )
+    return x

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from PoE.consolidate import merge
 from PoE.data import ImageSet, Normalizer
+from PoE.hierarchy import Query
 from PoE.precision import autocast
 
 
@@ -107,6 +109,7 @@ def expert_outputs(
     device: str | torch.device,
     batch_size: int = 500,
     precision: str = "fp32",
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every expert's logits on every image (CPU), with one library forward per batch.
 
@@ -115,7 +118,9 @@ def expert_outputs(
     """
     library.eval()
     outs: dict[str, list[torch.Tensor]] = {t: [] for t in experts}
-    for s in range(0, len(images), batch_size):
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(images), batch_size), desc="experts on test images", leave=False, disable=not progress):
         x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             f = library(x)
@@ -124,21 +129,20 @@ def expert_outputs(
     return {t: torch.cat(v) for t, v in outs.items()}
 
 
-def score_composite(
-    query_classes: list[list[int]], logits: list[torch.Tensor], labels: torch.Tensor
-) -> tuple[float, int, int, int]:
-    """(accuracy %, images, cross-expert errors, errors) of a composite task from per-expert logits.
+def score_composite(query: Query, logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[float, int, int, int]:
+    """(accuracy %, images, cross-expert errors, errors) of a composite task from its experts' logits (one
+    tensor per task of ``query``, rows = images), merged by the consolidated model's own rule.
 
-    ``labels`` are class ids of the rows of ``logits``; rows outside the composite's classes are ignored.
+    ``labels`` are class ids of the rows; rows outside the composite's classes are ignored.
     """
-    concat = [c for cls in query_classes for c in cls]
-    owner = torch.tensor([i for i, cls in enumerate(query_classes) for _ in cls])
-    lookup = torch.full((max(max(concat), int(labels.max())) + 1,), -1, dtype=torch.long)
-    lookup[torch.tensor(concat)] = torch.arange(len(concat))
+    merged = merge(logits, torch.tensor(query.order, device=logits[0].device))
+    classes = query.classes
+    lookup = torch.full((max(max(classes), int(labels.max())) + 1,), -1, dtype=torch.long)
+    lookup[torch.tensor(classes)] = torch.arange(len(classes))
     target = lookup[labels]
     keep = target >= 0
-    pred = torch.cat(logits, 1)[keep].argmax(1)
+    pred = merged[keep].argmax(1)
     target = target[keep]
-    cross, wrong = cross_expert_share(pred, target, owner.tolist())
+    cross, wrong = cross_expert_share(pred, target, query.owner())
     n = int(keep.sum())
     return 100.0 * (pred == target).float().mean().item(), n, cross, wrong

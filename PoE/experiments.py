@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from PoE.config import DatasetConfig
-from PoE.consolidate import load_expert, load_library
 from PoE.data import ImageSet, Normalizer
 from PoE.evaluate import count_macs, count_params, expert_outputs, score_composite
-from PoE.store import PoolPaths, atomic_write
+from PoE.hierarchy import make_query
+from PoE.pool import Pool
+from PoE.store import atomic_write
 
 
 @dataclass
@@ -30,34 +31,32 @@ class ComboResult:
 
 
 def pool_combinations(
-    pool: PoolPaths,
-    cfg: DatasetConfig,
-    tasks: list[str],
-    ns: list[int],
-    test: ImageSet,
-    device: str | torch.device,
+    pool: Pool, tasks: list[str], ns: list[int], test: ImageSet, progress: bool = False
 ) -> list[ComboResult]:
     """Score the train-free consolidated model of every combination of n of ``tasks``, for each n.
 
     The library and each expert run once over the test images of all ``tasks``; each combination is
-    then scored from those logits (identical to building and running its consolidated model).
+    then scored from those logits with the consolidated model's merge rule (the same computation as
+    building and running its model).
     """
-    library = load_library(pool, cfg).to(device).eval()
-    experts = {t: load_expert(pool, cfg, t, library.out_channels).to(device).eval() for t in tasks}
+    cfg, device = pool.cfg, pool.device
+    for t in tasks:
+        pool.make_query([t])  # a missing expert fails here, naming its file
+    experts = {t: pool.experts[t] for t in tasks}
     classes = sorted(c for t in tasks for c in cfg.tasks[t])
     subset, _ = test.with_classes(classes)
-    logits = expert_outputs(library, experts, subset, Normalizer(cfg.mean, cfg.std, device), device)
+    logits = expert_outputs(pool.library, experts, subset, Normalizer(cfg.mean, cfg.std, device), device,
+                            precision=pool.precision, progress=progress)  # fmt: skip
     shape = (3, cfg.image_size, cfg.image_size)
-    lib_macs, lib_params = count_macs(library, shape, device), count_params(library)
+    lib_macs, lib_params = count_macs(pool.library, shape, device), count_params(pool.library)
     with torch.no_grad():
-        feat = library(torch.zeros(1, *shape, device=device)).shape[1:]
+        feat = pool.library(torch.zeros(1, *shape, device=device)).shape[1:]
     cost = {t: (count_macs(e, tuple(feat), device), count_params(e)) for t, e in experts.items()}
     results = []
     for n in ns:
         for combo in itertools.combinations(tasks, n):
-            acc, n_test, cross, wrong = score_composite(
-                [cfg.tasks[t] for t in combo], [logits[t] for t in combo], subset.y
-            )
+            query = make_query(combo, cfg.tasks)
+            acc, n_test, cross, wrong = score_composite(query, [logits[t] for t in combo], subset.y)
             macs = lib_macs + sum(cost[t][0] for t in combo)
             params = lib_params + sum(cost[t][1] for t in combo)
             results.append(ComboResult(combo, acc, n_test, cross, wrong, macs, params))
@@ -144,8 +143,8 @@ def oracle_combinations(
     macs, params = count_macs(oracle, shape, device), count_params(oracle)
     rows = []
     for combo in combos:
-        cls = sorted(c for t in combo for c in cfg.tasks[t])
-        acc, n_test, _, _ = score_composite([cls], [full[:, cls]], subset.y)
+        query = make_query(combo, cfg.tasks)
+        acc, n_test, _, _ = score_composite(query, [full[:, cfg.tasks[t]] for t in combo], subset.y)
         rows.append({"method": "oracle", "n": len(combo), "tasks": " ".join(combo), "accuracy": acc,
                      "n_test": n_test, "macs": macs, "params": params, "seconds": 0.0})  # fmt: skip
     return rows

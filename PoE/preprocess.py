@@ -9,7 +9,6 @@ Model selection: the final epoch of every stage is kept; the test set is only us
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +40,17 @@ from PoE.networks import WideResNet, WRNExpert, build_network, new_expert
 from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.networks.pretrained import imagenet_weights
 from PoE.precision import autocast, machine_info
-from PoE.store import PoolPaths, half_state, load_checkpoint, load_into, save_checkpoint, save_json, unwrap
+from PoE.store import (
+    PoolPaths,
+    check_writable,
+    half_state,
+    load_checkpoint,
+    load_into,
+    save_checkpoint,
+    save_json,
+    state_id,
+    unwrap,
+)
 from PoE.train import compiled, seed_everything, train_stage
 
 STAGES = ("oracle", "library", "experts")
@@ -79,15 +88,6 @@ class Settings:
 
     def stage_seed(self, stage: str) -> int:
         return self.seed * 100 + STAGES.index(stage)
-
-
-def state_id(module: nn.Module) -> str:
-    """A short content hash of a module's weights, recorded by whatever is trained from it."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class TeacherOutputs:
@@ -370,6 +370,38 @@ class Preprocessor:
             "epoch_seconds": history.get("epoch_seconds", []),
         }
 
+    def replace_library(self, path: Path, payload: dict[str, Any]) -> None:
+        """Write a new library without ever showing a mixed pool: the experts of any other library go first
+        (and the manifest with them), then the library file, then a manifest of what is left."""
+        if distributed.is_main():
+            for task, meta in self.expert_metas().items():
+                if meta.get("library_id") != payload["id"]:
+                    self.pool.expert(task).unlink(missing_ok=True)
+                    self.say(f"[library] removed {self.pool.expert(task)}: it belongs to the previous library")
+            self.write_manifest()
+        self.save(path, payload)
+        if distributed.is_main():
+            self.write_manifest()
+
+    def library_id(self) -> str | None:
+        if not self.pool.library.exists():
+            return None
+        try:
+            return unwrap(load_checkpoint(self.pool.library), self.pool.library, "library")[1].get("id")
+        except PoEError:
+            return None
+
+    def expert_metas(self) -> dict[str, dict[str, Any]]:
+        """Metadata of every readable expert file of the pool (a damaged file is left for the service's
+        checks to report; a bare state dict has empty metadata)."""
+        out = {}
+        for task in self.pool.experts_present():
+            try:
+                out[task] = unwrap(load_checkpoint(self.pool.expert(task)), self.pool.expert(task), "expert")[1]
+            except PoEError:
+                out[task] = {}
+        return out
+
     def existing(self, stage: str, path: Path, kind: str) -> tuple[dict, dict] | None:
         """(state_dict, meta) of a finished stage's checkpoint, or None when it must be (re)trained."""
         if stage in self.s.retrain or not path.exists():
@@ -471,7 +503,7 @@ class Preprocessor:
             meta = {"arch": f"{self.cfg.library_arch} features[:18]", "weights": str(source), "train_seconds": 0.0}
             meta["id"] = state_id(library)
             payload = {"poe_format": 1, "kind": "library", "dataset": self.cfg.name, **meta}
-            self.save(lib_path, {**payload, "state_dict": library.state_dict()})
+            self.replace_library(lib_path, {**payload, "state_dict": library.state_dict()})
         self.report.add(
             f"library ({meta.get('arch')}, pretrained)",
             "not scored alone",
@@ -523,7 +555,7 @@ class Preprocessor:
             )
             base = {"poe_format": 1, "dataset": self.cfg.name, **meta}
             self.save(path, {**base, "kind": "library_student", "state_dict": student.state_dict()})
-            self.save(lib_path, {**base, "kind": "library", "state_dict": student.front.state_dict()})
+            self.replace_library(lib_path, {**base, "kind": "library", "state_dict": student.front.state_dict()})
         self.report.add(f"library student ({arch})", "all classes", meta)
         self.report.info["library"] = summary(meta)
         return student.to(self.s.device).eval(), str(meta["id"])
@@ -614,6 +646,7 @@ class Preprocessor:
                 "oracle_id": teacher.oracle_id,
             }
             meta["test_acc"], meta["test_n"] = self.evaluate(nn.Sequential(library, e), self.cfg.tasks[t])
+            meta["id"] = state_id(e)
             self.save(
                 self.pool.expert(t),
                 {"poe_format": 1, "kind": "expert", "dataset": self.cfg.name, **meta, "state_dict": e.state_dict()},
@@ -625,6 +658,9 @@ class Preprocessor:
     def run(self) -> Report:
         """Run (or load) every stage up to the last one asked for; report all of them."""
         t0 = time.perf_counter()
+        if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
+            for folder in (self.pre, self.pool.root):
+                check_writable(folder)
         last = max(STAGES.index(st) for st in self.s.stages)
         _, oracle_id = self.oracle()
         if last >= 1:
@@ -669,17 +705,14 @@ class Preprocessor:
         return out
 
     def write_manifest(self) -> None:
-        old = self.pool.read_manifest()
-        experts = dict(old.get("experts", {}))
-        for part, _scope, acc, n, sec in self.report.rows:
-            if part.startswith("expert "):
-                t = part[len("expert ") :]
-                experts[t] = {
-                    "classes": self.cfg.tasks[t],
-                    "test_acc": round(acc, 2),
-                    "test_n": n,
-                    "train_seconds": round(sec, 1),
-                }
+        try:
+            old = self.pool.read_manifest()
+        except PoEError:
+            old = {}
+        experts = {}
+        for t, meta in self.expert_metas().items():  # what the files are, not what this run did
+            experts[t] = {k: meta.get(k) for k in ("classes", "test_acc", "test_n", "train_seconds", "epochs", "id",
+                                                   "library_id")}  # fmt: skip
         manifest = {
             "dataset": self.cfg.name,
             "profile": self.s.profile.name,
@@ -699,6 +732,7 @@ class Preprocessor:
             "train_data_sha256": file_sha256(self._train_file) if self._train_file else old.get("train_data_sha256"),
             "oracle": self.report.info.get("oracle"),
             "library": self.report.info.get("library"),
+            "library_id": self.library_id(),
             "experts": dict(sorted(experts.items())),
             "model_selection": "final epoch of every stage (the test set is only used for reporting)",
             "precision": self.s.precision,

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,23 @@ def atomic_write(path: str | Path, write: Any) -> None:
         raise
 
 
+def check_writable(folder: str | Path) -> None:
+    """Raise PoEError unless files can be created in ``folder``, creating nothing that is not already there:
+    the folder itself, or the nearest existing folder above it, must take a file. ``os.access`` says yes for
+    root on read-only mounts and on /proc, so this writes and removes a real temporary file."""
+    folder = Path(folder).absolute()
+    base = folder
+    while not base.exists():
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise PoEError(f"cannot write into {folder}: {base} is a file")
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".poe-write-test.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise PoEError(f"cannot write into {folder}: {e.strerror or e}") from None
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -53,6 +71,16 @@ def current_umask() -> int:
 
 
 SHARD_BYTES = 15 << 20  # a state dict larger than this is split, so no file is over 16 MiB
+
+
+def state_id(module: nn.Module) -> str:
+    """The content hash of a module's weights and buffers (16 hex digits of SHA-256): recorded as ``id`` in
+    every part this project writes, checked when a pool is opened, and recorded by what is trained from it."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def half_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,10 +130,11 @@ def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
     if not path.is_file():
         raise PoEError(f"missing checkpoint {path}" + (f"; {hint}" if hint else ""))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files; the verdict says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PoEError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from None
+        raise PoEError(f"{path} is not a readable PyTorch checkpoint: {load_failure(path, e)}") from None
     if not isinstance(obj, dict):
         raise PoEError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     shards = obj.pop("state_dict_shards", None)
@@ -118,6 +147,21 @@ def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
             state.update(part)
         obj["state_dict"] = state
     return obj
+
+
+def load_failure(path: Path, e: BaseException) -> str:
+    """Why a checkpoint did not load, in a few words of our own (torch's messages run to paragraphs and, for
+    a refused pickle, advise turning the safety off)."""
+    if isinstance(e, OSError):
+        return f"cannot read it ({e.strerror or type(e).__name__})"
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        return "refused: it holds Python objects or code besides tensors, and checkpoints are only loaded as weights"
+    if isinstance(e, EOFError | zipfile.BadZipFile) or "central directory" in text or "PytorchStreamReader" in text:
+        return "truncated or not a PyTorch file"
+    return f"{type(e).__name__}"
 
 
 def unwrap(obj: dict[str, Any], path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

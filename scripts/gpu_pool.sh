@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-[ -f .gpu/shared/data/cifar100/train.npz ] || bash .gpu/join
+D=${POE_DATA:-.gpu/shared/data}  # where cifar100/{train,test}.npz are
+[ -f $D/cifar100/train.npz ] || bash .gpu/join
 R=runs/gpu
 mkdir -p $R
-D=.gpu/shared/data
+
 P="python3 Run_preprocessing.py --profile gpu --data_root $D --db $R/DB_PoE --pretrained $R/DB_pretrained --no_progress"
 pack() {  # pack the given paths into $OUT/$1.tar.* (15 MiB parts)
   local name=$1; shift

@@ -88,8 +88,7 @@ def official_student(official_cifar: Path):
 def install_stand_in_oracle(official_cifar: Path, pretrained: Path, db: Path | None = None) -> str:
     """Write the original release's WRN-16-1 as ``pretrained/cifar100/oracle.pt`` (and, with ``db``, its
     library as a pool library distilled from it); returns the Oracle's id."""
-    from PoE.preprocess import state_id
-    from PoE.store import save_checkpoint
+    from PoE.store import save_checkpoint, state_id
 
     net = official_student(official_cifar)
     tid = state_id(net)

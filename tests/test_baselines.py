@@ -7,10 +7,9 @@ import torch
 
 from PoE.baselines import METHODS, BaselineRunner, padded_kd, restricted_kd
 from PoE.config import StageConfig, get_dataset
-from PoE.consolidate import load_expert, load_library
 from PoE.data import load_split
 from PoE.errors import PoEError
-from PoE.store import resolve_pool
+from PoE.pool import Pool
 
 from .conftest import official_student
 
@@ -25,14 +24,13 @@ def runner(official_cifar, data_root, tmp_path_factory):
     keep = torch.isin(train.y, torch.tensor(classes)).nonzero().flatten()
     train = train.subset(keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(0))[:256]])
     test = load_split("cifar100", data_root, "test")
-    pool = resolve_pool(official_cifar, "cifar100", "cifar100")
-    library = load_library(pool, cfg)
+    pool = Pool.open(official_cifar)
 
     def oracle():  # stand-in Oracle: the original release's WRN-16-1 (library + its head)
         return official_student(official_cifar)
 
     def pool_part(task):
-        return library if task is None else load_expert(pool, cfg, task, library.out_channels)
+        return pool.library if task is None else pool.experts[task]
 
     stage = StageConfig(epochs=1, lr=0.05, batch_size=128)
     return BaselineRunner(cfg, train, test, torch.device("cpu"), stage, oracle=oracle, pool_part=pool_part,
@@ -95,4 +93,4 @@ def test_baselines_command_prints_methods_beside_poe(capsys, official_cifar, dat
     assert [r["method"] for r in rows] == ["transfer", "poe"]
     assert rows[1]["accuracy"] == pytest.approx(74.70, abs=0.01) and rows[0]["n_test"] == 1000
     assert main_baselines(["--queriedTask", "people", "--schedule", "cosine", "--db", str(official_cifar)]) == 2
-    assert "unknown --schedule 'cosine'" in capsys.readouterr().err
+    assert "argument --schedule: invalid choice: 'cosine'" in capsys.readouterr().err

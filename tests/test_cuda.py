@@ -14,14 +14,14 @@ from torch import nn
 
 from PoE.cli import main_preprocessing, main_service
 from PoE.config import StageConfig, get_dataset
-from PoE.consolidate import build_from_pool
 from PoE.data import ImageSet, Normalizer, TensorLoader, load_split
 from PoE.evaluate import predict
 from PoE.hierarchy import make_query
 from PoE.networks import WideResNet, WRNSpec
+from PoE.pool import Pool
 from PoE.precision import resolve
-from PoE.preprocess import TeacherOutputs, state_id
-from PoE.store import resolve_pool
+from PoE.preprocess import TeacherOutputs
+from PoE.store import state_id
 from PoE.train import compiled, train_stage
 
 pytestmark = [
@@ -137,9 +137,8 @@ def test_released_pool_predicts_the_same_on_gpu(official_cifar, data_root):
     cfg = get_dataset("cifar100")
     query = make_query(["people", "vehicles_1", "vehicles_2"], cfg.tasks)
     test, _ = load_split("cifar100", data_root, "test").with_classes(query.classes)
-    pool = resolve_pool(official_cifar, "cifar100", cfg.tag)
-    cpu = predict(build_from_pool(pool, cfg, query, "cpu").model, test, Normalizer(cfg.mean, cfg.std), "cpu")
-    gpu_model = build_from_pool(pool, cfg, query, CUDA).model
+    cpu = predict(Pool.open(official_cifar).query(query.tasks).module, test, Normalizer(cfg.mean, cfg.std), "cpu")
+    gpu_model = Pool.open(official_cifar, device=CUDA).query(query.tasks).module
     norm = Normalizer(cfg.mean, cfg.std, CUDA)
     fp32 = predict(gpu_model, test, norm, CUDA)
     bf16 = predict(gpu_model, test, norm, CUDA, precision="bf16")

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from PoE.config import get_dataset
-from PoE.consolidate import load_expert, load_library
 from PoE.data import ImageSet, Normalizer, TensorLoader, load_split
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy
 from PoE.networks import build_network
-from PoE.preprocess import state_id
-from PoE.store import PoolPaths, load_checkpoint, load_into
+from PoE.pool import Pool
+from PoE.store import load_checkpoint, load_into, state_id
 
 from .conftest import ROOT
 from .distributed_harness import toy_training, toy_worker
@@ -89,12 +88,12 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, data_root):
     assert load_checkpoint(pre / "cifar100" / "library_student.pt")["kind"] == "library_student"
     assert load_checkpoint(pool / "library_cifar100.pt")["kind"] == "library"
     cfg = get_dataset("cifar100")
-    library = load_library(PoolPaths(pool, cfg.tag), cfg)
+    opened = Pool.open(pool)
     test = load_split("cifar100", data_root, "test")
     for task in ("people", "vehicles_1"):  # the ranks' shares of the test set add up to a one-process evaluation
         expert = load_checkpoint(pool / "experts" / f"expert_{task}.pt")
         assert expert["kind"] == "expert" and expert["test_n"] == 500
-        model = torch.nn.Sequential(library, load_expert(PoolPaths(pool, cfg.tag), cfg, task, library.out_channels))
+        model = torch.nn.Sequential(opened.library, opened.experts[task])
         acc, n = accuracy(model, test, cfg.tasks[task], Normalizer(cfg.mean, cfg.std), "cpu")
         assert n == 500 and expert["test_acc"] == pytest.approx(acc, abs=1e-4)
     assert set(json.loads((pool / "manifest.json").read_text())["experts"]) == {"people", "vehicles_1"}

@@ -9,6 +9,7 @@ import torch
 
 from PoE.cli import main_evaluation
 from PoE.evaluate import score_composite
+from PoE.hierarchy import Query
 
 
 def test_combinations_reproduce_the_original_release(capsys, tmp_path, official_cifar, data_root):
@@ -34,7 +35,7 @@ def test_score_composite_by_hand():
     a = torch.tensor([[5.0, 0.0], [0.0, 1.0], [9.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     b = torch.tensor([[1.0], [2.0], [3.0], [1.0], [0.0]])
     labels = torch.tensor([3, 1, 7, 7, 5])
-    acc, n, cross, wrong = score_composite([[3, 1], [7]], [a, b], labels)
+    acc, n, cross, wrong = score_composite(Query(("A", "B"), ((3, 1), (7,))), [a, b], labels)
     # predictions: 3 (ok), 7 (wrong, cross), 3 (wrong, cross), 7 (ok)
     assert (n, cross, wrong) == (4, 2, 2) and acc == pytest.approx(50.0)
 

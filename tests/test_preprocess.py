@@ -13,8 +13,8 @@ from PoE.config import StageConfig
 from PoE.data import Batch, ImageSet, Normalizer, TensorLoader, load_split
 from PoE.errors import PoEError
 from PoE.networks import WideResNet, WRNSpec
-from PoE.preprocess import TeacherOutputs, state_id
-from PoE.store import load_checkpoint, save_checkpoint
+from PoE.preprocess import TeacherOutputs
+from PoE.store import load_checkpoint, save_checkpoint, state_id
 from PoE.train import train_stage
 
 from .conftest import TINY, install_stand_in_oracle
@@ -66,13 +66,16 @@ def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, ca
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--stages", "warmup"], "unknown stage 'warmup'"),
-        (["--profile", "fast"], "unknown profile 'fast'; known profiles: paper, quick, gpu, cpu"),
+        (["--stages", "warmup"], "invalid choice: 'warmup'"),
+        (["--profile", "fast"], "invalid choice: 'fast'"),
         (["--tasks", "people", "martians"], "unknown task 'martians'"),
-        (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+        (["--dataset", "svhn"], "invalid choice: 'svhn'"),
         (["--oracle_arch", "resnet50"], "--oracle_arch"),
-        (["--expert_lr", "-1"], "--expert_lr must be positive"),
-        (["--loss", "hard"], "unknown --loss 'hard'"),
+        (["--expert_lr", "-1"], "argument --expert_lr: must be > 0, got -1"),
+        (["--weight_decay", "-1"], "argument --weight_decay: must be >= 0, got -1"),
+        (["--label_smoothing", "5"], "argument --label_smoothing: must be >= 0 and < 1, got 5"),
+        (["--epochs", "two"], "argument --epochs: expected an integer, got 'two'"),
+        (["--loss", "hard"], "invalid choice: 'hard'"),
     ],
 )
 def test_bad_preprocessing_input(tmp_path, capsys, argv, message):

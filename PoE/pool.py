@@ -1,0 +1,287 @@
+"""A pool of experts held in memory: read and checked once, then queried without disk or training.
+
+``Pool.open`` reads the library and every expert present and refuses a pool whose parts do not agree:
+each part written by this project records the content hash of its weights (``id``) and each expert the
+id of the library it was extracted from (``library_id``); a hash that does not match, an expert of
+another library, or weights that are not finite end with one line naming the file. The original
+release's bare state dicts carry no metadata: they load, and ``notes`` says they could not be checked.
+``Pool.query`` consolidates the library and the queried experts into a ``TaskModel`` from memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from PoE.config import DatasetConfig, get_dataset
+from PoE.consolidate import RawInput, TaskSpecificModel
+from PoE.data import image_batch
+from PoE.errors import PoEError
+from PoE.hierarchy import Query, make_query
+from PoE.networks import build_library, expert_from_state
+from PoE.precision import autocast
+from PoE.store import (
+    PoolPaths,
+    atomic_write,
+    check_writable,
+    load_checkpoint,
+    load_into,
+    resolve_pool,
+    state_id,
+    unwrap,
+)
+
+
+def how_to_make(cfg: DatasetConfig, task: str | None = None) -> str:
+    what = f"--stages experts --tasks {task}" if task else "--stages library"
+    return f"create it with: python Run_preprocessing.py --dataset {cfg.name} {what}"
+
+
+def check_weights(module: nn.Module, meta: dict[str, Any], path: Path, what: str) -> bool:
+    """Raise unless ``module``'s weights are finite and match the content hash ``meta`` records; returns
+    whether there was a hash to check (bare state dicts have none)."""
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PoEError(f"{path}: {what} has non-finite weights ({name} holds NaN or inf); rebuild it")
+    if "id" not in meta:
+        return False
+    got = state_id(module)
+    if got != meta["id"]:
+        raise PoEError(
+            f"{path}: the {what}'s weights do not match the content hash recorded in the file (expected "
+            f"{meta['id']}, got {got}): the file was changed or damaged; rebuild it"
+        )
+    return True
+
+
+def read_library(paths: PoolPaths, cfg: DatasetConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The library of a pool folder, checked; its metadata ({} for the original release's bare files)."""
+    path = paths.library
+    sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg)), path, "library")
+    if meta and meta.get("dataset") not in (None, cfg.name):
+        raise PoEError(f"{path} is a library for {meta.get('dataset')}, not {cfg.name}")
+    try:
+        library = build_library(cfg, sd)
+    except ValueError as e:
+        raise PoEError(f"{path} does not hold a {cfg.name} library ({e})") from None
+    load_into(library, sd, path, f"{cfg.name} library")
+    check_weights(library, meta, path, "library")
+    return library.eval(), meta
+
+
+def read_expert(
+    paths: PoolPaths, cfg: DatasetConfig, task: str, library: nn.Module, library_meta: dict[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """One expert of a pool folder, checked against its task and against the pool's library."""
+    path = paths.expert(task)
+    sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg, task)), path, "expert")
+    want = cfg.tasks[task]
+    if meta and (meta.get("task") != task or list(meta.get("classes", want)) != list(want)):
+        raise PoEError(f"{path} holds the expert of {meta.get('task')!r} {meta.get('classes')}, not {task!r} {want}")
+    lib_id, own = library_meta.get("id") or state_id(library), meta.get("library_id")
+    if own and own != lib_id:
+        raise PoEError(
+            f"{path} was extracted from library {own}, but the pool's library {paths.library.name} is {lib_id}: "
+            f"they do not belong together; {how_to_make(cfg, task)} --retrain experts"
+        )
+    try:
+        expert = expert_from_state(sd)
+    except ValueError as e:
+        raise PoEError(f"{path} does not hold an expert ({e})") from None
+    in_channels = library.out_channels
+    if expert.num_classes != len(want) or expert.in_channels != in_channels:
+        raise PoEError(
+            f"{path} does not fit: it has {expert.num_classes} outputs on {expert.in_channels} input channels, "
+            f"task {task!r} needs {len(want)} outputs on the library's {in_channels} channels"
+        )
+    load_into(expert, sd, path, f"expert of {task!r}")
+    check_weights(expert, meta, path, f"expert of {task!r}")
+    return expert.eval(), meta
+
+
+@dataclass
+class Prediction:
+    """Per image: the predicted class id and name, and the probabilities over ``classes``."""
+
+    class_ids: list[int]
+    class_names: list[str]
+    probabilities: torch.Tensor  # N x len(classes), float32, CPU
+    classes: list[int] = field(default_factory=list)  # the query's classes, ascending id
+    names: list[str] = field(default_factory=list)  # their names
+
+    def top(self, i: int, k: int = 3) -> list[dict[str, Any]]:
+        """The ``k`` most probable classes of image ``i``: id, name, probability."""
+        p, idx = self.probabilities[i].topk(min(k, self.probabilities.shape[1]))
+        return [{"id": self.classes[j], "name": self.names[j], "probability": round(float(q), 6)}
+                for q, j in zip(p.tolist(), idx.tolist(), strict=True)]  # fmt: skip
+
+
+class TaskModel:
+    """The consolidated model of one query: ``module`` maps normalised images to logits over ``classes``
+    (ascending class id). ``predict`` takes raw images; ``export`` writes a ``.pt2`` that takes [0, 1] RGB."""
+
+    def __init__(self, module: TaskSpecificModel, query: Query, cfg: DatasetConfig, device: torch.device,
+                 build_ms: float, precision: str = "fp32") -> None:  # fmt: skip
+        self.module, self.query, self.cfg, self.device = module, query, cfg, device
+        self.build_ms, self.precision = build_ms, precision
+        self.mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
+        self._cost: tuple[int, int] | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.query.tasks)
+
+    @property
+    def classes(self) -> list[int]:
+        return self.query.classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.cfg.class_name(c) for c in self.classes]
+
+    def cost(self) -> tuple[int, int]:
+        """(multiply-adds per image, parameters) of the consolidated model."""
+        if self._cost is None:
+            from PoE.evaluate import count_macs, count_params
+
+            shape = (3, self.cfg.image_size, self.cfg.image_size)
+            self._cost = (count_macs(self.module, shape, self.device), count_params(self.module))
+        return self._cost
+
+    @torch.no_grad()
+    def logits(self, images: Any) -> torch.Tensor:
+        """Logits over ``classes`` (CPU, float32) of user images (see ``predict``)."""
+        x = image_batch(images, self.cfg.image_size)
+        out = []
+        for s in range(0, len(x), 500):
+            batch = x[s : s + 500].to(self.device)
+            batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.precision):
+                out.append(self.module(batch).float().cpu())
+        return torch.cat(out)
+
+    def predict(self, images: Any) -> Prediction:
+        """``images``: uint8 H x W x 3 arrays (one, or a stack N x H x W x 3), PIL images, or float tensors in
+        [0, 1] shaped 3 x H x W or N x 3 x H x W."""
+        probs = self.logits(images).softmax(1)
+        pos = probs.argmax(1).tolist()
+        names = self.class_names
+        return Prediction([self.classes[p] for p in pos], [names[p] for p in pos], probs, self.classes, names)
+
+    def export(self, path: str | Path, precision: str = "fp32") -> None:
+        """Write the model with ``torch.export`` (CPU, fp32 weights; ``bf16``: the graph runs under bfloat16
+        autocast). The program takes float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
+        target = check_export_path(path)
+        module = self.module if self.device.type == "cpu" else copy_to_cpu(self.module)
+        wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
+        example = torch.rand(2, 3, self.cfg.image_size, self.cfg.image_size)
+        dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
+        dims |= {i: torch.export.Dim(n, min=8, max=4096) for i, n in ((2, "height"), (3, "width"))}
+        with torch.no_grad():
+            program = torch.export.export(wrapped, (example,), dynamic_shapes=(dims,))
+        atomic_write(target, lambda f: torch.export.save(program, f))
+
+
+def copy_to_cpu(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).cpu()
+
+
+def check_export_path(path: str | Path) -> Path:
+    """Refuse, before any work, a path that cannot be written: a folder, a missing or read-only parent."""
+    target = Path(path)
+    if target.is_dir():
+        raise PoEError(f"--export {path} is a folder; give a file name such as model.pt2")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise PoEError(f"cannot export to {path}: folder {parent} does not exist")
+    try:
+        check_writable(parent)
+    except PoEError as e:
+        raise PoEError(f"cannot export to {path}: {e}") from None
+    return target
+
+
+class Pool:
+    """The library and every expert of one pool folder, loaded and checked, on ``device``."""
+
+    def __init__(self, cfg: DatasetConfig, paths: PoolPaths, device: torch.device, precision: str = "fp32") -> None:
+        t0 = time.perf_counter()
+        self.cfg, self.paths, self.device, self.precision = cfg, paths, torch.device(device), precision
+        self.library, self.library_meta = read_library(paths, cfg)
+        self.experts: dict[str, nn.Module] = {}
+        self.expert_meta: dict[str, dict[str, Any]] = {}
+        for task in paths.experts_present():
+            if task not in cfg.tasks:
+                raise PoEError(f"{paths.expert(task)} is not a {cfg.name} task; known tasks: {', '.join(cfg.tasks)}")
+            self.experts[task], self.expert_meta[task] = read_expert(paths, cfg, task, self.library,
+                                                                     self.library_meta)  # fmt: skip
+        self.library.to(self.device)
+        for e in self.experts.values():
+            e.to(self.device)
+        self.open_ms = (time.perf_counter() - t0) * 1e3  # reading and checking every part
+        unchecked = [paths.library.name] if "id" not in self.library_meta else []
+        unchecked += [f"expert_{t}.pt" for t, m in self.expert_meta.items() if "id" not in m]
+        self.notes = (
+            [f"{len(unchecked)} part(s) carry no content hash (e.g. {unchecked[0]}; the original release's "
+             "format): they were loaded but could not be checked"] if unchecked else []
+        )  # fmt: skip
+
+    @classmethod
+    def open(cls, db: str | Path = "DB_PoE", dataset: str = "cifar100", device: str | torch.device = "cpu",
+             precision: str = "fp32") -> Pool:  # fmt: skip
+        """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself."""
+        cfg = get_dataset(dataset)
+        return cls(cfg, resolve_pool(db, cfg.name, cfg.tag), torch.device(device), precision)
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root
+
+    @property
+    def id(self) -> str | None:
+        return self.library_meta.get("id")
+
+    def make_query(self, tasks: list[str]) -> Query:
+        query = make_query(tasks, self.cfg.tasks, self.cfg.name)
+        missing = [t for t in query.tasks if t not in self.experts]
+        if missing:
+            raise PoEError(f"missing {self.paths.expert(missing[0])}; {how_to_make(self.cfg, missing[0])}")
+        return query
+
+    def query(self, tasks: list[str]) -> TaskModel:
+        """Consolidate the library and the experts of ``tasks`` into one model (shared modules, no copies)."""
+        t0 = time.perf_counter()
+        query = self.make_query(tasks)
+        module = TaskSpecificModel(self.library, [self.experts[t] for t in query.tasks], query).eval()
+        module.order = module.order.to(self.device)
+        ms = (time.perf_counter() - t0) * 1e3
+        return TaskModel(module, query, self.cfg, self.device, ms, self.precision)
+
+    def describe(self) -> dict[str, Any]:
+        """Dataset, library and, per task, its classes (id and name), whether its expert is here and its
+        accuracy on its own task (as recorded in the expert's file)."""
+        tasks = []
+        for task, classes in self.cfg.tasks.items():
+            meta = self.expert_meta.get(task, {})
+            tasks.append({
+                "name": task,
+                "classes": [{"id": c, "name": self.cfg.class_name(c)} for c in classes],
+                "present": task in self.experts,
+                "accuracy": meta.get("test_acc"),
+            })  # fmt: skip
+        return {
+            "dataset": self.cfg.name,
+            "pool": str(self.root),
+            "library_id": self.id,
+            "experts_present": len(self.experts),
+            "tasks": tasks,
+            "notes": self.notes,
+        }
