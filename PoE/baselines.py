@@ -17,9 +17,10 @@ trained on the composite task's training images (labels are positions in ascendi
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from PoE.config import DatasetConfig, StageConfig
 from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, count_macs, count_params
 from PoE.hierarchy import Query, make_query
 from PoE.losses import ckd_loss
-from PoE.networks import WRNExpert, WRNLibrary, WRNSpec
+from PoE.networks import WRNExpert, WRNLibrary, WRNSpec, build_network
 from PoE.networks.wrn import init_weights
-from PoE.store import load_checkpoint, load_into, save_checkpoint, unwrap
+from PoE.pool import Pool
+from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
+from PoE.store import load_checkpoint, load_into, save_checkpoint, state_id, unwrap
+from PoE.teacher import TeacherOutputs
 from PoE.train import seed_everything, train_stage
 
 METHODS = ("scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd")
@@ -94,18 +98,24 @@ class BaselineRunner:
         test: ImageSet,
         device: torch.device,
         stage: StageConfig,
-        T: float = 4.0,
-        alpha: float = 0.3,
+        T: float = KD_T,
+        alpha: float = KD_ALPHA,
         seed: int = 0,
         oracle: Callable[[], nn.Module] | None = None,
         pool_part: Callable[[str | None], nn.Module] | None = None,
         teacher_dir: Path | None = None,
         progress: bool = True,
+        precision: str = "fp32",
+        ckd_views: int = 0,
     ) -> None:
-        """``oracle()`` returns the Oracle; ``pool_part(None)`` PoE's library, ``pool_part(task)`` an expert."""
+        """``oracle()`` returns the Oracle; ``pool_part(None)`` PoE's library, ``pool_part(task)`` an expert.
+        ``ckd_views`` > 0: CKD reads the Oracle's logits from that many cached augmented views of the query's
+        images (computed once per query, their time counted in the method's) instead of running it on every
+        batch."""
         self.cfg, self.train, self.test, self.device = cfg, train, test, device
         self.stage, self.T, self.alpha, self.seed = stage, T, alpha, seed
         self.oracle, self.pool_part, self.teacher_dir, self.progress = oracle, pool_part, teacher_dir, progress
+        self.precision, self.ckd_views = precision, ckd_views
         self.normalize = Normalizer(cfg.mean, cfg.std, device)
         self.train_id = f"{len(train)}-{int(train.y.sum())}"  # tells a training subset from the full set
 
@@ -115,18 +125,20 @@ class BaselineRunner:
         return getter
 
     def fit(
-        self, name: str, net: nn.Module, trainable: list[nn.Module], frozen: tuple[nn.Module, ...], data: ImageSet,
-        loss_of: Callable[[torch.Tensor, Batch], torch.Tensor],
+        self, name: str, net: nn.Module, trainable: list[nn.Module], frozen: tuple[nn.Module, ...],
+        loader: TensorLoader, loss_of: Callable[[torch.Tensor, Batch], torch.Tensor],
+        teacher: TeacherOutputs | None = None,
     ) -> float:  # fmt: skip
-        loader = TensorLoader(data, self.stage.batch_size, self.normalize, self.cfg.crop_pad, self.device, self.seed)
+        """Seconds to train ``trainable`` (with the teacher's cached views, when there is one, made first)."""
         holder = nn.ModuleList(trainable)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             return loss_of(net(b.x), b)
 
         t0 = time.perf_counter()
-        train_stage(name, {"net": holder}, loss_fn, loader.epoch, len(loader), self.stage, None, {}, frozen,
-                    progress=self.progress)  # fmt: skip
+        batches = loader.epoch if teacher is None else teacher.batches(loader, self.stage)
+        train_stage(name, {"net": holder}, loss_fn, batches, len(loader), self.stage, None, {}, frozen,
+                    progress=self.progress, precision=self.precision)  # fmt: skip
         return time.perf_counter() - t0
 
     def scratch_teacher(self, task: str) -> tuple[nn.Module, float]:
@@ -165,6 +177,8 @@ class BaselineRunner:
             net = target_network(self.cfg, len(tasks), q.num_classes).to(self.device)
             trainable, frozen = [net], ()
         net = net.to(memory_format=torch.channels_last)
+        loader = TensorLoader(train, self.stage.batch_size, self.normalize, self.cfg.crop_pad, self.device, self.seed)
+        cached: TeacherOutputs | None = None  # CKD's Oracle logits, when cached per view
         if method in ("scratch", "transfer"):
 
             def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
@@ -173,11 +187,21 @@ class BaselineRunner:
         elif method == "ckd":
             oracle = self.need("the Oracle (--pretrained)", self.oracle)().to(self.device).eval()
             cols = torch.tensor(q.classes, device=self.device)
+            if self.ckd_views:
+                folder = self.teacher_dir or Path(tempfile.mkdtemp(prefix="poe-ckd-"))
+                cached = TeacherOutputs(
+                    oracle,
+                    state_id(oracle),
+                    self.ckd_views,
+                    self.seed,
+                    folder / f"ckd_{'+'.join(sorted(tasks))}",
+                    self.progress,
+                    self.precision,
+                )
+            logits = cached or TeacherOutputs(oracle, "", 0, self.seed, Path("."), False, self.precision)
 
             def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
-                with torch.no_grad():
-                    t = oracle(b.x)[:, cols]
-                return ckd_loss(out, t, T, alpha)
+                return ckd_loss(out, logits.logits(b, loader)[:, cols], T, alpha)
 
         else:
             kind, source = method.split("_")
@@ -204,10 +228,75 @@ class BaselineRunner:
                     total = total + match(out, t, cols, T)
                 return total
 
-        seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, train, loss_of)
+        seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, loader, loss_of, cached)
         net.eval()
-        acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device)
+        acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device)  # scored in fp32, as PoE is
         shape = (3, self.cfg.image_size, self.cfg.image_size)
         result = BaselineResult(method, q.tasks, acc, n, count_macs(net, shape, self.device), count_params(net),
                                 seconds, teacher_seconds, self.stage.epochs)  # fmt: skip
         return (result, net) if keep else result
+
+
+def paper_epochs(method: str) -> int:
+    """The paper's schedule length: 100 epochs for the methods that train a head on PoE's library, else 200."""
+    return 100 if method in ("transfer", "ckd") else 200
+
+
+def load_oracle(pretrained: str | Path, cfg: DatasetConfig, device: torch.device) -> nn.Module:
+    """The Oracle that preprocessing left in ``<pretrained>/<dataset>/oracle.pt``, ready to score."""
+    path = Path(pretrained) / cfg.name / "oracle.pt"
+    hint = f"make it with: python Run_preprocessing.py --dataset {cfg.name} --stages oracle"
+    sd, meta = unwrap(load_checkpoint(path, hint), path, "oracle")
+    arch = str(meta.get("arch"))
+    model = load_into(build_network(arch, cfg), sd, path, f"{arch} Oracle")
+    return model.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def baseline_runner(
+    method: str,
+    cfg: DatasetConfig,
+    train: ImageSet,
+    test: ImageSet,
+    device: torch.device,
+    open_pool: Callable[[], Pool],
+    pretrained: str | Path,
+    epochs: int | None = None,
+    lr: float = PAPER_LR,
+    batch_size: int = 512,
+    schedule: str = "step",
+    T: float = KD_T,
+    alpha: float = KD_ALPHA,
+    seed: int = 0,
+    progress: bool = True,
+    precision: str = "fp32",
+    ckd_views: int = 0,
+) -> BaselineRunner:
+    """A BaselineRunner for ``method`` (``epochs`` None: the paper's for it). The Oracle is read from
+    ``pretrained`` and the pool opened by ``open_pool`` only when the method needs them, the pool once."""
+    opened: list[Pool] = []
+
+    def pool_part(task: str | None) -> nn.Module:  # PoE's library, or the expert of ``task``
+        if not opened:
+            opened.append(open_pool())
+        pool = opened[0]
+        return pool.library if task is None else pool.experts[pool.make_query([task]).tasks[0]]
+
+    stage = StageConfig(epochs=epochs or paper_epochs(method), lr=lr, batch_size=batch_size, schedule=schedule)
+    return BaselineRunner(cfg, train, test, device, stage, T, alpha, seed,
+                          oracle=lambda: load_oracle(pretrained, cfg, device), pool_part=pool_part,
+                          teacher_dir=Path(pretrained) / cfg.name / "baselines", progress=progress,
+                          precision=precision, ckd_views=ckd_views)  # fmt: skip
+
+
+def result_row(result: BaselineResult) -> dict[str, Any]:
+    """A baseline's row of Run_Baselines' table."""
+    return {k: v for k, v in asdict(result).items() if k != "extra"}
+
+
+def poe_row(pool: Pool, query: Query, test: ImageSet) -> dict[str, Any]:
+    """PoE's train-free model of ``query`` as a row beside the baselines: its build time is its time to produce."""
+    model = pool.query(list(query.tasks))
+    acc, n = model.accuracy(test)
+    macs, params = model.cost()
+    return {"method": "poe", "tasks": list(query.tasks), "accuracy": acc, "n_test": n, "macs": macs,
+            "params": params, "seconds": model.build_ms / 1e3, "teacher_seconds": 0.0, "epochs": 0}  # fmt: skip

@@ -7,12 +7,18 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from PoE.config import DATASETS
+from PoE.data import ImageSet
+from PoE.datasets import DATASETS, DatasetConfig
 from PoE.errors import PoEError
 from PoE.precision import PRECISIONS
+from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR
+
+if TYPE_CHECKING:
+    from PoE.baselines import BaselineRunner
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,7 +96,8 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
     except BrokenPipeError:  # output piped into e.g. head
         return 0
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        resumable = parser.prog == "Run_preprocessing.py"  # the only command whose work resumes where it stopped
+        print("interrupted" + ("; run the same command again to resume" if resumable else ""), file=sys.stderr)
         return 130
 
 
@@ -108,8 +115,8 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
 
 # ---------------------------------------------------------------------------- preprocessing
 def preprocessing_parser() -> argparse.ArgumentParser:
-    from PoE.config import PROFILES
     from PoE.preprocess import STAGES
+    from PoE.profiles import PROFILES
 
     p = Parser(
         prog="Run_preprocessing.py",
@@ -174,16 +181,16 @@ def preprocessing_parser() -> argparse.ArgumentParser:
 
 
 def preprocessing_settings(a: argparse.Namespace):
-    from PoE.config import for_dataset, get_dataset, get_profile, override
+    from PoE.datasets import get_dataset
+    from PoE.hierarchy import make_query
     from PoE.networks import check_arch
     from PoE.precision import resolve as resolve_precision
     from PoE.preprocess import STAGES, Settings
+    from PoE.profiles import for_dataset, get_profile, override
 
     cfg = get_dataset(a.dataset)
     prof = for_dataset(get_profile(a.profile), cfg)
     tasks = list(cfg.tasks) if a.tasks is None else a.tasks
-    from PoE.hierarchy import make_query
-
     make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
     stages = {}
     for stage in STAGES:
@@ -241,9 +248,8 @@ def preprocessing_settings(a: argparse.Namespace):
 
 
 def preprocessing_body(a: argparse.Namespace) -> int:
-    from PoE import distributed
+    from PoE import distributed, stages
     from PoE.precision import describe
-    from PoE.preprocess import Preprocessor
 
     s = preprocessing_settings(a)
     s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
@@ -254,7 +260,7 @@ def preprocessing_body(a: argparse.Namespace) -> int:
                   f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
                   f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
                   f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}")  # fmt: skip
-        report = Preprocessor(s).run()
+        report = stages.run(s)
     finally:
         distributed.destroy()
     if not main:  # rank 0 reports
@@ -329,8 +335,7 @@ def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp3
 
 
 def service_body(a: argparse.Namespace) -> int:
-    from PoE.data import Normalizer, load_split
-    from PoE.evaluate import accuracy
+    from PoE.datasets import load_split
     from PoE.pool import check_export_path
     from PoE.precision import resolve as resolve_precision
 
@@ -344,7 +349,7 @@ def service_body(a: argparse.Namespace) -> int:
         return serve(open_pool(a, device, precision), a.host, a.port, data_root=a.data_root, max_batch=a.max_batch,
                      max_wait_ms=a.batch_wait_ms, threads=a.threads)  # fmt: skip
     if a.queriedTask is None:
-        from PoE.config import get_dataset
+        from PoE.datasets import get_dataset
 
         tasks = ", ".join(get_dataset(a.dataset).tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")
@@ -369,8 +374,7 @@ def service_body(a: argparse.Namespace) -> int:
     }
     if not a.no_eval:
         test = load_split(cfg.name, a.data_root, "test", classes=model.classes)
-        acc, n = accuracy(model.module, test, model.classes, Normalizer(cfg.mean, cfg.std, device), device,
-                          progress=True, precision=precision)  # fmt: skip
+        acc, n = model.accuracy(test, progress=True)
         result["accuracy"], result["n_test"] = round(acc, 2), n
     if a.export:
         model.export(a.export, a.export_precision)
@@ -429,29 +433,32 @@ def evaluation_parser() -> argparse.ArgumentParser:
     return p
 
 
-SUMMARY_COLUMNS = [
-    ("n", "n"),
-    ("combinations", "combinations"),
-    ("acc_mean", "accuracy mean (%)"),
-    ("acc_std", "std"),
-    ("acc_min", "min"),
-    ("acc_max", "max"),
-    ("cross_expert_error_share", "cross-expert errors / errors (%)"),
-    ("macs", "multiply-adds"),
-    ("params", "parameters"),
-]
-
-
-def evaluation_body(a: argparse.Namespace) -> int:
-    from PoE.config import get_dataset
-    from PoE.data import load_split
-    from PoE.experiments import markdown_table, pool_combinations, summarize, write_csv, write_text
+def chosen_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, list[str]]:
+    """The dataset and its tasks to combine (``--tasks``, default: the dataset's default tasks), checked."""
+    from PoE.datasets import get_dataset
     from PoE.hierarchy import make_query
-    from PoE.precision import resolve as resolve_precision
 
     cfg = get_dataset(a.dataset)
     tasks = a.tasks or cfg.default_tasks
     make_query(tasks, cfg.tasks, cfg.name)
+    return cfg, tasks
+
+
+def evaluation_body(a: argparse.Namespace) -> int:
+    from PoE.datasets import load_split
+    from PoE.experiments import (
+        SUMMARY_COLUMNS,
+        combination_rows,
+        markdown_table,
+        pool_combinations,
+        summarize,
+        write_csv,
+        write_table,
+    )
+    from PoE.hierarchy import make_query
+    from PoE.precision import resolve as resolve_precision
+
+    cfg, tasks = chosen_tasks(a)
     ns = a.n or list(range(2, len(tasks)))
     bad = [n for n in ns if not 1 <= n <= len(tasks)]
     if bad or not ns:
@@ -461,19 +468,13 @@ def evaluation_body(a: argparse.Namespace) -> int:
     test = load_split(cfg.name, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
     results = pool_combinations(pool, tasks, ns, test, progress=True)
     rows = summarize(results)
-    for r in rows:
-        r["macs"], r["params"] = round(r["macs"]), round(r["params"])
     print(f"pool {pool.root}: {cfg.name}, tasks {', '.join(tasks)}")
     print("accuracy: over each composite task's test images; mean and population std over combinations\n")
     table = markdown_table(rows, SUMMARY_COLUMNS)
     print(table)
     if a.out:
-        write_text(f"{a.out}.md", table + "\n")
-        write_csv(f"{a.out}.csv", rows)
-        per_combo = [{"n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy, "n_test": r.n_test,
-                      "cross_expert_errors": r.cross_errors, "errors": r.errors, "macs": r.macs,
-                      "params": r.params} for r in results]  # fmt: skip
-        write_csv(f"{a.out}_all.csv", per_combo)
+        write_table(a.out, table, rows)
+        write_csv(f"{a.out}_all.csv", combination_rows(results))
         print(f"\nwrote {a.out}.md, {a.out}.csv, {a.out}_all.csv")
     if a.json:
         print(json.dumps(rows))
@@ -501,58 +502,43 @@ def baselines_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (for ckd)")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
                    "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--lr", type=POSITIVE, default=0.1, help="peak learning rate")
+    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
     p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
                    "80%%) or onecycle")  # fmt: skip
-    p.add_argument("--T", type=POSITIVE, default=4.0, help="distillation temperature")
-    p.add_argument("--alpha", type=NONNEG, default=0.3, help="weight of the L1 term of CKD")
+    p.add_argument("--T", type=POSITIVE, default=KD_T, help="distillation temperature")
+    p.add_argument("--alpha", type=NONNEG, default=KD_ALPHA, help="weight of the L1 term of CKD")
     p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
+    p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
+                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list (last line)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
-def load_oracle(pretrained: str | Path, cfg, device: torch.device) -> torch.nn.Module:
-    from PoE.networks import build_network
-    from PoE.store import load_checkpoint, load_into, unwrap
+def runners(
+    a: argparse.Namespace,
+    cfg: DatasetConfig,
+    device: torch.device,
+    train: Callable[[], ImageSet],
+    test: ImageSet,
+    T: float = KD_T,
+    alpha: float = KD_ALPHA,
+) -> Callable[[str], BaselineRunner]:
+    """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images)."""
+    from PoE.baselines import baseline_runner
+    from PoE.precision import resolve as resolve_precision
 
-    path = Path(pretrained) / cfg.name / "oracle.pt"
-    hint = f"make it with: python Run_preprocessing.py --dataset {cfg.name} --stages oracle"
-    sd, meta = unwrap(load_checkpoint(path, hint), path, "oracle")
-    arch = str(meta.get("arch"))
-    model = load_into(build_network(arch, cfg), sd, path, f"{arch} Oracle")
-    return model.to(device).to(memory_format=torch.channels_last).eval()
-
-
-def baseline_runner(a: argparse.Namespace, cfg, device: torch.device, train, test, method: str, T: float = 4.0,
-                    alpha: float = 0.3):  # fmt: skip
-    """A BaselineRunner for ``method`` with the command line's schedule (paper epochs unless --epochs)."""
-    from PoE.baselines import BaselineRunner
-    from PoE.config import StageConfig
-
-    opened: list = []
-
-    def pool_part(task: str | None) -> torch.nn.Module:  # PoE's library / an expert; the pool opens on first use
-        if not opened:
-            opened.append(open_pool(a, device))
-        pool = opened[0]
-        return pool.library if task is None else pool.experts[pool.make_query([task]).tasks[0]]
-
-    epochs = a.epochs or (100 if method in ("transfer", "ckd") else 200)
-    stage = StageConfig(epochs=epochs, lr=a.lr, batch_size=a.batch_size, schedule=a.schedule)
-    return BaselineRunner(cfg, train, test, device, stage, T, alpha, a.seed,
-                          oracle=lambda: load_oracle(a.pretrained, cfg, device), pool_part=pool_part,
-                          teacher_dir=Path(a.pretrained) / cfg.name / "baselines",
-                          progress=not a.no_progress)  # fmt: skip
+    precision = resolve_precision(a.precision, device)
+    return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device),
+                                          a.pretrained, a.epochs, a.lr, a.batch_size, a.schedule, T, alpha, a.seed,
+                                          not a.no_progress, precision, a.ckd_views)  # fmt: skip
 
 
 def baselines_body(a: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from PoE.config import get_dataset
-    from PoE.data import Normalizer, load_split
-    from PoE.evaluate import accuracy
+    from PoE.baselines import poe_row, result_row
+    from PoE.datasets import get_dataset, load_split
+    from PoE.experiments import markdown_table
     from PoE.hierarchy import make_query
 
     cfg = get_dataset(a.dataset)
@@ -560,24 +546,15 @@ def baselines_body(a: argparse.Namespace) -> int:
     device = pick_device(a.device)
     train = load_split(cfg.name, a.data_root, "train")
     test = load_split(cfg.name, a.data_root, "test")
-    rows = []
-    for method in a.method:
-        r = baseline_runner(a, cfg, device, train, test, method, a.T, a.alpha).run(method, list(query.tasks))
-        rows.append({k: v for k, v in asdict(r).items() if k != "extra"})
+    runner = runners(a, cfg, device, lambda: train, test, a.T, a.alpha)
+    rows = [result_row(runner(method).run(method, list(query.tasks))) for method in a.method]
     try:
-        model = open_pool(a, device).query(list(query.tasks))
-        acc, n = accuracy(model.module, test, query.classes, Normalizer(cfg.mean, cfg.std, device), device)
-        macs, params = model.cost()
-        rows.append({"method": "poe", "tasks": list(query.tasks), "accuracy": acc, "n_test": n, "macs": macs,
-                     "params": params, "seconds": model.build_ms / 1e3, "teacher_seconds": 0.0,
-                     "epochs": 0})  # fmt: skip
+        rows.append(poe_row(open_pool(a, device), query, test))
     except PoEError as e:
         print(f"(no PoE row: {e})")
     cols = [("method", "method"), ("accuracy", "accuracy (%)"), ("n_test", "test images"), ("macs", "multiply-adds"),
             ("params", "parameters"), ("epochs", "epochs"), ("seconds", "time to produce (s)"),
             ("teacher_seconds", "+ teachers (s)")]  # fmt: skip
-    from PoE.experiments import markdown_table
-
     print(f"query: {', '.join(query.tasks)} ({query.num_classes} classes); device {device}")
     print(markdown_table(rows, cols))
     if a.json:
@@ -611,37 +588,38 @@ def experiments_parser() -> argparse.ArgumentParser:
     p.add_argument("--combos_per_n", type=NONNEG_INT, default=2, help="baselines: a fixed seeded sample of this many "
                    "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="baseline epochs (default: the paper's 200 / 100)")
-    p.add_argument("--lr", type=POSITIVE, default=0.1, help="peak learning rate")
+    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
     p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="baselines' schedule")
     p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
                    "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
+    p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
+                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
     p.add_argument("--out", default="addImg", help="folder for the tables and plots")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
 def experiments_body(a: argparse.Namespace) -> int:
-    from PoE.baselines import METHODS
-    from PoE.config import get_dataset
-    from PoE.data import load_split
+    from functools import cache
+
+    from PoE.baselines import METHODS, load_oracle
+    from PoE.datasets import load_split
     from PoE.experiments import (
+        METHOD_COLUMNS,
+        compare,
+        cross_expert_rows,
         markdown_table,
-        oracle_combinations,
         plot_results,
-        pool_combinations,
-        sample_combinations,
-        summarize,
         summarize_methods,
         write_csv,
-        write_text,
+        write_table,
     )
-    from PoE.hierarchy import make_query
+    from PoE.pool import Pool
+    from PoE.precision import resolve as resolve_precision
 
-    cfg = get_dataset(a.dataset)
-    tasks = a.tasks or cfg.default_tasks
-    make_query(tasks, cfg.tasks, cfg.name)
+    cfg, tasks = chosen_tasks(a)
     if not a.n or any(not 1 <= n <= len(tasks) for n in a.n):
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {a.n}")
     ablation = {}
@@ -653,60 +631,33 @@ def experiments_body(a: argparse.Namespace) -> int:
     device = pick_device(a.device)
     pool = open_pool(a, device)
     test = load_split(cfg.name, a.data_root, "test")
-    out = Path(a.out)
-    all_combos = {n: sample_combinations(tasks, n, 0) for n in a.n}
-    rows: list[dict] = []
-    if "oracle" in a.methods:
-        oracle = load_oracle(a.pretrained, cfg, device)
-        rows += oracle_combinations(oracle, cfg, [c for n in a.n for c in all_combos[n]], test, device)
-    poe = pool_combinations(pool, tasks, a.n, test, progress=not a.no_progress)
-    if "poe" in a.methods:
-        for r in poe:
-            rows.append({"method": "poe", "n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy,
-                         "n_test": r.n_test, "macs": r.macs, "params": r.params,
-                         "seconds": pool.query(list(r.tasks)).build_ms / 1e3})  # fmt: skip
-    methods = [m for m in a.methods if m in METHODS]
+    train = cache(lambda: load_split(cfg.name, a.data_root, "train"))
+    rows, poe = compare(pool, tasks, a.n, a.methods, test, oracle=lambda: load_oracle(a.pretrained, cfg, device),
+                        baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
+                        progress=not a.no_progress)  # fmt: skip
     schedule_note = ""
-    if methods:
-        train = load_split(cfg.name, a.data_root, "train")
-        for method in methods:
-            runner = baseline_runner(a, cfg, device, train, test, method)
-            for n in a.n:
-                for combo in sample_combinations(tasks, n, a.combos_per_n, a.seed):
-                    r = runner.run(method, list(combo))
-                    rows.append({"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
-                                 "n_test": r.n_test, "macs": r.macs, "params": r.params, "seconds": r.seconds,
-                                 "teacher_seconds": r.teacher_seconds})  # fmt: skip
+    if any(m in METHODS for m in a.methods):
         schedule_note = (
             f"baselines: {a.combos_per_n or 'all'} combination(s) per n (seed {a.seed}), SGD lr {a.lr}, batch "
-            f"{a.batch_size}, {a.schedule} schedule, {a.epochs or 'paper'} epochs; "
+            f"{a.batch_size}, {a.schedule} schedule, {a.epochs or 'paper'} epochs, trained in "
+            f"{resolve_precision(a.precision, device)}"
+            f"{f', ckd from {a.ckd_views} cached Oracle views' if a.ckd_views else ''}; every accuracy scored in fp32; "
         )
     summary = summarize_methods(rows)
-    cols = [("method", "method"), ("n", "n"), ("combinations", "combinations"), ("acc_mean", "accuracy (%)"),
-            ("acc_std", "std"), ("macs", "multiply-adds"), ("params", "parameters"),
-            ("seconds_per_query", "time per query (s)")]  # fmt: skip
     note = (f"{cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {device}. {schedule_note}"
             f"Oracle and PoE: every combination. PoE time = consolidating the pool held in memory (no training; "
             f"opening and checking the pool once took {pool.open_ms:.0f} ms).")  # fmt: skip
-    table = markdown_table(summary, cols)
+    table = markdown_table(summary, METHOD_COLUMNS)
     print(note + "\n\n" + table)
-    write_text(out / "composite_tasks.md", note + "\n\n" + table + "\n")
-    write_csv(out / "composite_tasks.csv", summary)
+    out = Path(a.out)
+    write_table(out / "composite_tasks", note + "\n\n" + table, summary)
     write_csv(out / "composite_tasks_all.csv", rows)
     plot_results(summary, out, f"{cfg.name}: {', '.join(tasks)}")
-    from PoE.pool import Pool
-
-    variants = {"both": pool, **{k: Pool.open(v, cfg.name, device) for k, v in ablation.items()}}
-    cross_rows = []
-    for name, p in variants.items():
-        results = poe if name == "both" else pool_combinations(p, tasks, a.n, test)
-        for r in summarize(results):
-            cross_rows.append({"experts trained with": name, "n": r["n"], "accuracy": r["acc_mean"],
-                               "cross-expert errors / errors (%)": r["cross_expert_error_share"]})  # fmt: skip
-    ctable = markdown_table(cross_rows, [(k, k) for k in cross_rows[0]])
+    pools = {"both": pool, **{k: Pool.open(v, cfg.name, device) for k, v in ablation.items()}}
+    cross = cross_expert_rows(pools, poe, tasks, a.n, test)
+    ctable = markdown_table(cross, [(k, k) for k in cross[0]])
     print("\n" + ctable)
-    write_text(out / "cross_expert_errors.md", ctable + "\n")
-    write_csv(out / "cross_expert_errors.csv", cross_rows)
+    write_table(out / "cross_expert_errors", ctable, cross)
     print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, cross_expert_errors.{{md,csv}}, "
           "accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
     return 0

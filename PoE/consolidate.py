@@ -32,7 +32,11 @@ class TaskSpecificModel(nn.Module):
         self.register_buffer("order", torch.tensor(query.order, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.library(x)
+        return self.heads(self.library(x))
+
+    def heads(self, features: torch.Tensor) -> torch.Tensor:
+        """The experts on the library's ``features``, merged: a server that runs the shared library once for
+        many queries calls this per query."""
         return merge([e(features) for e in self.experts], self.order)
 
 

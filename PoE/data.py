@@ -1,23 +1,22 @@
-"""Datasets held as uint8 tensors, with augmentation and normalisation done on whole batches.
+"""Images as tensors, whatever the dataset: the pieces every dataset's reader and every stage share.
 
-Image datasets that fit in memory (CIFAR-100, Tiny-ImageNet) are held as npz files (``x``: uint8
-N x H x W x 3, ``y``: int64): CIFAR-100's ``<data_root>/cifar100/{train,test}.npz``, Tiny-ImageNet's
-JPEG folder decoded once into a cache (see ``cache_root``), and served as tensors. A training "view"
-is one random crop+flip of every image, drawn from a seed, so a view can be recomputed exactly: that
-lets teacher outputs be cached per view and shared by later stages.
+An ``ImageSet`` holds uint8 images in memory; npz files (``x``: uint8 N x H x W x 3, ``y``: int64) store them,
+and JPEG folders are decoded once into npz caches (``cache_root``). ``TensorLoader`` serves an in-memory set as
+normalised, augmented batches: a training "view" is one random crop+flip of every image drawn from a seed, so
+a view can be recomputed exactly, which lets teacher outputs be cached per view and shared by later stages.
+``FolderLoader`` serves image files decoded per batch (data too big for memory). ``image_batch`` checks user
+images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -83,124 +82,9 @@ def load_npz(path: Path, size: int | None = None, num_classes: int | None = None
     return ImageSet(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
 
 
-class ArraysOnly(pickle.Unpickler):
-    """Unpickles dicts, lists, bytes and numpy arrays, and nothing that could run code."""
-
-    ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused {module}.{name}: only arrays are read from a data file")
-        return super().find_class(module, name)
-
-
-def torchvision_cifar100(root: Path, split: str) -> tuple[ImageSet, Path] | None:
-    """CIFAR-100 as torchvision downloads it (``<root>/cifar-100-python/{train,test}``, or ``root`` being that
-    folder), read in memory with a pickle reader that only accepts arrays; None when there is no such folder."""
-    base = root if root.name == "cifar-100-python" else root / "cifar-100-python"
-    if not base.is_dir():
-        return None
-    path = base / split
-    try:
-        with open(path, "rb") as f:
-            d = ArraysOnly(f, encoding="latin1").load()
-        data, labels = np.asarray(d["data"], dtype=np.uint8), np.asarray(d["fine_labels"], dtype=np.int64)
-        x = data.reshape(-1, 3, 32, 32)
-    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        raise PoEError(f"{path} is not a CIFAR-100 batch as torchvision downloads it ({e})") from None
-    if len(x) != len(labels) or not len(x) or labels.min() < 0 or labels.max() >= 100:
-        raise PoEError(f"{path}: {len(x)} images and {len(labels)} labels in 0..99 expected to match")
-    return ImageSet(torch.from_numpy(x.copy()), torch.from_numpy(labels)), path
-
-
-def fetch_cifar100(folder: Path, split: str) -> None:
-    """Download CIFAR-100 through torchvision and cache it as ``<folder>/<split>.npz``; a failed download
-    leaves no folder behind that was not there before."""
-    import shutil
-
-    import torchvision
-
-    made = [d for d in (folder.parent, folder) if not d.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".download-"))
-    except OSError as e:
-        raise PoEError(f"CIFAR-100 is not at {folder / (split + '.npz')} and {folder} is not writable ({e})") from None
-    try:
-        ds = torchvision.datasets.CIFAR100(str(tmp), train=split == "train", download=True)
-        save_npz_atomic(folder / f"{split}.npz", np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets))
-    except Exception as e:  # any download failure gets the same advice
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in reversed(made):
-            shutil.rmtree(d, ignore_errors=True)
-        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise PoEError(
-            f"CIFAR-100 not found at {folder / (split + '.npz')} and the torchvision download failed ({first}); "
-            "pass --data_root pointing at a folder with cifar100/{train,test}.npz or torchvision's cifar-100-python/"
-        ) from None
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-TINY_LAYOUT = (
-    "tiny-imagenet-200/ as distributed: wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
-    "val/val_annotations.txt (tab-separated: file, wnid, box)"
-)
-
-
 def cache_root() -> Path:
     """Where decoded image folders are cached (``$POE_CACHE``, default ``~/.cache/PoE``): never in the data."""
     return Path(os.environ.get("POE_CACHE") or Path.home() / ".cache" / "PoE")
-
-
-def tiny_listing(folder: Path, split: str) -> tuple[list[Path], list[int]]:
-    """Image files and class indices (position of the wnid in sorted order) of one Tiny-ImageNet split."""
-    if not folder.is_dir():
-        raise PoEError(f"no Tiny-ImageNet folder at {folder}; expected {TINY_LAYOUT}")
-    wnids_file = folder / "wnids.txt"
-    if wnids_file.is_file():
-        wnids = sorted(w.strip() for w in wnids_file.read_text().split() if w.strip())
-    elif (folder / "train").is_dir():
-        wnids = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
-    else:
-        raise PoEError(f"{folder} has neither wnids.txt nor train/; expected {TINY_LAYOUT}")
-    index = {w: i for i, w in enumerate(wnids)}
-    files: list[Path] = []
-    labels: list[int] = []
-    if split == "train":
-        root = folder / "train"
-        if not root.is_dir():
-            raise PoEError(
-                f"no Tiny-ImageNet training images: {root} is missing (a folder without train/ serves evaluation "
-                f"only); expected {TINY_LAYOUT}"
-            )
-        for d in sorted(p for p in root.iterdir() if p.is_dir()):
-            if d.name not in index:
-                raise PoEError(f"{d} is not one of the wnids of {wnids_file}; expected {TINY_LAYOUT}")
-            found = sorted((d / "images").glob("*.JPEG"))
-            if not found:
-                raise PoEError(f"no images in {d / 'images'}; expected {TINY_LAYOUT}")
-            files += found
-            labels += [index[d.name]] * len(found)
-    else:
-        ann = folder / "val" / "val_annotations.txt"
-        if not ann.is_file():
-            raise PoEError(f"no Tiny-ImageNet validation annotations at {ann}; expected {TINY_LAYOUT}")
-        for i, line in enumerate(ann.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) < 2 or fields[1] not in index:
-                raise PoEError(f"{ann} line {i} is not 'file<TAB>wnid<TAB>box' with a known wnid: {line[:80]!r}")
-            files.append(folder / "val" / "images" / fields[0])
-            labels.append(index[fields[1]])
-    if not files:
-        raise PoEError(f"no images listed for the {split} split of {folder}; expected {TINY_LAYOUT}")
-    return files, labels
 
 
 def decode_images(files: list[Path], size: int, progress: bool = True) -> np.ndarray:
@@ -222,60 +106,8 @@ def decode_images(files: list[Path], size: int, progress: bool = True) -> np.nda
     return out
 
 
-def load_tiny_imagenet(folder: Path, split: str, size: int = 64, progress: bool = True) -> tuple[ImageSet, Path]:
-    """One split of a Tiny-ImageNet folder, decoded once into a cached npz keyed by the folder and its listing."""
-    files, labels = tiny_listing(folder, split)
-    key = hashlib.sha256(str(folder.resolve()).encode())
-    for f, y in zip(files, labels, strict=True):
-        key.update(f"{f.name}:{y};".encode())
-    cache = cache_root() / "tinyimagenet" / f"{split}-{key.hexdigest()[:16]}.npz"
-    if not cache.exists():
-        save_npz_atomic(cache, decode_images(files, size, progress), np.asarray(labels, dtype=np.int64))
-    return load_npz(cache, size), cache
-
-
-def load_split_file(
-    dataset: str, data_root: str | Path, split: str, progress: bool = True, classes: list[int] | None = None
-) -> tuple[ImageSet, Path]:
-    """The ``split`` ('train' or 'test') of an in-memory dataset and the npz it was read from.
-
-    CIFAR-100 is read from ``<data_root>/cifar100/<split>.npz`` (downloaded through torchvision when
-    absent); Tiny-ImageNet from ``<data_root>/tiny-imagenet-200/`` (its val/ is the test split). An image
-    folder (ImageNet) is too big for memory: only ``classes``' test images are decoded (resize + centre crop).
-    """
-    from PoE.config import get_dataset
-
-    cfg = get_dataset(dataset)
-    folder = Path(data_root) / cfg.folder
-    if cfg.reader == "imagefolder":
-        if split == "train":
-            raise PoEError(f"{dataset}'s training images are streamed from {folder / 'train'}, not held in memory")
-        if classes is None:
-            raise PoEError(f"{dataset}'s test images are read per query: name the classes (tasks) to evaluate")
-        test = load_folder_split(folder, split, cfg.num_classes, cfg.image_size, classes)
-        return test, folder / "val"
-    if cfg.reader == "tinyimagenet":
-        return load_tiny_imagenet(folder, "train" if split == "train" else "test", cfg.image_size, progress)
-    if cfg.reader != "npz":
-        raise PoEError(f"{dataset} is not held in memory (reader {cfg.reader!r})")
-    path = folder / f"{split}.npz"
-    if not path.exists():
-        held = torchvision_cifar100(Path(data_root), split)
-        if held is not None:
-            return held
-        fetch_cifar100(folder, split)
-    return load_npz(path, cfg.image_size, cfg.num_classes), path
-
-
-def load_split(
-    dataset: str, data_root: str | Path, split: str, progress: bool = True, classes: list[int] | None = None
-) -> ImageSet:
-    """The ``split`` ('train' or 'test') of an in-memory dataset, decoding and caching on first use; an image
-    folder's test split holds ``classes``' images only (in-memory datasets ignore ``classes``)."""
-    return load_split_file(dataset, data_root, split, progress, classes)[0]
-
-
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (the manifest records the training images' file by it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -388,42 +220,6 @@ class TensorLoader:
         return Batch(x, self.data.y[rows].to(self.device, non_blocking=True), idx, view)
 
 
-# ---------------------------------------------------------------------------- ImageNet: a streamed image folder
-FOLDER_LAYOUT = (
-    "{folder}/ with train/<class>/*.JPEG and val/<class>/*.JPEG: one folder per class, the same {n} names in "
-    "both (e.g. the wnids; class id = position in sorted order), val/ sorted into class folders"
-)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def folder_listing(
-    folder: Path, split: str, num_classes: int, classes: list[int] | None = None
-) -> tuple[list[Path], list[int]]:
-    """Image files and class ids of one split of an ImageFolder-style dataset, for ``classes`` only (all when
-    None): only those classes' folders are listed, so a query over a few classes of ImageNet starts at once."""
-    layout = FOLDER_LAYOUT.format(folder=folder.name, n=num_classes)
-    if not folder.is_dir():
-        raise PoEError(f"no image folder at {folder}; expected {layout}")
-    root = folder / ("train" if split == "train" else "val")
-    if not root.is_dir():
-        what = "training" if split == "train" else "validation (test)"
-        raise PoEError(f"no {what} images: {root} is missing; expected {layout}")
-    names = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if len(names) != num_classes:
-        loose = next((f.name for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), None)
-        hint = f" (it holds images such as {loose} directly: sort them into class folders)" if loose else ""
-        raise PoEError(f"{root} has {len(names)} class folders, expected {num_classes}{hint}; expected {layout}")
-    files: list[Path] = []
-    labels: list[int] = []
-    for c in range(num_classes) if classes is None else sorted(classes):
-        found = sorted(f for f in (root / names[c]).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise PoEError(f"no images in {root / names[c]} (class {c}); expected {layout}")
-        files += found
-        labels += [c] * len(found)
-    return files, labels
-
-
 def default_workers() -> int:
     """DataLoader workers when not given: one per core, at most 8."""
     return min(8, os.cpu_count() or 1)
@@ -521,18 +317,6 @@ class FolderLoader:
                 yield Batch(x, y.to(self.device, non_blocking=True), idx, -1)
         except PoEError as e:  # raised in a worker: keep the original one-line message, not the traceback
             raise PoEError(str(e).strip().splitlines()[-1].removeprefix("PoE.errors.PoEError: ")) from None
-
-
-def load_folder_split(
-    folder: Path, split: str, num_classes: int, size: int, classes: list[int] | None, workers: int | None = None
-) -> ImageSet:
-    """The test view (resize + centre crop) of ``classes``' images of one split, decoded by workers into memory:
-    for evaluation, which needs only the query's classes (50 validation images each on ImageNet)."""
-    files, labels = folder_listing(folder, split, num_classes, classes)
-    workers = default_workers() if workers is None else workers
-    loader = FolderLoader(files, labels, 64, lambda x: x, size, "cpu", workers=workers)
-    xs = [b.x.contiguous() for b in loader.ordered()]
-    return ImageSet(torch.cat(xs), loader.labels)
 
 
 IMAGE_INPUTS = (

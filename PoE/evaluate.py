@@ -96,7 +96,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], device: str | tor
 
 
 def count_params(model: nn.Module) -> int:
-    """Trainable-parameter count (BatchNorm running statistics are buffers and are not counted)."""
+    """Parameter count, frozen ones included (BatchNorm running statistics are buffers and are not counted)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -1,4 +1,5 @@
-"""Composite-task experiments: a pool scored over every combination of n of a list of tasks."""
+"""Composite-task experiments: a pool scored over every combination of n of a list of tasks, beside the Oracle
+and the training-based baselines; the rows, tables, CSV files and plots of Run_Evaluation and Run_Experiments."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import csv
 import io
 import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from PoE.config import DatasetConfig
+from PoE.baselines import METHODS, BaselineRunner
 from PoE.data import ImageSet, Normalizer
+from PoE.datasets import DatasetConfig
 from PoE.evaluate import count_macs, count_params, expert_outputs, score_composite
 from PoE.hierarchy import make_query
 from PoE.pool import Pool
@@ -64,7 +69,7 @@ def pool_combinations(
 
 
 def summarize(results: list[ComboResult]) -> list[dict]:
-    """Per n: combinations, mean and (population) std of accuracy, cross-expert share, mean cost."""
+    """Per n: combinations, mean and (population) std of accuracy, cross-expert share, mean cost (rounded)."""
     rows = []
     for n in sorted({len(r.tasks) for r in results}):
         rs = [r for r in results if len(r.tasks) == n]
@@ -79,11 +84,84 @@ def summarize(results: list[ComboResult]) -> list[dict]:
                 "acc_min": min(accs),
                 "acc_max": max(accs),
                 "cross_expert_error_share": statistics.fmean(shares) if shares else float("nan"),
-                "macs": statistics.fmean(r.macs for r in rs),
-                "params": statistics.fmean(r.params for r in rs),
+                "macs": round(statistics.fmean(r.macs for r in rs)),
+                "params": round(statistics.fmean(r.params for r in rs)),
             }
         )
     return rows
+
+
+def combination_rows(results: list[ComboResult]) -> list[dict]:
+    """One row per combination."""
+    return [{"n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy, "n_test": r.n_test,
+             "cross_expert_errors": r.cross_errors, "errors": r.errors, "macs": r.macs, "params": r.params}
+            for r in results]  # fmt: skip
+
+
+def compare(
+    pool: Pool,
+    tasks: list[str],
+    ns: list[int],
+    methods: list[str],
+    test: ImageSet,
+    oracle: Callable[[], nn.Module],
+    baseline: Callable[[str], BaselineRunner],
+    combos_per_n: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict], list[ComboResult]]:
+    """A row per method and combination of n of ``tasks`` (the Oracle restricted to the composite's classes, PoE,
+    and each baseline of ``methods`` on a seeded sample of ``combos_per_n`` combinations per n, 0: all), and
+    PoE's results on every combination. ``oracle()`` and ``baseline(method)`` are called when needed."""
+    rows: list[dict] = []
+    if "oracle" in methods:
+        combos = [c for n in ns for c in sample_combinations(tasks, n, 0)]
+        rows += oracle_combinations(oracle(), pool.cfg, combos, test, pool.device)
+    poe = pool_combinations(pool, tasks, ns, test, progress=progress)
+    if "poe" in methods:
+        for r in poe:
+            rows.append({"method": "poe", "n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy,
+                         "n_test": r.n_test, "macs": r.macs, "params": r.params,
+                         "seconds": pool.query(list(r.tasks)).build_ms / 1e3})  # fmt: skip
+    for method in [m for m in methods if m in METHODS]:
+        runner = baseline(method)
+        for n in ns:
+            for combo in sample_combinations(tasks, n, combos_per_n, seed):
+                r = runner.run(method, list(combo))
+                rows.append({"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
+                             "n_test": r.n_test, "macs": r.macs, "params": r.params, "seconds": r.seconds,
+                             "teacher_seconds": r.teacher_seconds})  # fmt: skip
+    return rows, poe
+
+
+def cross_expert_rows(
+    pools: dict[str, Pool], both: list[ComboResult], tasks: list[str], ns: list[int], test: ImageSet
+) -> list[dict]:
+    """Per pool (named by the losses its experts were trained with) and n: accuracy and the share of errors that
+    are cross-expert errors. The pool named 'both' is the main one, whose results ``both`` are reused."""
+    rows = []
+    for name, pool in pools.items():
+        results = both if name == "both" else pool_combinations(pool, tasks, ns, test)
+        for r in summarize(results):
+            rows.append({"experts trained with": name, "n": r["n"], "accuracy": r["acc_mean"],
+                         "cross-expert errors / errors (%)": r["cross_expert_error_share"]})  # fmt: skip
+    return rows
+
+
+SUMMARY_COLUMNS = [
+    ("n", "n"),
+    ("combinations", "combinations"),
+    ("acc_mean", "accuracy mean (%)"),
+    ("acc_std", "std"),
+    ("acc_min", "min"),
+    ("acc_max", "max"),
+    ("cross_expert_error_share", "cross-expert errors / errors (%)"),
+    ("macs", "multiply-adds"),
+    ("params", "parameters"),
+]
+METHOD_COLUMNS = [("method", "method"), ("n", "n"), ("combinations", "combinations"), ("acc_mean", "accuracy (%)"),
+                  ("acc_std", "std"), ("macs", "multiply-adds"), ("params", "parameters"),
+                  ("seconds_per_query", "time per query (s)")]  # fmt: skip
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -109,6 +187,12 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_table(stem: str | Path, text: str, rows: list[dict[str, Any]]) -> None:
+    """``<stem>.md`` (the table as printed) and ``<stem>.csv`` (its rows)."""
+    write_text(f"{stem}.md", text + "\n")
+    write_csv(f"{stem}.csv", rows)
 
 
 def sample_combinations(tasks: list[str], n: int, k: int | None, seed: int = 0) -> list[tuple[str, ...]]:

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from PoE.config import DatasetConfig, get_dataset
 from PoE.consolidate import RawInput, TaskSpecificModel
-from PoE.data import image_batch
+from PoE.data import ImageSet, Normalizer, image_batch
+from PoE.datasets import DatasetConfig, get_dataset
 from PoE.errors import PoEError
+from PoE.evaluate import accuracy, count_macs, count_params
 from PoE.hierarchy import Query, make_query
 from PoE.networks import build_library, expert_from_state
 from PoE.precision import autocast
@@ -148,11 +149,15 @@ class TaskModel:
     def cost(self) -> tuple[int, int]:
         """(multiply-adds per image, parameters) of the consolidated model."""
         if self._cost is None:
-            from PoE.evaluate import count_macs, count_params
-
             shape = (3, self.cfg.image_size, self.cfg.image_size)
             self._cost = (count_macs(self.module, shape, self.device), count_params(self.module))
         return self._cost
+
+    def accuracy(self, test: ImageSet, progress: bool = False) -> tuple[float, int]:
+        """(accuracy in %, images) on the test images of the query's classes, at the pool's precision."""
+        normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
+        return accuracy(self.module, test, self.classes, normalize, self.device, progress=progress,
+                        precision=self.precision)  # fmt: skip
 
     @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:
@@ -169,7 +174,11 @@ class TaskModel:
     def predict(self, images: Any) -> Prediction:
         """``images``: uint8 H x W x 3 arrays (one, or a stack N x H x W x 3), PIL images, or float tensors in
         [0, 1] shaped 3 x H x W or N x 3 x H x W."""
-        probs = self.logits(images).softmax(1)
+        return self.prediction(self.logits(images))
+
+    def prediction(self, logits: torch.Tensor) -> Prediction:
+        """The prediction of logits over ``classes`` (from ``logits`` or from a batched forward elsewhere)."""
+        probs = logits.float().cpu().softmax(1)
         pos = probs.argmax(1).tolist()
         names = self.class_names
         return Prediction([self.classes[p] for p in pos], [names[p] for p in pos], probs, self.classes, names)
@@ -178,7 +187,7 @@ class TaskModel:
         """Write the model with ``torch.export`` (CPU, fp32 weights; ``bf16``: the graph runs under bfloat16
         autocast). The program takes float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
         target = check_export_path(path)
-        module = self.module if self.device.type == "cpu" else copy_to_cpu(self.module)
+        module = private_copy(self.module)  # tracing must not touch the modules other queries share
         wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
         example = torch.rand(2, 3, self.cfg.image_size, self.cfg.image_size)
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
@@ -188,10 +197,11 @@ class TaskModel:
         atomic_write(target, lambda f: torch.export.save(program, f))
 
 
-def copy_to_cpu(module: nn.Module) -> nn.Module:
+def private_copy(module: nn.Module) -> nn.Module:
+    """A CPU copy with contiguous (not channels_last) weights: what ``torch.export.save`` stores cleanly."""
     import copy
 
-    return copy.deepcopy(module).cpu()
+    return copy.deepcopy(module).cpu().to(memory_format=torch.contiguous_format)
 
 
 def check_export_path(path: str | Path) -> Path:
@@ -223,9 +233,8 @@ class Pool:
                 raise PoEError(f"{paths.expert(task)} is not a {cfg.name} task; known tasks: {', '.join(cfg.tasks)}")
             self.experts[task], self.expert_meta[task] = read_expert(paths, cfg, task, self.library,
                                                                      self.library_meta)  # fmt: skip
-        self.library.to(self.device)
-        for e in self.experts.values():
-            e.to(self.device)
+        for m in (self.library, *self.experts.values()):  # channels_last weights: the fast layout for convolutions
+            m.to(self.device, memory_format=torch.channels_last)
         self.open_ms = (time.perf_counter() - t0) * 1e3  # reading and checking every part
         unchecked = [paths.library.name] if "id" not in self.library_meta else []
         unchecked += [f"expert_{t}.pt" for t, m in self.expert_meta.items() if "id" not in m]
@@ -260,7 +269,8 @@ class Pool:
         """Consolidate the library and the experts of ``tasks`` into one model (shared modules, no copies)."""
         t0 = time.perf_counter()
         query = self.make_query(tasks)
-        module = TaskSpecificModel(self.library, [self.experts[t] for t in query.tasks], query).eval()
+        module = TaskSpecificModel(self.library, [self.experts[t] for t in query.tasks], query)
+        module.training = False  # its parts are in eval mode already; .eval() would walk every one of them
         module.order = module.order.to(self.device)
         ms = (time.perf_counter() - t0) * 1e3
         return TaskModel(module, query, self.cfg, self.device, ms, self.precision)

@@ -26,8 +26,6 @@ from torch import nn
 
 from PoE.errors import PoEError
 
-FORMAT = 1
-
 
 def atomic_write(path: str | Path, write: Any) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place."""

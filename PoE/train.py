@@ -17,10 +17,10 @@ from torch import nn
 from tqdm import tqdm
 
 from PoE import distributed
-from PoE.config import StageConfig
 from PoE.data import Batch
 from PoE.errors import PoEError
 from PoE.precision import autocast
+from PoE.profiles import StageConfig
 from PoE.store import load_checkpoint, save_checkpoint
 
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from PoE import distributed
-from PoE.config import StageConfig
 from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.profiles import StageConfig
 from PoE.train import train_stage
 
 
@@ -66,17 +66,18 @@ def toy_worker(index: int, port: int, out: str) -> None:
 
 
 def main(out: Path, argv: list[str]) -> int:
-    import PoE.preprocess as pre
+    import PoE.stages as stages
     from PoE.cli import main_preprocessing
+    from PoE.store import state_id
 
     ids: dict[str, dict[str, str]] = {}
 
     def recording(name, modules, *args, **kwargs):  # train_stage, noting what each rank ends the stage with
         history = train_stage(name, modules, *args, **kwargs)
-        ids[name] = {k: pre.state_id(m) for k, m in modules.items()}
+        ids[name] = {k: state_id(m) for k, m in modules.items()}
         return history
 
-    pre.train_stage = recording
+    stages.train_stage = recording
     rank = os.environ["RANK"]  # read now: the process group is gone when main_preprocessing returns
     rc = main_preprocessing(argv)
     (out / f"rank{rank}.json").write_text(json.dumps({"rc": rc, "ids": ids}))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from PoE.baselines import METHODS, BaselineRunner, padded_kd, restricted_kd
-from PoE.config import StageConfig, get_dataset
-from PoE.data import load_split
+from PoE.datasets import get_dataset, load_split
 from PoE.errors import PoEError
 from PoE.pool import Pool
+from PoE.profiles import StageConfig
 
 from .conftest import official_student
 
@@ -94,3 +94,16 @@ def test_baselines_command_prints_methods_beside_poe(capsys, official_cifar, dat
     assert rows[1]["accuracy"] == pytest.approx(74.70, abs=0.01) and rows[0]["n_test"] == 1000
     assert main_baselines(["--queriedTask", "people", "--schedule", "cosine", "--db", str(official_cifar)]) == 2
     assert "argument --schedule: invalid choice: 'cosine'" in capsys.readouterr().err
+
+
+def test_ckd_from_cached_oracle_views(runner):
+    """--ckd_views 2: the Oracle's logits are computed once per view of the query's images and cached; the
+    student trained on them is the same network as with the Oracle run on every batch."""
+    runner.ckd_views = 2
+    try:
+        result = runner.run("ckd", TASKS)
+    finally:
+        runner.ckd_views = 0
+    assert result.method == "ckd" and 0.0 <= result.accuracy <= 100.0 and result.seconds > 0
+    cached = sorted(p.name[-11:] for p in (runner.teacher_dir / "ckd_people+vehicles_1").glob("teacher_*.pt"))
+    assert cached == ["view0000.pt"]  # one epoch uses one of the two views; only it is made

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from PoE.config import get_dataset
-from PoE.data import ImageSet, Normalizer, TensorLoader, load_split
+from PoE.data import ImageSet, Normalizer, TensorLoader
+from PoE.datasets import get_dataset, load_split
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy
 from PoE.networks import build_network

@@ -16,8 +16,7 @@ import torchvision
 from PIL import Image
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.config import get_dataset
-from PoE.data import load_split
+from PoE.datasets import get_dataset, load_split
 from PoE.errors import PoEError
 from PoE.networks import MobileNetExpert, MobileNetLibrary
 
@@ -132,11 +131,11 @@ def test_end_to_end_tiny_pool_and_service(tmp_path, imagenet_root, stand_in_weig
 
 
 def test_paper_schedule_and_model_cost():
-    from PoE.config import for_dataset, get_profile
     from PoE.consolidate import TaskSpecificModel
     from PoE.evaluate import count_params
     from PoE.hierarchy import make_query
     from PoE.networks import new_expert
+    from PoE.profiles import for_dataset, get_profile
 
     prof = for_dataset(get_profile("paper"), CFG)
     assert prof.oracle_arch is None and prof.teacher_views == 0  # the pretrained Oracle, on every batch

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.data import load_split
+from PoE.datasets import load_split
 from PoE.errors import PoEError
 from PoE.pool import Pool
 from PoE.store import load_checkpoint, save_checkpoint

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.config import StageConfig
-from PoE.data import Batch, ImageSet, Normalizer, TensorLoader, load_split
+from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.datasets import load_split
 from PoE.errors import PoEError
 from PoE.networks import WideResNet, WRNSpec
-from PoE.preprocess import TeacherOutputs
+from PoE.profiles import StageConfig
 from PoE.store import load_checkpoint, save_checkpoint, state_id
+from PoE.teacher import TeacherOutputs
 from PoE.train import train_stage
 
 from .conftest import TINY, install_stand_in_oracle

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from PoE.cli import main_service
-from PoE.config import get_dataset
+from PoE.datasets import get_dataset
 from PoE.pool import Pool
 
 from .conftest import run_script

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.config import get_dataset
-from PoE.data import load_split
+from PoE.datasets import get_dataset, load_split
 from PoE.errors import PoEError
 
 from .conftest import need, shared_dir

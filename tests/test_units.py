@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from PoE.config import DATASETS, StageConfig
 from PoE.consolidate import TaskSpecificModel
 from PoE.data import ImageSet, crop_flip, view_params
+from PoE.datasets import DATASETS, cifar100, tinyimagenet
 from PoE.errors import PoEError
 from PoE.evaluate import count_macs, count_params, cross_expert_share
-from PoE.hierarchy import CIFAR100_TASKS, TINYIMAGENET_TASKS, check_disjoint, make_query
+from PoE.hierarchy import check_disjoint, make_query
 from PoE.losses import ckd_loss, kd_loss, scale_loss
 from PoE.networks import WideResNet, WRNLibrary, WRNSpec, expert_from_state, new_expert
+from PoE.profiles import StageConfig
 from PoE.store import atomic_write, load_checkpoint, load_into, save_checkpoint
 
 
@@ -89,16 +90,16 @@ def test_official_checkpoints_load_with_inferred_shapes(official_cifar):
 
 # ------------------------------------------------------------------ hierarchy
 def test_cifar_superclasses_partition_the_100_classes():
-    assert len(CIFAR100_TASKS) == 20
-    flat = sorted(c for cls in CIFAR100_TASKS.values() for c in cls)
+    assert len(cifar100.TASKS) == 20
+    flat = sorted(c for cls in cifar100.TASKS.values() for c in cls)
     assert flat == list(range(100))
-    assert all(len(v) == 5 for v in CIFAR100_TASKS.values())
+    assert all(len(v) == 5 for v in cifar100.TASKS.values())
 
 
 def test_tinyimagenet_groups_are_disjoint_and_in_range():
-    check_disjoint(TINYIMAGENET_TASKS)
-    assert len(TINYIMAGENET_TASKS) == 34
-    assert all(0 <= c < 200 for cls in TINYIMAGENET_TASKS.values() for c in cls)
+    check_disjoint(tinyimagenet.TASKS)
+    assert len(tinyimagenet.TASKS) == 34
+    assert all(0 <= c < 200 for cls in tinyimagenet.TASKS.values() for c in cls)
     for cfg in DATASETS.values():
         check_disjoint(cfg.tasks)
         assert set(cfg.default_tasks) <= set(cfg.tasks)
@@ -123,13 +124,13 @@ def test_query_positions():
 )
 def test_query_errors(names, message):
     with pytest.raises(PoEError, match=message):
-        make_query(names, CIFAR100_TASKS, "cifar100")
+        make_query(names, cifar100.TASKS, "cifar100")
 
 
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(PoEError) as e:
-        make_query(["nope"], CIFAR100_TASKS, "cifar100")
-    assert all(t in str(e.value) for t in CIFAR100_TASKS)
+        make_query(["nope"], cifar100.TASKS, "cifar100")
+    assert all(t in str(e.value) for t in cifar100.TASKS)
 
 
 # ------------------------------------------------------------------ data
@@ -196,7 +197,7 @@ def test_consolidated_logits_land_at_their_class_positions():
 def test_consolidated_model_equals_running_each_expert():
     torch.manual_seed(0)
     lib = WRNLibrary(WRNSpec(16, 1)).eval()
-    table = {k: CIFAR100_TASKS[k] for k in ("people", "trees", "fish")}
+    table = {k: cifar100.TASKS[k] for k in ("people", "trees", "fish")}
     q = make_query(list(table), table)
     experts = [new_expert(lib, 16, 5).eval() for _ in q.tasks]
     model = TaskSpecificModel(lib, experts, q).eval()
@@ -267,7 +268,7 @@ def test_cifar100_is_fetched_through_torchvision_once_and_cached(tmp_path, monke
     import numpy as np
     import torchvision
 
-    from PoE.data import load_split
+    from PoE.datasets import load_split
 
     class FakeCIFAR100:  # what torchvision's dataset exposes after a download
         def __init__(self, root, train, download):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from PoE.config import DatasetConfig
+from PoE.datasets import DatasetConfig
 from PoE.networks import mobilenetv2, wrn
 from PoE.networks.mobilenetv2 import MobileNetExpert, MobileNetLibrary
 from PoE.networks.wrn import WideResNet, WRNExpert, WRNLibrary, WRNSpec, library_spec_from_state

@@ -8,7 +8,7 @@ holds ``block3``/``bn1``/``fc``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +73,6 @@ class WRNSpec:
     @property
     def name(self) -> str:
         return f"wrn-{self.depth}-{self.widen}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @staticmethod
     def parse(text: str, first_stride: int = 1) -> WRNSpec:

@@ -1,119 +1,20 @@
-"""Per-dataset configuration and per-profile training schedules.
+"""Training schedules: a ``StageConfig`` per stage, and the named profiles that set them (``--profile``).
 
-Datasets differ only by the values here; every stage runs the same code.
+The paper's distillation constants and learning rate are written once here and shared by the profiles and by
+the baselines' command lines.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
+from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
-from PoE.hierarchy import (
-    CIFAR100_CLASSES,
-    CIFAR100_DEFAULT,
-    CIFAR100_TASKS,
-    IMAGENET_DEFAULT,
-    IMAGENET_TASKS,
-    TINYIMAGENET_CLASSES,
-    TINYIMAGENET_DEFAULT,
-    TINYIMAGENET_TASKS,
-)
 
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    name: str  # command-line name and folder under data_root / the pool
-    tag: str  # suffix of the original code's file names (library_<tag>.pt)
-    num_classes: int
-    image_size: int
-    crop_pad: int  # zero padding of the random crop
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    tasks: dict[str, list[int]]
-    default_tasks: list[str]
-    oracle_arch: str  # the paper's Oracle
-    library_arch: str  # the WRN whose front is the library
-    expert_width: int  # width of an expert's block3
-    first_stride: int = 1
-    folder: str = ""  # under data_root (default: name)
-    reader: str = "npz"  # npz: <folder>/{train,test}.npz; tinyimagenet: the distributed JPEG folder;
-    # imagefolder: train/<class>/*, val/<class>/* streamed from disk (too big for memory)
-    pretrained: bool = False  # Oracle and library come with ImageNet weights: only the experts are trained
-    expert_stage: dict = field(default_factory=dict)  # the paper's expert schedule where it differs (paper profile)
-    class_names: tuple[str, ...] = ()  # by class id (ImageNet: torchvision's category names, read on first use)
-
-    def __post_init__(self) -> None:
-        if not self.folder:
-            object.__setattr__(self, "folder", self.name)
-
-    def class_name(self, class_id: int) -> str:
-        if not self.class_names and self.name == "imagenet":
-            from torchvision.models import MobileNet_V2_Weights
-
-            object.__setattr__(self, "class_names", tuple(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]))
-        return self.class_names[class_id] if class_id < len(self.class_names) else f"class {class_id}"
-
-
-DATASETS: dict[str, DatasetConfig] = {
-    "cifar100": DatasetConfig(
-        name="cifar100",
-        tag="cifar100",
-        num_classes=100,
-        image_size=32,
-        crop_pad=4,
-        # the original code's constants (its released experts expect exactly these)
-        mean=(0.5071, 0.4867, 0.4408),
-        std=(0.2675, 0.2565, 0.2761),
-        tasks=CIFAR100_TASKS,
-        default_tasks=CIFAR100_DEFAULT,
-        class_names=CIFAR100_CLASSES,
-        oracle_arch="wrn-40-4",
-        library_arch="wrn-16-1",
-        expert_width=16,
-    ),
-    "tinyimagenet": DatasetConfig(
-        name="tinyimagenet",
-        tag="TinyImageNet",
-        num_classes=200,
-        image_size=64,
-        crop_pad=8,
-        mean=(0.485, 0.456, 0.406),  # ImageNet statistics, as the original code
-        std=(0.229, 0.224, 0.225),
-        tasks=TINYIMAGENET_TASKS,
-        default_tasks=TINYIMAGENET_DEFAULT,
-        class_names=TINYIMAGENET_CLASSES,
-        oracle_arch="wrn-16-10",
-        library_arch="wrn-16-2",
-        expert_width=16,
-        first_stride=2,
-        folder="tiny-imagenet-200",
-        reader="tinyimagenet",
-    ),
-    "imagenet": DatasetConfig(
-        name="imagenet",
-        tag="ImageNet",
-        num_classes=1000,
-        image_size=224,  # random resized crop 224 + flip (train); resize 256 + centre crop 224 (test)
-        crop_pad=0,
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        tasks=IMAGENET_TASKS,
-        default_tasks=IMAGENET_DEFAULT,
-        oracle_arch="wide_resnet101_2",  # torchvision, ImageNet weights
-        library_arch="mobilenet_v2",  # features[:18] of torchvision's, ImageNet weights
-        expert_width=80,  # MobileNetV2's 1280-wide last conv narrowed 16x
-        reader="imagefolder",
-        pretrained=True,
-        expert_stage={"epochs": 20, "lr": 0.01, "milestones": (0.5, 0.75)},  # x0.1 at epochs 10 and 15
-    ),
-}
-
-
-def get_dataset(name: str) -> DatasetConfig:
-    if name not in DATASETS:
-        raise PoEError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    return DATASETS[name]
+KD_T = 4.0  # distillation temperature (library, experts, and the baselines that distill)
+KD_ALPHA = 0.3  # weight of L_scale in an expert's loss (and of the L1 term of the CKD baseline)
+PAPER_LR = 0.1  # the paper's SGD learning rate: every stage of the paper profile, and the baselines
 
 
 @dataclass(frozen=True)
@@ -147,14 +48,16 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class Profile:
+    """A named set of schedules (``--profile``): the Oracle's network, each stage's schedule, the teacher cache."""
+
     name: str
     description: str
     oracle_arch: str | None  # None: the dataset's paper Oracle
     oracle: StageConfig
     library: StageConfig
     experts: StageConfig
-    T: float = 4.0
-    alpha: float = 0.3
+    T: float = KD_T
+    alpha: float = KD_ALPHA
     teacher_views: int = 0  # distinct augmented views whose Oracle logits are cached (0: one per epoch)
     compile: tuple[str, ...] = ()  # stages whose training step is torch.compile'd on CUDA (slower on CPU)
 
@@ -164,9 +67,9 @@ PROFILES: dict[str, Profile] = {
         name="paper",
         description="the paper's schedules: Oracle and library 200 epochs (x0.1 at 80, 160), experts 100 (40, 80)",
         oracle_arch=None,
-        oracle=StageConfig(epochs=200, lr=0.1),
-        library=StageConfig(epochs=200, lr=0.1),
-        experts=StageConfig(epochs=100, lr=0.1),
+        oracle=StageConfig(epochs=200, lr=PAPER_LR),
+        library=StageConfig(epochs=200, lr=PAPER_LR),
+        experts=StageConfig(epochs=100, lr=PAPER_LR),
     ),
     "quick": Profile(
         name="quick",
