@@ -271,32 +271,40 @@ def plot_results(summary: list[dict], out_dir: Path, title: str) -> list[Path]:
     title = "\n".join(textwrap.wrap(title, 90))  # a long task list would run off the figure
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in summary)]
+    ns = sorted({r["n"] for r in summary})
+    markers = dict(zip(ns, "osD^vP*X", strict=False))  # accuracy_vs_time: one marker shape per n, no labels
     paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in methods:
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    for i, m in enumerate(methods):
         rs = [r for r in summary if r["method"] == m]
-        ax.errorbar([r["n"] for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs], marker="o",
-                    capsize=3, label=m)  # fmt: skip
+        shift = (i - (len(methods) - 1) / 2) * 0.04  # side by side, so error bars do not hide each other
+        ax.errorbar([r["n"] + shift for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
+                    marker="o", capsize=3, label=m)  # fmt: skip
+    ax.set_xticks(ns)  # n is a count of tasks: whole numbers only
     ax.set_xlabel("primitive tasks in the query (n)")
     ax.set_ylabel("accuracy on the composite task (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: hides nothing
     paths.append(out_dir / "accuracy_vs_n.png")
     save_figure(fig, paths[-1])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in methods:
-        rs = [r for r in summary if r["method"] == m and r["seconds_per_query"] > 0]
-        if rs:
-            ax.scatter([r["seconds_per_query"] for r in rs], [r["acc_mean"] for r in rs], label=m)
-            for r in rs:
-                ax.annotate(f"n={r['n']}", (r["seconds_per_query"], r["acc_mean"]), fontsize=6)
+    fig, ax = plt.subplots(figsize=(7.6, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
+        for r in (r for r in summary if r["method"] == m and r["seconds_per_query"] > 0):
+            ax.scatter(r["seconds_per_query"], r["acc_mean"], color=colors[i % len(colors)], marker=markers[r["n"]],
+                       s=36)  # fmt: skip
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", linestyle="", label=m)
+               for i, m in enumerate(methods)]  # fmt: skip
+    handles += [Line2D([], [], color="gray", marker=markers[n], linestyle="", label=f"n = {n}") for n in ns]
     ax.set_xscale("log")
     ax.set_xlabel("time to produce the model for a query (s, log scale)")
     ax.set_ylabel("accuracy on the composite task (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     paths.append(out_dir / "accuracy_vs_time.png")
     save_figure(fig, paths[-1])
     return paths

@@ -103,3 +103,16 @@ def install_stand_in_oracle(official_cifar: Path, pretrained: Path, db: Path | N
         save_checkpoint(db / "cifar100" / "library_cifar100.pt", {**lib, "kind": "library",
                                                                    "state_dict": net.front.state_dict()})  # fmt: skip
     return tid
+
+
+def fake_cifar(root: Path, n_train: int, n_test: int) -> Path:
+    """A generated CIFAR-100-shaped data folder (random pixels, labels cycling through the 100 classes): for
+    runs whose speed or plumbing, not accuracy, is under test. Returns the data root."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder = root / "cifar100"
+    folder.mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        np.savez(folder / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=np.arange(n) % 100)
+    return root

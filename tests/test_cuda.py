@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,6 +23,8 @@ from PoE.profiles import StageConfig
 from PoE.store import state_id
 from PoE.teacher import TeacherOutputs
 from PoE.train import compiled, train_stage
+
+from .conftest import fake_cifar
 
 pytestmark = [
     pytest.mark.cuda,
@@ -149,12 +150,7 @@ def test_released_pool_predicts_the_same_on_gpu(official_cifar, data_root):
 
 def test_tiny_preprocessing_and_service_on_the_gpu(tmp_path, capsys):
     """Every stage on CUDA with bf16 and torch.compile, on a generated CIFAR-shaped data folder."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data" / "cifar100"
-    folder.mkdir(parents=True)
-    for split, n in (("train", 1024), ("test", 500)):
-        np.savez(folder / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                 y=np.arange(n) % 100)  # fmt: skip
+    fake_cifar(tmp_path / "data", 1024, 500)
     db, pre = tmp_path / "db", tmp_path / "pre"
     rc = main_preprocessing(["--profile", "quick", "--oracle_arch", "wrn-10-1", "--epochs", "2", "--batch_size",
                              "128", "--teacher_views", "2", "--tasks", "people", "vehicles_1", "--no_progress",

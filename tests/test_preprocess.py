@@ -18,7 +18,7 @@ from PoE.store import load_checkpoint, save_checkpoint, state_id
 from PoE.teacher import TeacherOutputs
 from PoE.train import train_stage
 
-from .conftest import TINY, install_stand_in_oracle
+from .conftest import TINY, fake_cifar, install_stand_in_oracle
 
 
 def test_tiny_run_builds_a_pool_the_service_loads(tiny_pool, data_root, capsys):
@@ -176,3 +176,20 @@ def test_load_split_reads_real_cifar(data_root):
     test = load_split("cifar100", data_root, "test")
     assert test.x.shape == (10000, 3, 32, 32) and test.x.dtype == torch.uint8
     assert torch.bincount(test.y).tolist() == [100] * 100
+
+
+@pytest.mark.slow
+def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
+    """--profile gpu (the paper's WRN-40-4 Oracle, WRN-16-1 library, 16-wide experts, cached views) end to end
+    with --device cpu on a generated data folder, one epoch per stage: the profile's plumbing, not its speed."""
+    root = fake_cifar(tmp_path / "data", 256, 200)
+    rc = main_preprocessing(["--profile", "gpu", "--device", "cpu", "--epochs", "1", "--batch_size", "128",
+                             "--teacher_views", "1", "--tasks", "people", "vehicles_2", "--no_progress",
+                             "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained",
+                             str(tmp_path / "pre")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "db" / "cifar100" / "manifest.json").read_text())
+    assert manifest["profile"] == "gpu" and manifest["oracle"]["arch"] == "wrn-40-4" and manifest["compile"] == []
+    assert set(manifest["experts"]) == {"people", "vehicles_2"}
+    assert all(p.stat().st_size <= 16 << 20 for p in (tmp_path / "pre" / "cifar100").glob("oracle.pt*"))
+    assert len(list((tmp_path / "pre" / "cifar100").glob("oracle.pt.*"))) == 2  # fp16 WRN-40-4 in two shards
