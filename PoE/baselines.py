@@ -237,6 +237,11 @@ class BaselineRunner:
         return (result, net) if keep else result
 
 
+def budget_epochs(method: str, budget: float = 1.0) -> int:
+    """Epochs of ``method`` at ``budget`` times the paper's schedule (at least one)."""
+    return max(1, round(paper_epochs(method) * budget))
+
+
 def paper_epochs(method: str) -> int:
     """The paper's schedule length: 100 epochs for the methods that train a head on PoE's library, else 200."""
     return 100 if method in ("transfer", "ckd") else 200
@@ -270,8 +275,9 @@ def baseline_runner(
     progress: bool = True,
     precision: str = "fp32",
     ckd_views: int = 0,
+    budget: float = 1.0,
 ) -> BaselineRunner:
-    """A BaselineRunner for ``method`` (``epochs`` None: the paper's for it). The Oracle is read from
+    """A BaselineRunner for ``method`` (``epochs`` None: ``budget`` times the paper's schedule). The Oracle is read from
     ``pretrained`` and the pool opened by ``open_pool`` only when the method needs them, the pool once."""
     opened: list[Pool] = []
 
@@ -281,7 +287,7 @@ def baseline_runner(
         pool = opened[0]
         return pool.library if task is None else pool.experts[pool.make_query([task]).tasks[0]]
 
-    stage = StageConfig(epochs=epochs or paper_epochs(method), lr=lr, batch_size=batch_size, schedule=schedule)
+    stage = StageConfig(epochs=epochs or budget_epochs(method, budget), lr=lr, batch_size=batch_size, schedule=schedule)
     return BaselineRunner(cfg, train, test, device, stage, T, alpha, seed,
                           oracle=lambda: load_oracle(pretrained, cfg, device), pool_part=pool_part,
                           teacher_dir=Path(pretrained) / cfg.name / "baselines", progress=progress,

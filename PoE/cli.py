@@ -509,6 +509,8 @@ def baselines_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", type=POSITIVE, default=KD_T, help="distillation temperature")
     p.add_argument("--alpha", type=NONNEG, default=KD_ALPHA, help="weight of the L1 term of CKD")
     p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
+    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
+                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
     p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
                    "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list (last line)")
@@ -532,7 +534,7 @@ def runners(
     precision = resolve_precision(a.precision, device)
     return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device),
                                           a.pretrained, a.epochs, a.lr, a.batch_size, a.schedule, T, alpha, a.seed,
-                                          not a.no_progress, precision, a.ckd_views)  # fmt: skip
+                                          not a.no_progress, precision, a.ckd_views, a.budget)  # fmt: skip
 
 
 def baselines_body(a: argparse.Namespace) -> int:
@@ -594,6 +596,8 @@ def experiments_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
                    "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
+    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
+                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
     p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
                    "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
     p.add_argument("--out", default="addImg", help="folder for the tables and plots")
@@ -636,10 +640,11 @@ def experiments_body(a: argparse.Namespace) -> int:
                         baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
                         progress=not a.no_progress)  # fmt: skip
     schedule_note = ""
+    epochs_text = a.epochs or ("the paper's" if a.budget == 1 else f"{a.budget:g} x the paper's")
     if any(m in METHODS for m in a.methods):
         schedule_note = (
             f"baselines: {a.combos_per_n or 'all'} combination(s) per n (seed {a.seed}), SGD lr {a.lr}, batch "
-            f"{a.batch_size}, {a.schedule} schedule, {a.epochs or 'paper'} epochs, trained in "
+            f"{a.batch_size}, {a.schedule} schedule, {epochs_text} epochs, trained in "
             f"{resolve_precision(a.precision, device)}"
             f"{f', ckd from {a.ckd_views} cached Oracle views' if a.ckd_views else ''}; every accuracy scored in fp32; "
         )
