@@ -187,7 +187,7 @@ class TaskModel:
         """Write the model with ``torch.export`` (CPU, fp32 weights; ``bf16``: the graph runs under bfloat16
         autocast). The program takes float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
         target = check_export_path(path)
-        module = private_copy(self.module)  # tracing must not touch the modules other queries share
+        module = private_copy(self.module, fold=precision == "fp32")  # tracing must not touch shared modules
         wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
         example = torch.rand(2, 3, self.cfg.image_size, self.cfg.image_size)
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
@@ -197,11 +197,16 @@ class TaskModel:
         atomic_write(target, lambda f: torch.export.save(program, f))
 
 
-def private_copy(module: nn.Module) -> nn.Module:
-    """A CPU copy with contiguous (not channels_last) weights: what ``torch.export.save`` stores cleanly."""
+def private_copy(module: nn.Module, fold: bool) -> nn.Module:
+    """A CPU copy in contiguous (not channels_last) layout, what ``torch.export.save`` stores cleanly; with
+    ``fold``, BatchNorm folded into the convolutions it follows (fp32 only: folded weights rounded to bf16
+    moved 1.4% of predictions, against 0.8% without folding)."""
     import copy
 
-    return copy.deepcopy(module).cpu().to(memory_format=torch.contiguous_format)
+    from PoE.networks.wrn import fold_batchnorm
+
+    module = copy.deepcopy(module).cpu().eval()
+    return (fold_batchnorm(module) if fold else module).to(memory_format=torch.contiguous_format)
 
 
 def check_export_path(path: str | Path) -> Path:

@@ -16,6 +16,7 @@ that drift of the machine hits them alike. Agreement = share of images whose arg
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -38,16 +39,22 @@ QUERIES = {
 }
 
 
+def plain(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy in PyTorch's default (contiguous, NCHW) layout, as the original code keeps its modules."""
+    return copy.deepcopy(module).to(memory_format=torch.contiguous_format)
+
+
 def reference(pool: Pool, tasks: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The original code's service loop: normalise, library, each expert, concatenate, reorder (NCHW fp32)."""
     query = pool.make_query(tasks)
-    experts = [pool.experts[t] for t in query.tasks]
+    library = plain(pool.library)
+    experts = [plain(pool.experts[t]) for t in query.tasks]
     order = torch.tensor(query.order)
     mean = torch.tensor(pool.cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(pool.cfg.std).view(1, 3, 1, 1)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        features = pool.library((x - mean) / std)
+        features = library((x - mean) / std)
         return torch.cat([e(features) for e in experts], 1)[:, order]
 
     return run
