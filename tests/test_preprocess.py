@@ -178,7 +178,6 @@ def test_load_split_reads_real_cifar(data_root):
     assert torch.bincount(test.y).tolist() == [100] * 100
 
 
-@pytest.mark.slow
 def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
     """--profile gpu (the paper's WRN-40-4 Oracle, WRN-16-1 library, 16-wide experts, cached views) end to end
     with --device cpu on a generated data folder, one epoch per stage: the profile's plumbing, not its speed."""
