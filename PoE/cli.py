@@ -428,7 +428,8 @@ def evaluation_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n", nargs="+", type=POSITIVE_INT, default=None, help="combination sizes (default: 2 .. len(tasks)-1)"
     )
-    p.add_argument("--out", default=None, help="also write <out>.md and <out>.csv (per n) and <out>_all.csv")
+    p.add_argument("--out", default=None, metavar="FOLDER", help="also write FOLDER/combinations.md and .csv (per n) "
+                   "and FOLDER/combinations_all.csv (per combination)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the per-n rows as one JSON list (last line)")
     return p
 
@@ -473,9 +474,10 @@ def evaluation_body(a: argparse.Namespace) -> int:
     table = markdown_table(rows, SUMMARY_COLUMNS)
     print(table)
     if a.out:
-        write_table(a.out, table, rows)
-        write_csv(f"{a.out}_all.csv", combination_rows(results))
-        print(f"\nwrote {a.out}.md, {a.out}.csv, {a.out}_all.csv")
+        out = Path(a.out) / "combinations"
+        write_table(out, table, rows)
+        write_csv(f"{out}_all.csv", combination_rows(results))
+        print(f"\nwrote {out}.md, {out}.csv, {out}_all.csv")
     if a.json:
         print(json.dumps(rows))
     return 0
@@ -600,7 +602,7 @@ def experiments_parser() -> argparse.ArgumentParser:
                    "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
     p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
                    "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
-    p.add_argument("--out", default="addImg", help="folder for the tables and plots")
+    p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 

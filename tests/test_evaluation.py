@@ -26,8 +26,8 @@ def test_combinations_reproduce_the_original_release(capsys, tmp_path, official_
     # cross-expert errors grow with n, as in the paper's Table 6 (24.71, 37.91, 46.51, 52.75 there)
     shares = [r["cross_expert_error_share"] for r in rows]
     assert shares == sorted(shares) and 20 < shares[0] < 30 and 48 < shares[-1] < 58
-    assert (tmp_path / "combos.md").read_text().startswith("| n |")
-    assert len((tmp_path / "combos_all.csv").read_text().strip().splitlines()) == 1 + 56
+    assert (out / "combinations.md").read_text().startswith("| n |")
+    assert len((out / "combinations_all.csv").read_text().strip().splitlines()) == 1 + 56
 
 
 def test_score_composite_by_hand():
