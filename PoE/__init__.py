@@ -1,1 +1,5 @@
-"""Pool of Experts: realtime querying of specialized knowledge in massive neural networks (Kim & Choi, 2021)."""
+"""Pool of Experts: ``from PoE import Pool; model = Pool.open("DB_PoE").query(["people", "vehicles_1"])``."""
+
+from PoE.pool import Pool
+
+__all__ = ["Pool"]
