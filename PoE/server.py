@@ -52,10 +52,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.exceptions import HTTPException
 
 from PoE.consolidate import merge
-from PoE.data import ImageSet, Normalizer, image_batch
+from PoE.data import ImageSet, image_batch
 from PoE.datasets import load_split
 from PoE.errors import PoEError
-from PoE.evaluate import accuracy, count_macs, count_params
+from PoE.evaluate import count_macs, count_params
 from PoE.pool import Pool, Prediction, TaskModel
 from PoE.precision import autocast
 from PoE.store import state_id
@@ -429,10 +429,8 @@ class Service:
                 test = self.test_split(model.classes)
             except PoEError as e:
                 raise ClientError(503, f"accuracy is unavailable: {e}") from None
-            dev = self.pool.device
             with self.gate.forward():
-                acc, n = accuracy(model.module, test, model.classes, Normalizer(self.cfg.mean, self.cfg.std, dev), dev,
-                                  precision=self.pool.precision)  # fmt: skip
+                acc, n = model.accuracy(test)
             hit = (round(acc, 2), n)
             self.accuracies.put(key, hit)
         return hit
