@@ -119,6 +119,12 @@ class BaselineRunner:
         self.normalize = Normalizer(cfg.mean, cfg.std, device)
         self.train_id = f"{len(train)}-{int(train.y.sum())}"  # tells a training subset from the full set
 
+    def fingerprint(self) -> str:
+        """What a result of this runner depends on besides the method, the query and the pool: a rerun with the
+        same fingerprint may reuse a recorded result."""
+        key = f"{self.stage!r} {self.T} {self.alpha} {self.seed} {self.precision} {self.ckd_views} {self.train_id}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
     def need(self, what: str, getter: Callable | None) -> Callable:
         if getter is None:
             raise PoEError(f"this baseline needs {what}")

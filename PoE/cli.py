@@ -602,7 +602,9 @@ def experiments_parser() -> argparse.ArgumentParser:
                    "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
     p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
                    "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
-    p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots")
+    p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots, and "
+                   "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
+                   "interrupted comparison continues; delete the file to train them again)")  # fmt: skip
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -640,7 +642,7 @@ def experiments_body(a: argparse.Namespace) -> int:
     train = cache(lambda: load_split(cfg.name, a.data_root, "train"))
     rows, poe = compare(pool, tasks, a.n, a.methods, test, oracle=lambda: load_oracle(a.pretrained, cfg, device),
                         baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
-                        progress=not a.no_progress)  # fmt: skip
+                        progress=not a.no_progress, record=Path(a.out) / "baseline_runs.jsonl")  # fmt: skip
     schedule_note = ""
     epochs_text = a.epochs or ("the paper's" if a.budget == 1 else f"{a.budget:g} x the paper's")
     if any(m in METHODS for m in a.methods):

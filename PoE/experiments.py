@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,11 +110,17 @@ def compare(
     combos_per_n: int,
     seed: int = 0,
     progress: bool = True,
+    record: Path | None = None,
 ) -> tuple[list[dict], list[ComboResult]]:
     """A row per method and combination of n of ``tasks`` (the Oracle restricted to the composite's classes, PoE,
     and each baseline of ``methods`` on a seeded sample of ``combos_per_n`` combinations per n, 0: all), and
-    PoE's results on every combination. ``oracle()`` and ``baseline(method)`` are called when needed."""
+    PoE's results on every combination. ``oracle()`` and ``baseline(method)`` are called when needed.
+
+    ``record``: a JSON-lines file to which each finished baseline run is appended as it ends; a rerun reuses the
+    runs recorded there with the same method, tasks, settings and pool, so an interrupted comparison continues
+    where it stopped."""
     rows: list[dict] = []
+    recorded = read_record(record)
     if "oracle" in methods:
         combos = [c for n in ns for c in sample_combinations(tasks, n, 0)]
         rows += oracle_combinations(oracle(), pool.cfg, combos, test, pool.device)
@@ -127,11 +134,36 @@ def compare(
         runner = baseline(method)
         for n in ns:
             for combo in sample_combinations(tasks, n, combos_per_n, seed):
-                r = runner.run(method, list(combo))
-                rows.append({"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
-                             "n_test": r.n_test, "macs": r.macs, "params": r.params, "seconds": r.seconds,
-                             "teacher_seconds": r.teacher_seconds})  # fmt: skip
+                key = f"{method} {' '.join(combo)} {runner.fingerprint()} {pool.id}"
+                if key not in recorded:
+                    r = runner.run(method, list(combo))
+                    recorded[key] = {"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
+                                     "n_test": r.n_test, "macs": r.macs, "params": r.params, "seconds": r.seconds,
+                                     "teacher_seconds": r.teacher_seconds}  # fmt: skip
+                    append_record(record, key, recorded[key])
+                rows.append(recorded[key])
     return rows, poe
+
+
+def read_record(path: Path | None) -> dict[str, dict]:
+    """The runs recorded in ``path`` by key (a line cut short by an interruption is ignored)."""
+    runs: dict[str, dict] = {}
+    if path is None or not path.exists():
+        return runs
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+            runs[item["key"]] = item["row"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return runs
+
+
+def append_record(path: Path | None, key: str, row: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"key": key, "row": row}) + "\n")
 
 
 def cross_expert_rows(

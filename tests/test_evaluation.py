@@ -45,17 +45,17 @@ def test_bad_n(capsys, official_cifar):
     assert "--n must be between 1 and the number of tasks (6)" in capsys.readouterr().err
 
 
-def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, official_cifar, data_root):
+def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypatch, official_cifar, data_root):
     from PoE.cli import main_experiments
 
     from .conftest import install_stand_in_oracle
 
     install_stand_in_oracle(official_cifar, tmp_path / "pre")
     out = tmp_path / "addImg"
-    rc = main_experiments(["--db", str(official_cifar), "--data_root", str(data_root), "--pretrained",
-                           str(tmp_path / "pre"), "--device", "cpu", "--n", "2", "3", "--methods", "oracle", "poe",
-                           "transfer", "--epochs", "1", "--combos_per_n", "1", "--ablation",
-                           f"copy={official_cifar}", "--out", str(out), "--no_progress"])  # fmt: skip
+    args = ["--db", str(official_cifar), "--data_root", str(data_root), "--pretrained", str(tmp_path / "pre"),
+            "--device", "cpu", "--n", "2", "3", "--methods", "oracle", "poe", "transfer", "--epochs", "1",
+            "--combos_per_n", "1", "--ablation", f"copy={official_cifar}", "--out", str(out), "--no_progress"]
+    rc = main_experiments(args)
     assert rc == 0, capsys.readouterr().err
     table = (out / "composite_tasks.md").read_text()
     assert "| oracle | 2 | 15 |" in table and "| poe | 3 | 20 |" in table and "| transfer | 2 | 1 |" in table
@@ -65,3 +65,21 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, official_
     cross = (out / "cross_expert_errors.csv").read_text().strip().splitlines()
     assert len(cross) == 1 + 4  # both and copy, n = 2 and 3
     assert "transfer" in (out / "composite_tasks_all.csv").read_text()
+
+    # every finished baseline run is recorded; a rerun with the same settings trains nothing and gives the same
+    # table (an interrupted comparison continues), one with other settings trains again
+    record = out / "baseline_runs.jsonl"
+    assert len(record.read_text().splitlines()) == 2
+    from PoE.baselines import BaselineRunner
+
+    trained = []
+    real_run = BaselineRunner.run
+    monkeypatch.setattr(BaselineRunner, "run", lambda self, m, t: trained.append(t) or real_run(self, m, t))
+    with open(record, "a") as f:
+        f.write('{"key": "cut sh')  # an interrupted append
+    assert main_experiments(args) == 0 and trained == []
+    def transfer_rows(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("| transfer |")]
+
+    assert transfer_rows((out / "composite_tasks.md").read_text()) == transfer_rows(table)
+    assert main_experiments([*args, "--lr", "0.05"]) == 0 and len(trained) == 2
