@@ -620,6 +620,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         cross_expert_rows,
         markdown_table,
         plot_results,
+        same_combination_rows,
         summarize_methods,
         write_csv,
         write_table,
@@ -661,14 +662,19 @@ def experiments_body(a: argparse.Namespace) -> int:
     out = Path(a.out)
     write_table(out / "composite_tasks", note + "\n\n" + table, summary)
     write_csv(out / "composite_tasks_all.csv", rows)
-    plot_results(summary, out, f"{cfg.name}: {', '.join(tasks)}")
+    paired = same_combination_rows(rows)
+    if paired:
+        ptable = markdown_table(paired, [(k, k) for k in paired[0]])
+        print("\naccuracy (%) of every method on the combinations the baselines ran on:\n" + ptable)
+        write_table(out / "same_combinations", ptable, paired)
+    plot_results(summary, out, f"{cfg.name}: {', '.join(tasks)}", paired)
     pools = {"both": pool, **{k: Pool.open(v, cfg.name, device) for k, v in ablation.items()}}
     cross = cross_expert_rows(pools, poe, tasks, a.n, test)
     ctable = markdown_table(cross, [(k, k) for k in cross[0]])
     print("\n" + ctable)
     write_table(out / "cross_expert_errors", ctable, cross)
     print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, cross_expert_errors.{{md,csv}}, "
-          "accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
+          f"{'same_combinations.{md,csv}, ' if paired else ''}accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
     return 0
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -197,9 +198,12 @@ METHOD_COLUMNS = [("method", "method"), ("n", "n"), ("combinations", "combinatio
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """``columns``: (key, heading) pairs; floats get two decimals."""
+    """``columns``: (key, heading) pairs; floats get two decimals, or two significant digits under 0.01 (PoE's
+    time per query is a fraction of a millisecond: 0.00 would hide it)."""
 
     def cell(v: object) -> str:
+        if isinstance(v, float) and 0 < abs(v) < 0.01:
+            return np.format_float_positional(v, precision=2, unique=False, fractional=False)
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     head = "| " + " | ".join(h for _, h in columns) + " |"
@@ -288,11 +292,24 @@ def summarize_methods(rows: list[dict]) -> list[dict]:
     return out
 
 
+def same_combination_rows(rows: list[dict]) -> list[dict]:
+    """One row per combination that a baseline ran on: every method's accuracy on that same combination (the
+    baselines run on a sample; the per-n means of the Oracle and PoE are over all combinations)."""
+    sampled = sorted({r["tasks"] for r in rows if r["method"] in METHOD_ORDER[2:]}, key=lambda t: (len(t.split()), t))
+    out = []
+    for tasks in sampled:
+        acc = {r["method"]: r["accuracy"] for r in rows if r["tasks"] == tasks}
+        out.append({"n": len(tasks.split()), "tasks": tasks, **{m: acc[m] for m in METHOD_ORDER if m in acc}})
+    return out
+
+
 METHOD_ORDER = ["oracle", "poe", "scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd"]
 
 
-def plot_results(summary: list[dict], out_dir: Path, title: str) -> list[Path]:
-    """accuracy_vs_n.png and accuracy_vs_time.png (time per query on a log axis)."""
+def plot_results(summary: list[dict], out_dir: Path, title: str, paired: list[dict] | None = None) -> list[Path]:
+    """accuracy_vs_n.png and accuracy_vs_time.png (time per query on a log axis). ``paired``
+    (``same_combination_rows``): PoE is also drawn on the baselines' sampled combinations, dashed, since the
+    baselines' points are those combinations and PoE's solid line is the mean over all of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,6 +329,12 @@ def plot_results(summary: list[dict], out_dir: Path, title: str) -> list[Path]:
         shift = (i - (len(methods) - 1) / 2) * 0.04  # side by side, so error bars do not hide each other
         ax.errorbar([r["n"] + shift for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
                     marker="o", capsize=3, label=m)  # fmt: skip
+    sampled = [r for r in paired or [] if "poe" in r]
+    if sampled:
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        color = cycle[methods.index("poe") % len(cycle)] if "poe" in methods else None
+        ax.plot([r["n"] for r in sampled], [r["poe"] for r in sampled], linestyle="--", marker="x", color=color,
+                label="poe, the baselines' combinations")  # fmt: skip
     ax.set_xticks(ns)  # n is a count of tasks: whole numbers only
     ax.set_xlabel("primitive tasks in the query (n)")
     ax.set_ylabel("accuracy on the composite task (%)")

@@ -48,6 +48,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
@@ -562,7 +563,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         yield
         service.close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI whose /docs and /redoc serve their scripts from the package: no CDN needed
         title="Pool of Experts",
         description="Query a pool of experts in real time: pick primitive tasks, get a consolidated model "
         "(its accuracy, size, cost and a torch.export download) and predictions, without training.",

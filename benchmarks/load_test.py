@@ -146,17 +146,18 @@ class Load:
         return {"rps": n / wall, "per_forward": (after["requests"] - before["requests"]) / forwards,
                 "cpu": ((cpu_s(self.pid) - cpu) / n * 1e3, (time.process_time() - own) / n * 1e3)}  # fmt: skip
 
-    async def mixed(self) -> dict:
+    async def mixed(self, total: int, seed: int = 100) -> dict:
+        """``total`` mixed requests from ``a.clients`` clients; the server's RSS after each fifth of them."""
         a, http, c, tasks = self.a, self.http, self.c, self.tasks
         errors_before, c.errors = c.errors, 0
         rss, done = [], 0
 
         async def one_client(k: int, n: int) -> None:
             nonlocal done
-            r = random.Random(100 + k)
+            r = random.Random(seed + k)
             for i in range(n):
                 done += 1
-                if done % max(1, a.n_mixed // 5) == 0:
+                if done % max(1, total // 5) == 0:
                     rss.append(rss_mb(self.pid))
                 x = r.random()
                 if x < 0.35:
@@ -178,7 +179,7 @@ class Load:
                     await c.call("GET", "/healthz")
 
         t = time.perf_counter()
-        share = [a.n_mixed // a.clients + (k < a.n_mixed % a.clients) for k in range(a.clients)]
+        share = [total // a.clients + (k < total % a.clients) for k in range(a.clients)]
         await asyncio.gather(*(one_client(k, n) for k, n in enumerate(share)))
         return {"s": time.perf_counter() - t, "errors": c.errors, "errors_before": errors_before,
                 "first_error": c.first_error, "rss": rss, "stats": (await http.get("/api/stats")).json()}  # fmt: skip
@@ -191,12 +192,14 @@ async def measure(a: argparse.Namespace, base: str, pid: int, full: bool) -> dic
         load = Load(a, http, pid, [t["name"] for t in pool["tasks"] if t["present"]])
         res: dict = {"rss_start": rss_mb(pid)}
         await load.warm_up()
+        if full and a.n_warm_mixed:  # the bounded caches fill and the allocators reach their working size
+            res["warm_mixed"] = await load.mixed(a.n_warm_mixed, seed=10_000)
         res["rss_warm"] = rss_mb(pid)
         if full:
             res["serial"] = await load.serial()
         res["concurrent"] = await load.concurrent()
         if full:
-            res["mixed"] = await load.mixed()
+            res["mixed"] = await load.mixed(a.n_mixed)
     return res
 
 
@@ -240,16 +243,21 @@ def table(a: argparse.Namespace, r: dict, off: dict, where: str) -> str:
         f"images, upload, pool, healthz) | {mix['errors']} errors, {mix['s']:.1f} s ({a.n_mixed / mix['s']:.0f} req/s) "
         f"| 0 errors | {ok(mix['errors'] == 0)} |",
         f"| server RSS: start / after warm-up / after each fifth of the mixed requests | {r['rss_start']:.0f} / "
-        f"{r['rss_warm']:.0f} / {' / '.join(f'{m:.0f}' for m in mix['rss'])} MB | flat after warm-up "
-        f"| {ok(abs(growth) <= 0.05 * r['rss_warm'])} |",
+        f"{r['rss_warm']:.0f} / {' / '.join(f'{m:.0f}' for m in mix['rss'])} MB ({100 * growth / r['rss_warm']:+.1f}%) "
+        f"| flat after warm-up (within 5%) | {ok(abs(growth) <= 0.05 * r['rss_warm'])} |",
     ]
-    s = mix["stats"]
+    s, warm_mixed = mix["stats"], ""
+    if "warm_mixed" in r:
+        w = r["warm_mixed"]
+        warm_mixed = (f", then {a.n_warm_mixed:,} mixed requests as below (RSS after each fifth: "
+                      f"{' / '.join(f'{m:.0f}' for m in w['rss'])} MB; {w['errors']} errors)")  # fmt: skip
     notes = [
         f"Server: `Run_Service.py --serve --max_batch {a.max_batch} --batch_wait_ms {a.batch_wait_ms}"
         f"{f' --threads {a.threads}' if a.threads else ''}` (fp32, CPU); in all, {s['forwards']:,} library forwards "
         f"answered {s['requests']:,} prediction requests (largest batch {s['largest_batch_requests']} requests / "
         f"{s['largest_batch_images']} images). Warm-up (before the measurements): 100 queries, 100 predictions, "
-        f"and evaluate + download of {len(FIXED)} queries.",
+        f"evaluate + download of {len(FIXED)} queries{warm_mixed}.",
+        f"HTTP stack: uvicorn {uvicorn_stack()}.",
         f"CPU time per `/api/predict` request, server / client: {ser['cpu'][0]:.2f} / {ser['cpu'][1]:.2f} ms one at "
         f"a time, {con['cpu'][0]:.2f} / {con['cpu'][1]:.2f} ms with {a.clients} clients "
         f"({off['concurrent']['cpu'][0]:.2f} / {off['concurrent']['cpu'][1]:.2f} ms with batching off).",
@@ -260,6 +268,17 @@ def table(a: argparse.Namespace, r: dict, off: dict, where: str) -> str:
     return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
 
 
+def uvicorn_stack() -> str:
+    """uvicorn's version and the event loop / HTTP parser it picks here (uvloop and httptools when installed)."""
+    import importlib.util
+
+    import uvicorn
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{uvicorn.__version__} ({loop}, {http})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", default="DB_PoE")
@@ -267,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--n_latency", type=int, default=500, help="requests per latency measurement")
     p.add_argument("--n_mixed", type=int, default=10_000)
+    p.add_argument("--n_warm_mixed", type=int, default=2_000, help="mixed requests of the warm-up (0: none)")
     p.add_argument("--max_batch", type=int, default=64)
     p.add_argument("--batch_wait_ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: its own)")

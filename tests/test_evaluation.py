@@ -54,7 +54,8 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     out = tmp_path / "addImg"
     args = ["--db", str(official_cifar), "--data_root", str(data_root), "--pretrained", str(tmp_path / "pre"),
             "--device", "cpu", "--n", "2", "3", "--methods", "oracle", "poe", "transfer", "--epochs", "1",
-            "--combos_per_n", "1", "--ablation", f"copy={official_cifar}", "--out", str(out), "--no_progress"]
+            "--combos_per_n", "1", "--ablation", f"copy={official_cifar}", "--out", str(out),
+            "--no_progress"]  # fmt: skip
     rc = main_experiments(args)
     assert rc == 0, capsys.readouterr().err
     table = (out / "composite_tasks.md").read_text()
@@ -65,6 +66,8 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     cross = (out / "cross_expert_errors.csv").read_text().strip().splitlines()
     assert len(cross) == 1 + 4  # both and copy, n = 2 and 3
     assert "transfer" in (out / "composite_tasks_all.csv").read_text()
+    paired = (out / "same_combinations.csv").read_text().strip().splitlines()
+    assert paired[0] == "n,tasks,oracle,poe,transfer" and len(paired) == 1 + 2  # one sampled combination per n
 
     # every finished baseline run is recorded; a rerun with the same settings trains nothing and gives the same
     # table (an interrupted comparison continues), one with other settings trains again
@@ -78,8 +81,16 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     with open(record, "a") as f:
         f.write('{"key": "cut sh')  # an interrupted append
     assert main_experiments(args) == 0 and trained == []
+
     def transfer_rows(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.startswith("| transfer |")]
 
     assert transfer_rows((out / "composite_tasks.md").read_text()) == transfer_rows(table)
     assert main_experiments([*args, "--lr", "0.05"]) == 0 and len(trained) == 2
+
+
+def test_markdown_table_keeps_small_times_visible():
+    from PoE.experiments import markdown_table
+
+    text = markdown_table([{"m": "poe", "s": 3.5123e-05}, {"m": "ckd", "s": 54.304}], [("m", "method"), ("s", "s")])
+    assert text.splitlines()[2:] == ["| poe | 0.000035 |", "| ckd | 54.30 |"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import warnings
@@ -93,7 +94,11 @@ def test_healthz_pool_page_and_docs(client, pool):
     page = client.get("/")
     assert page.status_code == 200 and "Pool of Experts" in page.text and "/web/app.js" in page.text
     assert client.get("/web/app.js").status_code == 200 and client.get("/web/style.css").status_code == 200
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text  # the docs' scripts come from the server itself
+    scripts = re.findall(r'src="([^"]+\.js)"', docs.text)
+    assert scripts and all(client.get(src).status_code == 200 for src in scripts)
+    assert client.get("/redoc").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/pool", "/api/query", "/api/predict", "/api/predict/upload", "/api/models/{name}"} <= set(paths)
 

@@ -146,3 +146,13 @@ def test_page_picks_tasks_shows_the_model_and_predicts(driver, server, data_root
         driver.execute_script("window.scrollTo(0, 0)")
         png = driver.get_screenshot_as_png()
         atomic_write(Path(os.environ["POE_SCREENSHOT"]), lambda f: f.write(png))
+
+
+def test_api_docs_render_offline(driver, server):
+    """Swagger UI at /docs draws every endpoint from the server's own scripts (no CDN: CI has no internet)."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(server + "docs")
+    wait_for(driver, "document.querySelectorAll('.opblock-summary-path').length >= 5")
+    paths = {e.text.replace("\u200b", "") for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/api/pool", "/api/query", "/api/predict", "/api/predict/upload", "/healthz"} <= paths
