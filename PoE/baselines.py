@@ -253,6 +253,12 @@ def paper_epochs(method: str) -> int:
     return 100 if method in ("transfer", "ckd") else 200
 
 
+def oracle_files(pretrained: str | Path, cfg: DatasetConfig) -> list[Path]:
+    """The files of the Oracle in ``<pretrained>/<dataset>/``: ``oracle.pt`` and its shards, if any."""
+    folder = Path(pretrained) / cfg.name
+    return sorted(p for p in folder.glob("oracle.pt*") if p.is_file() and not p.name.endswith(".tmp"))
+
+
 def load_oracle(pretrained: str | Path, cfg: DatasetConfig, device: torch.device) -> nn.Module:
     """The Oracle that preprocessing left in ``<pretrained>/<dataset>/oracle.pt``, ready to score."""
     path = Path(pretrained) / cfg.name / "oracle.pt"

@@ -612,7 +612,7 @@ def experiments_parser() -> argparse.ArgumentParser:
 def experiments_body(a: argparse.Namespace) -> int:
     from functools import cache
 
-    from PoE.baselines import METHODS, load_oracle
+    from PoE.baselines import METHODS, load_oracle, oracle_files
     from PoE.datasets import load_split
     from PoE.experiments import (
         METHOD_COLUMNS,
@@ -627,8 +627,10 @@ def experiments_body(a: argparse.Namespace) -> int:
     )
     from PoE.pool import Pool
     from PoE.precision import resolve as resolve_precision
+    from PoE.store import check_writable, files_id
 
     cfg, tasks = chosen_tasks(a)
+    check_writable(a.out)  # before any training: the record of finished runs and the tables go there
     if not a.n or any(not 1 <= n <= len(tasks) for n in a.n):
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {a.n}")
     ablation = {}
@@ -643,7 +645,8 @@ def experiments_body(a: argparse.Namespace) -> int:
     train = cache(lambda: load_split(cfg.name, a.data_root, "train"))
     rows, poe = compare(pool, tasks, a.n, a.methods, test, oracle=lambda: load_oracle(a.pretrained, cfg, device),
                         baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
-                        progress=not a.no_progress, record=Path(a.out) / "baseline_runs.jsonl")  # fmt: skip
+                        progress=not a.no_progress, record=Path(a.out) / "baseline_runs.jsonl",
+                        oracle_id=files_id(oracle_files(a.pretrained, cfg)))  # fmt: skip
     schedule_note = ""
     epochs_text = a.epochs or ("the paper's" if a.budget == 1 else f"{a.budget:g} x the paper's")
     if any(m in METHODS for m in a.methods):

@@ -112,14 +112,16 @@ def compare(
     seed: int = 0,
     progress: bool = True,
     record: Path | None = None,
+    oracle_id: str = "none",
 ) -> tuple[list[dict], list[ComboResult]]:
     """A row per method and combination of n of ``tasks`` (the Oracle restricted to the composite's classes, PoE,
     and each baseline of ``methods`` on a seeded sample of ``combos_per_n`` combinations per n, 0: all), and
     PoE's results on every combination. ``oracle()`` and ``baseline(method)`` are called when needed.
 
     ``record``: a JSON-lines file to which each finished baseline run is appended as it ends; a rerun reuses the
-    runs recorded there with the same method, tasks, settings and pool, so an interrupted comparison continues
-    where it stopped."""
+    runs recorded there with the same method, tasks and settings, the same library and experts of those tasks and
+    the same Oracle (``oracle_id``, the content id of its files), so an interrupted comparison continues where it
+    stopped and a changed pool or Oracle trains again."""
     rows: list[dict] = []
     recorded = read_record(record)
     if "oracle" in methods:
@@ -135,7 +137,8 @@ def compare(
         runner = baseline(method)
         for n in ns:
             for combo in sample_combinations(tasks, n, combos_per_n, seed):
-                key = f"{method} {' '.join(combo)} {runner.fingerprint()} {pool.id}"
+                parts = " ".join(pool.part_id(t) for t in (None, *combo))
+                key = f"{method} {' '.join(combo)} {runner.fingerprint()} {parts} {oracle_id}"
                 if key not in recorded:
                     r = runner.run(method, list(combo))
                     recorded[key] = {"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
@@ -295,7 +298,7 @@ def summarize_methods(rows: list[dict]) -> list[dict]:
 def same_combination_rows(rows: list[dict]) -> list[dict]:
     """One row per combination that a baseline ran on: every method's accuracy on that same combination (the
     baselines run on a sample; the per-n means of the Oracle and PoE are over all combinations)."""
-    sampled = sorted({r["tasks"] for r in rows if r["method"] in METHOD_ORDER[2:]}, key=lambda t: (len(t.split()), t))
+    sampled = sorted({r["tasks"] for r in rows if r["method"] in METHODS}, key=lambda t: (len(t.split()), t))
     out = []
     for tasks in sampled:
         acc = {r["method"]: r["accuracy"] for r in rows if r["tasks"] == tasks}

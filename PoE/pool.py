@@ -263,6 +263,13 @@ class Pool:
     def id(self) -> str | None:
         return self.library_meta.get("id")
 
+    def part_id(self, task: str | None = None) -> str:
+        """The content id of the library (``task`` None) or of ``task``'s expert: the recorded one, or computed
+        for the original release's bare files, which record none."""
+        if task is None:
+            return self.library_meta.get("id") or state_id(self.library)
+        return self.expert_meta[task].get("id") or state_id(self.experts[task])
+
     def make_query(self, tasks: list[str]) -> Query:
         query = make_query(tasks, self.cfg.tasks, self.cfg.name)
         missing = [t for t in query.tasks if t not in self.experts]

@@ -71,6 +71,17 @@ def current_umask() -> int:
 SHARD_BYTES = 15 << 20  # a state dict larger than this is split, so no file is over 16 MiB
 
 
+def files_id(paths: list[Path]) -> str:
+    """The content hash of files, names and bytes (e.g. a checkpoint and its shards): 'none' for no files."""
+    if not paths:
+        return "none"
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def state_id(module: nn.Module) -> str:
     """The content hash of a module's weights and buffers (16 hex digits of SHA-256): recorded as ``id`` in
     every part this project writes, checked when a pool is opened, and recorded by what is trained from it."""

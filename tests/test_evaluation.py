@@ -87,6 +87,12 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
 
     assert transfer_rows((out / "composite_tasks.md").read_text()) == transfer_rows(table)
     assert main_experiments([*args, "--lr", "0.05"]) == 0 and len(trained) == 2
+    # another Oracle in --pretrained: nothing recorded applies to it
+    from PoE.store import load_checkpoint, save_checkpoint
+
+    oracle = tmp_path / "pre" / "cifar100" / "oracle.pt"
+    save_checkpoint(oracle, {**load_checkpoint(oracle), "train_seconds": 1.0})
+    assert main_experiments(args) == 0 and len(trained) == 4
 
 
 def test_markdown_table_keeps_small_times_visible():
