@@ -106,7 +106,7 @@ def describe(precision: str, requested: str, device: torch.device | str) -> str:
 def machine_info(device: torch.device | str) -> dict[str, str]:
     """What a run's times were measured on: CPU model, GPU name, torch version."""
     device = torch.device(device)
-    info = {"cpu": cpu_model(), "cpu_bf16": "native" if cpu_bf16_fast() else "no", "torch": torch.__version__}
+    info = {"cpu": cpu_model(), "cpu_bf16": "native" if cpu_bf16_fast() else "no", "torch": str(torch.__version__)}
     if device.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -89,7 +89,7 @@ class Report:
 def summary(meta: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records of the Oracle's or the library's metadata."""
     keys = ("arch", "epochs", "config", "test_acc", "test_n", "train_seconds", "epoch_seconds", "teacher_seconds",
-            "stored_as")  # fmt: skip
+            "sittings", "stored_as")  # fmt: skip
     return {k: meta[k] for k in keys if k in meta}
 
 
@@ -218,14 +218,15 @@ class Preprocessor:
                 out[task] = {}
         return out
 
-    def epoch_seconds(self, old: dict[str, Any]) -> dict[str, list[float]]:
-        """Each stage's per-epoch training seconds, as far as this pool's files record them."""
-        out = dict(old.get("stage_epoch_seconds", {}))
+    def per_stage(self, old: dict[str, Any], key: str) -> dict[str, Any]:
+        """Each stage's ``key`` (``epoch_seconds``, ``sittings``) as far as this pool's files record them; a
+        stage loaded from an earlier run keeps what that run's manifest said."""
+        out = dict(old.get(f"stage_{key}", {}))
         for stage in ("oracle", "library"):
-            if self.report.info.get(stage, {}).get("epoch_seconds"):
-                out[stage] = self.report.info[stage]["epoch_seconds"]
-        if "experts_epoch_seconds" in self.report.info:
-            out["experts"] = self.report.info["experts_epoch_seconds"]
+            if self.report.info.get(stage, {}).get(key):
+                out[stage] = self.report.info[stage][key]
+        if f"experts_{key}" in self.report.info:
+            out["experts"] = self.report.info[f"experts_{key}"]
         return out
 
     def stage_seconds(self, old: dict[str, Any]) -> dict[str, float]:
@@ -253,6 +254,7 @@ class Preprocessor:
         for t, meta in self.expert_metas().items():  # what the files are, not what this run did
             experts[t] = {k: meta.get(k) for k in ("classes", "test_acc", "test_n", "train_seconds", "epochs", "id",
                                                    "library_id")}  # fmt: skip
+        sittings = self.per_stage(old, "sittings")
         manifest = {
             "dataset": self.cfg.name,
             "profile": self.s.profile.name,
@@ -277,7 +279,9 @@ class Preprocessor:
             "model_selection": "final epoch of every stage (the test set is only used for reporting)",
             "precision": self.s.precision,
             "compile": list(self.s.compile),
-            "stage_epoch_seconds": self.epoch_seconds(old),
+            "stage_epoch_seconds": self.per_stage(old, "epoch_seconds"),
+            "stage_sittings": sittings,
+            "resumed_stages": [stage for stage, runs in sittings.items() if len(runs) > 1],
             "machine": machine_info(self.s.device),
             "stage_seconds": self.stage_seconds(old),
         }

@@ -144,6 +144,7 @@ class Stage:
             "seed": self.s.seed,
             "train_seconds": history["seconds"],
             "epoch_seconds": history.get("epoch_seconds", []),
+            "sittings": history.get("sittings", []),
         }
 
 
@@ -384,6 +385,7 @@ class Experts(Stage):
         run = self.train(dict(experts), loss_fn, loader, batches, fp, frozen=(library,))
         self.prep.report.info["experts_seconds"] = run["train_seconds"]
         self.prep.report.info["experts_epoch_seconds"] = run.pop("epoch_seconds")
+        self.prep.report.info["experts_sittings"] = run.pop("sittings")
         run["train_seconds"] /= len(todo)
         parts = {}
         for t, e in experts.items():

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from PoE import distributed
 from PoE.data import Batch
 from PoE.errors import PoEError
-from PoE.precision import autocast
+from PoE.precision import autocast, machine_info
 from PoE.profiles import StageConfig
 from PoE.store import load_checkpoint, save_checkpoint
 
@@ -67,7 +67,9 @@ def train_stage(
     """Train ``modules`` (all their parameters) for ``stage.epochs``; return the run's history.
 
     After every epoch the weights, optimizer state and history go atomically to ``resume_path``;
-    a later call with the same ``fingerprint`` continues after the last finished epoch. Epoch ``e``
+    a later call with the same ``fingerprint`` continues after the last finished epoch. The history's
+    ``sittings`` say which epochs each call ran, when, on what machine and at what precision, so a stage
+    finished over several sittings (or machines) says so. Epoch ``e``
     draws its batches from ``batches(e)``, so a resumed run sees the data a straight run would.
     ``frozen`` modules stay in eval mode (their BatchNorm statistics do not move). ``loss_fn`` runs under
     the autocast of ``precision``; the backward pass and the optimizer step stay outside it.
@@ -94,6 +96,11 @@ def train_stage(
         history = state["history"]
         if is_main and history["epochs_done"] < stage.epochs:
             print(f"[{name}] resuming after epoch {history['epochs_done']}/{stage.epochs} ({resume_path})")
+    if history["epochs_done"] < stage.epochs:
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        sitting = {"first_epoch": history["epochs_done"] + 1, "epochs": 0, "seconds": 0.0, "started": started,
+                   "precision": precision, **machine_info(device)}  # fmt: skip
+        history.setdefault("sittings", []).append(sitting)
     for epoch in range(history["epochs_done"], stage.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
@@ -135,6 +142,8 @@ def train_stage(
         history["loss"].append(epoch_loss)
         history["seconds"] += seconds
         history.setdefault("epoch_seconds", []).append(round(seconds, 3))
+        sitting["epochs"] += 1
+        sitting["seconds"] = round(sitting["seconds"] + seconds, 3)
         if is_main:
             print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
             if resume_path is not None:

@@ -124,6 +124,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     fresh, batches, loss_fn = toy_problem(seed=123)  # different init: everything must come from the checkpoint
     hist = train_stage("toy", {"m": fresh}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1}, progress=False)
     assert hist["epochs_done"] == 4
+    assert [(r["first_epoch"], r["epochs"]) for r in hist["sittings"]] == [(1, 2), (3, 2)]
+    assert all(r["cpu"] and r["precision"] == "fp32" and r["seconds"] > 0 for r in hist["sittings"])
     for a, b in zip(straight.state_dict().values(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
@@ -192,3 +194,33 @@ def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
     assert set(manifest["experts"]) == {"people", "vehicles_2"}
     assert all(p.stat().st_size <= 16 << 20 for p in (tmp_path / "pre" / "cifar100").glob("oracle.pt*"))
     assert len(list((tmp_path / "pre" / "cifar100").glob("oracle.pt.*"))) == 2  # fp16 WRN-40-4 in two shards
+
+
+def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypatch, capsys):
+    """A run interrupted in the library's second epoch and run again: the manifest lists both sittings of the
+    library (epochs, machine, precision) and names it among the resumed stages; the other stages ran once."""
+    import PoE.stages
+
+    root = fake_cifar(tmp_path / "data", 256, 200)
+    args = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--oracle_arch",
+            "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
+            "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
+    real = PoE.stages.train_stage
+
+    def stop_in_second_epoch(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    def interrupted(name, *a, **k):
+        return real(name, *a, **k, **({"on_epoch_start": stop_in_second_epoch} if name == "library" else {}))
+
+    monkeypatch.setattr(PoE.stages, "train_stage", interrupted)
+    assert main_preprocessing(args) != 0
+    monkeypatch.setattr(PoE.stages, "train_stage", real)
+    assert main_preprocessing(args) == 0, capsys.readouterr().err
+    manifest = json.loads((tmp_path / "db" / "cifar100" / "manifest.json").read_text())
+    sittings = manifest["stage_sittings"]
+    assert [(r["first_epoch"], r["epochs"]) for r in sittings["library"]] == [(1, 1), (2, 1)]
+    assert len(sittings["oracle"]) == len(sittings["experts"]) == 1 and sittings["experts"][0]["epochs"] == 2
+    assert manifest["resumed_stages"] == ["library"]
+    assert all(r["cpu"] and r["precision"] == "fp32" for runs in sittings.values() for r in runs)
