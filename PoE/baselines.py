@@ -43,6 +43,9 @@ from PoE.teacher import TeacherOutputs
 from PoE.train import seed_everything, train_stage
 
 METHODS = ("scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd")
+# What of PoE's preprocessing each method trains from: a result stays valid while these parts are unchanged.
+USES = {"scratch": (), "transfer": ("library",), "ckd": ("library", "oracle"), "sd_scratch": (),
+        "sd_ckd": ("library", "experts"), "uhc_scratch": (), "uhc_ckd": ("library", "experts")}  # fmt: skip
 
 
 def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None = None) -> nn.Sequential:

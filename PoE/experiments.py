@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from PoE.baselines import METHODS, BaselineRunner
+from PoE.baselines import METHODS, USES, BaselineRunner
 from PoE.data import ImageSet, Normalizer
 from PoE.datasets import DatasetConfig
 from PoE.evaluate import count_macs, count_params, expert_outputs, score_composite
@@ -119,9 +119,9 @@ def compare(
     PoE's results on every combination. ``oracle()`` and ``baseline(method)`` are called when needed.
 
     ``record``: a JSON-lines file to which each finished baseline run is appended as it ends; a rerun reuses the
-    runs recorded there with the same method, tasks and settings, the same library and experts of those tasks and
-    the same Oracle (``oracle_id``, the content id of its files), so an interrupted comparison continues where it
-    stopped and a changed pool or Oracle trains again."""
+    runs recorded there with the same method, tasks and settings and the same parts of PoE's preprocessing that
+    the method trains from (``record_key``), so an interrupted comparison continues where it stopped and a
+    changed pool or Oracle trains again the baselines that use it."""
     rows: list[dict] = []
     recorded = read_record(record)
     if "oracle" in methods:
@@ -137,8 +137,7 @@ def compare(
         runner = baseline(method)
         for n in ns:
             for combo in sample_combinations(tasks, n, combos_per_n, seed):
-                parts = " ".join(pool.part_id(t) for t in (None, *combo))
-                key = f"{method} {' '.join(combo)} {runner.fingerprint()} {parts} {oracle_id}"
+                key = record_key(method, combo, runner.fingerprint(), pool, oracle_id)
                 if key not in recorded:
                     r = runner.run(method, list(combo))
                     recorded[key] = {"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
@@ -147,6 +146,16 @@ def compare(
                     append_record(record, key, recorded[key])
                 rows.append(recorded[key])
     return rows, poe
+
+
+def record_key(method: str, combo: tuple[str, ...], fingerprint: str, pool: Pool, oracle_id: str) -> str:
+    """A baseline run's identity: method, tasks, settings, and the content ids of the parts it uses
+    (``USES``: the library, the query's experts, the Oracle's files; Scratch and its teachers use none)."""
+    uses = USES[method]
+    parts = [pool.part_id(None)] if "library" in uses else []
+    parts += [pool.part_id(t) for t in combo] if "experts" in uses else []
+    parts += [oracle_id] if "oracle" in uses else []
+    return " ".join([method, *combo, fingerprint, *parts])
 
 
 def read_record(path: Path | None) -> dict[str, dict]:

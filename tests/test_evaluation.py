@@ -87,12 +87,38 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
 
     assert transfer_rows((out / "composite_tasks.md").read_text()) == transfer_rows(table)
     assert main_experiments([*args, "--lr", "0.05"]) == 0 and len(trained) == 2
-    # another Oracle in --pretrained: nothing recorded applies to it
+    # another Oracle in --pretrained: Transfer does not use it, so its runs still apply
     from PoE.store import load_checkpoint, save_checkpoint
 
     oracle = tmp_path / "pre" / "cifar100" / "oracle.pt"
     save_checkpoint(oracle, {**load_checkpoint(oracle), "train_seconds": 1.0})
-    assert main_experiments(args) == 0 and len(trained) == 4
+    assert main_experiments(args) == 0 and len(trained) == 2
+
+
+def test_record_key_names_the_parts_each_method_uses():
+    """A recorded baseline run is reused only while the parts it trained from are unchanged: the library for
+    Transfer, CKD and SD/UHC-CKD, the Oracle for CKD, the query's experts for SD/UHC-CKD, none for Scratch."""
+    from PoE.baselines import METHODS
+    from PoE.experiments import record_key
+
+    class Parts:
+        def __init__(self, **ids):
+            self.ids = ids
+
+        def part_id(self, task):
+            return self.ids.get(task or "library", "e0")
+
+    combo = ("people", "vehicles_1")
+    base = Parts(library="L0")
+    changed = {"library": (Parts(library="L1"), "O0"), "experts": (Parts(library="L0", people="e1"), "O0"),
+               "oracle": (base, "O1")}  # fmt: skip
+    uses = {m: {part for part, (pool, oid) in changed.items()
+                if record_key(m, combo, "fp", pool, oid) != record_key(m, combo, "fp", base, "O0")}
+            for m in METHODS}  # fmt: skip
+    assert uses == {"scratch": set(), "sd_scratch": set(), "uhc_scratch": set(), "transfer": {"library"},
+                    "ckd": {"library", "oracle"}, "sd_ckd": {"library", "experts"},
+                    "uhc_ckd": {"library", "experts"}}  # fmt: skip
+    assert record_key("ckd", combo, "fp", base, "O0") != record_key("ckd", combo, "fp2", base, "O0")
 
 
 def test_markdown_table_keeps_small_times_visible():
