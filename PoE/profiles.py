@@ -94,7 +94,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu",
-        description="sized for 2 CPU cores with native bf16 (projected 104 min on 2 AVX512-BF16 cores): WRN-16-2 "
+        description="sized for 2 CPU cores with native bf16 (100 min measured on 2 AVX512-BF16 cores): WRN-16-2 "
         "Oracle 60 epochs, library 60, experts 40, one-cycle schedules, Oracle logits cached for 6 augmented views, "
         "bf16 where fast",
         oracle_arch="wrn-16-2",

@@ -87,8 +87,9 @@ def train_stage(
         state = load_checkpoint(resume_path)
         if state.get("fingerprint") != fingerprint:
             raise PoEError(
-                f"{resume_path} resumes a different {name} run (its settings differ from these); "
-                f"pass --retrain {name} to start this stage over"
+                f"{resume_path} resumes a different {name} run (its settings or pool differ from these; runs at "
+                f"once need their own --pretrained); pass --retrain {name} to start this stage over, dropping "
+                "its progress"
             )
         for key, m in modules.items():
             m.load_state_dict(state["modules"][key])
