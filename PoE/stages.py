@@ -10,6 +10,7 @@ over the data, on one library forward per batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ class Stage:
 
     def keys(self) -> list[str]:
         return [self.name]
+
+    @property
+    def resume_file(self) -> Path:
+        """Where the stage's per-epoch progress waits to be resumed: beside the Oracle, which every pool shares."""
+        return self.prep.pretrained / "resume" / f"{self.name}.pt"
 
     def target(self, key: str) -> Path:
         """The file that making part ``key`` writes (named when it is missing)."""
@@ -119,9 +125,9 @@ class Stage:
         fingerprint: dict[str, Any],
         frozen: tuple[nn.Module, ...] = (),
     ) -> dict[str, Any]:
-        """Train ``modules`` on the stage's schedule, resuming ``resume/<stage>.pt`` when its fingerprint matches;
+        """Train ``modules`` on the stage's schedule, resuming ``resume_file`` when its fingerprint matches;
         the training part of the parts' metadata."""
-        resume = self.prep.pretrained / "resume" / f"{self.name}.pt"
+        resume = self.resume_file
         if self.name in self.s.retrain and distributed.is_main():
             resume.unlink(missing_ok=True)
         distributed.barrier()  # no rank reads a resume file rank 0 is about to drop
@@ -138,6 +144,8 @@ class Stage:
                               progress=self.s.progress, precision=self.s.precision)  # fmt: skip
         if distributed.is_main():
             resume.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder goes once empty; another run's file keeps it
+                resume.parent.rmdir()
         return {
             "epochs": conf.epochs,
             "config": repr(conf),
@@ -338,6 +346,11 @@ class Experts(Stage):
 
     def keys(self) -> list[str]:
         return list(self.s.tasks)
+
+    @property
+    def resume_file(self) -> Path:
+        """In the pool's own folder, so that pools over one library (the ablations) train side by side."""
+        return self.prep.pool.root / "resume" / "experts.pt"
 
     def target(self, key: str) -> Path:
         return self.prep.pool.expert(key)

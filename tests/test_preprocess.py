@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -196,6 +197,19 @@ def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
     assert len(list((tmp_path / "pre" / "cifar100").glob("oracle.pt.*"))) == 2  # fp16 WRN-40-4 in two shards
 
 
+def stopping_in_second_epoch(train_stage_fn, stage: str):
+    """``train_stage`` that stops ``stage`` (only) as its second epoch starts, as Ctrl-C would."""
+
+    def stop(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    def train(name, *a, **k):
+        return train_stage_fn(name, *a, **k, **({"on_epoch_start": stop} if name == stage else {}))
+
+    return train
+
+
 def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypatch, capsys):
     """A run interrupted in the library's second epoch and run again: the manifest lists both sittings of the
     library (epochs, machine, precision) and names it among the resumed stages; the other stages ran once."""
@@ -206,13 +220,7 @@ def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypat
             "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
             "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
     real = PoE.stages.train_stage
-
-    def stop_in_second_epoch(epoch: int) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    def interrupted(name, *a, **k):
-        return real(name, *a, **k, **({"on_epoch_start": stop_in_second_epoch} if name == "library" else {}))
+    interrupted = stopping_in_second_epoch(real, "library")
 
     monkeypatch.setattr(PoE.stages, "train_stage", interrupted)
     assert main_preprocessing(args) != 0
@@ -224,3 +232,34 @@ def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypat
     assert len(sittings["oracle"]) == len(sittings["experts"]) == 1 and sittings["experts"][0]["epochs"] == 2
     assert manifest["resumed_stages"] == ["library"]
     assert all(r["cpu"] and r["precision"] == "fp32" for runs in sittings.values() for r in runs)
+
+
+def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeypatch, capsys):
+    """An ablation pool stopped in its experts' second epoch leaves its progress in its own folder; a second pool
+    over the same DB_pretrained trains its experts meanwhile, and the first then resumes to the end."""
+    import PoE.stages
+
+    root = fake_cifar(tmp_path / "data", 256, 200)
+    base = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--oracle_arch",
+            "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
+            "--data_root", str(root), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
+    assert main_preprocessing([*base, "--db", str(tmp_path / "db")]) == 0, capsys.readouterr().err
+    real = PoE.stages.train_stage
+    interrupted = stopping_in_second_epoch(real, "experts")
+
+    soft = [*base, "--stages", "experts", "--loss", "soft", "--db", str(tmp_path / "soft")]
+    scale = [*base, "--stages", "experts", "--loss", "scale", "--db", str(tmp_path / "scale")]
+    for pool in ("soft", "scale"):
+        (tmp_path / pool / "cifar100").mkdir(parents=True)
+        shutil.copy(tmp_path / "db" / "cifar100" / "library_cifar100.pt", tmp_path / pool / "cifar100")
+    monkeypatch.setattr(PoE.stages, "train_stage", interrupted)
+    assert main_preprocessing(soft) != 0
+    assert (tmp_path / "soft" / "cifar100" / "resume" / "experts.pt").is_file()
+    monkeypatch.setattr(PoE.stages, "train_stage", real)
+    assert main_preprocessing(scale) == 0, capsys.readouterr().err
+    assert not (tmp_path / "scale" / "cifar100" / "resume").exists()
+    assert main_preprocessing(soft) == 0, capsys.readouterr().err
+    assert "resuming after epoch 1/2" in capsys.readouterr().out
+    assert not (tmp_path / "soft" / "cifar100" / "resume").exists()
+    sittings = json.loads((tmp_path / "soft" / "cifar100" / "manifest.json").read_text())["stage_sittings"]
+    assert [(r["first_epoch"], r["epochs"]) for r in sittings["experts"]] == [(1, 1), (2, 1)]

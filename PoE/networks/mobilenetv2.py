@@ -15,6 +15,8 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 from torchvision.ops import Conv2dNormActivation
 
+from PoE.precision import fp32_linear
+
 LIBRARY_SPLIT = 18  # features[:18]: all inverted-residual blocks; features[18] is the 1280-wide conv
 
 
@@ -49,7 +51,8 @@ class MobileNetExpert(nn.Module):
         self.in_channels, self.width, self.num_classes = in_channels, width, num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+        dropout, fc = self.classifier
+        return fp32_linear(fc, dropout(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1)))
 
 
 def init_mobilenet(module: nn.Module) -> None:

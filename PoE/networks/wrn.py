@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from PoE.precision import fp32_linear
+
 
 class BasicBlock(nn.Module):
     """Pre-activation basic block; the 1x1 shortcut (when widths differ) sees relu(bn1(x))."""
@@ -111,7 +113,7 @@ class WRNExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(self.block3(x)))
-        return self.fc(F.adaptive_avg_pool2d(o, 1).flatten(1))
+        return fp32_linear(self.fc, F.adaptive_avg_pool2d(o, 1).flatten(1))
 
 
 class WideResNet(nn.Module):
