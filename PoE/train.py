@@ -88,8 +88,8 @@ def train_stage(
         if state.get("fingerprint") != fingerprint:
             raise PoEError(
                 f"{resume_path} resumes a different {name} run (its settings or pool differ from these; runs at "
-                f"once need their own --pretrained); pass --retrain {name} to start this stage over, dropping "
-                "its progress"
+                f"once need their own {resume_path.parent.parent}); pass --retrain {name} to start this stage over, "
+                "dropping its progress"
             )
         for key, m in modules.items():
             m.load_state_dict(state["modules"][key])
