@@ -107,6 +107,9 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     p.add_argument("--dataset", default="cifar100", choices=list(DATASETS), help="dataset of the pool")
     p.add_argument("--data_root", default="data", help="folder holding <dataset>/ (default: data)")
     p.add_argument("--db", default="DB_PoE", help="pool root; the pool is <db>/<dataset>/ (default: DB_PoE)")
+    p.add_argument("--hierarchy", default=None, metavar="FILE", help="the primitive tasks as a JSON file {\"task\": "
+                   "[\"class name\", ...]} (default: the one the pool stores, else the dataset's built-in tasks); "
+                   "a pool keeps the hierarchy it was built with and refuses another")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default=precision, choices=PRECISIONS, help="bf16: bfloat16 autocast (weights, "
                    "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
@@ -140,6 +143,9 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "even if done")  # fmt: skip
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and augmented views")
+    p.add_argument("--library_from", default=None, metavar="DB", help="start the pool from the library of this pool "
+                   "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
+                   "experts, on the Oracle's cached logits")  # fmt: skip
     p.add_argument("--oracle_arch", default=None, help="Oracle network, e.g. wrn-40-4 (default: the profile's)")
     for stage in STAGES:
         g = p.add_argument_group(f"{stage} stage (default: the profile's)")
@@ -187,8 +193,11 @@ def preprocessing_settings(a: argparse.Namespace):
     from PoE.precision import resolve as resolve_precision
     from PoE.preprocess import STAGES, Settings
     from PoE.profiles import for_dataset, get_profile, override
+    from PoE.tasks import build_hierarchy, given_hierarchy
 
     cfg = get_dataset(a.dataset)
+    hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
+    cfg = hierarchy.apply(cfg)
     prof = for_dataset(get_profile(a.profile), cfg)
     tasks = list(cfg.tasks) if a.tasks is None else a.tasks
     make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
@@ -244,6 +253,8 @@ def preprocessing_settings(a: argparse.Namespace):
         workers=a.workers,
         precision=precision,
         compile=tuple(compile_stages),
+        hierarchy=hierarchy,
+        library_from=Path(a.library_from) if a.library_from else None,
     )
 
 
@@ -331,7 +342,15 @@ def list_pool(pool) -> int:
 def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp32"):
     from PoE.pool import Pool
 
-    return Pool.open(a.db, a.dataset, device, precision)
+    return Pool.open(a.db, a.dataset, device, precision, a.hierarchy)
+
+
+def pool_tasks(a: argparse.Namespace) -> DatasetConfig:
+    """The dataset with the tasks of the pool at ``--db`` (its stored hierarchy, checked against --hierarchy)."""
+    from PoE.datasets import get_dataset
+    from PoE.tasks import pool_config
+
+    return pool_config(get_dataset(a.dataset), a.db, a.hierarchy)
 
 
 def service_body(a: argparse.Namespace) -> int:
@@ -349,9 +368,7 @@ def service_body(a: argparse.Namespace) -> int:
         return serve(open_pool(a, device, precision), a.host, a.port, data_root=a.data_root, max_batch=a.max_batch,
                      max_wait_ms=a.batch_wait_ms, threads=a.threads)  # fmt: skip
     if a.queriedTask is None:
-        from PoE.datasets import get_dataset
-
-        tasks = ", ".join(get_dataset(a.dataset).tasks)
+        tasks = ", ".join(pool_tasks(a).tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")
     if a.export:
         check_export_path(a.export)  # before any work: a path that cannot be written fails at once
@@ -424,7 +441,7 @@ def evaluation_parser() -> argparse.ArgumentParser:
     )
     common_arguments(p, precision="fp32")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks to combine (default: the "
-                   "dataset's six default tasks)")  # fmt: skip
+                   "dataset's six default tasks; with a hierarchy file, its first six)")  # fmt: skip
     p.add_argument(
         "--n", nargs="+", type=POSITIVE_INT, default=None, help="combination sizes (default: 2 .. len(tasks)-1)"
     )
@@ -436,10 +453,9 @@ def evaluation_parser() -> argparse.ArgumentParser:
 
 def chosen_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, list[str]]:
     """The dataset and its tasks to combine (``--tasks``, default: the dataset's default tasks), checked."""
-    from PoE.datasets import get_dataset
     from PoE.hierarchy import make_query
 
-    cfg = get_dataset(a.dataset)
+    cfg = pool_tasks(a)
     tasks = a.tasks or cfg.default_tasks
     make_query(tasks, cfg.tasks, cfg.name)
     return cfg, tasks
@@ -541,11 +557,11 @@ def runners(
 
 def baselines_body(a: argparse.Namespace) -> int:
     from PoE.baselines import poe_row, result_row
-    from PoE.datasets import get_dataset, load_split
+    from PoE.datasets import load_split
     from PoE.experiments import markdown_table
     from PoE.hierarchy import make_query
 
-    cfg = get_dataset(a.dataset)
+    cfg = pool_tasks(a)
     query = make_query(a.queriedTask, cfg.tasks, cfg.name)
     device = pick_device(a.device)
     train = load_split(cfg.name, a.data_root, "train")

@@ -11,6 +11,7 @@ release's bare state dicts carry no metadata: they load, and ``notes`` says they
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from PoE.store import (
     state_id,
     unwrap,
 )
+from PoE.tasks import Hierarchy, given_hierarchy, pool_hierarchy
 
 
 def how_to_make(cfg: DatasetConfig, task: str | None = None) -> str:
@@ -250,10 +252,13 @@ class Pool:
 
     @classmethod
     def open(cls, db: str | Path = "DB_PoE", dataset: str = "cifar100", device: str | torch.device = "cpu",
-             precision: str = "fp32") -> Pool:  # fmt: skip
-        """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself."""
+             precision: str = "fp32", hierarchy: str | Path | Hierarchy | Mapping | None = None) -> Pool:  # fmt: skip
+        """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself. The tasks are the
+        hierarchy the pool stores (else the dataset's built-in ones); a different ``hierarchy`` is refused."""
         cfg = get_dataset(dataset)
-        return cls(cfg, resolve_pool(db, cfg.name, cfg.tag), torch.device(device), precision)
+        paths = resolve_pool(db, cfg.name, cfg.tag)
+        cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg)).apply(cfg)
+        return cls(cfg, paths, torch.device(device), precision)
 
     @property
     def root(self) -> Path:

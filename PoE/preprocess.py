@@ -22,6 +22,7 @@ from PoE.evaluate import accuracy
 from PoE.precision import machine_info
 from PoE.profiles import Profile, StageConfig
 from PoE.store import PoolPaths, load_checkpoint, save_checkpoint, save_json, unwrap
+from PoE.tasks import Hierarchy
 
 STAGES = ("oracle", "library", "experts")
 
@@ -57,6 +58,8 @@ class Settings:
     workers: int | None = None  # DataLoader workers of a streamed image folder (default: one per core, <= 8)
     precision: str = "fp32"  # fp32 or bf16 (resolved from --precision)
     compile: tuple[str, ...] = ()  # stages whose training step is torch.compile'd
+    library_from: Path | None = None  # a pool whose library this pool copies (a new hierarchy on a built library)
+    hierarchy: Hierarchy | None = None  # the tasks of cfg, recorded in the pool before its experts are trained
 
     def stage_seed(self, stage: str) -> int:
         """Seeds a stage's weights and batch order (augmented views are seeded by ``seed`` alone)."""

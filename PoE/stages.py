@@ -31,6 +31,7 @@ from PoE.networks.pretrained import imagenet_weights
 from PoE.preprocess import STAGES, Preprocessor, Report, Settings, summary
 from PoE.profiles import StageConfig
 from PoE.store import check_writable, half_state, load_checkpoint, load_into, state_id, unwrap
+from PoE.tasks import adopt_library, store_hierarchy
 from PoE.teacher import TeacherOutputs
 from PoE.train import compiled, seed_everything, train_stage
 
@@ -424,11 +425,17 @@ def run(s: Settings) -> Report:
     if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
         for folder in (prep.pretrained, prep.pool.root):
             check_writable(folder)
+        if s.library_from is not None:
+            adopt_library(s.library_from, s.cfg, prep.pool.root, s.pretrained)
+    distributed.barrier()
     last = max(STAGES.index(st) for st in s.stages)
     teacher = (PretrainedOracle if s.cfg.pretrained else Oracle)(prep).teacher()
     if last >= 1:
         library = (PretrainedLibrary(prep) if s.cfg.pretrained else Library(prep, teacher)).run()["library"]
         if last >= 2:
+            if distributed.is_main() and s.hierarchy is not None:
+                store_hierarchy(prep.pool.root, s.hierarchy, s.cfg)
+            distributed.barrier()
             Experts(prep, teacher, library).run()
         if distributed.is_main():
             prep.write_manifest()

@@ -43,6 +43,7 @@ class DatasetConfig:
     expert_stage: dict = field(default_factory=dict)  # the paper's expert schedule where it differs (paper profile)
     class_names: tuple[str, ...] = ()  # by class id
     read_class_names: Callable[[], Sequence[str]] | None = None  # class names that are slow to get: read on first use
+    aliases: tuple[str, ...] = ()  # another name of each class, by class id (Tiny-ImageNet's WordNet ids)
 
     @property
     def streamed(self) -> bool:
@@ -53,6 +54,10 @@ class DatasetConfig:
         if not self.class_names and self.read_class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.read_class_names()))
         return self.class_names[class_id] if class_id < len(self.class_names) else f"class {class_id}"
+
+    def class_aliases(self, class_id: int) -> tuple[str, ...]:
+        """Other names a hierarchy file may give the class by."""
+        return (self.aliases[class_id],) if class_id < len(self.aliases) else ()
 
 
 DATASETS: dict[str, DatasetConfig] = {
