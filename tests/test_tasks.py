@@ -71,7 +71,7 @@ def test_hierarchy_id_is_its_content_and_builtin_tasks_are_unchanged():
     assert builtin_hierarchy(cfg).apply(cfg) is cfg  # a pool without a stored hierarchy: the dataset's tasks
     own = a.apply(cfg)
     assert list(own.tasks) == ["first", "mixed", "pair"] and own.default_tasks == ["first", "mixed", "pair"]
-    assert list(cfg.tasks)[0] == "aquatic_mammals"  # the registry's table is untouched
+    assert next(iter(cfg.tasks)) == "aquatic_mammals"  # the registry's table is untouched
 
 
 def test_shipped_pool_refuses_another_hierarchy_accepts_its_own(tmp_path, capsys):
@@ -101,7 +101,8 @@ def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(tiny_pool,
     assert sorted(p.name for p in (pool / "experts").iterdir()) == ["expert_first.pt", "expert_mixed.pt",
                                                                    "expert_pair.pt"]  # fmt: skip
     stored = json.loads((pool / "hierarchy.json").read_text())
-    assert stored["tasks"]["pair"] == ["tank", "tiger"] and stored["id"] == read_hierarchy(own, get_dataset("cifar100")).id
+    assert stored["tasks"]["pair"] == ["tank", "tiger"]
+    assert stored["id"] == read_hierarchy(own, get_dataset("cifar100")).id
     assert files_id([pool / "library_cifar100.pt"]) == files_id([tiny_pool["pool"] / "library_cifar100.pt"])
     assert {p: p.read_bytes() for p in tiny_pool["pool"].rglob("*") if p.is_file()} == tiny_files
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == cached  # the Oracle's logits were reused
