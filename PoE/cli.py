@@ -110,6 +110,8 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     p.add_argument("--hierarchy", default=None, metavar="FILE", help="the primitive tasks as a JSON file {\"task\": "
                    "[\"class name\", ...]} (default: the one the pool stores, else the dataset's built-in tasks); "
                    "a pool keeps the hierarchy it was built with and refuses another")  # fmt: skip
+    p.add_argument("--skip_bad_images", action="store_true", help="--dataset folder: skip unreadable images (each is "
+                   "named on stderr) instead of stopping at the first")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default=precision, choices=PRECISIONS, help="bf16: bfloat16 autocast (weights, "
                    "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
@@ -143,6 +145,8 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "even if done")  # fmt: skip
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and augmented views")
+    p.add_argument("--image_size", type=POSITIVE_INT, default=None, help="--dataset folder: the images' size in "
+                   "pixels (default: the first training image's, when <= 64)")  # fmt: skip
     p.add_argument("--library_from", default=None, metavar="DB", help="start the pool from the library of this pool "
                    "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
                    "experts, on the Oracle's cached logits")  # fmt: skip
@@ -187,7 +191,7 @@ def preprocessing_parser() -> argparse.ArgumentParser:
 
 
 def preprocessing_settings(a: argparse.Namespace):
-    from PoE.datasets import get_dataset
+    from PoE.datasets import described_by_data, get_dataset
     from PoE.hierarchy import make_query
     from PoE.networks import check_arch
     from PoE.precision import resolve as resolve_precision
@@ -196,6 +200,8 @@ def preprocessing_settings(a: argparse.Namespace):
     from PoE.tasks import build_hierarchy, given_hierarchy
 
     cfg = get_dataset(a.dataset)
+    folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
+    cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
     hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
     cfg = hierarchy.apply(cfg)
     prof = for_dataset(get_profile(a.profile), cfg)
@@ -342,7 +348,7 @@ def list_pool(pool) -> int:
 def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp32"):
     from PoE.pool import Pool
 
-    return Pool.open(a.db, a.dataset, device, precision, a.hierarchy)
+    return Pool.open(a.db, a.dataset, device, precision, a.hierarchy, a.skip_bad_images)
 
 
 def pool_tasks(a: argparse.Namespace) -> DatasetConfig:
@@ -350,7 +356,7 @@ def pool_tasks(a: argparse.Namespace) -> DatasetConfig:
     from PoE.datasets import get_dataset
     from PoE.tasks import pool_config
 
-    return pool_config(get_dataset(a.dataset), a.db, a.hierarchy)
+    return pool_config(get_dataset(a.dataset), a.db, a.hierarchy, a.skip_bad_images)
 
 
 def service_body(a: argparse.Namespace) -> int:
@@ -390,7 +396,7 @@ def service_body(a: argparse.Namespace) -> int:
         "precision": precision,
     }
     if not a.no_eval:
-        test = load_split(cfg.name, a.data_root, "test", classes=model.classes)
+        test = load_split(cfg, a.data_root, "test", classes=model.classes)
         acc, n = model.accuracy(test, progress=True)
         result["accuracy"], result["n_test"] = round(acc, 2), n
     if a.export:
@@ -482,7 +488,7 @@ def evaluation_body(a: argparse.Namespace) -> int:
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {bad or ns}")
     device = pick_device(a.device)
     pool = open_pool(a, device, resolve_precision(a.precision, device))
-    test = load_split(cfg.name, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
+    test = load_split(pool.cfg, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
     results = pool_combinations(pool, tasks, ns, test, progress=True)
     rows = summarize(results)
     print(f"pool {pool.root}: {cfg.name}, tasks {', '.join(tasks)}")
@@ -564,8 +570,8 @@ def baselines_body(a: argparse.Namespace) -> int:
     cfg = pool_tasks(a)
     query = make_query(a.queriedTask, cfg.tasks, cfg.name)
     device = pick_device(a.device)
-    train = load_split(cfg.name, a.data_root, "train")
-    test = load_split(cfg.name, a.data_root, "test")
+    train = load_split(cfg, a.data_root, "train")
+    test = load_split(cfg, a.data_root, "test")
     runner = runners(a, cfg, device, lambda: train, test, a.T, a.alpha)
     rows = [result_row(runner(method).run(method, list(query.tasks))) for method in a.method]
     try:
@@ -657,8 +663,8 @@ def experiments_body(a: argparse.Namespace) -> int:
         ablation[name] = path
     device = pick_device(a.device)
     pool = open_pool(a, device)
-    test = load_split(cfg.name, a.data_root, "test")
-    train = cache(lambda: load_split(cfg.name, a.data_root, "train"))
+    test = load_split(cfg, a.data_root, "test")
+    train = cache(lambda: load_split(cfg, a.data_root, "train"))
     rows, poe = compare(pool, tasks, a.n, a.methods, test, oracle=lambda: load_oracle(a.pretrained, cfg, device),
                         baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
                         progress=not a.no_progress, record=Path(a.out) / "baseline_runs.jsonl",

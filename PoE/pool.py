@@ -21,7 +21,7 @@ from torch import nn
 
 from PoE.consolidate import RawInput, TaskSpecificModel
 from PoE.data import ImageSet, Normalizer, image_batch
-from PoE.datasets import DatasetConfig, get_dataset
+from PoE.datasets import DatasetConfig, described_by_pool, get_dataset
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, count_macs, count_params
 from PoE.hierarchy import Query, make_query
@@ -252,11 +252,14 @@ class Pool:
 
     @classmethod
     def open(cls, db: str | Path = "DB_PoE", dataset: str = "cifar100", device: str | torch.device = "cpu",
-             precision: str = "fp32", hierarchy: str | Path | Hierarchy | Mapping | None = None) -> Pool:  # fmt: skip
+             precision: str = "fp32", hierarchy: str | Path | Hierarchy | Mapping | None = None,
+             skip_bad_images: bool = False) -> Pool:  # fmt: skip
         """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself. The tasks are the
-        hierarchy the pool stores (else the dataset's built-in ones); a different ``hierarchy`` is refused."""
+        hierarchy the pool stores (else the dataset's built-in ones); a different ``hierarchy`` is refused. A
+        folder dataset is as the pool describes it (``skip_bad_images``: when its test images are read)."""
         cfg = get_dataset(dataset)
         paths = resolve_pool(db, cfg.name, cfg.tag)
+        cfg = described_by_pool(cfg, paths.root, skip_bad_images)
         cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg)).apply(cfg)
         return cls(cfg, paths, torch.device(device), precision)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from PoE import distributed
 from PoE.data import Batch, FolderLoader, TensorLoader
+from PoE.datasets.folder import DESCRIPTION_FILE
 from PoE.errors import PoEError
 from PoE.losses import ckd_loss, kd_loss
 from PoE.networks import build_network, new_expert
@@ -30,7 +31,7 @@ from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.networks.pretrained import imagenet_weights
 from PoE.preprocess import STAGES, Preprocessor, Report, Settings, summary
 from PoE.profiles import StageConfig
-from PoE.store import check_writable, half_state, load_checkpoint, load_into, state_id, unwrap
+from PoE.store import check_writable, half_state, load_checkpoint, load_into, save_json, state_id, unwrap
 from PoE.tasks import adopt_library, store_hierarchy
 from PoE.teacher import TeacherOutputs
 from PoE.train import compiled, seed_everything, train_stage
@@ -425,6 +426,8 @@ def run(s: Settings) -> Report:
     if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
         for folder in (prep.pretrained, prep.pool.root):
             check_writable(folder)
+        for folder in (prep.pretrained, prep.pool.root) if s.cfg.description else ():
+            save_json(folder / DESCRIPTION_FILE, s.cfg.description)  # what a folder dataset's pool was built from
         if s.library_from is not None:
             adopt_library(s.library_from, s.cfg, prep.pool.root, s.pretrained)
     distributed.barrier()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PoE.datasets import DatasetConfig
+from PoE.datasets import DatasetConfig, described_by_pool
 from PoE.errors import PoEError
 from PoE.store import PoolPaths, load_checkpoint, resolve_pool, save_checkpoint, save_json, unwrap
 
@@ -196,15 +196,25 @@ def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> H
     return current
 
 
-def pool_config(cfg: DatasetConfig, db: str | Path, hierarchy: str | Path | Hierarchy | Mapping | None = None):
-    """``cfg`` with the tasks of the pool at ``db`` (checked against ``hierarchy`` when one is given)."""
-    return pool_hierarchy(cfg, pool_root(db, cfg), given_hierarchy(hierarchy, cfg)).apply(cfg)
+def pool_config(
+    cfg: DatasetConfig,
+    db: str | Path,
+    hierarchy: str | Path | Hierarchy | Mapping | None = None,
+    skip_bad_images: bool = False,
+) -> DatasetConfig:
+    """``cfg`` with the tasks of the pool at ``db`` (checked against ``hierarchy`` when one is given); a folder
+    dataset as the pool describes it."""
+    root = pool_root(db, cfg)
+    cfg = described_by_pool(cfg, root, skip_bad_images)
+    return pool_hierarchy(cfg, root, given_hierarchy(hierarchy, cfg)).apply(cfg)
 
 
 def build_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
     """The hierarchy a preprocessing run into the pool folder ``root`` builds: the pool's, or ``given``. A
     pool holding experts keeps its hierarchy (another is refused); one without experts may take a new one."""
     current = stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
+    if not (given or current).tasks:
+        raise PoEError(f"{cfg.name} has no built-in tasks: give them with --hierarchy tasks.json ({SHAPE})")
     if given is None or given.id == current.id:
         return current
     present = PoolPaths(root, cfg.tag).experts_present()
