@@ -151,6 +151,11 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
                    "experts, on the Oracle's cached logits")  # fmt: skip
     p.add_argument("--oracle_arch", default=None, help="Oracle network, e.g. wrn-40-4 (default: the profile's)")
+    p.add_argument("--oracle", default=None, metavar="FILE", help="your own Oracle instead of training one: a "
+                   "torch.export program (.pt2) or TorchScript file mapping float RGB in [0, 1], N x 3 x S x S, to "
+                   "logits over the dataset's classes (checked on a batch, scored on the test split)")  # fmt: skip
+    p.add_argument("--oracle_classes", default=None, metavar="FILE", help="the --oracle's class order when it "
+                   "differs from the dataset's: one class name per line, or a JSON list")  # fmt: skip
     for stage in STAGES:
         g = p.add_argument_group(f"{stage} stage (default: the profile's)")
         name = stage.rstrip("s")
@@ -219,11 +224,17 @@ def preprocessing_settings(a: argparse.Namespace):
             weight_decay=a.weight_decay,
         )
     stages["oracle"] = override(stages["oracle"], label_smoothing=a.label_smoothing)
+    if a.oracle_classes and not a.oracle:
+        raise PoEError("--oracle_classes gives the class order of an --oracle FILE; name the file too")
+    if a.oracle and a.oracle_arch:
+        raise PoEError("--oracle FILE is the Oracle; --oracle_arch names one to train: give one of them")
     oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.oracle_arch
     try:
         check_arch(oracle_arch, cfg)
     except ValueError as e:
         raise PoEError(f"--oracle_arch: {e}") from None
+    if a.oracle:
+        oracle_arch = f"{Path(a.oracle).name} (yours)"
     views = prof.teacher_views if a.teacher_views is None else a.teacher_views
     if cfg.pretrained and views:
         raise PoEError(f"--teacher_views must be 0 for {cfg.name}: its images are streamed, the Oracle sees each batch")
@@ -261,6 +272,8 @@ def preprocessing_settings(a: argparse.Namespace):
         compile=tuple(compile_stages),
         hierarchy=hierarchy,
         library_from=Path(a.library_from) if a.library_from else None,
+        oracle_file=Path(a.oracle) if a.oracle else None,
+        oracle_classes=Path(a.oracle_classes) if a.oracle_classes else None,
     )
 
 

@@ -432,7 +432,12 @@ def run(s: Settings) -> Report:
             adopt_library(s.library_from, s.cfg, prep.pool.root, s.pretrained)
     distributed.barrier()
     last = max(STAGES.index(st) for st in s.stages)
-    teacher = (PretrainedOracle if s.cfg.pretrained else Oracle)(prep).teacher()
+    if s.oracle_file is not None:
+        from PoE.oracle import FileOracle  # it builds on this module
+
+        teacher = FileOracle(prep).teacher()
+    else:
+        teacher = (PretrainedOracle if s.cfg.pretrained else Oracle)(prep).teacher()
     if last >= 1:
         library = (PretrainedLibrary(prep) if s.cfg.pretrained else Library(prep, teacher)).run()["library"]
         if last >= 2:
