@@ -169,8 +169,9 @@ def test_tinyimagenet_validation_images_as_a_folder_dataset(tmp_path, capsys):
             (root / split / names[c]).mkdir(parents=True)
             for f in part:
                 (root / split / names[c] / f.name).symlink_to(f)
-    (root / "tasks.json").write_text(json.dumps({"fish": ["goldfish"], "amphibian": ["European fire salamander",
-                                                                                   "bullfrog", "tailed frog"]}))
+    (root / "tasks.json").write_text(
+        json.dumps({"fish": ["goldfish"], "amphibian": ["European fire salamander", "bullfrog", "tailed frog"]})
+    )
     rc, _ = build(root, tmp_path, "--oracle_arch", "wrn-10-1", "--train_limit", "64")
     out = capsys.readouterr().out
     assert rc == 0, out
