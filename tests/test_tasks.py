@@ -15,7 +15,7 @@ from PoE.pool import Pool
 from PoE.store import files_id
 from PoE.tasks import builtin_hierarchy, parse_hierarchy, read_hierarchy
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, install_stand_in_oracle
 
 SHIPPED = ROOT / "DB_PoE"
 # not the superclasses: classes grouped by their id's position, one task mixing superclasses, one pair
@@ -84,27 +84,32 @@ def test_shipped_pool_refuses_another_hierarchy_accepts_its_own(tmp_path, capsys
     assert main_service(["--db", str(SHIPPED), "--list", "--hierarchy", str(write(tmp_path, names, "b.json"))]) == 0
 
 
-def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(tiny_pool, data_root, tmp_path, capsys):
-    tiny_files = {p: p.read_bytes() for p in tiny_pool["pool"].rglob("*") if p.is_file()}
-    cache = tiny_pool["pretrained"] / "cifar100" / "cache"
+def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(official_cifar, data_root, tmp_path, capsys):
+    pre, src = tmp_path / "pre", tmp_path / "src"
+    install_stand_in_oracle(official_cifar, pre, src)  # an Oracle, its library student and a pool's library
+    source_files = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    argv = [a for a in TINY if a not in ("--tasks", "people", "vehicles_1", "vehicles_2")]
+    argv += ["--data_root", str(data_root), "--pretrained", str(pre), "--train_limit", "512", "--epochs", "1",
+             "--library_from", str(src), "--stages", "experts"]  # fmt: skip
+    first = write(tmp_path, {"aquatic": ["beaver", "dolphin"], "land": ["bear"]}, "first.json")
+    assert main_preprocessing([*argv, "--db", str(tmp_path / "first"), "--hierarchy", str(first)]) == 0
+    cache = pre / "cifar100" / "cache"
     cached = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     own, db = write(tmp_path, OWN), tmp_path / "own"
-    argv = [a for a in TINY if a not in ("--tasks", "people", "vehicles_1", "vehicles_2")]
-    argv += ["--data_root", str(data_root), "--pretrained", str(tiny_pool["pretrained"]), "--db", str(db)]
     capsys.readouterr()
-    rc = main_preprocessing([*argv, "--library_from", str(tiny_pool["db"]), "--hierarchy", str(own), "--stages",
-                             "experts"])  # fmt: skip
+    rc = main_preprocessing([*argv, "--db", str(db), "--hierarchy", str(own)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "expert first" in out and "expert pair" in out and "teacher logits computed: 0s" in out
+    assert "[experts] epoch 1/1" in out and "[library]" not in out and "[oracle]" not in out  # only experts train
     pool = db / "cifar100"
     assert sorted(p.name for p in (pool / "experts").iterdir()) == ["expert_first.pt", "expert_mixed.pt",
                                                                    "expert_pair.pt"]  # fmt: skip
     stored = json.loads((pool / "hierarchy.json").read_text())
     assert stored["tasks"]["pair"] == ["tank", "tiger"]
     assert stored["id"] == read_hierarchy(own, get_dataset("cifar100")).id
-    assert files_id([pool / "library_cifar100.pt"]) == files_id([tiny_pool["pool"] / "library_cifar100.pt"])
-    assert {p: p.read_bytes() for p in tiny_pool["pool"].rglob("*") if p.is_file()} == tiny_files
+    assert files_id([pool / "library_cifar100.pt"]) == files_id([src / "cifar100" / "library_cifar100.pt"])
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == source_files
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == cached  # the Oracle's logits were reused
 
     # later commands read the pool's hierarchy; the same one may be named, another is refused in one line
@@ -118,7 +123,7 @@ def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(tiny_pool,
     other = write(tmp_path, {**OWN, "pair": ["tank"]}, "other.json")
     assert main_service([*q, "--hierarchy", str(other)]) == 2
     assert "is another" in capsys.readouterr().err
-    assert main_preprocessing([*argv, "--hierarchy", str(other), "--stages", "experts"]) == 2
+    assert main_preprocessing([*argv, "--db", str(db), "--hierarchy", str(other)]) == 2
     assert "holds 3 expert(s) built with" in capsys.readouterr().err
     assert main_evaluation(["--db", str(db), "--data_root", str(data_root), "--device", "cpu", "--n", "2"]) == 0
     assert "| 2 |" in capsys.readouterr().out.replace("  ", " ")
