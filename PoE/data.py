@@ -116,14 +116,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 class Normalizer:
-    """uint8 images -> float, scaled to [0, 1], then standardised per channel."""
+    """Images -> float, standardised per channel: uint8 ones (0..255) scaled to [0, 1] first, float ones taken as
+    [0, 1] already."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu") -> None:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float().div_(255) - self.mean) / self.std
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
 
 
 def view_params(n: int, pad: int, seed: int, view: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,27 @@ from PoE.hierarchy import Query
 from PoE.precision import autocast
 
 
-@torch.no_grad()
+def batched_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    normalize: Normalizer,
+    device: str | torch.device,
+    precision: str = "fp32",
+    batch_size: int = 500,
+    progress: str | None = None,
+) -> Iterator[torch.Tensor]:
+    """``model``'s float32 logits (on ``device``) for ``images`` (uint8 0..255 or float 0..1, N x 3 x H x W), batch
+    by batch: normalised, channels_last, under ``precision``'s autocast, no gradients. ``progress``: a bar's title.
+    The one loop through which every evaluation, the Python API's predictions and the combination scoring run."""
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(images), batch_size), desc=progress, leave=False, disable=progress is None):
+        x = normalize(images[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(device, precision):
+            out = model(x).float()
+        yield out  # outside the autocast and no_grad contexts: the caller's code runs as it would
+
+
 def predict(
     model: nn.Module,
     images: ImageSet,
@@ -26,19 +46,12 @@ def predict(
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Argmax predictions (CPU, int64); ``columns`` restricts the argmax to those output columns."""
-    from tqdm import tqdm
-
     model.eval()
     cols = None if columns is None else torch.tensor(list(columns), device=device)
     out = []
-    starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc="evaluate", leave=False, disable=not progress):
-        x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x).float()
-        if cols is not None:
-            logits = logits.index_select(1, cols)
-        out.append(logits.argmax(1).cpu())
+    for logits in batched_logits(model, images.x, normalize, device, precision, batch_size,
+                                 "evaluate" if progress else None):  # fmt: skip
+        out.append((logits if cols is None else logits.index_select(1, cols)).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
@@ -100,7 +113,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def expert_outputs(
     library: nn.Module,
     experts: dict[str, nn.Module],
@@ -116,19 +128,14 @@ def expert_outputs(
     A consolidated model's output is these logits concatenated and reordered, so any composite task
     over these experts can be scored from them without running a network again.
     """
-    from tqdm import tqdm
-
     from PoE.networks import bank_of
 
     library.eval()
     tasks = list(experts)
-    bank = bank_of([experts[t].eval() for t in tasks])
+    net = nn.Sequential(library, bank_of([experts[t].eval() for t in tasks]))
     sizes = [experts[t].num_classes for t in tasks]
-    outs = []
-    for s in tqdm(range(0, len(images), batch_size), desc="experts on test images", leave=False, disable=not progress):
-        x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            outs.append(bank(library(x)).float().cpu())
+    outs = [o.cpu() for o in batched_logits(net, images.x, normalize, device, precision, batch_size,
+                                            "experts on test images" if progress else None)]  # fmt: skip
     return dict(zip(tasks, torch.cat(outs).split(sizes, dim=1), strict=True))
 
 

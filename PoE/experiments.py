@@ -20,7 +20,7 @@ from torch import nn
 from PoE.baselines import METHODS, USES, BaselineRunner
 from PoE.data import ImageSet, Normalizer
 from PoE.datasets import DatasetConfig
-from PoE.evaluate import count_macs, count_params, expert_outputs, score_composite
+from PoE.evaluate import batched_logits, count_macs, count_params, expert_outputs, score_composite
 from PoE.hierarchy import make_query
 from PoE.pool import Pool
 from PoE.store import atomic_write
@@ -266,11 +266,7 @@ def oracle_combinations(
     subset, _ = test.with_classes(classes)
     normalize = Normalizer(cfg.mean, cfg.std, device)
     oracle.eval()
-    logits = []
-    for s in range(0, len(subset), 500):
-        x = normalize(subset.x[s : s + 500].to(device)).contiguous(memory_format=torch.channels_last)
-        logits.append(oracle(x).float().cpu())
-    full = torch.cat(logits)
+    full = torch.cat([o.cpu() for o in batched_logits(oracle, subset.x, normalize, device)])
     shape = (3, cfg.image_size, cfg.image_size)
     macs, params = count_macs(oracle, shape, device), count_params(oracle)
     rows = []

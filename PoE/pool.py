@@ -22,10 +22,9 @@ from PoE.consolidate import ConsolidatedNet, RawInput
 from PoE.data import ImageSet, Normalizer, image_batch
 from PoE.datasets import DatasetConfig, get_dataset
 from PoE.errors import PoEError
-from PoE.evaluate import accuracy, count_macs, count_params
+from PoE.evaluate import accuracy, batched_logits, count_macs, count_params
 from PoE.hierarchy import Query, make_query
 from PoE.networks import Family, bank_of, family_of, family_of_state
-from PoE.precision import autocast
 from PoE.store import (
     PoolPaths,
     atomic_write,
@@ -130,8 +129,6 @@ class TaskModel:
                  build_ms: float, precision: str = "fp32") -> None:  # fmt: skip
         self.module, self.query, self.cfg, self.device = module, query, cfg, device
         self.build_ms, self.precision = build_ms, precision
-        self.mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
         self._cost: tuple[int, int] | None = None
 
     @property
@@ -159,17 +156,11 @@ class TaskModel:
         return accuracy(self.module, test, self.classes, normalize, self.device, progress=progress,
                         precision=self.precision)  # fmt: skip
 
-    @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:
         """Logits over ``classes`` (CPU, float32) of user images (see ``predict``)."""
         x = image_batch(images, self.cfg.image_size)
-        out = []
-        for s in range(0, len(x), 500):
-            batch = x[s : s + 500].to(self.device)
-            batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.precision):
-                out.append(self.module(batch).float().cpu())
-        return torch.cat(out)
+        normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
+        return torch.cat([o.cpu() for o in batched_logits(self.module, x, normalize, self.device, self.precision)])
 
     def predict(self, images: Any) -> Prediction:
         """``images``: uint8 H x W x 3 arrays (one, or a stack N x H x W x 3), PIL images, or float tensors in

@@ -312,8 +312,13 @@ class PretrainedLibrary(Stage):
         full, source = imagenet_weights(arch, self.s.library_weights, "--library_weights")
         library = MobileNetLibrary()
         load_into(library, library_state(full), source, f"{arch} front (features[:18])")
-        meta = {"arch": f"{arch} features[:18]", "weights": str(source), "train_seconds": 0.0, "id": state_id(library),
-                "family": family_of(self.cfg).name}
+        meta = {
+            "arch": f"{arch} features[:18]",
+            "weights": str(source),
+            "train_seconds": 0.0,
+            "id": state_id(library),
+            "family": family_of(self.cfg).name,
+        }
         self.prep.replace_library(meta, library.state_dict())
         return {self.name: Part(library.to(self.s.device).eval(), meta)}
 
