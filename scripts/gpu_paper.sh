@@ -4,12 +4,13 @@
 #   call 1, with the last data part:  bash .gpu/join && bash scripts/gpu_paper.sh oracle
 #   call 2:                           bash scripts/gpu_paper.sh rest
 # Each call packs what it made into $OUT (parts of at most 15 MiB), so a call cut short still returns its stage;
-# a stage cut short resumes from its per-epoch checkpoint in the next call. POE_PAPER_ARGS adds flags, e.g. a
-# CPU try: POE_DATA=../shared/data POE_PRECISION=fp32 POE_PAPER_ARGS="--device cpu --epochs 1 --train_limit 512
-# --oracle_arch wrn-10-1" bash scripts/gpu_paper.sh oracle (then rest).
+# a stage cut short resumes from its per-epoch checkpoint in the next call. The Oracle's logits are cached for 10
+# augmented views (the paper's schedule runs it on every batch: 100 s more than a lease has). POE_PAPER_ARGS
+# replaces that flag, e.g. a CPU try: POE_DATA=../shared/data POE_PRECISION=fp32 POE_PAPER_ARGS="--device cpu
+# --epochs 1 --train_limit 512 --oracle_arch wrn-10-1" bash scripts/gpu_paper.sh oracle (then rest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "${1:-}" = oracle ] || [ "${1:-}" = rest ] || { sed -n '2,10p' "$0"; exit 2; }
+[ "${1:-}" = oracle ] || [ "${1:-}" = rest ] || { sed -n "2,10p" "$0"; exit 2; }
 OUT=${OUT:-runs/gpu_out}
 D=${POE_DATA:-.gpu}  # holds cifar100/{train,test}.npz
 R=${POE_RUN:-runs/paper}
@@ -17,7 +18,7 @@ mkdir -p "$OUT" "$R"
 export PYTHONUNBUFFERED=1
 # shellcheck disable=SC2086  # POE_PAPER_ARGS is a list of flags
 P="python3 Run_preprocessing.py --profile paper --precision ${POE_PRECISION:-bf16} --data_root $D --db $R/DB_PoE
-   --pretrained $R/DB_pretrained --no_progress ${POE_PAPER_ARGS:-}"
+   --pretrained $R/DB_pretrained --no_progress ${POE_PAPER_ARGS:---teacher_views 10}"
 pack() {  # pack paths into $OUT/$1.tar.N, 15 MiB parts (the device returns at most 8 files of 16 MiB)
   local name=$1; shift
   rm -f "$OUT/$name".tar.*
