@@ -83,7 +83,7 @@ def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, ca
         (["--library_lr", "1e9"], "argument --library_lr: must be a number > 0 and <= 10, got 1e9"),
         (["--T", "nan"], "argument --T: must be a number > 0 and <= 100, got nan"),
         (["--T", "1e6"], "argument --T: must be a number > 0 and <= 100, got 1e6"),
-        (["--alpha", "-inf"], "argument --alpha: must be a number >= 0 and <= 1000, got -inf"),
+        (["--alpha=-inf"], "argument --alpha: must be a number >= 0 and <= 1000, got -inf"),
         (["--alpha", "NaN"], "argument --alpha: must be a number >= 0 and <= 1000, got NaN"),
         (["--epochs", "two"], "argument --epochs: expected an integer, got 'two'"),
         (["--loss", "hard"], "invalid choice: 'hard'"),
