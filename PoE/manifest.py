@@ -143,6 +143,8 @@ class Listing:
         self.digests.pop(part_name(self.paths, path), None)
         for task in [t for t in self.experts if self.paths.expert(t) == path]:
             del self.experts[task]
+        if path == self.paths.library:
+            self.library = {}
 
     def present(self) -> None:
         """Forget parts whose files are gone (removed by hand): the manifest describes the files present."""

@@ -274,3 +274,20 @@ def test_training_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full
     line = one_line_error(capsys)
     assert rc == 2 and f"cannot write {full_disk / 'cifar100' / 'resume' / 'oracle.pt'}: No space left" in line
     assert [p for p in full_disk.rglob("*") if p.is_file()] == []
+
+
+def test_a_checkpoint_whose_index_fails_leaves_none_of_its_shards(tmp_path, monkeypatch):
+    import PoE.store as store
+
+    real = store.atomic_write
+
+    def index_fails(path, write, buffered=False):
+        if path.name == "ck.pt":
+            raise PoEError(f"cannot write {path}: No space left on device")
+        real(path, write, buffered)
+
+    monkeypatch.setattr(store, "atomic_write", index_fails)
+    state = {"a": torch.zeros(1000), "b": torch.zeros(1000)}
+    with pytest.raises(PoEError, match="No space left"):
+        store.save_checkpoint(tmp_path / "ck.pt", {"state_dict": state}, shard_bytes=4000)
+    assert list(tmp_path.iterdir()) == []
