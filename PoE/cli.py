@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,8 +41,12 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def number(kind: type, low: float, low_ok: bool = True, high: float | None = None) -> Callable[[str], float]:
-    """An argparse type: ``kind`` within [low, high) (``low_ok``: low itself allowed), else a one-line error."""
+def number(
+    kind: type, low: float, low_ok: bool = True, high: float | None = None, high_ok: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` from ``low`` to ``high`` (``low_ok``/``high_ok``: the bound itself
+    allowed), else a one-line error naming the flag and the accepted range: nan, inf and absurd values are
+    refused here, not found out epochs later as a nan loss (or never)."""
 
     def parse(text: str) -> float:
         try:
@@ -49,10 +54,15 @@ def number(kind: type, low: float, low_ok: bool = True, high: float | None = Non
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        bad = v < low or (v == low and not low_ok) or (high is not None and v >= high)
-        if bad:
-            rng = f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {rng}, got {text}")
+        out = not math.isfinite(v) or v < low or (v == low and not low_ok)
+        out = out or (high is not None and (v > high or (v == high and not high_ok)))
+        if out:
+            rng = f"{'>=' if low_ok else '>'} {low:g}" + (
+                f" and {'<=' if high_ok else '<'} {high:g}" if high is not None else ""
+            )
+            raise argparse.ArgumentTypeError(
+                f"must be {'a number' if kind is float else 'an integer'} {rng}, got {text}"
+            )
         return v
 
     parse.__name__ = kind.__name__
@@ -61,9 +71,12 @@ def number(kind: type, low: float, low_ok: bool = True, high: float | None = Non
 
 POSITIVE_INT = number(int, 1)
 NONNEG_INT = number(int, 0)
-POSITIVE = number(float, 0, low_ok=False)
-NONNEG = number(float, 0)
-FRACTION = number(float, 0, high=1)
+FRACTION = number(float, 0, high=1)  # label smoothing, weight decay
+LEARNING_RATE = number(float, 0, low_ok=False, high=10, high_ok=True)
+TEMPERATURE = number(float, 0, low_ok=False, high=100, high_ok=True)
+ALPHA = number(float, 0, high=1000, high_ok=True)
+WAIT_MS = number(float, 0, high=10_000, high_ok=True)  # dynamic batching: at most 10 s
+BUDGET = number(float, 0, low_ok=False, high=100, high_ok=True)  # a multiple of the paper's epochs
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -146,17 +159,17 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group(f"{stage} stage (default: the profile's)")
         name = stage.rstrip("s")
         g.add_argument(f"--{name}_epochs", type=POSITIVE_INT, default=None, help="epochs")
-        g.add_argument(f"--{name}_lr", type=POSITIVE, default=None, help="peak learning rate")
+        g.add_argument(f"--{name}_lr", type=LEARNING_RATE, default=None, help="peak learning rate")
         g.add_argument(f"--{name}_batch_size", type=POSITIVE_INT, default=None, help="batch size")
         g.add_argument(f"--{name}_schedule", default=None, choices=("step", "onecycle"), help="learning-rate schedule")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every stage")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every stage")
-    p.add_argument("--weight_decay", type=NONNEG, default=None, help="weight decay of every stage")
+    p.add_argument("--weight_decay", type=FRACTION, default=None, help="weight decay of every stage")
     p.add_argument(
         "--label_smoothing", type=FRACTION, default=None, help="Oracle cross-entropy label smoothing, in [0, 1)"
     )
-    p.add_argument("--T", type=POSITIVE, default=None, help="distillation temperature")
-    p.add_argument("--alpha", type=NONNEG, default=None, help="weight of L_scale")
+    p.add_argument("--T", type=TEMPERATURE, default=None, help="distillation temperature")
+    p.add_argument("--alpha", type=ALPHA, default=None, help="weight of L_scale")
     p.add_argument("--loss", default="both", choices=("both", "soft", "scale"), help="expert loss: both "
                    "(L_soft + alpha L_scale), soft or scale")  # fmt: skip
     p.add_argument("--teacher_views", type=NONNEG_INT, default=None, help="augmented views whose Oracle logits are "
@@ -268,9 +281,8 @@ def preprocessing_body(a: argparse.Namespace) -> int:
         return 0
     print()
     print(report.table())
-    info = report.info
-    print(f"\nwall time of this run: {info['wall_seconds']:.0f}s; teacher logits computed: "
-          f"{info['teacher_cache_seconds']:.0f}s; pool: {s.db / s.cfg.name}")  # fmt: skip
+    print(f"\nwall time of this run: {report.wall_seconds:.0f}s; teacher logits computed: "
+          f"{report.teacher_cache_seconds:.0f}s; pool: {s.db / s.cfg.name}")  # fmt: skip
     return 0
 
 
@@ -301,7 +313,7 @@ def service_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=number(int, 0, high=65536), default=8000, help="TCP port (0: any free port; the "
                    "URL line printed at start says which)")  # fmt: skip
     g.add_argument("--max_batch", type=POSITIVE_INT, default=64, help="dynamic batching: most images per forward")
-    g.add_argument("--batch_wait_ms", type=NONNEG, default=5.0, help="dynamic batching: how long a batch may wait "
+    g.add_argument("--batch_wait_ms", type=WAIT_MS, default=5.0, help="dynamic batching: how long a batch may wait "
                    "for requests still being received (a lone request never waits)")  # fmt: skip
     g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads for the forwards (default: "
                    "one less than the CPUs this process may use, at least 1)")  # fmt: skip
@@ -505,14 +517,14 @@ def baselines_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (for ckd)")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
                    "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
+    p.add_argument("--lr", type=LEARNING_RATE, default=PAPER_LR, help="peak learning rate")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
     p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
                    "80%%) or onecycle")  # fmt: skip
-    p.add_argument("--T", type=POSITIVE, default=KD_T, help="distillation temperature")
-    p.add_argument("--alpha", type=NONNEG, default=KD_ALPHA, help="weight of the L1 term of CKD")
+    p.add_argument("--T", type=TEMPERATURE, default=KD_T, help="distillation temperature")
+    p.add_argument("--alpha", type=ALPHA, default=KD_ALPHA, help="weight of the L1 term of CKD")
     p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
-    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
+    p.add_argument("--budget", type=BUDGET, default=1.0, help="without --epochs: this fraction of the paper's "
                    "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
     p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
                    "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
@@ -593,13 +605,13 @@ def experiments_parser() -> argparse.ArgumentParser:
     p.add_argument("--combos_per_n", type=NONNEG_INT, default=2, help="baselines: a fixed seeded sample of this many "
                    "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="baseline epochs (default: the paper's 200 / 100)")
-    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
+    p.add_argument("--lr", type=LEARNING_RATE, default=PAPER_LR, help="peak learning rate")
     p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
     p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="baselines' schedule")
     p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
                    "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
-    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
+    p.add_argument("--budget", type=BUDGET, default=1.0, help="without --epochs: this fraction of the paper's "
                    "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
     p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
                    "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip

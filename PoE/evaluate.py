@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from PoE.consolidate import merge
 from PoE.data import ImageSet, Normalizer
+from PoE.errors import PoEError
 from PoE.hierarchy import Query
 from PoE.precision import autocast
 
@@ -53,6 +54,18 @@ def predict(
                                  "evaluate" if progress else None):  # fmt: skip
         out.append((logits if cols is None else logits.index_select(1, cols)).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def check_covered(labels: torch.Tensor, classes: Sequence[int], name: Callable[[int], str]) -> None:
+    """Raise unless the test ``labels`` include every one of ``classes``: an accuracy over some of them would
+    pass for the query's, and over none it was ``nan%`` with exit 0."""
+    lacking = sorted(set(classes) - set(labels.unique().tolist()))
+    if lacking:
+        names = ", ".join(f"{c} {name(c)}" for c in lacking[:5]) + (", ..." * (len(lacking) > 5))
+        raise PoEError(
+            f"the test split has no images of {len(lacking)} of the query's {len(classes)} classes ({names}): "
+            "its accuracy cannot be measured; give test data that covers them, or skip the evaluation"
+        )
 
 
 def accuracy(

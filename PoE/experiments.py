@@ -20,7 +20,7 @@ from torch import nn
 from PoE.baselines import METHODS, USES, BaselineRunner
 from PoE.data import ImageSet, Normalizer
 from PoE.datasets import DatasetConfig
-from PoE.evaluate import batched_logits, count_macs, count_params, expert_outputs, score_composite
+from PoE.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
 from PoE.hierarchy import make_query
 from PoE.pool import Pool
 from PoE.store import atomic_write
@@ -51,6 +51,7 @@ def pool_combinations(
         pool.make_query([t])  # a missing expert fails here, naming its file
     experts = {t: pool.experts[t] for t in tasks}
     classes = sorted(c for t in tasks for c in cfg.tasks[t])
+    check_covered(test.y, classes, cfg.class_name)
     subset, _ = test.with_classes(classes)
     logits = expert_outputs(pool.library, experts, subset, Normalizer(cfg.mean, cfg.std, device), device,
                             precision=pool.precision, progress=progress)  # fmt: skip

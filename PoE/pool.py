@@ -22,9 +22,11 @@ from PoE.consolidate import ConsolidatedNet, RawInput
 from PoE.data import ImageSet, Normalizer, image_batch
 from PoE.datasets import DatasetConfig, get_dataset
 from PoE.errors import PoEError
-from PoE.evaluate import accuracy, batched_logits, count_macs, count_params
+from PoE.evaluate import accuracy, batched_logits, check_covered, count_macs, count_params
 from PoE.hierarchy import Query, make_query
+from PoE.manifest import Contents
 from PoE.networks import Family, bank_of, family_of, family_of_state
+from PoE.precision import resolve as resolve_precision
 from PoE.store import (
     PoolPaths,
     atomic_write,
@@ -37,9 +39,15 @@ from PoE.store import (
 )
 
 
-def how_to_make(cfg: DatasetConfig, task: str | None = None) -> str:
+def make_command(cfg: DatasetConfig, task: str | None = None, paths: PoolPaths | None = None) -> str:
+    """The command that makes the library (``task`` None) or ``task``'s expert (into the pool at ``paths``)."""
     what = f"--stages experts --tasks {task}" if task else "--stages library"
-    return f"create it with: python Run_preprocessing.py --dataset {cfg.name} {what}"
+    db = f" --db {paths.root.parent}" if paths is not None else ""
+    return f"python Run_preprocessing.py --dataset {cfg.name}{db} {what}"
+
+
+def how_to_make(cfg: DatasetConfig, task: str | None = None) -> str:
+    return f"create it with: {make_command(cfg, task)}"
 
 
 def check_weights(module: nn.Module, meta: dict[str, Any], path: Path, what: str) -> bool:
@@ -59,10 +67,11 @@ def check_weights(module: nn.Module, meta: dict[str, Any], path: Path, what: str
     return True
 
 
-def read_library(paths: PoolPaths, cfg: DatasetConfig) -> tuple[nn.Module, dict[str, Any]]:
+def read_library(paths: PoolPaths, cfg: DatasetConfig, contents: Contents) -> tuple[nn.Module, dict[str, Any]]:
     """The library of a pool folder, checked; its metadata ({} for the original release's bare files)."""
     path = paths.library
     sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg)), path, "library")
+    contents.check(path, sd, meta, make_command(cfg, None, paths))
     if meta and meta.get("dataset") not in (None, cfg.name):
         raise PoEError(f"{path} is a library for {meta.get('dataset')}, not {cfg.name}")
     try:
@@ -75,11 +84,17 @@ def read_library(paths: PoolPaths, cfg: DatasetConfig) -> tuple[nn.Module, dict[
 
 
 def read_expert(
-    paths: PoolPaths, cfg: DatasetConfig, task: str, library: nn.Module, library_meta: dict[str, Any]
+    paths: PoolPaths,
+    cfg: DatasetConfig,
+    task: str,
+    library: nn.Module,
+    library_meta: dict[str, Any],
+    contents: Contents,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """One expert of a pool folder, checked against its task and against the pool's library."""
+    """One expert of a pool folder, checked against the manifest, its task and the pool's library."""
     path = paths.expert(task)
     sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg, task)), path, "expert")
+    contents.check(path, sd, meta, make_command(cfg, task, paths))
     want = cfg.tasks[task]
     if meta and (meta.get("task") != task or list(meta.get("classes", want)) != list(want)):
         raise PoEError(f"{path} holds the expert of {meta.get('task')!r} {meta.get('classes')}, not {task!r} {want}")
@@ -116,6 +131,11 @@ class Prediction:
 
     def top(self, i: int, k: int = 3) -> list[dict[str, Any]]:
         """The ``k`` most probable classes of image ``i``: id, name, probability."""
+        n, width = self.probabilities.shape
+        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+            raise PoEError(f"top(i={i!r}): i must be an image index, 0..{n - 1}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PoEError(f"top(k={k!r}): k must be an integer >= 1 (at most {width} classes are returned)")
         p, idx = self.probabilities[i].topk(min(k, self.probabilities.shape[1]))
         return [{"id": self.classes[j], "name": self.names[j], "probability": round(float(q), 6)}
                 for q, j in zip(p.tolist(), idx.tolist(), strict=True)]  # fmt: skip
@@ -151,7 +171,9 @@ class TaskModel:
         return self._cost
 
     def accuracy(self, test: ImageSet, progress: bool = False) -> tuple[float, int]:
-        """(accuracy in %, images) on the test images of the query's classes, at the pool's precision."""
+        """(accuracy in %, images) on the test images of the query's classes, at the pool's precision. A split
+        without images of some of them is refused (an accuracy over the others would pass for the query's)."""
+        check_covered(test.y, self.classes, self.cfg.class_name)
         normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
         return accuracy(self.module, test, self.classes, normalize, self.device, progress=progress,
                         precision=self.precision)  # fmt: skip
@@ -186,7 +208,7 @@ class TaskModel:
         dims |= {i: torch.export.Dim(n, min=8, max=4096) for i, n in ((2, "height"), (3, "width"))}
         with torch.no_grad():
             program = torch.export.export(wrapped, (example,), dynamic_shapes=(dims,))
-        atomic_write(target, lambda f: torch.export.save(program, f))
+        atomic_write(target, lambda f: torch.export.save(program, f), buffered=True)
 
 
 def private_copy(module: nn.Module, fold: bool, family: Family) -> nn.Module:
@@ -217,17 +239,22 @@ def check_export_path(path: str | Path) -> Path:
 class Pool:
     """The library and every expert of one pool folder, loaded and checked, on ``device``."""
 
-    def __init__(self, cfg: DatasetConfig, paths: PoolPaths, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(self, cfg: DatasetConfig, paths: PoolPaths, device: torch.device, precision: str = "fp32",
+                 contents: Contents | None = None) -> None:  # fmt: skip
         t0 = time.perf_counter()
-        self.cfg, self.paths, self.device, self.precision = cfg, paths, torch.device(device), precision
-        self.library, self.library_meta = read_library(paths, cfg)
+        self.cfg, self.paths, self.device = cfg, paths, torch.device(device)
+        self.precision = resolve_precision(precision, self.device)  # fp32, bf16 or auto; fp8 and others refused
+        contents = Contents.read(paths) if contents is None else contents  # the table of contents checked against
+        tasks = paths.experts_present()
+        contents.check_complete([paths.library, *map(paths.expert, tasks)])
+        self.library, self.library_meta = read_library(paths, cfg, contents)
         self.experts: dict[str, nn.Module] = {}
         self.expert_meta: dict[str, dict[str, Any]] = {}
-        for task in paths.experts_present():
+        for task in tasks:
             if task not in cfg.tasks:
                 raise PoEError(f"{paths.expert(task)} is not a {cfg.name} task; known tasks: {', '.join(cfg.tasks)}")
             self.experts[task], self.expert_meta[task] = read_expert(paths, cfg, task, self.library,
-                                                                     self.library_meta)  # fmt: skip
+                                                                     self.library_meta, contents)  # fmt: skip
         for m in (self.library, *self.experts.values()):  # channels_last weights: the fast layout for convolutions
             m.to(self.device, memory_format=torch.channels_last)
         self.states = {t: e.state_dict() for t, e in self.experts.items()}  # what a query's bank is cut from
@@ -262,7 +289,9 @@ class Pool:
         return self.expert_meta[task].get("id") or state_id(self.experts[task])
 
     def make_query(self, tasks: list[str]) -> Query:
-        query = make_query(tasks, self.cfg.tasks, self.cfg.name)
+        if isinstance(tasks, str) or not isinstance(tasks, list | tuple) or not all(isinstance(t, str) for t in tasks):
+            raise PoEError(f"a query is a list of task names, e.g. ['people', 'vehicles_1'], got {tasks!r}")
+        query = make_query(list(tasks), self.cfg.tasks, self.cfg.name)
         missing = [t for t in query.tasks if t not in self.experts]
         if missing:
             raise PoEError(f"missing {self.paths.expert(missing[0])}; {how_to_make(self.cfg, missing[0])}")

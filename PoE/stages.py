@@ -28,7 +28,7 @@ from PoE.losses import ckd_loss, kd_loss
 from PoE.networks import bank_of, build_network, family_of, unbank
 from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.networks.pretrained import imagenet_weights
-from PoE.preprocess import STAGES, Preprocessor, Report, Settings, summary
+from PoE.preprocess import STAGES, Preprocessor, Report, Settings, StageRecord
 from PoE.profiles import StageConfig
 from PoE.store import check_writable, half_state, load_checkpoint, load_into, state_id, unwrap
 from PoE.teacher import TeacherOutputs
@@ -90,6 +90,7 @@ class Stage:
             raise self.missing(todo)
         if todo:
             parts.update(self.make(todo))
+            self.drop_progress()  # only now: killed before its outputs were saved, a rerun resumes, not retrains
         for key, part in parts.items():
             self.report(key, part)
         return parts
@@ -108,13 +109,23 @@ class Stage:
         """(state_dict, meta) of a finished part's checkpoint, or None when it must be (re)made."""
         if self.name in self.s.retrain or not path.exists():
             return None
-        return unwrap(load_checkpoint(path), path, kind)
+        sd, meta = unwrap(load_checkpoint(path), path, kind)
+        if self.prep.is_pool_part(path) and not self.prep.adopt(path, {**meta, "state_dict": sd}, self.name):
+            return None  # a pool part the manifest does not list as it is
+        return sd, meta
 
     def start(self, module: nn.Module) -> tuple[nn.Module, TensorLoader | FolderLoader]:
         """``module`` as the training step calls it (under DDP with several processes, compiled when asked) and
         the stage's loader. Seed the stage before building what it trains."""
         loader = self.prep.loader(self.name, self.conf)
         return compiled(distributed.wrap(module), self.name in self.s.compile), loader
+
+    def drop_progress(self) -> None:
+        """Remove the stage's resume file once the parts it trained are evaluated and saved."""
+        if distributed.is_main():
+            self.resume_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder goes once empty; another run's file keeps it
+                self.resume_file.parent.rmdir()
 
     def train(
         self,
@@ -142,10 +153,6 @@ class Stage:
         }
         history = train_stage(self.name, modules, loss_fn, batches, len(loader), conf, resume, fingerprint, frozen,
                               progress=self.s.progress, precision=self.s.precision)  # fmt: skip
-        if distributed.is_main():
-            resume.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the folder goes once empty; another run's file keeps it
-                resume.parent.rmdir()
         return {
             "epochs": conf.epochs,
             "config": repr(conf),
@@ -213,7 +220,7 @@ class Oracle(Stage):
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"Oracle ({part.meta.get('arch')})", "all classes", part.meta)
-        self.prep.report.info["oracle"] = summary(part.meta)
+        self.prep.report.stages["oracle"] = StageRecord.of(part.meta)
 
 
 class PretrainedOracle(Oracle):
@@ -232,7 +239,7 @@ class PretrainedOracle(Oracle):
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"Oracle ({part.meta['arch']}, pretrained)", "the tasks' classes", part.meta)
-        self.prep.report.info["oracle"] = summary(part.meta) | {"weights": part.meta["weights"]}
+        self.prep.report.stages["oracle"] = StageRecord.of(part.meta, weights=part.meta["weights"])
 
 
 # ---------------------------------------------------------------------------- library
@@ -265,6 +272,10 @@ class Library(Stage):
             return None
         sd, meta = found
         student = load_into(build_network(arch, self.cfg), sd, path, f"{arch} library student")
+        pool_file = self.target(key)
+        lib_sd, lib_meta = unwrap(load_checkpoint(pool_file), pool_file, "library")
+        if not self.prep.adopt(pool_file, {**lib_meta, "state_dict": lib_sd}, "library"):
+            self.prep.replace_library(meta, student.front.state_dict())  # the student's front, as when it was made
         return Part(student.front.to(self.s.device).eval(), meta)
 
     def make(self, todo: list[str]) -> dict[str, Part]:
@@ -287,7 +298,7 @@ class Library(Stage):
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"library student ({self.cfg.library_arch})", "all classes", part.meta)
-        self.prep.report.info["library"] = summary(part.meta)
+        self.prep.report.stages["library"] = StageRecord.of(part.meta)
 
 
 class PretrainedLibrary(Stage):
@@ -326,7 +337,7 @@ class PretrainedLibrary(Stage):
         meta = part.meta
         scored = {**meta, "test_acc": float("nan"), "test_n": 0}
         self.prep.report.add(f"library ({meta.get('arch')}, pretrained)", "not scored alone", scored)
-        self.prep.report.info["library"] = summary(meta) | {"weights": meta.get("weights")}
+        self.prep.report.stages["library"] = StageRecord.of(meta, weights=meta.get("weights"))
 
 
 # ---------------------------------------------------------------------------- experts
@@ -398,9 +409,8 @@ class Experts(Stage):
               "scale": scale, "views": self.s.teacher_views, "form": "bank"}  # fmt: skip
         batches = teacher.batches(loader, conf)
         run = self.train({"bank": bank}, loss_fn, loader, batches, fp, frozen=(library,))
-        self.prep.report.info["experts_seconds"] = run["train_seconds"]
-        self.prep.report.info["experts_epoch_seconds"] = run.pop("epoch_seconds")
-        self.prep.report.info["experts_sittings"] = run.pop("sittings")
+        self.prep.report.stages["experts"] = StageRecord(None, run["train_seconds"], None, run.pop("epoch_seconds"),
+                                                         run.pop("sittings"))  # fmt: skip
         run["train_seconds"] /= len(todo)
         parts = {}
         for t, e, state in zip(todo, fresh, unbank(bank), strict=True):
@@ -434,6 +444,6 @@ def run(s: Settings) -> Report:
             Experts(prep, teacher, library).run()
         if distributed.is_main():
             prep.write_manifest()
-    prep.report.info["teacher_cache_seconds"] = teacher.seconds
-    prep.report.info["wall_seconds"] = time.perf_counter() - t0
+    prep.report.teacher_cache_seconds = teacher.seconds
+    prep.report.wall_seconds = time.perf_counter() - t0
     return prep.report
