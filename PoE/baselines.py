@@ -37,12 +37,11 @@ from PoE.losses import ckd_loss
 from PoE.networks import WRNExpert, WRNLibrary, WRNSpec, build_network
 from PoE.networks.wrn import init_weights
 from PoE.pool import Pool
-from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
+from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR, StageConfig
 from PoE.store import load_checkpoint, load_into, save_checkpoint, state_id, unwrap
 from PoE.teacher import TeacherOutputs
 from PoE.train import seed_everything, train_stage
 
-METHODS = ("scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd")
 # What of PoE's preprocessing each method trains from: a result stays valid while these parts are unchanged.
 USES = {"scratch": (), "transfer": ("library",), "ckd": ("library", "oracle"), "sd_scratch": (),
         "sd_ckd": ("library", "experts"), "uhc_scratch": (), "uhc_ckd": ("library", "experts")}  # fmt: skip

@@ -1,24 +1,28 @@
-"""Command lines of the entry scripts. ``main_*(argv)`` returns an exit code; errors are one line."""
+"""Command lines of the entry scripts. ``main_*(argv)`` returns an exit code; errors are one line.
+
+Building the parsers imports no torch (nor any module that does): ``--help`` and a bad flag answer at once, and
+each command imports what it needs after parsing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from PoE.data import ImageSet
 from PoE.datasets import DATASETS, DatasetConfig
 from PoE.errors import PoEError
-from PoE.precision import PRECISIONS
-from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR
+from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR, PRECISIONS, PROFILES, STAGES
 
 if TYPE_CHECKING:
+    import torch
+
     from PoE.baselines import BaselineRunner
+    from PoE.data import ImageSet
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,6 +34,25 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         if empty or action.default is argparse.SUPPRESS or "default" in text:
             return text
         return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Wrap each line of a description or epilog on its own (argparse joins them into one paragraph); a list
+        of several lines (the tasks) hangs."""
+        lines = text.splitlines()
+        hang = indent + ("  " if len(lines) > 1 else "")
+        fill = lambda line: textwrap.fill(line, width, initial_indent=indent, subsequent_indent=hang,  # noqa: E731
+                                          break_on_hyphens=False, break_long_words=False)  # fmt: skip
+        return "\n".join(map(fill, lines))
+
+
+def tasks_epilog(default_tasks: bool = False) -> str:
+    """The primitive tasks of every built-in dataset (and, with ``default_tasks``, the defaults), for --help."""
+    lines = []
+    for name, cfg in DATASETS.items():
+        lines.append(f"{name} tasks ({len(cfg.tasks)}): {', '.join(cfg.tasks)}")
+        if default_tasks:
+            lines.append(f"{name} default tasks: {' '.join(cfg.default_tasks)}")
+    return "\n".join(lines)
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,6 +90,8 @@ FRACTION = number(float, 0, high=1)
 
 
 def pick_device(name: str | None) -> torch.device:
+    import torch
+
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -114,19 +139,42 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
 
 
 # ---------------------------------------------------------------------------- preprocessing
-def preprocessing_parser() -> argparse.ArgumentParser:
-    from PoE.preprocess import STAGES
-    from PoE.profiles import PROFILES
+def per_profile(what: Callable[[object], object]) -> str:
+    """``what`` of each profile, for a help text: 'paper: 200, quick: 1, ...' (or one value if they agree)."""
+    values = {k: what(v) for k, v in PROFILES.items()}
+    if len(set(values.values())) == 1:
+        return f"the profile's: {next(iter(values.values()))} in every profile"
+    return "the profile's: " + ", ".join(f"{k} {v}" for k, v in values.items())
 
+
+def stage_values(field: str) -> Callable[[object], str]:
+    """A profile's ``field`` of each stage, 'Oracle / library / experts', or once if they agree."""
+
+    def values(prof: object) -> str:
+        v = [str(getattr(getattr(prof, st), field)) for st in STAGES]
+        return v[0] if len(set(v)) == 1 else " / ".join(v)
+
+    return values
+
+
+# measured: the paper's WRN-40-4 Oracle trains at 93 images/s in bf16 on 2 AVX512-BF16 cores (docs/speed.md)
+PAPER_ON_CPU = (
+    "the paper profile (the default) would run for days on a CPU (CIFAR-100's WRN-40-4 Oracle alone: 200 epochs "
+    "of about 9 minutes each on 2 cores with bf16); on a CPU use --profile cpu (100 minutes measured on 2 cores)"
+)
+
+
+def preprocessing_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="Run_preprocessing.py",
         description="Build the pool: train (or load) the Oracle, distill the library, extract one expert per "
         "primitive task by conditional KD. Finished stages are loaded; interrupted ones resume.",
+        epilog=tasks_epilog(),
         formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--profile", default="paper", choices=list(PROFILES), help="schedule preset: " + "; ".join(
-        f"{k}: {v.description}" for k, v in PROFILES.items()))  # fmt: skip
+        f"{k}: {v.description}" for k, v in PROFILES.items()) + f". Note: {PAPER_ON_CPU}")  # fmt: skip
     p.add_argument(
         "--stages",
         nargs="+",
@@ -135,7 +183,8 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help=f"stages to run, of {', '.join(STAGES)}",
     )
-    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="primitive tasks (default: all)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="primitive tasks (default: all; the "
+                   "built-in datasets' tasks are listed below)")  # fmt: skip
     p.add_argument("--retrain", nargs="*", default=[], choices=STAGES, metavar="STAGE", help="retrain these stages "
                    "even if done")  # fmt: skip
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
@@ -148,18 +197,23 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{name}_lr", type=POSITIVE, default=None, help="peak learning rate")
         g.add_argument(f"--{name}_batch_size", type=POSITIVE_INT, default=None, help="batch size")
         g.add_argument(f"--{name}_schedule", default=None, choices=("step", "onecycle"), help="learning-rate schedule")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every stage")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every stage")
-    p.add_argument("--weight_decay", type=NONNEG, default=None, help="weight decay of every stage")
-    p.add_argument(
-        "--label_smoothing", type=FRACTION, default=None, help="Oracle cross-entropy label smoothing, in [0, 1)"
-    )
-    p.add_argument("--T", type=POSITIVE, default=None, help="distillation temperature")
-    p.add_argument("--alpha", type=NONNEG, default=None, help="weight of L_scale")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every stage (default: "
+                   f"{per_profile(stage_values('epochs'))}, for Oracle / library / experts)")  # fmt: skip
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every stage (default: "
+                   f"{per_profile(stage_values('batch_size'))})")  # fmt: skip
+    p.add_argument("--weight_decay", type=NONNEG, default=None, help="weight decay of every stage (default: "
+                   f"{per_profile(stage_values('weight_decay'))})")  # fmt: skip
+    p.add_argument("--label_smoothing", type=FRACTION, default=None, help="Oracle cross-entropy label smoothing, "
+                   f"in [0, 1) (default: {per_profile(lambda prof: prof.oracle.label_smoothing)})")  # fmt: skip
+    p.add_argument("--T", type=POSITIVE, default=None, help="distillation temperature (default: "
+                   f"{per_profile(lambda prof: prof.T)})")  # fmt: skip
+    p.add_argument("--alpha", type=NONNEG, default=None, help="weight of L_scale (default: "
+                   f"{per_profile(lambda prof: prof.alpha)})")  # fmt: skip
     p.add_argument("--loss", default="both", choices=("both", "soft", "scale"), help="expert loss: both "
                    "(L_soft + alpha L_scale), soft or scale")  # fmt: skip
     p.add_argument("--teacher_views", type=NONNEG_INT, default=None, help="augmented views whose Oracle logits are "
-                   "cached and cycled through (0: run the Oracle on every batch)")  # fmt: skip
+                   "cached and cycled through (0: run the Oracle on every batch; default: "
+                   f"{per_profile(lambda prof: prof.teacher_views)})")  # fmt: skip
     p.add_argument(
         "--train_limit",
         type=POSITIVE_INT,
@@ -252,6 +306,8 @@ def preprocessing_body(a: argparse.Namespace) -> int:
     from PoE.precision import describe
 
     s = preprocessing_settings(a)
+    if s.profile.name == "paper" and s.device.type == "cpu":
+        print(f"warning: {PAPER_ON_CPU}", file=sys.stderr)
     s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
     main, procs = distributed.is_main(), distributed.world()
     try:
@@ -284,10 +340,12 @@ def service_parser() -> argparse.ArgumentParser:
         description="Answer a query (a set of primitive tasks) in real time: consolidate the shared library and "
         "the queried experts into one task-specific model, without training, and report its accuracy and cost. "
         "With --serve, keep the pool in memory and answer queries over HTTP (API and web page).",
+        epilog=tasks_epilog(),
         formatter_class=Help,
     )
     common_arguments(p, precision="fp32")
-    p.add_argument("--queriedTask", nargs="*", default=None, metavar="TASK", help="primitive tasks of the query")
+    p.add_argument("--queriedTask", nargs="*", default=None, metavar="TASK", help="primitive tasks of the query (the "
+                   "built-in datasets' tasks are listed below; --list shows their classes)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the pool's tasks and their classes, then exit")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON object (last line)")
     p.add_argument("--export", default=None, metavar="PATH", help="write the built model with torch.export (.pt2)")
@@ -420,6 +478,7 @@ def evaluation_parser() -> argparse.ArgumentParser:
         description="Score a pool's train-free consolidated models over every combination of n of a list of "
         "tasks and print, per n, the mean +- std accuracy (over combinations), the share of errors that are "
         "cross-expert errors, and the models' multiply-adds and parameters.",
+        epilog=tasks_epilog(default_tasks=True),
         formatter_class=Help,
     )
     common_arguments(p, precision="fp32")
@@ -489,12 +548,11 @@ def main_evaluation(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------- baselines
 def baselines_parser() -> argparse.ArgumentParser:
-    from PoE.baselines import METHODS
-
     p = Parser(
         prog="Run_Baselines.py",
         description="Train the paper's baselines for a query and print them beside PoE's train-free model: "
         "accuracy on the composite task, multiply-adds, parameters and the wall time to produce each model.",
+        epilog=tasks_epilog(),
         formatter_class=Help,
     )
     common_arguments(p)
@@ -572,14 +630,13 @@ def main_baselines(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------- the paper's tables
 def experiments_parser() -> argparse.ArgumentParser:
-    from PoE.baselines import METHODS
-
     p = Parser(
         prog="Run_Experiments.py",
         description="The paper's comparisons: for n tasks out of a list, the Oracle (restricted to the composite's "
         "classes), PoE and the training-based baselines: accuracy (mean +- std over combinations), multiply-adds, "
         "parameters and time per query; and the cross-expert error share of pools extracted with L_soft only, "
         "L_scale only and both. Writes Markdown and CSV tables and PNG plots.",
+        epilog=tasks_epilog(default_tasks=True),
         formatter_class=Help,
     )
     common_arguments(p)
@@ -612,7 +669,7 @@ def experiments_parser() -> argparse.ArgumentParser:
 def experiments_body(a: argparse.Namespace) -> int:
     from functools import cache
 
-    from PoE.baselines import METHODS, load_oracle, oracle_files
+    from PoE.baselines import load_oracle, oracle_files
     from PoE.datasets import load_split
     from PoE.experiments import (
         METHOD_COLUMNS,

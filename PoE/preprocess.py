@@ -20,10 +20,8 @@ from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy
 from PoE.precision import machine_info
-from PoE.profiles import Profile, StageConfig
+from PoE.profiles import STAGES, Profile, StageConfig
 from PoE.store import PoolPaths, load_checkpoint, save_checkpoint, save_json, unwrap
-
-STAGES = ("oracle", "library", "experts")
 
 
 @dataclass
