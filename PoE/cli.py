@@ -529,7 +529,10 @@ def evaluation_body(a: argparse.Namespace) -> int:
     results = pool_combinations(pool, tasks, ns, test, progress=True)
     rows = summarize(results)
     print(f"pool {pool.root}: {cfg.name}, tasks {', '.join(tasks)}")
-    print("accuracy: over each composite task's test images; mean and population std over combinations\n")
+    print(
+        "accuracy: over each composite task's test images; mean and population std over combinations; "
+        "multiply-adds and parameters: mean over combinations (tasks may differ in their numbers of classes)\n"
+    )
     table = markdown_table(rows, SUMMARY_COLUMNS)
     print(table)
     if a.out:
