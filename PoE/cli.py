@@ -562,23 +562,31 @@ def baselines_parser() -> argparse.ArgumentParser:
     p.add_argument("--queriedTask", nargs="+", required=True, metavar="TASK", help="primitive tasks of the query")
     p.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                    help=f"of {', '.join(METHODS)}")  # fmt: skip
-    p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (for ckd)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
-                   "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
-    p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
-                   "80%%) or onecycle")  # fmt: skip
     p.add_argument("--T", type=POSITIVE, default=KD_T, help="distillation temperature")
     p.add_argument("--alpha", type=NONNEG, default=KD_ALPHA, help="weight of the L1 term of CKD")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
-    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
-                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
-                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list (last line)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    baseline_arguments(p)
     return p
+
+
+def baseline_arguments(p: argparse.ArgumentParser) -> None:
+    """How the baselines train: the flags Run_Baselines.py and Run_Experiments.py share (see BaselineConfig)."""
+    g = p.add_argument_group("baselines' training")
+    g.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (ckd's teacher, the Oracle's "
+                   "row); the per-task Scratch teachers of sd_scratch and uhc_scratch are cached under it")  # fmt: skip
+    g.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
+                   "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    g.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
+                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    g.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
+    g.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
+                   "80%%) or onecycle")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="seeds weights and batch order (and Run_Experiments' "
+                   "sample of combinations)")  # fmt: skip
+    g.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
+                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def runners(
@@ -591,13 +599,14 @@ def runners(
     alpha: float = KD_ALPHA,
 ) -> Callable[[str], BaselineRunner]:
     """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images)."""
-    from PoE.baselines import baseline_runner
+    from PoE.baselines import BaselineConfig, baseline_runner
     from PoE.precision import resolve as resolve_precision
 
-    precision = resolve_precision(a.precision, device)
-    return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device),
-                                          a.pretrained, a.epochs, a.lr, a.batch_size, a.schedule, T, alpha, a.seed,
-                                          not a.no_progress, precision, a.ckd_views, a.budget)  # fmt: skip
+    how = BaselineConfig(pretrained=Path(a.pretrained), epochs=a.epochs, budget=a.budget, lr=a.lr,
+                         batch_size=a.batch_size, schedule=a.schedule, T=T, alpha=alpha, seed=a.seed,
+                         precision=resolve_precision(a.precision, device), ckd_views=a.ckd_views,
+                         progress=not a.no_progress)  # fmt: skip
+    return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device), how)
 
 
 def baselines_body(a: argparse.Namespace) -> int:
@@ -643,7 +652,6 @@ def experiments_parser() -> argparse.ArgumentParser:
         formatter_class=Help,
     )
     common_arguments(p)
-    p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="default: the dataset's six")
     p.add_argument("--n", nargs="+", type=POSITIVE_INT, default=[2, 3, 4, 5], help="combination sizes")
     p.add_argument("--methods", nargs="+", default=["oracle", "poe", *METHODS], choices=["oracle", "poe", *METHODS],
@@ -651,21 +659,12 @@ def experiments_parser() -> argparse.ArgumentParser:
                    f"{', '.join(METHODS)}")  # fmt: skip
     p.add_argument("--combos_per_n", type=NONNEG_INT, default=2, help="baselines: a fixed seeded sample of this many "
                    "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="baseline epochs (default: the paper's 200 / 100)")
-    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
-    p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="baselines' schedule")
     p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
                    "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
-    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
-                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
-                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
     p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots, and "
                    "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
                    "interrupted comparison continues; delete the file to train them again)")  # fmt: skip
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    baseline_arguments(p)
     return p
 
 
