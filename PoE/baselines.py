@@ -34,8 +34,7 @@ from PoE.errors import PoEError
 from PoE.evaluate import accuracy, count_macs, count_params
 from PoE.hierarchy import Query, make_query
 from PoE.losses import ckd_loss, padded_kd, restricted_kd
-from PoE.networks import WRNExpert, WRNLibrary, WRNSpec, build_network
-from PoE.networks.wrn import init_weights
+from PoE.networks import build_network, family_of
 from PoE.pool import Pool
 from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR, StageConfig
 from PoE.store import load_checkpoint, load_into, save_checkpoint, state_id, unwrap
@@ -47,15 +46,10 @@ USES = {"scratch": (), "transfer": ("library",), "ckd": ("library", "oracle"), "
         "sd_ckd": ("library", "experts"), "uhc_scratch": (), "uhc_ckd": ("library", "experts")}  # fmt: skip
 
 
-def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None = None) -> nn.Sequential:
-    """Library-shaped front (new, or the given one) + block3 of width ``expert_width * n_tasks`` + fc."""
-    spec = WRNSpec.parse(cfg.library_arch, cfg.first_stride)
-    if front is None:
-        front = WRNLibrary(spec)
-        init_weights(front)
-    head = WRNExpert(spec.widths[2], cfg.expert_width * n_tasks, num_classes, spec.blocks_per_group)
-    init_weights(head)
-    return nn.Sequential(front, head)
+def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None = None) -> nn.Module:
+    """Library-shaped front (new, or the given one) + an expert-shaped back ``n_tasks`` times as wide (fc over
+    ``num_classes``), of the dataset's network family."""
+    return family_of(cfg).target_network(cfg, n_tasks, num_classes, front)
 
 
 @dataclass

@@ -135,7 +135,8 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default=precision, choices=PRECISIONS, help="bf16: bfloat16 autocast (weights, "
                    "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
-                   "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere")  # fmt: skip
+                   "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; fp32 is IEEE fp32 on a GPU too (TF32 off), so "
+                   "it scores as on a CPU")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- preprocessing

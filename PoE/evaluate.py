@@ -111,22 +111,25 @@ def expert_outputs(
     precision: str = "fp32",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Every expert's logits on every image (CPU), with one library forward per batch.
+    """Every expert's logits on every image (CPU), with one library and one bank forward per batch.
 
     A consolidated model's output is these logits concatenated and reordered, so any composite task
     over these experts can be scored from them without running a network again.
     """
-    library.eval()
-    outs: dict[str, list[torch.Tensor]] = {t: [] for t in experts}
     from tqdm import tqdm
 
+    from PoE.networks import bank_of
+
+    library.eval()
+    tasks = list(experts)
+    bank = bank_of([experts[t].eval() for t in tasks])
+    sizes = [experts[t].num_classes for t in tasks]
+    outs = []
     for s in tqdm(range(0, len(images), batch_size), desc="experts on test images", leave=False, disable=not progress):
         x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            f = library(x)
-            for t, e in experts.items():
-                outs[t].append(e.eval()(f).float().cpu())
-    return {t: torch.cat(v) for t, v in outs.items()}
+            outs.append(bank(library(x)).float().cpu())
+    return dict(zip(tasks, torch.cat(outs).split(sizes, dim=1), strict=True))
 
 
 def score_composite(query: Query, logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[float, int, int, int]:

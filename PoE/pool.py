@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from PoE.consolidate import RawInput, TaskSpecificModel
+from PoE.consolidate import ConsolidatedNet, RawInput
 from PoE.data import ImageSet, Normalizer, image_batch
 from PoE.datasets import DatasetConfig, get_dataset
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, count_macs, count_params
 from PoE.hierarchy import Query, make_query
-from PoE.networks import build_library, expert_from_state
+from PoE.networks import Family, bank_of, family_of, family_of_state
 from PoE.precision import autocast
 from PoE.store import (
     PoolPaths,
@@ -67,7 +67,7 @@ def read_library(paths: PoolPaths, cfg: DatasetConfig) -> tuple[nn.Module, dict[
     if meta and meta.get("dataset") not in (None, cfg.name):
         raise PoEError(f"{path} is a library for {meta.get('dataset')}, not {cfg.name}")
     try:
-        library = build_library(cfg, sd)
+        library = family_of(cfg).library_from_state(sd, cfg)
     except ValueError as e:
         raise PoEError(f"{path} does not hold a {cfg.name} library ({e})") from None
     load_into(library, sd, path, f"{cfg.name} library")
@@ -91,7 +91,7 @@ def read_expert(
             f"they do not belong together; {how_to_make(cfg, task)} --retrain experts"
         )
     try:
-        expert = expert_from_state(sd)
+        expert = family_of_state(sd, meta).expert_from_state(sd)
     except ValueError as e:
         raise PoEError(f"{path} does not hold an expert ({e})") from None
     in_channels = library.out_channels
@@ -126,7 +126,7 @@ class TaskModel:
     """The consolidated model of one query: ``module`` maps normalised images to logits over ``classes``
     (ascending class id). ``predict`` takes raw images; ``export`` writes a ``.pt2`` that takes [0, 1] RGB."""
 
-    def __init__(self, module: TaskSpecificModel, query: Query, cfg: DatasetConfig, device: torch.device,
+    def __init__(self, module: ConsolidatedNet, query: Query, cfg: DatasetConfig, device: torch.device,
                  build_ms: float, precision: str = "fp32") -> None:  # fmt: skip
         self.module, self.query, self.cfg, self.device = module, query, cfg, device
         self.build_ms, self.precision = build_ms, precision
@@ -187,7 +187,8 @@ class TaskModel:
         """Write the model with ``torch.export`` (CPU, fp32 weights; ``bf16``: the graph runs under bfloat16
         autocast). The program takes float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
         target = check_export_path(path)
-        module = private_copy(self.module, fold=precision == "fp32")  # tracing must not touch shared modules
+        # tracing must not touch shared modules
+        module = private_copy(self.module, fold=precision == "fp32", family=family_of(self.cfg))
         wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
         example = torch.rand(2, 3, self.cfg.image_size, self.cfg.image_size)
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
@@ -197,16 +198,14 @@ class TaskModel:
         atomic_write(target, lambda f: torch.export.save(program, f))
 
 
-def private_copy(module: nn.Module, fold: bool) -> nn.Module:
+def private_copy(module: nn.Module, fold: bool, family: Family) -> nn.Module:
     """A CPU copy in contiguous (not channels_last) layout, what ``torch.export.save`` stores cleanly; with
     ``fold``, BatchNorm folded into the convolutions it follows (fp32 only: folded weights rounded to bf16
     moved 1.4% of predictions, against 0.8% without folding)."""
     import copy
 
-    from PoE.networks.wrn import fold_batchnorm
-
     module = copy.deepcopy(module).cpu().eval()
-    return (fold_batchnorm(module) if fold else module).to(memory_format=torch.contiguous_format)
+    return (family.fold(module) if fold else module).to(memory_format=torch.contiguous_format)
 
 
 def check_export_path(path: str | Path) -> Path:
@@ -240,6 +239,7 @@ class Pool:
                                                                      self.library_meta)  # fmt: skip
         for m in (self.library, *self.experts.values()):  # channels_last weights: the fast layout for convolutions
             m.to(self.device, memory_format=torch.channels_last)
+        self.states = {t: e.state_dict() for t, e in self.experts.items()}  # what a query's bank is cut from
         self.open_ms = (time.perf_counter() - t0) * 1e3  # reading and checking every part
         unchecked = [paths.library.name] if "id" not in self.library_meta else []
         unchecked += [f"expert_{t}.pt" for t, m in self.expert_meta.items() if "id" not in m]
@@ -277,11 +277,16 @@ class Pool:
             raise PoEError(f"missing {self.paths.expert(missing[0])}; {how_to_make(self.cfg, missing[0])}")
         return query
 
+    def bank(self, tasks: list[str]) -> nn.Module:
+        """The experts of ``tasks`` (known to be here) as one bank, in this order, in eval mode."""
+        return bank_of([self.experts[t] for t in tasks], [self.states[t] for t in tasks])
+
     def query(self, tasks: list[str]) -> TaskModel:
-        """Consolidate the library and the experts of ``tasks`` into one model (shared modules, no copies)."""
+        """Consolidate the library and the experts of ``tasks`` into one network: the shared library and a new
+        bank of the experts' weights (concatenated once per query; no training, no disk)."""
         t0 = time.perf_counter()
         query = self.make_query(tasks)
-        module = TaskSpecificModel(self.library, [self.experts[t] for t in query.tasks], query)
+        module = ConsolidatedNet(self.library, self.bank(list(query.tasks)), query)
         module.training = False  # its parts are in eval mode already; .eval() would walk every one of them
         module.order = module.order.to(self.device)
         ms = (time.perf_counter() - t0) * 1e3
