@@ -307,8 +307,6 @@ def preprocessing_body(a: argparse.Namespace) -> int:
     from PoE.precision import describe
 
     s = preprocessing_settings(a)
-    if s.profile.name == "paper" and s.device.type == "cpu":
-        print(f"warning: {PAPER_ON_CPU}", file=sys.stderr)
     s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
     main, procs = distributed.is_main(), distributed.world()
     try:
@@ -317,6 +315,8 @@ def preprocessing_body(a: argparse.Namespace) -> int:
                   f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
                   f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
                   f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}")  # fmt: skip
+            if s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
+                print(f"warning: {PAPER_ON_CPU}")
         report = stages.run(s)
     finally:
         distributed.destroy()
