@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from PoE.errors import PoEError
+from PoE.store import atomic_write
 
 
 @dataclass
@@ -50,15 +50,7 @@ class ImageSet:
 
 def save_npz_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Write an (x, y) npz so that a crash never leaves a truncated file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, x=x, y=y))
 
 
 def check_npz_sizes(path: Path) -> None:

@@ -314,15 +314,17 @@ class Pool:
 
     def describe(self) -> dict[str, Any]:
         """Dataset, library and, per task, its classes (id and name), whether its expert is here and its
-        accuracy on its own task (as recorded in the expert's file)."""
+        accuracy on its own task (as recorded in the expert's file, in % to 2 decimals: the file holds float32
+        noise such as 68.00000071525574)."""
         tasks = []
         for task, classes in self.cfg.tasks.items():
             meta = self.expert_meta.get(task, {})
+            acc = meta.get("test_acc")
             tasks.append({
                 "name": task,
                 "classes": [{"id": c, "name": self.cfg.class_name(c)} for c in classes],
                 "present": task in self.experts,
-                "accuracy": meta.get("test_acc"),
+                "accuracy": None if acc is None else round(float(acc), 2),
             })  # fmt: skip
         return {
             "dataset": self.cfg.name,

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from PoE.errors import PoEError
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from PoE.profiles import PRECISIONS
 
 
 def cpu_flags() -> set[str]:

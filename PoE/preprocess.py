@@ -19,10 +19,8 @@ from PoE.data import FolderLoader, ImageSet, Normalizer, TensorLoader, default_w
 from PoE.datasets import DatasetConfig
 from PoE.evaluate import accuracy
 from PoE.precision import machine_info
-from PoE.profiles import Profile, StageConfig
+from PoE.profiles import STAGES, Profile, StageConfig
 from PoE.store import PoolPaths, save_checkpoint, seal
-
-STAGES = ("oracle", "library", "experts")
 
 
 @dataclass
