@@ -33,48 +33,23 @@ from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, count_macs, count_params
 from PoE.hierarchy import Query, make_query
-from PoE.losses import ckd_loss
-from PoE.networks import WRNExpert, WRNLibrary, WRNSpec, build_network
-from PoE.networks.wrn import init_weights
+from PoE.losses import ckd_loss, padded_kd, restricted_kd
+from PoE.networks import build_network, family_of
 from PoE.pool import Pool
-from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
+from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR, StageConfig
 from PoE.store import load_checkpoint, load_into, save_checkpoint, state_id, unwrap
 from PoE.teacher import TeacherOutputs
 from PoE.train import seed_everything, train_stage
 
-METHODS = ("scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd")
 # What of PoE's preprocessing each method trains from: a result stays valid while these parts are unchanged.
 USES = {"scratch": (), "transfer": ("library",), "ckd": ("library", "oracle"), "sd_scratch": (),
         "sd_ckd": ("library", "experts"), "uhc_scratch": (), "uhc_ckd": ("library", "experts")}  # fmt: skip
 
 
-def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None = None) -> nn.Sequential:
-    """Library-shaped front (new, or the given one) + block3 of width ``expert_width * n_tasks`` + fc."""
-    spec = WRNSpec.parse(cfg.library_arch, cfg.first_stride)
-    if front is None:
-        front = WRNLibrary(spec)
-        init_weights(front)
-    head = WRNExpert(spec.widths[2], cfg.expert_width * n_tasks, num_classes, spec.blocks_per_group)
-    init_weights(head)
-    return nn.Sequential(front, head)
-
-
-def padded_kd(student: torch.Tensor, teacher: torch.Tensor, cols: torch.Tensor, T: float) -> torch.Tensor:
-    """SD: KL(zero-padded teacher softmax || student softmax over all classes) * T^2.
-
-    With the teacher's mass only on ``cols``, KL reduces to a cross-entropy on those columns plus
-    the teacher's (constant) negative entropy, which is kept so that a perfect student scores 0.
-    """
-    p = F.softmax(teacher / T, dim=1)
-    log_q = F.log_softmax(student / T, dim=1)[:, cols]
-    return (p * (torch.log(p.clamp_min(1e-12)) - log_q)).sum(1).mean() * (T * T)
-
-
-def restricted_kd(student: torch.Tensor, teacher: torch.Tensor, cols: torch.Tensor, T: float) -> torch.Tensor:
-    """UHC: KL(teacher softmax || student softmax restricted to the teacher's classes) * T^2."""
-    p = F.log_softmax(teacher / T, dim=1)
-    q = F.log_softmax(student[:, cols] / T, dim=1)
-    return F.kl_div(q, p, reduction="batchmean", log_target=True) * (T * T)
+def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None = None) -> nn.Module:
+    """Library-shaped front (new, or the given one) + an expert-shaped back ``n_tasks`` times as wide (fc over
+    ``num_classes``), of the dataset's network family."""
+    return family_of(cfg).target_network(cfg, n_tasks, num_classes, front)
 
 
 @dataclass
@@ -272,6 +247,28 @@ def load_oracle(pretrained: str | Path, cfg: DatasetConfig, device: torch.device
     return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
+@dataclass(frozen=True)
+class BaselineConfig:
+    """How the baselines train: the command line's schedule, in one record (Run_Baselines, Run_Experiments)."""
+
+    pretrained: Path  # folder of the Oracle; the per-task Scratch teachers are cached under it
+    epochs: int | None = None  # None: ``budget`` times the paper's schedule of each method
+    budget: float = 1.0
+    lr: float = PAPER_LR
+    batch_size: int = 512
+    schedule: str = "step"
+    T: float = KD_T
+    alpha: float = KD_ALPHA
+    seed: int = 0
+    precision: str = "fp32"  # the training's; every accuracy is scored in fp32
+    ckd_views: int = 0  # CKD: cached augmented views of the Oracle's logits (0: the Oracle on every batch)
+    progress: bool = True
+
+    def stage(self, method: str) -> StageConfig:
+        return StageConfig(epochs=self.epochs or budget_epochs(method, self.budget), lr=self.lr,
+                           batch_size=self.batch_size, schedule=self.schedule)  # fmt: skip
+
+
 def baseline_runner(
     method: str,
     cfg: DatasetConfig,
@@ -279,21 +276,10 @@ def baseline_runner(
     test: ImageSet,
     device: torch.device,
     open_pool: Callable[[], Pool],
-    pretrained: str | Path,
-    epochs: int | None = None,
-    lr: float = PAPER_LR,
-    batch_size: int = 512,
-    schedule: str = "step",
-    T: float = KD_T,
-    alpha: float = KD_ALPHA,
-    seed: int = 0,
-    progress: bool = True,
-    precision: str = "fp32",
-    ckd_views: int = 0,
-    budget: float = 1.0,
+    how: BaselineConfig,
 ) -> BaselineRunner:
-    """A BaselineRunner for ``method`` (``epochs`` None: ``budget`` times the paper's schedule). The Oracle is read from
-    ``pretrained`` and the pool opened by ``open_pool`` only when the method needs them, the pool once."""
+    """A BaselineRunner for ``method``. The Oracle is read from ``how.pretrained`` and the pool opened by
+    ``open_pool`` only when the method needs them, the pool once."""
     opened: list[Pool] = []
 
     def pool_part(task: str | None) -> nn.Module:  # PoE's library, or the expert of ``task``
@@ -302,11 +288,10 @@ def baseline_runner(
         pool = opened[0]
         return pool.library if task is None else pool.experts[pool.make_query([task]).tasks[0]]
 
-    stage = StageConfig(epochs=epochs or budget_epochs(method, budget), lr=lr, batch_size=batch_size, schedule=schedule)
-    return BaselineRunner(cfg, train, test, device, stage, T, alpha, seed,
-                          oracle=lambda: load_oracle(pretrained, cfg, device), pool_part=pool_part,
-                          teacher_dir=Path(pretrained) / cfg.name / "baselines", progress=progress,
-                          precision=precision, ckd_views=ckd_views)  # fmt: skip
+    return BaselineRunner(cfg, train, test, device, how.stage(method), how.T, how.alpha, how.seed,
+                          oracle=lambda: load_oracle(how.pretrained, cfg, device), pool_part=pool_part,
+                          teacher_dir=how.pretrained / cfg.name / "baselines", progress=how.progress,
+                          precision=how.precision, ckd_views=how.ckd_views)  # fmt: skip
 
 
 def result_row(result: BaselineResult) -> dict[str, Any]:

@@ -1,24 +1,29 @@
-"""Command lines of the entry scripts. ``main_*(argv)`` returns an exit code; errors are one line."""
+"""Command lines of the entry scripts. ``main_*(argv)`` returns an exit code; errors are one line.
+
+Building the parsers imports no torch (nor any module that does): ``--help`` and a bad flag answer at once, and
+each command imports what it needs after parsing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from PoE.data import ImageSet
 from PoE.datasets import DATASETS, DatasetConfig
 from PoE.errors import PoEError
-from PoE.precision import PRECISIONS
-from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR
+from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR, PRECISIONS, PROFILES, STAGES
 
 if TYPE_CHECKING:
+    import torch
+
     from PoE.baselines import BaselineRunner
+    from PoE.data import ImageSet
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -31,6 +36,25 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
             return text
         return super()._get_help_string(action)
 
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Wrap each line of a description or epilog on its own (argparse joins them into one paragraph); a list
+        of several lines (the tasks) hangs."""
+        lines = text.splitlines()
+        hang = indent + ("  " if len(lines) > 1 else "")
+        fill = lambda line: textwrap.fill(line, width, initial_indent=indent, subsequent_indent=hang,  # noqa: E731
+                                          break_on_hyphens=False, break_long_words=False)  # fmt: skip
+        return "\n".join(map(fill, lines))
+
+
+def tasks_epilog(default_tasks: bool = False) -> str:
+    """The primitive tasks of every built-in dataset (and, with ``default_tasks``, the defaults), for --help."""
+    lines = []
+    for name, cfg in DATASETS.items():
+        lines.append(f"{name} tasks ({len(cfg.tasks)}): {', '.join(cfg.tasks)}")
+        if default_tasks:
+            lines.append(f"{name} default tasks: {' '.join(cfg.default_tasks)}")
+    return "\n".join(lines)
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (what was wrong and, for choices, what is accepted), exit 2."""
@@ -40,8 +64,12 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def number(kind: type, low: float, low_ok: bool = True, high: float | None = None) -> Callable[[str], float]:
-    """An argparse type: ``kind`` within [low, high) (``low_ok``: low itself allowed), else a one-line error."""
+def number(
+    kind: type, low: float, low_ok: bool = True, high: float | None = None, high_ok: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` from ``low`` to ``high`` (``low_ok``/``high_ok``: the bound itself
+    allowed), else a one-line error naming the flag and the accepted range: nan, inf and absurd values are
+    refused here, not found out epochs later as a nan loss (or never)."""
 
     def parse(text: str) -> float:
         try:
@@ -49,10 +77,15 @@ def number(kind: type, low: float, low_ok: bool = True, high: float | None = Non
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        bad = v < low or (v == low and not low_ok) or (high is not None and v >= high)
-        if bad:
-            rng = f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {rng}, got {text}")
+        out = not math.isfinite(v) or v < low or (v == low and not low_ok)
+        out = out or (high is not None and (v > high or (v == high and not high_ok)))
+        if out:
+            rng = f"{'>=' if low_ok else '>'} {low:g}" + (
+                f" and {'<=' if high_ok else '<'} {high:g}" if high is not None else ""
+            )
+            raise argparse.ArgumentTypeError(
+                f"must be {'a number' if kind is float else 'an integer'} {rng}, got {text}"
+            )
         return v
 
     parse.__name__ = kind.__name__
@@ -61,12 +94,17 @@ def number(kind: type, low: float, low_ok: bool = True, high: float | None = Non
 
 POSITIVE_INT = number(int, 1)
 NONNEG_INT = number(int, 0)
-POSITIVE = number(float, 0, low_ok=False)
-NONNEG = number(float, 0)
-FRACTION = number(float, 0, high=1)
+FRACTION = number(float, 0, high=1)  # label smoothing, weight decay
+LEARNING_RATE = number(float, 0, low_ok=False, high=10, high_ok=True)
+TEMPERATURE = number(float, 0, low_ok=False, high=100, high_ok=True)
+ALPHA = number(float, 0, high=1000, high_ok=True)
+WAIT_MS = number(float, 0, high=10_000, high_ok=True)  # dynamic batching: at most 10 s
+BUDGET = number(float, 0, low_ok=False, high=100, high_ok=True)  # a multiple of the paper's epochs
 
 
 def pick_device(name: str | None) -> torch.device:
+    import torch
+
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -115,23 +153,47 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default=precision, choices=PRECISIONS, help="bf16: bfloat16 autocast (weights, "
                    "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
-                   "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere")  # fmt: skip
+                   "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; fp32 is IEEE fp32 on a GPU too (TF32 off), so "
+                   "it scores as on a CPU")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- preprocessing
-def preprocessing_parser() -> argparse.ArgumentParser:
-    from PoE.preprocess import STAGES
-    from PoE.profiles import PROFILES
+def per_profile(what: Callable[[object], object]) -> str:
+    """``what`` of each profile, for a help text: 'paper: 200, quick: 1, ...' (or one value if they agree)."""
+    values = {k: what(v) for k, v in PROFILES.items()}
+    if len(set(values.values())) == 1:
+        return f"the profile's: {next(iter(values.values()))} in every profile"
+    return "the profile's: " + ", ".join(f"{k} {v}" for k, v in values.items())
 
+
+def stage_values(field: str) -> Callable[[object], str]:
+    """A profile's ``field`` of each stage, 'Oracle / library / experts', or once if they agree."""
+
+    def values(prof: object) -> str:
+        v = [str(getattr(getattr(prof, st), field)) for st in STAGES]
+        return v[0] if len(set(v)) == 1 else " / ".join(v)
+
+    return values
+
+
+# measured: the paper's WRN-40-4 Oracle trains at 93 images/s in bf16 on 2 AVX512-BF16 cores (docs/speed.md)
+PAPER_ON_CPU = (
+    "the paper profile (the default) would run for days on a CPU (CIFAR-100's WRN-40-4 Oracle alone: 200 epochs "
+    "of about 9 minutes each on 2 cores with bf16); on a CPU use --profile cpu (100 minutes measured on 2 cores)"
+)
+
+
+def preprocessing_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="Run_preprocessing.py",
         description="Build the pool: train (or load) the Oracle, distill the library, extract one expert per "
         "primitive task by conditional KD. Finished stages are loaded; interrupted ones resume.",
+        epilog=tasks_epilog(),
         formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--profile", default="paper", choices=list(PROFILES), help="schedule preset: " + "; ".join(
-        f"{k}: {v.description}" for k, v in PROFILES.items()))  # fmt: skip
+        f"{k}: {v.description}" for k, v in PROFILES.items()) + f". Note: {PAPER_ON_CPU}")  # fmt: skip
     p.add_argument(
         "--stages",
         nargs="+",
@@ -140,7 +202,8 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         metavar="STAGE",
         help=f"stages to run, of {', '.join(STAGES)}",
     )
-    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="primitive tasks (default: all)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="primitive tasks (default: all; the "
+                   "built-in datasets' tasks are listed below)")  # fmt: skip
     p.add_argument("--retrain", nargs="*", default=[], choices=STAGES, metavar="STAGE", help="retrain these stages "
                    "even if done")  # fmt: skip
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
@@ -160,21 +223,26 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group(f"{stage} stage (default: the profile's)")
         name = stage.rstrip("s")
         g.add_argument(f"--{name}_epochs", type=POSITIVE_INT, default=None, help="epochs")
-        g.add_argument(f"--{name}_lr", type=POSITIVE, default=None, help="peak learning rate")
+        g.add_argument(f"--{name}_lr", type=LEARNING_RATE, default=None, help="peak learning rate")
         g.add_argument(f"--{name}_batch_size", type=POSITIVE_INT, default=None, help="batch size")
         g.add_argument(f"--{name}_schedule", default=None, choices=("step", "onecycle"), help="learning-rate schedule")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every stage")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every stage")
-    p.add_argument("--weight_decay", type=NONNEG, default=None, help="weight decay of every stage")
-    p.add_argument(
-        "--label_smoothing", type=FRACTION, default=None, help="Oracle cross-entropy label smoothing, in [0, 1)"
-    )
-    p.add_argument("--T", type=POSITIVE, default=None, help="distillation temperature")
-    p.add_argument("--alpha", type=NONNEG, default=None, help="weight of L_scale")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every stage (default: "
+                   f"{per_profile(stage_values('epochs'))}, for Oracle / library / experts)")  # fmt: skip
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every stage (default: "
+                   f"{per_profile(stage_values('batch_size'))})")  # fmt: skip
+    p.add_argument("--weight_decay", type=FRACTION, default=None, help="weight decay of every stage (default: "
+                   f"{per_profile(stage_values('weight_decay'))})")  # fmt: skip
+    p.add_argument("--label_smoothing", type=FRACTION, default=None, help="Oracle cross-entropy label smoothing, "
+                   f"in [0, 1) (default: {per_profile(lambda prof: prof.oracle.label_smoothing)})")  # fmt: skip
+    p.add_argument("--T", type=TEMPERATURE, default=None, help="distillation temperature (default: "
+                   f"{per_profile(lambda prof: prof.T)})")  # fmt: skip
+    p.add_argument("--alpha", type=ALPHA, default=None, help="weight of L_scale (default: "
+                   f"{per_profile(lambda prof: prof.alpha)})")  # fmt: skip
     p.add_argument("--loss", default="both", choices=("both", "soft", "scale"), help="expert loss: both "
                    "(L_soft + alpha L_scale), soft or scale")  # fmt: skip
     p.add_argument("--teacher_views", type=NONNEG_INT, default=None, help="augmented views whose Oracle logits are "
-                   "cached and cycled through (0: run the Oracle on every batch)")  # fmt: skip
+                   "cached and cycled through (0: run the Oracle on every batch; default: "
+                   f"{per_profile(lambda prof: prof.teacher_views)})")  # fmt: skip
     p.add_argument(
         "--train_limit",
         type=POSITIVE_INT,
@@ -290,6 +358,8 @@ def preprocessing_body(a: argparse.Namespace) -> int:
                   f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
                   f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
                   f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}")  # fmt: skip
+            if s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
+                print(f"warning: {PAPER_ON_CPU}")
         report = stages.run(s)
     finally:
         distributed.destroy()
@@ -297,9 +367,8 @@ def preprocessing_body(a: argparse.Namespace) -> int:
         return 0
     print()
     print(report.table())
-    info = report.info
-    print(f"\nwall time of this run: {info['wall_seconds']:.0f}s; teacher logits computed: "
-          f"{info['teacher_cache_seconds']:.0f}s; pool: {s.db / s.cfg.name}")  # fmt: skip
+    print(f"\nwall time of this run: {report.wall_seconds:.0f}s; teacher logits computed: "
+          f"{report.teacher_cache_seconds:.0f}s; pool: {s.db / s.cfg.name}")  # fmt: skip
     return 0
 
 
@@ -314,10 +383,12 @@ def service_parser() -> argparse.ArgumentParser:
         description="Answer a query (a set of primitive tasks) in real time: consolidate the shared library and "
         "the queried experts into one task-specific model, without training, and report its accuracy and cost. "
         "With --serve, keep the pool in memory and answer queries over HTTP (API and web page).",
+        epilog=tasks_epilog(),
         formatter_class=Help,
     )
     common_arguments(p, precision="fp32")
-    p.add_argument("--queriedTask", nargs="*", default=None, metavar="TASK", help="primitive tasks of the query")
+    p.add_argument("--queriedTask", nargs="*", default=None, metavar="TASK", help="primitive tasks of the query (the "
+                   "built-in datasets' tasks are listed below; --list shows their classes)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the pool's tasks and their classes, then exit")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON object (last line)")
     p.add_argument("--export", default=None, metavar="PATH", help="write the built model with torch.export (.pt2)")
@@ -330,7 +401,7 @@ def service_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=number(int, 0, high=65536), default=8000, help="TCP port (0: any free port; the "
                    "URL line printed at start says which)")  # fmt: skip
     g.add_argument("--max_batch", type=POSITIVE_INT, default=64, help="dynamic batching: most images per forward")
-    g.add_argument("--batch_wait_ms", type=NONNEG, default=5.0, help="dynamic batching: how long a batch may wait "
+    g.add_argument("--batch_wait_ms", type=WAIT_MS, default=5.0, help="dynamic batching: how long a batch may wait "
                    "for requests still being received (a lone request never waits)")  # fmt: skip
     g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads for the forwards (default: "
                    "one less than the CPUs this process may use, at least 1)")  # fmt: skip
@@ -456,6 +527,7 @@ def evaluation_parser() -> argparse.ArgumentParser:
         description="Score a pool's train-free consolidated models over every combination of n of a list of "
         "tasks and print, per n, the mean +- std accuracy (over combinations), the share of errors that are "
         "cross-expert errors, and the models' multiply-adds and parameters.",
+        epilog=tasks_epilog(default_tasks=True),
         formatter_class=Help,
     )
     common_arguments(p, precision="fp32")
@@ -505,7 +577,10 @@ def evaluation_body(a: argparse.Namespace) -> int:
     results = pool_combinations(pool, tasks, ns, test, progress=True)
     rows = summarize(results)
     print(f"pool {pool.root}: {cfg.name}, tasks {', '.join(tasks)}")
-    print("accuracy: over each composite task's test images; mean and population std over combinations\n")
+    print(
+        "accuracy: over each composite task's test images; mean and population std over combinations; "
+        "multiply-adds and parameters: mean over combinations (tasks may differ in their numbers of classes)\n"
+    )
     table = markdown_table(rows, SUMMARY_COLUMNS)
     print(table)
     if a.out:
@@ -524,35 +599,42 @@ def main_evaluation(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------- baselines
 def baselines_parser() -> argparse.ArgumentParser:
-    from PoE.baselines import METHODS
-
     p = Parser(
         prog="Run_Baselines.py",
         description="Train the paper's baselines for a query and print them beside PoE's train-free model: "
         "accuracy on the composite task, multiply-adds, parameters and the wall time to produce each model.",
+        epilog=tasks_epilog(),
         formatter_class=Help,
     )
     common_arguments(p)
     p.add_argument("--queriedTask", nargs="+", required=True, metavar="TASK", help="primitive tasks of the query")
     p.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                    help=f"of {', '.join(METHODS)}")  # fmt: skip
-    p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (for ckd)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
-                   "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
-    p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
-                   "80%%) or onecycle")  # fmt: skip
-    p.add_argument("--T", type=POSITIVE, default=KD_T, help="distillation temperature")
-    p.add_argument("--alpha", type=NONNEG, default=KD_ALPHA, help="weight of the L1 term of CKD")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
-    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
-                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
-                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
+    p.add_argument("--T", type=TEMPERATURE, default=KD_T, help="distillation temperature")
+    p.add_argument("--alpha", type=ALPHA, default=KD_ALPHA, help="weight of the L1 term of CKD")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list (last line)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    baseline_arguments(p)
     return p
+
+
+def baseline_arguments(p: argparse.ArgumentParser) -> None:
+    """How the baselines train: the flags Run_Baselines.py and Run_Experiments.py share (see BaselineConfig)."""
+    g = p.add_argument_group("baselines' training")
+    g.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (ckd's teacher, the Oracle's "
+                   "row); the per-task Scratch teachers of sd_scratch and uhc_scratch are cached under it")  # fmt: skip
+    g.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
+                   "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    g.add_argument("--budget", type=BUDGET, default=1.0, help="without --epochs: this fraction of the paper's "
+                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    g.add_argument("--lr", type=LEARNING_RATE, default=PAPER_LR, help="peak learning rate")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
+    g.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
+                   "80%%) or onecycle")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="seeds weights and batch order (and Run_Experiments' "
+                   "sample of combinations)")  # fmt: skip
+    g.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
+                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def runners(
@@ -565,13 +647,14 @@ def runners(
     alpha: float = KD_ALPHA,
 ) -> Callable[[str], BaselineRunner]:
     """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images)."""
-    from PoE.baselines import baseline_runner
+    from PoE.baselines import BaselineConfig, baseline_runner
     from PoE.precision import resolve as resolve_precision
 
-    precision = resolve_precision(a.precision, device)
-    return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device),
-                                          a.pretrained, a.epochs, a.lr, a.batch_size, a.schedule, T, alpha, a.seed,
-                                          not a.no_progress, precision, a.ckd_views, a.budget)  # fmt: skip
+    how = BaselineConfig(pretrained=Path(a.pretrained), epochs=a.epochs, budget=a.budget, lr=a.lr,
+                         batch_size=a.batch_size, schedule=a.schedule, T=T, alpha=alpha, seed=a.seed,
+                         precision=resolve_precision(a.precision, device), ckd_views=a.ckd_views,
+                         progress=not a.no_progress)  # fmt: skip
+    return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device), how)
 
 
 def baselines_body(a: argparse.Namespace) -> int:
@@ -607,18 +690,16 @@ def main_baselines(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------- the paper's tables
 def experiments_parser() -> argparse.ArgumentParser:
-    from PoE.baselines import METHODS
-
     p = Parser(
         prog="Run_Experiments.py",
         description="The paper's comparisons: for n tasks out of a list, the Oracle (restricted to the composite's "
         "classes), PoE and the training-based baselines: accuracy (mean +- std over combinations), multiply-adds, "
         "parameters and time per query; and the cross-expert error share of pools extracted with L_soft only, "
         "L_scale only and both. Writes Markdown and CSV tables and PNG plots.",
+        epilog=tasks_epilog(default_tasks=True),
         formatter_class=Help,
     )
     common_arguments(p)
-    p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="default: the dataset's six")
     p.add_argument("--n", nargs="+", type=POSITIVE_INT, default=[2, 3, 4, 5], help="combination sizes")
     p.add_argument("--methods", nargs="+", default=["oracle", "poe", *METHODS], choices=["oracle", "poe", *METHODS],
@@ -626,28 +707,19 @@ def experiments_parser() -> argparse.ArgumentParser:
                    f"{', '.join(METHODS)}")  # fmt: skip
     p.add_argument("--combos_per_n", type=NONNEG_INT, default=2, help="baselines: a fixed seeded sample of this many "
                    "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="baseline epochs (default: the paper's 200 / 100)")
-    p.add_argument("--lr", type=POSITIVE, default=PAPER_LR, help="peak learning rate")
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
-    p.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="baselines' schedule")
     p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
                    "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seeds weights and batch order")
-    p.add_argument("--budget", type=POSITIVE, default=1.0, help="without --epochs: this fraction of the paper's "
-                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    p.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
-                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
     p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots, and "
                    "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
                    "interrupted comparison continues; delete the file to train them again)")  # fmt: skip
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    baseline_arguments(p)
     return p
 
 
 def experiments_body(a: argparse.Namespace) -> int:
     from functools import cache
 
-    from PoE.baselines import METHODS, load_oracle, oracle_files
+    from PoE.baselines import load_oracle, oracle_files
     from PoE.datasets import load_split
     from PoE.experiments import (
         METHOD_COLUMNS,

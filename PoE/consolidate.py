@@ -1,7 +1,9 @@
-"""Train-free knowledge consolidation: library + queried experts -> one task-specific model.
+"""Train-free knowledge consolidation: library + queried experts -> one compact task-specific network.
 
-``merge`` is the one rule that puts experts' logits together; the consolidated model applies it to its
-experts' outputs and the combination scoring in ``evaluate`` applies it to cached ones.
+The queried experts become one expert bank (``PoE.networks.bank_of``: their weights side by side, one grouped
+kernel per layer), so the consolidated network is two modules, library then bank, whatever the query's size.
+``merge`` is the one rule that puts experts' logits together; the consolidated network applies it to its
+bank's output, the service's batched forward and the combination scoring in ``evaluate`` to theirs.
 """
 
 from __future__ import annotations
@@ -20,24 +22,25 @@ def merge(expert_logits: list[torch.Tensor], order: torch.Tensor) -> torch.Tenso
     return torch.cat(expert_logits, dim=1).index_select(1, order)
 
 
-class TaskSpecificModel(nn.Module):
-    """The shared library once, every queried expert on its features, logits in ascending class id."""
+class ConsolidatedNet(nn.Module):
+    """The shared library, then the bank of the queried experts (in query order) on its features; logits in
+    ascending class id. ``of`` builds it from separate experts."""
 
-    def __init__(self, library: nn.Module, experts: list[nn.Module], query: Query) -> None:
+    def __init__(self, library: nn.Module, bank: nn.Module, query: Query) -> None:
         super().__init__()
-        self.library = library
-        self.experts = nn.ModuleList(experts)
+        self.library, self.bank = library, bank
         self.tasks = list(query.tasks)
         self.classes = query.classes
         self.register_buffer("order", torch.tensor(query.order, dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads(self.library(x))
+    @classmethod
+    def of(cls, library: nn.Module, experts: list[nn.Module], query: Query) -> ConsolidatedNet:
+        from PoE.networks import bank_of
 
-    def heads(self, features: torch.Tensor) -> torch.Tensor:
-        """The experts on the library's ``features``, merged: a server that runs the shared library once for
-        many queries calls this per query."""
-        return merge([e(features) for e in self.experts], self.order)
+        return cls(library, bank_of(experts), query)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return merge([self.bank(self.library(x))], self.order)
 
 
 class RawInput(nn.Module):

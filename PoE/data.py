@@ -11,8 +11,8 @@ images.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from PoE.errors import PoEError
+from PoE.store import atomic_write
 
 
 @dataclass
@@ -39,7 +40,8 @@ class ImageSet:
 
     def with_classes(self, classes: list[int]) -> tuple[ImageSet, torch.Tensor]:
         """Images whose label is in ``classes``, and their labels remapped to positions in ``classes``."""
-        lookup = torch.full((int(self.y.max()) + 1,), -1, dtype=torch.long)
+        top = max([int(self.y.max()) if len(self.y) else -1, *classes]) + 1  # classes the split lacks too
+        lookup = torch.full((top,), -1, dtype=torch.long)
         lookup[torch.tensor(classes)] = torch.arange(len(classes))
         mapped = lookup[self.y]
         keep = (mapped >= 0).nonzero().flatten()
@@ -48,21 +50,42 @@ class ImageSet:
 
 def save_npz_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Write an (x, y) npz so that a crash never leaves a truncated file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, x=x, y=y))
+
+
+def check_npz_sizes(path: Path) -> None:
+    """Raise unless every array's header agrees with the bytes the file holds for it: numpy allocates what a
+    header claims before reading, so a 1.5 KB file claiming 10^9 images would end in a MemoryError."""
+    if not zipfile.is_zipfile(path):
+        return  # np.load says what it is
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read:
+                    raise PoEError(f"{path}: array {info.filename} has .npy format {version}; 1.0 and 2.0 are read")
+                shape, _, dtype = read[version](f)
+                header = f.tell()
+            if dtype.hasobject:
+                continue  # np.load refuses pickled arrays itself
+            claimed = math.prod(shape) * dtype.itemsize
+            inflated = info.compress_type != zipfile.ZIP_STORED and info.file_size > 1100 * info.compress_size + 4096
+            if claimed + header != info.file_size or inflated:
+                raise PoEError(
+                    f"{path}: array {info.filename[:-4]} claims {shape} {dtype} ({claimed:,} bytes), but the file "
+                    f"holds {max(info.file_size - header, 0):,} bytes for it ({info.compress_size:,} stored): "
+                    "damaged or not an image file; rewrite it"
+                )
 
 
 def load_npz(path: Path, size: int | None = None, num_classes: int | None = None) -> ImageSet:
     """An (x, y) npz as an ImageSet; anything but N >= 1 uint8 RGB images of ``size`` with labels in
     0..num_classes-1 is a one-line error naming the file."""
     try:
+        check_npz_sizes(path)
         with np.load(path) as z:
             x, y = z["x"], z["y"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -116,14 +139,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 class Normalizer:
-    """uint8 images -> float, scaled to [0, 1], then standardised per channel."""
+    """Images -> float, standardised per channel: uint8 ones (0..255) scaled to [0, 1] first, float ones taken as
+    [0, 1] already."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu") -> None:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float().div_(255) - self.mean) / self.std
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
 
 
 def view_params(n: int, pad: int, seed: int, view: int) -> torch.Tensor:
@@ -347,6 +372,8 @@ def image_batch(images: object, size: int) -> torch.Tensor:
     x = images[None] if images.ndim == 3 else images
     if x.ndim != 4 or x.shape[1] != 3:
         raise PoEError(f"image tensors must be 3 x H x W or N x 3 x H x W (RGB), got {tuple(images.shape)}")
+    if len(x) == 0:
+        raise PoEError(f"no images given (an empty batch, shape {tuple(images.shape)}); accepted: {IMAGE_INPUTS}")
     if tuple(x.shape[2:]) != (size, size):
         raise PoEError(f"images are {x.shape[3]}x{x.shape[2]}, this pool takes {size}x{size} RGB images")
     if x.dtype == torch.uint8:
@@ -354,7 +381,9 @@ def image_batch(images: object, size: int) -> torch.Tensor:
     if not x.is_floating_point():
         raise PoEError(f"image tensors must be uint8 or float, got {x.dtype}; accepted: {IMAGE_INPUTS}")
     x = x.float()
-    if len(x) and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+    if not bool(torch.isfinite(x).all()):  # NaN compares as in range, and a NaN image was predicted as a class
+        raise PoEError("float images hold NaN or inf values; accepted: finite values in [0, 1]")
+    if float(x.min()) < 0.0 or float(x.max()) > 1.0:
         raise PoEError(
             f"float images must be in [0, 1], got values from {float(x.min()):.3g} to {float(x.max()):.3g}; "
             "divide 0..255 pixels by 255 (or pass them as uint8)"

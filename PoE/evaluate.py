@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -10,11 +10,32 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from PoE.consolidate import merge
 from PoE.data import ImageSet, Normalizer
+from PoE.errors import PoEError
 from PoE.hierarchy import Query
 from PoE.precision import autocast
 
 
-@torch.no_grad()
+def batched_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    normalize: Normalizer,
+    device: str | torch.device,
+    precision: str = "fp32",
+    batch_size: int = 500,
+    progress: str | None = None,
+) -> Iterator[torch.Tensor]:
+    """``model``'s float32 logits (on ``device``) for ``images`` (uint8 0..255 or float 0..1, N x 3 x H x W), batch
+    by batch: normalised, channels_last, under ``precision``'s autocast, no gradients. ``progress``: a bar's title.
+    The one loop through which every evaluation, the Python API's predictions and the combination scoring run."""
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(images), batch_size), desc=progress, leave=False, disable=progress is None):
+        x = normalize(images[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(device, precision):
+            out = model(x).float()
+        yield out  # outside the autocast and no_grad contexts: the caller's code runs as it would
+
+
 def predict(
     model: nn.Module,
     images: ImageSet,
@@ -26,20 +47,25 @@ def predict(
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Argmax predictions (CPU, int64); ``columns`` restricts the argmax to those output columns."""
-    from tqdm import tqdm
-
     model.eval()
     cols = None if columns is None else torch.tensor(list(columns), device=device)
     out = []
-    starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc="evaluate", leave=False, disable=not progress):
-        x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x).float()
-        if cols is not None:
-            logits = logits.index_select(1, cols)
-        out.append(logits.argmax(1).cpu())
+    for logits in batched_logits(model, images.x, normalize, device, precision, batch_size,
+                                 "evaluate" if progress else None):  # fmt: skip
+        out.append((logits if cols is None else logits.index_select(1, cols)).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def check_covered(labels: torch.Tensor, classes: Sequence[int], name: Callable[[int], str]) -> None:
+    """Raise unless the test ``labels`` include every one of ``classes``: an accuracy over some of them would
+    pass for the query's, and over none it was ``nan%`` with exit 0."""
+    lacking = sorted(set(classes) - set(labels.unique().tolist()))
+    if lacking:
+        names = ", ".join(f"{c} {name(c)}" for c in lacking[:5]) + (", ..." * (len(lacking) > 5))
+        raise PoEError(
+            f"the test split has no images of {len(lacking)} of the query's {len(classes)} classes ({names}): "
+            "its accuracy cannot be measured; give test data that covers them, or skip the evaluation"
+        )
 
 
 def accuracy(
@@ -100,7 +126,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def expert_outputs(
     library: nn.Module,
     experts: dict[str, nn.Module],
@@ -111,22 +136,20 @@ def expert_outputs(
     precision: str = "fp32",
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Every expert's logits on every image (CPU), with one library forward per batch.
+    """Every expert's logits on every image (CPU), with one library and one bank forward per batch.
 
     A consolidated model's output is these logits concatenated and reordered, so any composite task
     over these experts can be scored from them without running a network again.
     """
-    library.eval()
-    outs: dict[str, list[torch.Tensor]] = {t: [] for t in experts}
-    from tqdm import tqdm
+    from PoE.networks import bank_of
 
-    for s in tqdm(range(0, len(images), batch_size), desc="experts on test images", leave=False, disable=not progress):
-        x = normalize(images.x[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            f = library(x)
-            for t, e in experts.items():
-                outs[t].append(e.eval()(f).float().cpu())
-    return {t: torch.cat(v) for t, v in outs.items()}
+    library.eval()
+    tasks = list(experts)
+    net = nn.Sequential(library, bank_of([experts[t].eval() for t in tasks]))
+    sizes = [experts[t].num_classes for t in tasks]
+    outs = [o.cpu() for o in batched_logits(net, images.x, normalize, device, precision, batch_size,
+                                            "experts on test images" if progress else None)]  # fmt: skip
+    return dict(zip(tasks, torch.cat(outs).split(sizes, dim=1), strict=True))
 
 
 def score_composite(query: Query, logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[float, int, int, int]:

@@ -20,7 +20,7 @@ from torch import nn
 from PoE.baselines import METHODS, USES, BaselineRunner
 from PoE.data import ImageSet, Normalizer
 from PoE.datasets import DatasetConfig
-from PoE.evaluate import count_macs, count_params, expert_outputs, score_composite
+from PoE.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
 from PoE.hierarchy import make_query
 from PoE.pool import Pool
 from PoE.store import atomic_write
@@ -51,6 +51,7 @@ def pool_combinations(
         pool.make_query([t])  # a missing expert fails here, naming its file
     experts = {t: pool.experts[t] for t in tasks}
     classes = sorted(c for t in tasks for c in cfg.tasks[t])
+    check_covered(test.y, classes, cfg.class_name)
     subset, _ = test.with_classes(classes)
     logits = expert_outputs(pool.library, experts, subset, Normalizer(cfg.mean, cfg.std, device), device,
                             precision=pool.precision, progress=progress)  # fmt: skip
@@ -266,11 +267,7 @@ def oracle_combinations(
     subset, _ = test.with_classes(classes)
     normalize = Normalizer(cfg.mean, cfg.std, device)
     oracle.eval()
-    logits = []
-    for s in range(0, len(subset), 500):
-        x = normalize(subset.x[s : s + 500].to(device)).contiguous(memory_format=torch.channels_last)
-        logits.append(oracle(x).float().cpu())
-    full = torch.cat(logits)
+    full = torch.cat([o.cpu() for o in batched_logits(oracle, subset.x, normalize, device)])
     shape = (3, cfg.image_size, cfg.image_size)
     macs, params = count_macs(oracle, shape, device), count_params(oracle)
     rows = []
@@ -357,14 +354,20 @@ def plot_results(summary: list[dict], out_dir: Path, title: str, paired: list[di
     save_figure(fig, paths[-1])
     fig, ax = plt.subplots(figsize=(7.6, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    timed = {m for m in methods if any(r["method"] == m and r["seconds_per_query"] > 0 for r in summary)}
     for i, m in enumerate(methods):
         for r in (r for r in summary if r["method"] == m and r["seconds_per_query"] > 0):
             ax.scatter(r["seconds_per_query"], r["acc_mean"], color=colors[i % len(colors)], marker=markers[r["n"]],
                        s=36)  # fmt: skip
     from matplotlib.lines import Line2D
 
+    # the legend names what is drawn: the Oracle is not built per query (time 0), which a log axis cannot show
     handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", linestyle="", label=m)
-               for i, m in enumerate(methods)]  # fmt: skip
+               for i, m in enumerate(methods) if m in timed]  # fmt: skip
+    untimed = [m for m in methods if m not in timed]
+    if untimed:
+        ax.text(0.0, -0.2, f"not drawn (no model built per query, time 0): {', '.join(untimed)}",
+                transform=ax.transAxes, fontsize=7, color="gray", va="top")  # fmt: skip
     handles += [Line2D([], [], color="gray", marker=markers[n], linestyle="", label=f"n = {n}") for n in ns]
     ax.set_xscale("log")
     ax.set_xlabel("time to produce the model for a query (s, log scale)")
@@ -375,6 +378,21 @@ def plot_results(summary: list[dict], out_dir: Path, title: str, paired: list[di
     paths.append(out_dir / "accuracy_vs_time.png")
     save_figure(fig, paths[-1])
     return paths
+
+
+def replot(out_dir: Path, title: str) -> list[Path]:
+    """Redraw the plots from the tables ``Run_Experiments.py`` wrote into ``out_dir`` (composite_tasks.csv and
+    same_combinations.csv), without scoring or training anything."""
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        path = out_dir / name
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return [{k: v if k in ("method", "tasks") else int(v) if k == "n" else float(v) for k, v in r.items()}
+                    for r in csv.DictReader(f)]  # fmt: skip
+
+    return plot_results(rows("composite_tasks.csv"), out_dir, title, rows("same_combinations.csv"))
 
 
 def save_figure(fig, path: Path) -> None:

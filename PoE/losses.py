@@ -1,4 +1,5 @@
-"""Distillation losses: plain KD, and the conditional KD that extracts an expert (L_soft + alpha * L_scale)."""
+"""Distillation losses: plain KD, the conditional KD that extracts an expert (L_soft + alpha * L_scale), and the
+SD / UHC baselines' matching of a student over all K classes to a teacher over some of them (``cols``)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def ckd_loss(
     if scale:
         loss = loss + alpha * scale_loss(student, teacher_h)
     return loss
+
+
+def padded_kd(student: torch.Tensor, teacher: torch.Tensor, cols: torch.Tensor, T: float) -> torch.Tensor:
+    """SD: KL(zero-padded teacher softmax || student softmax over all classes) * T^2: a cross-entropy on ``cols``
+    plus the teacher's (constant) negative entropy, kept so that a perfect student scores 0."""
+    p = F.softmax(teacher.float() / T, dim=1)
+    log_q = F.log_softmax(student.float() / T, dim=1)[:, cols]
+    return (p * (torch.log(p.clamp_min(1e-12)) - log_q)).sum(1).mean() * (T * T)
+
+
+def restricted_kd(student: torch.Tensor, teacher: torch.Tensor, cols: torch.Tensor, T: float) -> torch.Tensor:
+    """UHC: KD of the student's softmax restricted (renormalised) to the teacher's classes ``cols``."""
+    return kd_loss(student[:, cols], teacher, T)

@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from PoE.consolidate import RawInput, TaskSpecificModel
+from PoE.consolidate import ConsolidatedNet, RawInput
 from PoE.data import ImageSet, Normalizer, image_batch
 from PoE.datasets import DatasetConfig, described_by_pool, get_dataset
 from PoE.errors import PoEError
-from PoE.evaluate import accuracy, count_macs, count_params
+from PoE.evaluate import accuracy, batched_logits, check_covered, count_macs, count_params
 from PoE.hierarchy import Query, make_query
-from PoE.networks import build_library, expert_from_state
-from PoE.precision import autocast
+from PoE.manifest import Contents
+from PoE.networks import Family, bank_of, family_of, family_of_state
+from PoE.precision import resolve as resolve_precision
 from PoE.store import (
     PoolPaths,
     atomic_write,
@@ -40,9 +41,15 @@ from PoE.store import (
 from PoE.tasks import Hierarchy, given_hierarchy, pool_hierarchy
 
 
-def how_to_make(cfg: DatasetConfig, task: str | None = None) -> str:
+def make_command(cfg: DatasetConfig, task: str | None = None, paths: PoolPaths | None = None) -> str:
+    """The command that makes the library (``task`` None) or ``task``'s expert (into the pool at ``paths``)."""
     what = f"--stages experts --tasks {task}" if task else "--stages library"
-    return f"create it with: python Run_preprocessing.py --dataset {cfg.name} {what}"
+    db = f" --db {paths.root.parent}" if paths is not None else ""
+    return f"python Run_preprocessing.py --dataset {cfg.name}{db} {what}"
+
+
+def how_to_make(cfg: DatasetConfig, task: str | None = None) -> str:
+    return f"create it with: {make_command(cfg, task)}"
 
 
 def check_weights(module: nn.Module, meta: dict[str, Any], path: Path, what: str) -> bool:
@@ -62,14 +69,15 @@ def check_weights(module: nn.Module, meta: dict[str, Any], path: Path, what: str
     return True
 
 
-def read_library(paths: PoolPaths, cfg: DatasetConfig) -> tuple[nn.Module, dict[str, Any]]:
+def read_library(paths: PoolPaths, cfg: DatasetConfig, contents: Contents) -> tuple[nn.Module, dict[str, Any]]:
     """The library of a pool folder, checked; its metadata ({} for the original release's bare files)."""
     path = paths.library
     sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg)), path, "library")
+    contents.check(path, sd, meta, make_command(cfg, None, paths))
     if meta and meta.get("dataset") not in (None, cfg.name):
         raise PoEError(f"{path} is a library for {meta.get('dataset')}, not {cfg.name}")
     try:
-        library = build_library(cfg, sd)
+        library = family_of(cfg).library_from_state(sd, cfg)
     except ValueError as e:
         raise PoEError(f"{path} does not hold a {cfg.name} library ({e})") from None
     load_into(library, sd, path, f"{cfg.name} library")
@@ -78,11 +86,17 @@ def read_library(paths: PoolPaths, cfg: DatasetConfig) -> tuple[nn.Module, dict[
 
 
 def read_expert(
-    paths: PoolPaths, cfg: DatasetConfig, task: str, library: nn.Module, library_meta: dict[str, Any]
+    paths: PoolPaths,
+    cfg: DatasetConfig,
+    task: str,
+    library: nn.Module,
+    library_meta: dict[str, Any],
+    contents: Contents,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """One expert of a pool folder, checked against its task and against the pool's library."""
+    """One expert of a pool folder, checked against the manifest, its task and the pool's library."""
     path = paths.expert(task)
     sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg, task)), path, "expert")
+    contents.check(path, sd, meta, make_command(cfg, task, paths))
     want = cfg.tasks[task]
     if meta and (meta.get("task") != task or list(meta.get("classes", want)) != list(want)):
         raise PoEError(f"{path} holds the expert of {meta.get('task')!r} {meta.get('classes')}, not {task!r} {want}")
@@ -93,7 +107,7 @@ def read_expert(
             f"they do not belong together; {how_to_make(cfg, task)} --retrain experts"
         )
     try:
-        expert = expert_from_state(sd)
+        expert = family_of_state(sd, meta).expert_from_state(sd)
     except ValueError as e:
         raise PoEError(f"{path} does not hold an expert ({e})") from None
     in_channels = library.out_channels
@@ -119,6 +133,11 @@ class Prediction:
 
     def top(self, i: int, k: int = 3) -> list[dict[str, Any]]:
         """The ``k`` most probable classes of image ``i``: id, name, probability."""
+        n, width = self.probabilities.shape
+        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+            raise PoEError(f"top(i={i!r}): i must be an image index, 0..{n - 1}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise PoEError(f"top(k={k!r}): k must be an integer >= 1 (at most {width} classes are returned)")
         p, idx = self.probabilities[i].topk(min(k, self.probabilities.shape[1]))
         return [{"id": self.classes[j], "name": self.names[j], "probability": round(float(q), 6)}
                 for q, j in zip(p.tolist(), idx.tolist(), strict=True)]  # fmt: skip
@@ -128,12 +147,10 @@ class TaskModel:
     """The consolidated model of one query: ``module`` maps normalised images to logits over ``classes``
     (ascending class id). ``predict`` takes raw images; ``export`` writes a ``.pt2`` that takes [0, 1] RGB."""
 
-    def __init__(self, module: TaskSpecificModel, query: Query, cfg: DatasetConfig, device: torch.device,
+    def __init__(self, module: ConsolidatedNet, query: Query, cfg: DatasetConfig, device: torch.device,
                  build_ms: float, precision: str = "fp32") -> None:  # fmt: skip
         self.module, self.query, self.cfg, self.device = module, query, cfg, device
         self.build_ms, self.precision = build_ms, precision
-        self.mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
         self._cost: tuple[int, int] | None = None
 
     @property
@@ -156,22 +173,18 @@ class TaskModel:
         return self._cost
 
     def accuracy(self, test: ImageSet, progress: bool = False) -> tuple[float, int]:
-        """(accuracy in %, images) on the test images of the query's classes, at the pool's precision."""
+        """(accuracy in %, images) on the test images of the query's classes, at the pool's precision. A split
+        without images of some of them is refused (an accuracy over the others would pass for the query's)."""
+        check_covered(test.y, self.classes, self.cfg.class_name)
         normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
         return accuracy(self.module, test, self.classes, normalize, self.device, progress=progress,
                         precision=self.precision)  # fmt: skip
 
-    @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:
         """Logits over ``classes`` (CPU, float32) of user images (see ``predict``)."""
         x = image_batch(images, self.cfg.image_size)
-        out = []
-        for s in range(0, len(x), 500):
-            batch = x[s : s + 500].to(self.device)
-            batch = ((batch - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.precision):
-                out.append(self.module(batch).float().cpu())
-        return torch.cat(out)
+        normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
+        return torch.cat([o.cpu() for o in batched_logits(self.module, x, normalize, self.device, self.precision)])
 
     def predict(self, images: Any) -> Prediction:
         """``images``: uint8 H x W x 3 arrays (one, or a stack N x H x W x 3), PIL images, or float tensors in
@@ -189,26 +202,25 @@ class TaskModel:
         """Write the model with ``torch.export`` (CPU, fp32 weights; ``bf16``: the graph runs under bfloat16
         autocast). The program takes float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
         target = check_export_path(path)
-        module = private_copy(self.module, fold=precision == "fp32")  # tracing must not touch shared modules
+        # tracing must not touch shared modules
+        module = private_copy(self.module, fold=precision == "fp32", family=family_of(self.cfg))
         wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
         example = torch.rand(2, 3, self.cfg.image_size, self.cfg.image_size)
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
         dims |= {i: torch.export.Dim(n, min=8, max=4096) for i, n in ((2, "height"), (3, "width"))}
         with torch.no_grad():
             program = torch.export.export(wrapped, (example,), dynamic_shapes=(dims,))
-        atomic_write(target, lambda f: torch.export.save(program, f))
+        atomic_write(target, lambda f: torch.export.save(program, f), buffered=True)
 
 
-def private_copy(module: nn.Module, fold: bool) -> nn.Module:
+def private_copy(module: nn.Module, fold: bool, family: Family) -> nn.Module:
     """A CPU copy in contiguous (not channels_last) layout, what ``torch.export.save`` stores cleanly; with
     ``fold``, BatchNorm folded into the convolutions it follows (fp32 only: folded weights rounded to bf16
     moved 1.4% of predictions, against 0.8% without folding)."""
     import copy
 
-    from PoE.networks.wrn import fold_batchnorm
-
     module = copy.deepcopy(module).cpu().eval()
-    return (fold_batchnorm(module) if fold else module).to(memory_format=torch.contiguous_format)
+    return (family.fold(module) if fold else module).to(memory_format=torch.contiguous_format)
 
 
 def check_export_path(path: str | Path) -> Path:
@@ -229,19 +241,25 @@ def check_export_path(path: str | Path) -> Path:
 class Pool:
     """The library and every expert of one pool folder, loaded and checked, on ``device``."""
 
-    def __init__(self, cfg: DatasetConfig, paths: PoolPaths, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(self, cfg: DatasetConfig, paths: PoolPaths, device: torch.device, precision: str = "fp32",
+                 contents: Contents | None = None) -> None:  # fmt: skip
         t0 = time.perf_counter()
-        self.cfg, self.paths, self.device, self.precision = cfg, paths, torch.device(device), precision
-        self.library, self.library_meta = read_library(paths, cfg)
+        self.cfg, self.paths, self.device = cfg, paths, torch.device(device)
+        self.precision = resolve_precision(precision, self.device)  # fp32, bf16 or auto; fp8 and others refused
+        contents = Contents.read(paths) if contents is None else contents  # the table of contents checked against
+        tasks = paths.experts_present()
+        contents.check_complete([paths.library, *map(paths.expert, tasks)])
+        self.library, self.library_meta = read_library(paths, cfg, contents)
         self.experts: dict[str, nn.Module] = {}
         self.expert_meta: dict[str, dict[str, Any]] = {}
-        for task in paths.experts_present():
+        for task in tasks:
             if task not in cfg.tasks:
                 raise PoEError(f"{paths.expert(task)} is not a {cfg.name} task; known tasks: {', '.join(cfg.tasks)}")
             self.experts[task], self.expert_meta[task] = read_expert(paths, cfg, task, self.library,
-                                                                     self.library_meta)  # fmt: skip
+                                                                     self.library_meta, contents)  # fmt: skip
         for m in (self.library, *self.experts.values()):  # channels_last weights: the fast layout for convolutions
             m.to(self.device, memory_format=torch.channels_last)
+        self.states = {t: e.state_dict() for t, e in self.experts.items()}  # what a query's bank is cut from
         self.open_ms = (time.perf_counter() - t0) * 1e3  # reading and checking every part
         unchecked = [paths.library.name] if "id" not in self.library_meta else []
         unchecked += [f"expert_{t}.pt" for t, m in self.expert_meta.items() if "id" not in m]
@@ -279,17 +297,24 @@ class Pool:
         return self.expert_meta[task].get("id") or state_id(self.experts[task])
 
     def make_query(self, tasks: list[str]) -> Query:
-        query = make_query(tasks, self.cfg.tasks, self.cfg.name)
+        if isinstance(tasks, str) or not isinstance(tasks, list | tuple) or not all(isinstance(t, str) for t in tasks):
+            raise PoEError(f"a query is a list of task names, e.g. ['people', 'vehicles_1'], got {tasks!r}")
+        query = make_query(list(tasks), self.cfg.tasks, self.cfg.name)
         missing = [t for t in query.tasks if t not in self.experts]
         if missing:
             raise PoEError(f"missing {self.paths.expert(missing[0])}; {how_to_make(self.cfg, missing[0])}")
         return query
 
+    def bank(self, tasks: list[str]) -> nn.Module:
+        """The experts of ``tasks`` (known to be here) as one bank, in this order, in eval mode."""
+        return bank_of([self.experts[t] for t in tasks], [self.states[t] for t in tasks])
+
     def query(self, tasks: list[str]) -> TaskModel:
-        """Consolidate the library and the experts of ``tasks`` into one model (shared modules, no copies)."""
+        """Consolidate the library and the experts of ``tasks`` into one network: the shared library and a new
+        bank of the experts' weights (concatenated once per query; no training, no disk)."""
         t0 = time.perf_counter()
         query = self.make_query(tasks)
-        module = TaskSpecificModel(self.library, [self.experts[t] for t in query.tasks], query)
+        module = ConsolidatedNet(self.library, self.bank(list(query.tasks)), query)
         module.training = False  # its parts are in eval mode already; .eval() would walk every one of them
         module.order = module.order.to(self.device)
         ms = (time.perf_counter() - t0) * 1e3
@@ -297,15 +322,17 @@ class Pool:
 
     def describe(self) -> dict[str, Any]:
         """Dataset, library and, per task, its classes (id and name), whether its expert is here and its
-        accuracy on its own task (as recorded in the expert's file)."""
+        accuracy on its own task (as recorded in the expert's file, in % to 2 decimals: the file holds float32
+        noise such as 68.00000071525574)."""
         tasks = []
         for task, classes in self.cfg.tasks.items():
             meta = self.expert_meta.get(task, {})
+            acc = meta.get("test_acc")
             tasks.append({
                 "name": task,
                 "classes": [{"id": c, "name": self.cfg.class_name(c)} for c in classes],
                 "present": task in self.experts,
-                "accuracy": meta.get("test_acc"),
+                "accuracy": None if acc is None else round(float(acc), 2),
             })  # fmt: skip
         return {
             "dataset": self.cfg.name,

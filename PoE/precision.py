@@ -4,18 +4,21 @@ Under ``bf16`` only the activations (convolutions, matrix products) run in bfloa
 optimizer state, BatchNorm statistics and every loss stay fp32 (autocast keeps softmax, log-softmax and
 the reductions in fp32, and the losses cast logits up before they use them), and so do the logits themselves
 (``fp32_linear``).
+
+``fp32`` means IEEE fp32 on a GPU too: CUDA convolutions and matrix products would otherwise use TF32 (10-bit
+mantissa) by default, which moved the README query's accuracy from 73.00% (CPU) to 72.93% on an H200.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from PoE.errors import PoEError
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from PoE.profiles import PRECISIONS
 
 
 def cpu_flags() -> set[str]:
@@ -77,19 +80,55 @@ def resolve(name: str, device: torch.device | str) -> str:
         where = f"GPU {torch.cuda.get_device_name(device) if torch.cuda.is_available() else device}"
     else:
         ok, fast, where = cpu_bf16_supported(), cpu_bf16_fast(), f"CPU {cpu_model()}"
-    if name == "auto":
-        return "bf16" if fast else "fp32"
     if name == "bf16" and not ok:
         raise PoEError(f"--precision bf16: the {where} has no bfloat16 support; use --precision fp32 (or auto)")
-    return name
+    chosen = ("bf16" if fast else "fp32") if name == "auto" else name
+    if chosen == "fp32" and device.type == "cuda":
+        set_tf32(False)  # for the whole run: the backward passes of training run outside ``autocast``
+    return chosen
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of ``precision`` (a no-op for fp32)."""
+    """The autocast context of ``precision``: bfloat16 autocast for bf16; for fp32 nothing on a CPU and, on a
+    GPU, TF32 turned off while it lasts (so that fp32 scores the same on a GPU as on a CPU)."""
     device = torch.device(device)
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return ieee_fp32() if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _tf32_flags() -> list[tuple[object, str]]:
+    """The objects and attribute names of the TF32 switches (torch >= 2.9's ``fp32_precision`` flags where present:
+    mixing them with the older ``allow_tf32`` flags is an error there)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+    return [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+
+
+def set_tf32(on: bool) -> None:
+    """Allow or forbid TF32 in CUDA convolutions and matrix products."""
+    for obj, name in _tf32_flags():
+        setattr(obj, name, on if name == "allow_tf32" else ("tf32" if on else "ieee"))
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA convolutions may use TF32 for fp32 tensors."""
+    obj, name = _tf32_flags()[0]
+    value = getattr(obj, name)
+    return value == "tf32" if isinstance(value, str) else bool(value)
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """TF32 off while the block runs, then every switch as it was."""
+    was = [(obj, name, getattr(obj, name)) for obj, name in _tf32_flags()]
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        for obj, name, value in was:
+            setattr(obj, name, value)
 
 
 def fp32_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -14,17 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from PoE import distributed
+from PoE import distributed, manifest
 from PoE.data import FolderLoader, ImageSet, Normalizer, TensorLoader, default_workers, file_sha256
 from PoE.datasets import DatasetConfig
-from PoE.errors import PoEError
 from PoE.evaluate import accuracy
 from PoE.precision import machine_info
-from PoE.profiles import Profile, StageConfig
-from PoE.store import PoolPaths, load_checkpoint, save_checkpoint, save_json, unwrap
+from PoE.profiles import STAGES, Profile, StageConfig
+from PoE.store import PoolPaths, save_checkpoint, seal
 from PoE.tasks import Hierarchy
-
-STAGES = ("oracle", "library", "experts")
 
 
 @dataclass
@@ -69,11 +66,30 @@ class Settings:
 
 
 @dataclass
+class StageRecord:
+    """What one stage's part says of its training, for the manifest: the Oracle's and the library's from their
+    metadata (trained now or loaded), the experts' from this run's training (they train together)."""
+
+    summary: dict[str, Any] | None = None  # the Oracle's or the library's metadata as the manifest records it
+    train_seconds: float | None = None
+    teacher_seconds: float | None = None  # the library: computing the teacher's logits
+    epoch_seconds: list[float] = field(default_factory=list)
+    sittings: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, meta: dict[str, Any], **extra: Any) -> StageRecord:
+        return cls(summary(meta) | extra, float(meta.get("train_seconds", 0.0)), meta.get("teacher_seconds"),
+                   list(meta.get("epoch_seconds", [])), list(meta.get("sittings", [])))  # fmt: skip
+
+
+@dataclass
 class Report:
     """What the run prints at the end and records in the manifest."""
 
     rows: list[tuple[str, str, float, int, float]] = field(default_factory=list)  # part, scope, acc, n, sec
-    info: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, StageRecord] = field(default_factory=dict)  # by stage name, as far as this run got
+    teacher_cache_seconds: float = 0.0
+    wall_seconds: float = 0.0
 
     def add(self, part: str, scope: str, meta: dict[str, Any]) -> None:
         self.rows.append((part, scope, meta["test_acc"], meta["test_n"], meta["train_seconds"]))
@@ -108,6 +124,7 @@ class Preprocessor:
         self.pretrained = s.pretrained / s.cfg.name  # the Oracle, the library student, resume/ and cache/
         self.normalize = Normalizer(s.cfg.mean, s.cfg.std, s.device)
         self.report = Report()
+        self.listing = manifest.Listing.read(self.pool)  # the pool's parts as its manifest lists them
         self._train: ImageSet | None = None
         self._test: ImageSet | None = None
         self._train_file: Path | None = None  # the npz the training images came from (its checksum is recorded)
@@ -180,11 +197,18 @@ class Preprocessor:
         return (100.0 * correct / n if n else float("nan")), n
 
     def save(self, path: Path, kind: str, meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
-        """Rank 0 writes a finished part; every rank waits for it, so all see the same files afterwards."""
+        """Rank 0 writes a finished part (a pool part is then in the listing the manifest is built from); every
+        rank waits for it, so all see the same files afterwards."""
         if distributed.is_main():
-            payload = {"poe_format": 1, "kind": kind, "dataset": self.cfg.name, **meta, "state_dict": state_dict}
+            payload = seal({**meta, "kind": kind, "dataset": self.cfg.name, "state_dict": state_dict})
             save_checkpoint(path, payload)
+            if self.is_pool_part(path):
+                self.listing.add(path, payload)
         distributed.barrier()
+
+    def is_pool_part(self, path: Path) -> bool:
+        """Whether ``path`` is one of the files the pool's manifest lists (its library, an expert)."""
+        return path == self.pool.library or path.parent == self.pool.root / "experts"
 
     def say(self, text: str) -> None:
         if distributed.is_main():
@@ -192,75 +216,57 @@ class Preprocessor:
 
     def replace_library(self, meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
         """Write a new library without ever showing a mixed pool: the experts of any other library go first
-        (and the manifest with them), then the library file, then a manifest of what is left."""
+        (the manifest without them, then their files), then the library file, then a manifest of what is left."""
         if distributed.is_main():
-            for task, old in self.expert_metas().items():
-                if old.get("library_id") != meta["id"]:
-                    self.pool.expert(task).unlink(missing_ok=True)
-                    self.say(f"[library] removed {self.pool.expert(task)}: it belongs to the previous library")
+            old = [t for t, e in self.listing.experts.items() if e.get("library_id") != meta["id"]]
+            for task in old:
+                self.listing.drop(self.pool.expert(task))
             self.write_manifest()
+            for task in old:
+                self.pool.expert(task).unlink(missing_ok=True)
+                self.say(f"[library] removed {self.pool.expert(task)}: it belongs to the previous library")
         self.save(self.pool.library, "library", meta, state_dict)
         if distributed.is_main():
             self.write_manifest()
 
+    def adopt(self, path: Path, payload: dict[str, Any], stage: str) -> bool:
+        """Whether a finished pool part read from ``path`` may be used: the manifest lists it as it is. Any
+        other file (an interrupted run's, one copied in) is made again, and ``stage`` says so."""
+        if self.listing.lists(path, payload):
+            return True
+        self.say(f"[{stage}] {path} is not the part {self.pool.manifest.name} lists: making it again")
+        return False
+
     # ---------------------------------------------------------------- the manifest
-    def library_id(self) -> str | None:
-        if not self.pool.library.exists():
-            return None
-        try:
-            return unwrap(load_checkpoint(self.pool.library), self.pool.library, "library")[1].get("id")
-        except PoEError:
-            return None
-
-    def expert_metas(self) -> dict[str, dict[str, Any]]:
-        """Metadata of every readable expert file of the pool (a damaged file is left for the service's
-        checks to report; a bare state dict has empty metadata)."""
-        out = {}
-        for task in self.pool.experts_present():
-            try:
-                out[task] = unwrap(load_checkpoint(self.pool.expert(task)), self.pool.expert(task), "expert")[1]
-            except PoEError:
-                out[task] = {}
-        return out
-
     def per_stage(self, old: dict[str, Any], key: str) -> dict[str, Any]:
         """Each stage's ``key`` (``epoch_seconds``, ``sittings``) as far as this pool's files record them; a
         stage loaded from an earlier run keeps what that run's manifest said."""
         out = dict(old.get(f"stage_{key}", {}))
-        for stage in ("oracle", "library"):
-            if self.report.info.get(stage, {}).get(key):
-                out[stage] = self.report.info[stage][key]
-        if f"experts_{key}" in self.report.info:
-            out["experts"] = self.report.info[f"experts_{key}"]
+        for stage, record in self.report.stages.items():
+            if getattr(record, key):
+                out[stage] = getattr(record, key)
         return out
 
     def stage_seconds(self, old: dict[str, Any]) -> dict[str, float]:
         """Training seconds of each stage as its files record them, and their sum (a stage loaded from an
         earlier run keeps that run's time)."""
-        info = self.report.info
         out = dict(old.get("stage_seconds", {}))
-        for stage in ("oracle", "library"):
-            if info.get(stage):
-                out[stage] = round(float(info[stage].get("train_seconds", 0.0)), 1)
-        if info.get("library", {}).get("teacher_seconds") is not None:
-            out["teacher_logits"] = round(float(info["library"]["teacher_seconds"]), 1)
-        if "experts_seconds" in info:
-            out["experts"] = round(float(info["experts_seconds"]), 1)
+        for stage, record in self.report.stages.items():
+            if record.train_seconds is not None:
+                out[stage] = round(record.train_seconds, 1)
+            if record.teacher_seconds is not None:
+                out["teacher_logits"] = round(float(record.teacher_seconds), 1)
         out.pop("total", None)
         out["total"] = round(sum(out.values()), 1)
         return out
 
     def write_manifest(self) -> None:
-        try:
-            old = self.pool.read_manifest()
-        except PoEError:
-            old = {}
-        experts = {}
-        for t, meta in self.expert_metas().items():  # what the files are, not what this run did
-            experts[t] = {k: meta.get(k) for k in ("classes", "test_acc", "test_n", "train_seconds", "epochs", "id",
-                                                   "library_id")}  # fmt: skip
+        """The manifest from what this run holds in memory: its settings and stage records, and the listing of
+        the pool's parts (no checkpoint is read again)."""
+        old = self.listing.old
         sittings = self.per_stage(old, "sittings")
-        manifest = {
+        records = {stage: r.summary for stage, r in self.report.stages.items() if r.summary is not None}
+        run = {
             "dataset": self.cfg.name,
             "profile": self.s.profile.name,
             "command": self.s.command,
@@ -277,10 +283,8 @@ class Preprocessor:
                 "train_limit": self.s.train_limit,
             },
             "train_data_sha256": file_sha256(self._train_file) if self._train_file else old.get("train_data_sha256"),
-            "oracle": self.report.info.get("oracle"),
-            "library": self.report.info.get("library"),
-            "library_id": self.library_id(),
-            "experts": dict(sorted(experts.items())),
+            "oracle": records.get("oracle"),
+            "library": records.get("library"),
             "model_selection": "final epoch of every stage (the test set is only used for reporting)",
             "precision": self.s.precision,
             "compile": list(self.s.compile),
@@ -290,4 +294,4 @@ class Preprocessor:
             "machine": machine_info(self.s.device),
             "stage_seconds": self.stage_seconds(old),
         }
-        save_json(self.pool.manifest, manifest)
+        manifest.write(self.listing, run)

@@ -26,10 +26,10 @@ from PoE.data import Batch, FolderLoader, TensorLoader
 from PoE.datasets.folder import DESCRIPTION_FILE
 from PoE.errors import PoEError
 from PoE.losses import ckd_loss, kd_loss
-from PoE.networks import build_network, new_expert
+from PoE.networks import bank_of, build_network, family_of, unbank
 from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.networks.pretrained import imagenet_weights
-from PoE.preprocess import STAGES, Preprocessor, Report, Settings, summary
+from PoE.preprocess import STAGES, Preprocessor, Report, Settings, StageRecord
 from PoE.profiles import StageConfig
 from PoE.store import check_writable, half_state, load_checkpoint, load_into, save_json, state_id, unwrap
 from PoE.tasks import adopt_library, store_hierarchy
@@ -92,6 +92,7 @@ class Stage:
             raise self.missing(todo)
         if todo:
             parts.update(self.make(todo))
+            self.drop_progress()  # only now: killed before its outputs were saved, a rerun resumes, not retrains
         for key, part in parts.items():
             self.report(key, part)
         return parts
@@ -110,13 +111,23 @@ class Stage:
         """(state_dict, meta) of a finished part's checkpoint, or None when it must be (re)made."""
         if self.name in self.s.retrain or not path.exists():
             return None
-        return unwrap(load_checkpoint(path), path, kind)
+        sd, meta = unwrap(load_checkpoint(path), path, kind)
+        if self.prep.is_pool_part(path) and not self.prep.adopt(path, {**meta, "state_dict": sd}, self.name):
+            return None  # a pool part the manifest does not list as it is
+        return sd, meta
 
     def start(self, module: nn.Module) -> tuple[nn.Module, TensorLoader | FolderLoader]:
         """``module`` as the training step calls it (under DDP with several processes, compiled when asked) and
         the stage's loader. Seed the stage before building what it trains."""
         loader = self.prep.loader(self.name, self.conf)
         return compiled(distributed.wrap(module), self.name in self.s.compile), loader
+
+    def drop_progress(self) -> None:
+        """Remove the stage's resume file once the parts it trained are evaluated and saved."""
+        if distributed.is_main():
+            self.resume_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder goes once empty; another run's file keeps it
+                self.resume_file.parent.rmdir()
 
     def train(
         self,
@@ -144,10 +155,6 @@ class Stage:
         }
         history = train_stage(self.name, modules, loss_fn, batches, len(loader), conf, resume, fingerprint, frozen,
                               progress=self.s.progress, precision=self.s.precision)  # fmt: skip
-        if distributed.is_main():
-            resume.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the folder goes once empty; another run's file keeps it
-                resume.parent.rmdir()
         return {
             "epochs": conf.epochs,
             "config": repr(conf),
@@ -215,7 +222,7 @@ class Oracle(Stage):
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"Oracle ({part.meta.get('arch')})", "all classes", part.meta)
-        self.prep.report.info["oracle"] = summary(part.meta)
+        self.prep.report.stages["oracle"] = StageRecord.of(part.meta)
 
 
 class PretrainedOracle(Oracle):
@@ -234,7 +241,7 @@ class PretrainedOracle(Oracle):
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"Oracle ({part.meta['arch']}, pretrained)", "the tasks' classes", part.meta)
-        self.prep.report.info["oracle"] = summary(part.meta) | {"weights": part.meta["weights"]}
+        self.prep.report.stages["oracle"] = StageRecord.of(part.meta, weights=part.meta["weights"])
 
 
 # ---------------------------------------------------------------------------- library
@@ -267,6 +274,10 @@ class Library(Stage):
             return None
         sd, meta = found
         student = load_into(build_network(arch, self.cfg), sd, path, f"{arch} library student")
+        pool_file = self.target(key)
+        lib_sd, lib_meta = unwrap(load_checkpoint(pool_file), pool_file, "library")
+        if not self.prep.adopt(pool_file, {**lib_meta, "state_dict": lib_sd}, "library"):
+            self.prep.replace_library(meta, student.front.state_dict())  # the student's front, as when it was made
         return Part(student.front.to(self.s.device).eval(), meta)
 
     def make(self, todo: list[str]) -> dict[str, Part]:
@@ -282,14 +293,14 @@ class Library(Stage):
         meta = {"arch": arch, **self.train({"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp)}
         meta["test_acc"], meta["test_n"] = self.prep.evaluate(student, None)
         meta.update(T=T, teacher_views=self.s.teacher_views, oracle_id=teacher.oracle_id, id=state_id(student.front),
-                    teacher_seconds=teacher.seconds)  # fmt: skip
+                    teacher_seconds=teacher.seconds, family=family_of(self.cfg).name)  # fmt: skip
         self.prep.save(self.student_path, "library_student", meta, student.state_dict())
         self.prep.replace_library(meta, student.front.state_dict())
         return {self.name: Part(student.front.eval(), meta)}
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"library student ({self.cfg.library_arch})", "all classes", part.meta)
-        self.prep.report.info["library"] = summary(part.meta)
+        self.prep.report.stages["library"] = StageRecord.of(part.meta)
 
 
 class PretrainedLibrary(Stage):
@@ -314,7 +325,13 @@ class PretrainedLibrary(Stage):
         full, source = imagenet_weights(arch, self.s.library_weights, "--library_weights")
         library = MobileNetLibrary()
         load_into(library, library_state(full), source, f"{arch} front (features[:18])")
-        meta = {"arch": f"{arch} features[:18]", "weights": str(source), "train_seconds": 0.0, "id": state_id(library)}
+        meta = {
+            "arch": f"{arch} features[:18]",
+            "weights": str(source),
+            "train_seconds": 0.0,
+            "id": state_id(library),
+            "family": family_of(self.cfg).name,
+        }
         self.prep.replace_library(meta, library.state_dict())
         return {self.name: Part(library.to(self.s.device).eval(), meta)}
 
@@ -322,17 +339,10 @@ class PretrainedLibrary(Stage):
         meta = part.meta
         scored = {**meta, "test_acc": float("nan"), "test_n": 0}
         self.prep.report.add(f"library ({meta.get('arch')}, pretrained)", "not scored alone", scored)
-        self.prep.report.info["library"] = summary(meta) | {"weights": meta.get("weights")}
+        self.prep.report.stages["library"] = StageRecord.of(meta, weights=meta.get("weights"))
 
 
 # ---------------------------------------------------------------------------- experts
-class ExpertHeads(nn.ModuleList):
-    """The experts trained together, as one module: one DDP wrapper averages all their gradients at once."""
-
-    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
-        return [e(features) for e in self]
-
-
 class Experts(Stage):
     """One expert per task on the frozen library's features, extracted by conditional KD from the Oracle's
     logits on the task's classes. An expert of another library (or, over a pretrained library, of another
@@ -343,6 +353,7 @@ class Experts(Stage):
     def __init__(self, prep: Preprocessor, teacher: TeacherOutputs, library: Part) -> None:
         super().__init__(prep)
         self.teacher, self.library, self.lib_id = teacher, library.module.eval(), library.id
+        self.family = family_of(self.cfg)
         for p in self.library.parameters():
             p.requires_grad_(False)
 
@@ -372,42 +383,43 @@ class Experts(Stage):
             found = None
         if found is None:
             return None
-        e = new_expert(self.library, self.cfg.expert_width, len(self.cfg.tasks[key]))
+        e = self.family.new_expert(self.library, self.cfg.expert_width, len(self.cfg.tasks[key]))
         return Part(load_into(e, found[0], path, f"expert of {key!r}").to(self.s.device), found[1])
 
     def make(self, todo: list[str]) -> dict[str, Part]:
+        """Train every expert of ``todo`` at once as one bank (one library forward, one bank forward and backward,
+        one optimizer step per batch), each on its own conditional KD loss; write each back as its own file."""
         teacher, conf, library, tasks = self.teacher, self.conf, self.library, self.cfg.tasks
         seed_everything(self.s.stage_seed(self.name))
-        experts = {}
-        for t in todo:
-            e = new_expert(library, self.cfg.expert_width, len(tasks[t]))
-            experts[t] = e.to(self.s.device).to(memory_format=torch.channels_last)
-        cols = {t: torch.tensor(tasks[t], device=self.s.device) for t in todo}
+        fresh = [self.family.new_expert(library, self.cfg.expert_width, len(tasks[t])) for t in todo]
+        bank = bank_of(fresh).to(self.s.device).to(memory_format=torch.channels_last)
+        cols = [torch.tensor(tasks[t], device=self.s.device) for t in todo]
+        ends = torch.tensor([len(tasks[t]) for t in todo]).cumsum(0).tolist()
         T, alpha, soft, scale = self.s.T, self.s.alpha, self.s.soft, self.s.scale
-        heads, loader = self.start(ExpertHeads(experts.values()))
+        trained, loader = self.start(bank)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             with torch.no_grad():  # one library forward and one teacher lookup serve every expert
                 features = library(b.x)
                 t_all = teacher.logits(b, loader)
-            outs = heads(features)
-            losses = [ckd_loss(o, t_all[:, cols[t]], T, alpha, soft, scale) for t, o in zip(experts, outs, strict=True)]
+            out = trained(features)
+            losses = [ckd_loss(out[:, end - len(c) : end], t_all[:, c], T, alpha, soft, scale)
+                      for c, end in zip(cols, ends, strict=True)]  # fmt: skip
             return torch.stack(losses).sum()
 
         fp = {"tasks": todo, "library": self.lib_id, "oracle": teacher.oracle_id, "T": T, "alpha": alpha, "soft": soft,
-              "scale": scale, "views": self.s.teacher_views}  # fmt: skip
+              "scale": scale, "views": self.s.teacher_views, "form": "bank"}  # fmt: skip
         batches = teacher.batches(loader, conf)
-        run = self.train(dict(experts), loss_fn, loader, batches, fp, frozen=(library,))
-        self.prep.report.info["experts_seconds"] = run["train_seconds"]
-        self.prep.report.info["experts_epoch_seconds"] = run.pop("epoch_seconds")
-        self.prep.report.info["experts_sittings"] = run.pop("sittings")
+        run = self.train({"bank": bank}, loss_fn, loader, batches, fp, frozen=(library,))
+        self.prep.report.stages["experts"] = StageRecord(None, run["train_seconds"], None, run.pop("epoch_seconds"),
+                                                         run.pop("sittings"))  # fmt: skip
         run["train_seconds"] /= len(todo)
         parts = {}
-        for t, e in experts.items():
-            e.eval()
+        for t, e, state in zip(todo, fresh, unbank(bank), strict=True):
+            e = load_into(e, state, self.target(t), f"expert of {t!r}").to(self.s.device).eval()
             meta = {"task": t, "classes": tasks[t], **run, "T": T, "alpha": alpha, "trained_with": len(todo),
                     "losses": {"soft": soft, "scale": scale}, "library_id": self.lib_id,
-                    "oracle_id": teacher.oracle_id}  # fmt: skip
+                    "oracle_id": teacher.oracle_id, "family": self.family.name}  # fmt: skip
             meta["test_acc"], meta["test_n"] = self.prep.evaluate(nn.Sequential(library, e), tasks[t])
             meta["id"] = state_id(e)
             self.prep.save(self.target(t), "expert", meta, e.state_dict())
@@ -447,6 +459,6 @@ def run(s: Settings) -> Report:
             Experts(prep, teacher, library).run()
         if distributed.is_main():
             prep.write_manifest()
-    prep.report.info["teacher_cache_seconds"] = teacher.seconds
-    prep.report.info["wall_seconds"] = time.perf_counter() - t0
+    prep.report.teacher_cache_seconds = teacher.seconds
+    prep.report.wall_seconds = time.perf_counter() - t0
     return prep.report

@@ -2,15 +2,17 @@
 
 A pool for one dataset is a folder holding ``library_<tag>.pt`` and ``experts/expert_<task>.pt``
 (the original code's names), plus ``manifest.json`` when this project made it. Files written here
-wrap the weights with what they are (``{"poe_format": 1, "kind": ..., "state_dict": ...}``); the
-original code's files are bare state dicts. Both load the same way: the architecture is read off
+wrap the weights with what they are (``{"poe_format": 2, "kind": ..., "digest": ..., "state_dict": ...}``);
+the original code's files are bare state dicts. Both load the same way: the architecture is read off
 the tensor shapes and checked against what the caller expects.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -27,8 +29,11 @@ from torch import nn
 from PoE.errors import PoEError
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place."""
+def atomic_write(path: str | Path, write: Any, buffered: bool = False) -> None:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place; a failed
+    write (a full disk) leaves ``path`` as it was and no temporary file, and is one PoEError naming ``path``.
+    ``buffered``: ``write`` goes to memory first, for writers that abort the process when the disk refuses
+    (``torch.export.save``'s C++ zip writer did: SIGABRT)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +42,19 @@ def atomic_write(path: str | Path, write: Any) -> None:
         raise PoEError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            if buffered:
+                memory = io.BytesIO()
+                write(memory)
+                f.write(memory.getbuffer())
+            else:
+                write(f)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            full = "; free some space (or write elsewhere) and run it again" if e.errno == errno.ENOSPC else ""
+            raise PoEError(f"cannot write {path}: {e.strerror or e}{full}") from None
         raise
 
 
@@ -84,12 +97,43 @@ def files_id(paths: list[Path]) -> str:
 
 def state_id(module: nn.Module) -> str:
     """The content hash of a module's weights and buffers (16 hex digits of SHA-256): recorded as ``id`` in
-    every part this project writes, checked when a pool is opened, and recorded by what is trained from it."""
+    every part this project writes, checked when a pool is opened, and recorded by what is trained from it
+    (an expert's ``library_id``, a cache's Oracle). It covers the weights only; ``part_digest`` covers the file."""
+    return tensors_id(module.state_dict())
+
+
+def tensors_id(state: Mapping[str, torch.Tensor]) -> str:
+    """``state_id`` of a state dict (names and bytes)."""
     h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
+    for k, v in sorted(state.items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+POE_FORMAT = 2  # 2: the payload records its ``digest``; 1 (earlier versions): weights ``id`` only
+
+
+def part_digest(payload: Mapping[str, Any]) -> str:
+    """The hash of a whole checkpoint payload: its metadata (canonical JSON of every key but the weights,
+    ``digest`` and ``poe_format``) and its tensors (name, dtype, shape, bytes). A flipped bit in a stored
+    ``test_acc`` changes it as surely as one in a weight; the pool's manifest lists every part by it."""
+    h = hashlib.sha256()
+    meta = {k: v for k, v in payload.items() if k not in ("state_dict", "digest", "state_dict_shards", "poe_format")}
+    h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
+    state = payload.get("state_dict")
+    for k, v in sorted(state.items() if isinstance(state, Mapping) else []):
+        h.update(f"\0{k}\0{v.dtype}\0{tuple(v.shape)}\0".encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def seal(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``payload`` as this version writes it: ``poe_format`` 2 and the ``digest`` over everything else."""
+    out = {k: v for k, v in payload.items() if k != "digest"}
+    out["poe_format"] = POE_FORMAT
+    out["digest"] = part_digest(out)
+    return out
 
 
 def half_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,12 +148,14 @@ def tensor_bytes(state: Mapping[str, Any]) -> int:
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any], shard_bytes: int = SHARD_BYTES) -> None:
     """Write ``payload`` atomically. A ``state_dict`` over ``shard_bytes`` goes to shard files beside
     ``path`` (``<name>.<hash>.<i>``) written first; ``path`` itself, written last, lists them, so a reader
-    never sees an index whose shards are not all there. Shards of an earlier version are then removed."""
+    never sees an index whose shards are not all there. Shards of an earlier version are then removed. Each file
+    is serialised in memory first: on a full disk torch's writer fails with an opaque RuntimeError."""
     path = Path(path)
     state = payload.get("state_dict")
     shards: list[str] = []
+    groups: list[dict[str, torch.Tensor]] = []
     if isinstance(state, Mapping) and tensor_bytes(state) > shard_bytes:
-        groups: list[dict[str, torch.Tensor]] = [{}]
+        groups = [{}]
         for k, v in state.items():
             if groups[-1] and tensor_bytes(groups[-1]) + tensor_bytes({k: v}) > shard_bytes:
                 groups.append({})
@@ -119,11 +165,17 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any], shard_bytes: i
             digest.update(k.encode())
             digest.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         tag = digest.hexdigest()[:12]
-        for i, group in enumerate(groups):
-            shards.append(f"{path.name}.{tag}.{i}")
-            atomic_write(path.parent / shards[-1], lambda f, g=group: torch.save(g, f))
+        shards = [f"{path.name}.{tag}.{i}" for i in range(len(groups))]
         payload = {**{k: v for k, v in payload.items() if k != "state_dict"}, "state_dict_shards": shards}
-    atomic_write(path, lambda f: torch.save(dict(payload), f))
+    new = [path.parent / name for name in shards if not (path.parent / name).exists()]
+    try:
+        for name, group in zip(shards, groups, strict=True):
+            atomic_write(path.parent / name, lambda f, g=group: torch.save(g, f), buffered=True)
+        atomic_write(path, lambda f: torch.save(dict(payload), f), buffered=True)
+    except BaseException:
+        for shard in new:  # an index that failed leaves none of its shards behind
+            shard.unlink(missing_ok=True)
+        raise
     for old in path.parent.glob(f"{glob.escape(path.name)}.*.*"):
         if old.name not in shards and old.name.rsplit(".", 1)[-1].isdigit():
             old.unlink(missing_ok=True)
@@ -176,6 +228,11 @@ def load_failure(path: Path, e: BaseException) -> str:
 def unwrap(obj: dict[str, Any], path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict, metadata) of a checkpoint of ``kind``; bare state dicts (original code) have no metadata."""
     if "poe_format" in obj:
+        if "digest" in obj and part_digest(obj) != obj["digest"]:
+            raise PoEError(
+                f"{path}: its weights or metadata do not match the digest recorded in the file ({obj['digest']}): "
+                "the file was changed or damaged; rebuild it"
+            )
         if obj.get("kind") != kind:
             raise PoEError(f"{path} holds a {obj.get('kind')!r} checkpoint, expected {kind!r}")
         sd = obj.get("state_dict")
@@ -236,9 +293,12 @@ class PoolPaths:
         if not self.manifest.is_file():
             return {}
         try:
-            return json.loads(self.manifest.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            manifest = json.loads(self.manifest.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PoEError(f"{self.manifest} is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict):
+            raise PoEError(f"{self.manifest} is not valid: it holds a {type(manifest).__name__}, not a JSON object")
+        return manifest
 
 
 def resolve_pool(db: str | Path, dataset: str, tag: str) -> PoolPaths:

@@ -1,7 +1,8 @@
 """One training loop for every stage: SGD, per-step schedule, progress bar, resumable epochs.
 
-The loop never waits for the device inside an epoch: the loss is summed on the device and read (and
-checked for NaN) once per epoch, and the progress bar shows it every ``SHOW_EVERY`` steps.
+The loss is summed on the device and read (and checked for NaN) once per epoch; only the progress bar, when it
+is shown, reads it more often (every ``SHOW_EVERY`` steps, a wait for the device each time), so without it
+(``progress=False``, or on ranks other than 0) the loop waits for the device once per epoch.
 """
 
 from __future__ import annotations

@@ -7,16 +7,18 @@
 
 The released pools come from the original authors' public repository, PoE-code/Pool-of-Experts-code, at a
 pinned commit, and every file is checked against its SHA-256 before it is written. Files already in place
-(with the right hash) are kept. The tests look in ``../shared`` beside the checkout, or where $POE_SHARED
-points:
+(with the right hash) are kept; a failed download leaves no file and no empty folder behind. The tests look
+in ``../shared`` beside the checkout, or where $POE_SHARED points:
 
     python scripts/get_test_data.py                 # writes ../shared
     python scripts/get_test_data.py --to ~/poe-data --tiny && export POE_SHARED=~/poe-data
+    python scripts/get_test_data.py --manual        # without network: which files to put where, by hand
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import shutil
 import sys
@@ -24,12 +26,15 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 REPO = "https://raw.githubusercontent.com/PoE-code/Pool-of-Experts-code/dd309cf0b72f45b45d65f9e1014b94257292f31f"
+REPO_PAGE = "https://github.com/PoE-code/Pool-of-Experts-code/tree/dd309cf0b72f45b45d65f9e1014b94257292f31f"
 TINY_ZIP = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+CIFAR_TAR = "cifar-100-python.tar.gz"  # torchvision's download, used as it is when placed in <to>/data/cifar100/
 # (file here, path in the original repository, sha256)
 RELEASE = [
     ("cifar100/library_cifar100.pt", "CIFAR100/PoE/DB_Pool of Experts/Library/library_cifar100.pt",
@@ -74,17 +79,54 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def made_dirs(folder: Path) -> Iterator[Path]:
+    """Create ``folder`` (and its parents); if the block fails, remove the ones created here that are still
+    empty, so that a failed run (no network) leaves no empty folder that looks like data."""
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for d in created:
+            with contextlib.suppress(OSError):  # not empty (files of an earlier success): keep it and its parents
+                d.rmdir()
+        raise
+
+
 def download(url: str, target: Path) -> None:
     """``url`` to ``target`` through a temporary file beside it (never a half-written ``target``)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-        tmp.replace(target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise Failed(f"cannot download {url} ({getattr(e, 'reason', None) or e})") from None
+    with made_dirs(target.parent):
+        tmp = target.with_name(f".{target.name}.part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f)
+            tmp.replace(target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise Failed(f"cannot download {url} ({getattr(e, 'reason', None) or e})") from None
+
+
+def manual(to: Path) -> str:
+    """How to lay the files out by hand, for a machine without network."""
+    release = "\n".join(
+        f"  {to / 'official' / here}\n      <- {there}\n      sha256 {digest}" for here, there, digest in RELEASE
+    )
+    return f"""Without network, copy the files in by hand; this script then checks them and keeps them.
+
+The original release, from the original repository at the pinned commit ({REPO_PAGE}):
+either clone or unpack that repository anywhere and run
+  python scripts/get_test_data.py --source file:///path/to/Pool-of-Experts-code
+or put each file at its place below; each must have the SHA-256 shown (a file that does not is downloaded again):
+{release}
+
+CIFAR-100: put torchvision's archive {CIFAR_TAR} (https://www.cs.toronto.edu/~kriz/{CIFAR_TAR}, MD5
+eb9058c3a382ffc7106e4002c42a8d85, which torchvision checks) into {to / "data" / "cifar100"}/ and rerun: it
+becomes train.npz and test.npz there (uint8 x N x 32 x 32 x 3, int64 y); or write those two files yourself.
+
+Tiny-ImageNet (--tiny): a local copy of tiny-imagenet-200.zip: --tiny --tiny_url file:///path/to/tiny-imagenet-200.zip,
+or unzip it so that {to / "data" / "tiny-imagenet-200"}/wnids.txt and val/ exist.
+"""
 
 
 def get_release(to: Path, source: str) -> None:
@@ -105,8 +147,9 @@ def get_cifar100(to: Path) -> None:
     folder = to / "data" / "cifar100"
     if all((folder / f"{s}.npz").is_file() for s in ("train", "test")):
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with made_dirs(folder), tempfile.TemporaryDirectory(dir=folder) as tmp:
+        if (folder / CIFAR_TAR).is_file():  # supplied by hand: torchvision checks its MD5 and downloads nothing
+            shutil.copy(folder / CIFAR_TAR, tmp)
         for split in ("train", "test"):
             try:
                 ds = torchvision.datasets.CIFAR100(tmp, train=split == "train", download=True)
@@ -134,6 +177,7 @@ def get_tiny(to: Path, url: str) -> None:
                 z.extractall(Path(tmp) / "x", members)
         except zipfile.BadZipFile:
             raise Failed(f"{url} is not a zip archive") from None
+        folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(Path(tmp) / "x" / "tiny-imagenet-200"), str(folder))
     print(f"  {folder} (wnids.txt, val/)")
 
@@ -145,9 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="also Tiny-ImageNet's validation split (237 MB download)")
     p.add_argument("--no_cifar", action="store_true", help="only the released pools (and --tiny)")
     p.add_argument("--source", default=REPO, help="base URL of the original repository's files (a mirror)")
-    p.add_argument("--tiny_url", default=TINY_ZIP, help="Tiny-ImageNet's zip")
+    p.add_argument("--tiny_url", default=TINY_ZIP, help="Tiny-ImageNet's zip (a file:// URL for a local copy)")
+    p.add_argument("--manual", action="store_true", help="say which files to put where by hand (no network), and stop")
     a = p.parse_args(argv)
     to = Path(a.to)
+    if a.manual:
+        print(manual(to))
+        return 0
     try:
         print(f"original release -> {to / 'official'}")
         get_release(to, a.source)
@@ -158,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Tiny-ImageNet validation split -> {to / 'data' / 'tiny-imagenet-200'}")
             get_tiny(to, a.tiny_url)
     except Failed as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(
+            f"error: {e}; without network, `python scripts/get_test_data.py --manual` says which files to put where",
+            file=sys.stderr,
+        )
         return 2
     print(f"done; the tests read {to} (set POE_SHARED={to} if it is not ../shared beside the checkout)")
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (first call): the CUDA test subset, then per-epoch times of every stage under the
 # gpu and paper profiles (benchmarks/stage_speed.py), bf16 against fp32 and torch.compile against eager
-# for the Oracle. Expects the test split and the original release in .gpu/shared (see README, "On a GPU").
+# for the Oracle. Expects the test split and the original release in .gpu/shared (see docs/gpu.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}

@@ -116,3 +116,20 @@ def fake_cifar(root: Path, n_train: int, n_test: int) -> Path:
     for split, n in (("train", n_train), ("test", n_test)):
         np.savez(folder / f"{split}.npz", x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y=np.arange(n) % 100)
     return root
+
+
+def rewrite_part(path: Path, change) -> None:
+    """Rewrite a pool part with ``change(checkpoint)`` applied, as a careful forger would: the file's digest is
+    recomputed and the pool's manifest lists the new one, so only the checks beneath the manifest can object."""
+    import json
+
+    from PoE.store import load_checkpoint, part_digest, save_checkpoint, seal
+
+    obj = load_checkpoint(path)
+    change(obj)
+    payload = seal(obj)
+    save_checkpoint(path, payload)
+    root = path.parent.parent if path.parent.name == "experts" else path.parent
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["parts"][path.relative_to(root).as_posix()] = part_digest(payload)
+    (root / "manifest.json").write_text(json.dumps(manifest))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from PoE.baselines import METHODS, BaselineRunner, padded_kd, restricted_kd
+from PoE.baselines import METHODS, BaselineRunner
 from PoE.datasets import get_dataset, load_split
 from PoE.errors import PoEError
+from PoE.losses import padded_kd, restricted_kd
 from PoE.pool import Pool
 from PoE.profiles import StageConfig
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import shutil
 
+import pytest
+
 from .conftest import ROOT
 
 
@@ -32,3 +34,29 @@ def test_release_from_a_mirror_is_checked(tmp_path, official_cifar, capsys):
     capsys.readouterr()
     assert g.main(["--to", str(out), "--no_cifar", "--source", mirror.as_uri()]) == 2
     assert "does not have the pinned SHA-256" in capsys.readouterr().err and not first.exists()
+
+
+def test_no_network_leaves_no_empty_folder_and_says_how_to_supply_the_files(tmp_path, capsys, monkeypatch):
+    g = load_script()
+    out = tmp_path / "shared"
+    unreachable = (tmp_path / "no-such-mirror").as_uri()  # fails at once, as a machine without network does
+    assert g.main(["--to", str(out), "--no_cifar", "--source", unreachable]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot download") and "--manual" in err and err.count("\n") == 1
+    assert not out.exists()  # not even an empty official/cifar100/
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading cifar-100-python.tar.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(g.Failed):
+        g.get_cifar100(out)
+    assert not out.exists()
+
+    assert g.main(["--to", str(out), "--manual"]) == 0
+    text = capsys.readouterr().out
+    for here, there, digest in g.RELEASE:  # every file: where it goes, where it comes from, its SHA-256
+        assert f"{out / 'official' / here}\n      <- {there}\n      sha256 {digest}" in text
+    assert "cifar-100-python.tar.gz" in text and str(out / "data" / "cifar100") in text

@@ -16,9 +16,9 @@ from PoE.cli import main_preprocessing, main_service
 from PoE.datasets import load_split
 from PoE.errors import PoEError
 from PoE.pool import Pool
-from PoE.store import load_checkpoint, save_checkpoint
+from PoE.store import load_checkpoint, tensors_id
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, rewrite_part
 
 
 def service_error(capsys, *argv: str) -> str:
@@ -38,15 +38,18 @@ def pool_copy(tmp_path, tiny_pool):
 
 
 def edit(path, change) -> None:
-    """Rewrite a checkpoint with its weights changed but its recorded metadata (and hash) kept."""
-    obj = load_checkpoint(path)
-    change(obj["state_dict"])
-    save_checkpoint(path, obj)
+    """Rewrite a checkpoint with its weights changed but its recorded metadata (weights hash) kept; the file's
+    digest and the manifest are made to agree, so that the checks beneath them are what is tested."""
+    rewrite_part(path, lambda obj: change(obj["state_dict"]))
 
 
 def test_a_library_of_another_pool_is_refused(capsys, pool_copy, official_cifar):
     lib = pool_copy / "cifar100" / "library_cifar100.pt"
-    shutil.copy(official_cifar / "library_cifar100.pt", lib)  # bare: no hash, but experts record their library
+    shutil.copy(official_cifar / "library_cifar100.pt", lib)  # bare: no metadata, nothing to check it against
+    line = service_error(capsys, "--db", str(pool_copy), "--queriedTask", "people", "vehicles_1", "--no_eval")
+    assert "library_cifar100.pt is a bare state dict" in line
+    bare = load_checkpoint(official_cifar / "library_cifar100.pt")  # wrapped, sealed and listed: the experts object
+    rewrite_part(lib, lambda obj: obj.update(poe_format=1, kind="library", id=tensors_id(bare), state_dict=bare))
     line = service_error(capsys, "--db", str(pool_copy), "--queriedTask", "people", "vehicles_1", "--no_eval")
     assert "expert_people.pt was extracted from library" in line and "do not belong together" in line
 
@@ -83,11 +86,13 @@ def test_a_pickle_with_code_is_refused_without_unsafe_advice(capsys, pool_copy):
 
 
 def test_zero_byte_expert_and_malformed_manifest(capsys, pool_copy):
-    (pool_copy / "cifar100" / "manifest.json").write_text("{not json")
     (pool_copy / "cifar100" / "experts" / "expert_vehicles_2.pt").write_bytes(b"")
     rc = main_service(["--db", str(pool_copy), "--list"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "expert_vehicles_2.pt" in err and "empty (0 bytes)" in err
+    (pool_copy / "cifar100" / "manifest.json").write_text("{not json")
+    line = service_error(capsys, "--db", str(pool_copy), "--list")
+    assert "manifest.json is not valid JSON" in line
 
 
 def test_retraining_the_library_removes_its_old_experts(pool_copy, tiny_pool, data_root, capsys):
@@ -218,3 +223,21 @@ def test_bf16_answers_like_fp32_on_the_shipped_pool(tmp_path, data_root, tasks):
     assert torch.equal(exported["fp32"], want)
     for got in (bf16.logits(x).argmax(1), exported["bf16"]):
         assert (got == want).float().mean() >= 0.99, (got == want).float().mean()
+
+
+def test_preprocessing_never_adopts_a_part_the_manifest_does_not_list(pool_copy, tiny_pool, data_root, capsys):
+    """A self-consistent expert file (its own digest recomputed) that the manifest does not list as it is, is
+    made again, not written into the manifest: preprocessing cannot launder a foreign part into a pool."""
+    pre = pool_copy.parent / "pre"
+    shutil.copytree(tiny_pool["pretrained"], pre)
+    pool = pool_copy / "cifar100"
+    manifest = (pool / "manifest.json").read_text()
+    rewrite_part(pool / "experts" / "expert_people.pt", lambda obj: obj.update(test_acc=99.0))
+    (pool / "manifest.json").write_text(manifest)
+    capsys.readouterr()
+    rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(pool_copy), "--pretrained", str(pre),
+                             "--stages", "experts"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "expert_people.pt is not the part manifest.json lists: making it again" in out
+    assert load_checkpoint(pool / "experts" / "expert_people.pt")["test_acc"] != 99.0
+    assert Pool.open(pool_copy).notes == []

@@ -73,9 +73,18 @@ def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, ca
         (["--tasks", "people", "martians"], "unknown task 'martians'"),
         (["--dataset", "svhn"], "invalid choice: 'svhn'"),
         (["--oracle_arch", "resnet50"], "--oracle_arch"),
-        (["--expert_lr", "-1"], "argument --expert_lr: must be > 0, got -1"),
-        (["--weight_decay", "-1"], "argument --weight_decay: must be >= 0, got -1"),
-        (["--label_smoothing", "5"], "argument --label_smoothing: must be >= 0 and < 1, got 5"),
+        (["--expert_lr", "-1"], "argument --expert_lr: must be a number > 0 and <= 10, got -1"),
+        (["--weight_decay", "-1"], "argument --weight_decay: must be a number >= 0 and < 1, got -1"),
+        (["--label_smoothing", "5"], "argument --label_smoothing: must be a number >= 0 and < 1, got 5"),
+        # nan and inf compared as in range (nan < 0 is False) and failed late, as a nan loss, or never
+        (["--label_smoothing", "nan"], "argument --label_smoothing: must be a number >= 0 and < 1, got nan"),
+        (["--weight_decay", "inf"], "argument --weight_decay: must be a number >= 0 and < 1, got inf"),
+        (["--oracle_lr", "nan"], "argument --oracle_lr: must be a number > 0 and <= 10, got nan"),
+        (["--library_lr", "1e9"], "argument --library_lr: must be a number > 0 and <= 10, got 1e9"),
+        (["--T", "nan"], "argument --T: must be a number > 0 and <= 100, got nan"),
+        (["--T", "1e6"], "argument --T: must be a number > 0 and <= 100, got 1e6"),
+        (["--alpha=-inf"], "argument --alpha: must be a number >= 0 and <= 1000, got -inf"),
+        (["--alpha", "NaN"], "argument --alpha: must be a number >= 0 and <= 1000, got NaN"),
         (["--epochs", "two"], "argument --epochs: expected an integer, got 'two'"),
         (["--loss", "hard"], "invalid choice: 'hard'"),
     ],
@@ -263,3 +272,28 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
     assert not (tmp_path / "soft" / "cifar100" / "resume").exists()
     sittings = json.loads((tmp_path / "soft" / "cifar100" / "manifest.json").read_text())["stage_sittings"]
     assert [(r["first_epoch"], r["epochs"]) for r in sittings["experts"]] == [(1, 1), (2, 1)]
+
+
+def test_a_run_killed_after_a_stages_last_epoch_resumes_instead_of_retraining(tmp_path, monkeypatch, capsys):
+    """Killed while the Oracle's outputs were being evaluated (after its last epoch): its resume file used to
+    be gone already, and the rerun trained the Oracle again from epoch 1."""
+    from PoE.preprocess import Preprocessor
+
+    root = fake_cifar(tmp_path / "data", 256, 200)
+    args = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "1", "--oracle_arch",
+            "wrn-10-1", "--batch_size", "128", "--stages", "oracle", "--no_progress", "--data_root", str(root),
+            "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
+    real = Preprocessor.evaluate
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt  # where a kill -9 would stop the process: trained, not yet evaluated or saved
+
+    monkeypatch.setattr(Preprocessor, "evaluate", killed)
+    assert main_preprocessing(args) != 0
+    resume = tmp_path / "pre" / "cifar100" / "resume" / "oracle.pt"
+    assert resume.is_file() and not (tmp_path / "pre" / "cifar100" / "oracle.pt").exists()
+    assert "[oracle] epoch 1/1" in capsys.readouterr().out
+    monkeypatch.setattr(Preprocessor, "evaluate", real)
+    assert main_preprocessing(args) == 0, capsys.readouterr().err
+    assert "[oracle] epoch" not in capsys.readouterr().out  # nothing trained again
+    assert (tmp_path / "pre" / "cifar100" / "oracle.pt").is_file() and not resume.parent.exists()

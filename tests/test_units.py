@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from PoE.consolidate import TaskSpecificModel
+from PoE.consolidate import ConsolidatedNet
 from PoE.data import ImageSet, crop_flip, view_params
 from PoE.datasets import DATASETS, cifar100, tinyimagenet
 from PoE.errors import PoEError
 from PoE.evaluate import count_macs, count_params, cross_expert_share
 from PoE.hierarchy import check_disjoint, make_query
 from PoE.losses import ckd_loss, kd_loss, scale_loss
-from PoE.networks import WideResNet, WRNLibrary, WRNSpec, expert_from_state, new_expert
+from PoE.networks import WideResNet, WRNLibrary, WRNSpec
+from PoE.networks.wrn import expert_from_state, new_expert
 from PoE.profiles import StageConfig
 from PoE.store import atomic_write, load_checkpoint, load_into, save_checkpoint
 
@@ -188,7 +189,7 @@ def test_consolidated_logits_land_at_their_class_positions():
     table = {"a": [7, 2, 40], "b": [5, 1], "c": [30, 3]}
     q = make_query(["c", "a", "b"], table)
     lib = WRNLibrary(WRNSpec(16, 1)).eval()
-    model = TaskSpecificModel(lib, [constant_expert(lib, table[t]) for t in q.tasks], q).eval()
+    model = ConsolidatedNet.of(lib, [constant_expert(lib, table[t]) for t in q.tasks], q).eval()
     out = model(torch.randn(3, 3, 32, 32))
     assert out.shape == (3, 7)
     assert out[0].tolist() == [1.0, 2.0, 3.0, 5.0, 7.0, 30.0, 40.0] == [float(c) for c in q.classes]
@@ -200,7 +201,7 @@ def test_consolidated_model_equals_running_each_expert():
     table = {k: cifar100.TASKS[k] for k in ("people", "trees", "fish")}
     q = make_query(list(table), table)
     experts = [new_expert(lib, 16, 5).eval() for _ in q.tasks]
-    model = TaskSpecificModel(lib, experts, q).eval()
+    model = ConsolidatedNet.of(lib, experts, q).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
@@ -222,13 +223,14 @@ def test_macs_and_params_of_a_three_task_model():
     lib = WRNLibrary(WRNSpec(16, 1))
     table = {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9], "c": [10, 11, 12, 13, 14]}
     q = make_query(list(table), table)
-    model = TaskSpecificModel(lib, [new_expert(lib, 16, 5) for _ in range(3)], q)
+    experts = [new_expert(lib, 16, 5) for _ in range(3)]
+    model = ConsolidatedNet.of(lib, experts, q)
     # by hand: library 18.33M; each expert 0.41M multiply-adds (conv) + 80 (fc)
     lib_macs = 3 * 16 * 9 * 32 * 32 + 4 * 16 * 16 * 9 * 32 * 32 + (16 * 32 * 9 + 3 * 32 * 32 * 9 + 16 * 32) * 16 * 16
     exp_macs = (32 * 16 * 9 + 3 * 16 * 16 * 9 + 32 * 16) * 8 * 8 + 16 * 5
     assert count_macs(model, (3, 32, 32)) == lib_macs + 3 * exp_macs
     assert count_params(model) == sum(p.numel() for p in lib.parameters()) + 3 * sum(
-        p.numel() for p in model.experts[0].parameters()
+        p.numel() for p in experts[0].parameters()
     )
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PoE.data import ImageSet
 from PoE.datasets import cifar100, folder, imagenet, tinyimagenet
 from PoE.errors import PoEError
 
+if TYPE_CHECKING:  # the registry is read by every --help, which must not wait for torch (PoE.data imports it)
+    from PoE.data import ImageSet
+
 # (data_root, split, progress, classes) -> (images, the file or folder they were read from); ``classes`` only
 # matters to a streamed dataset, whose test split is read per query
-Reader = Callable[[Path, str, bool, list[int] | None], tuple[ImageSet, Path]]
+Reader = Callable[[Path, str, bool, list[int] | None], tuple["ImageSet", Path]]
 # (data_root, classes) -> (image files, class ids) of the training images that are streamed from disk
 Lister = Callable[[Path, list[int]], tuple[list[Path], list[int]]]
 

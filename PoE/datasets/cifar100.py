@@ -10,13 +10,14 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
-from PoE.data import ImageSet, load_npz, save_npz_atomic
 from PoE.errors import PoEError
+
+if TYPE_CHECKING:  # torch and PoE.data are imported where images are read: the registry (--help) needs neither
+    from PoE.data import ImageSet
 
 FOLDER = "cifar100"  # under data_root
 SIZE = 32
@@ -178,6 +179,10 @@ class ArraysOnly(pickle.Unpickler):
 def torchvision_folder(root: Path, split: str) -> tuple[ImageSet, Path] | None:
     """CIFAR-100 as torchvision downloads it (``<root>/cifar-100-python/{train,test}``, or ``root`` being that
     folder), read in memory with a pickle reader that only accepts arrays; None when there is no such folder."""
+    import torch
+
+    from PoE.data import ImageSet
+
     base = root if root.name == "cifar-100-python" else root / "cifar-100-python"
     if not base.is_dir():
         return None
@@ -198,6 +203,8 @@ def download(folder: Path, split: str) -> None:
     """Download CIFAR-100 through torchvision and cache it as ``<folder>/<split>.npz``; a failed download
     leaves no folder behind that was not there before."""
     import torchvision
+
+    from PoE.data import save_npz_atomic
 
     made = [d for d in (folder.parent, folder) if not d.exists()]
     try:
@@ -223,6 +230,8 @@ def download(folder: Path, split: str) -> None:
 def read(data_root: Path, split: str, progress: bool, classes: list[int] | None) -> tuple[ImageSet, Path]:
     """The ``split`` ('train' or 'test') and the file it was read from: ``<data_root>/cifar100/<split>.npz``,
     else torchvision's folder under ``data_root``, else downloaded through torchvision into that npz."""
+    from PoE.data import load_npz
+
     folder = data_root / FOLDER
     path = folder / f"{split}.npz"
     if not path.exists():

@@ -20,12 +20,14 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from PoE.data import ImageSet, cache_root, load_npz, save_npz_atomic
 from PoE.errors import PoEError
+
+if TYPE_CHECKING:  # PoE.data (torch) is imported where images are read: the registry (--help) needs neither
+    from PoE.data import ImageSet
 
 NAME = "folder"
 DESCRIPTION_FILE = "dataset.json"  # in the pool's folder
@@ -124,6 +126,8 @@ def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tupl
 def read(data_root: Path, split: str, progress: bool, classes: list[int] | None, *, names: tuple[str, ...],
          size: int, skip_bad: bool = False) -> tuple[ImageSet, Path]:  # fmt: skip
     """The ``split`` of the folder (all its classes: the cache is per split) and the npz cache it came from."""
+    from PoE.data import cache_root, load_npz, save_npz_atomic
+
     split = "train" if split == "train" else "test"
     files, labels = listing(data_root, split, list(names))
     key = hashlib.sha256(f"{data_root.resolve()}|{size}|{skip_bad}|{'/'.join(names)}".encode())

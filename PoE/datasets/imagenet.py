@@ -8,11 +8,12 @@ a test split holds only the queried classes' validation images (50 each), decode
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from PoE.data import FolderLoader, ImageSet, default_workers
 from PoE.errors import PoEError
+
+if TYPE_CHECKING:  # torch and PoE.data are imported where images are read: the registry (--help) needs neither
+    from PoE.data import ImageSet
 
 FOLDER = "imagenet"  # under data_root
 SIZE = 224  # random resized crop 224 + flip (train); resize 256 + centre crop 224 (test)
@@ -74,6 +75,10 @@ def train_files(data_root: Path, classes: list[int]) -> tuple[list[Path], list[i
 def read(data_root: Path, split: str, progress: bool, classes: list[int] | None) -> tuple[ImageSet, Path]:
     """The test view (resize + centre crop) of ``classes``' validation images, decoded by workers into memory,
     and the folder they came from; the training split is only streamed."""
+    import torch
+
+    from PoE.data import FolderLoader, ImageSet, default_workers
+
     folder = data_root / FOLDER
     if split == "train":
         raise PoEError(f"imagenet's training images are streamed from {folder / 'train'}, not held in memory")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from PoE.data import ImageSet, cache_root, decode_images, load_npz, save_npz_atomic
 from PoE.errors import PoEError
+
+if TYPE_CHECKING:  # PoE.data (torch) is imported where images are read: the registry (--help) needs neither
+    from PoE.data import ImageSet
 
 FOLDER = "tiny-imagenet-200"  # under data_root
 SIZE = 64
@@ -325,6 +328,8 @@ def listing(folder: Path, split: str) -> tuple[list[Path], list[int]]:
 def read(data_root: Path, split: str, progress: bool, classes: list[int] | None) -> tuple[ImageSet, Path]:
     """The ``split`` ('train' or 'test': val/) and the cached npz it was read from; the folder is decoded on
     first use."""
+    from PoE.data import cache_root, decode_images, load_npz, save_npz_atomic
+
     folder, split = data_root / FOLDER, "train" if split == "train" else "test"
     files, labels = listing(folder, split)
     key = hashlib.sha256(str(folder.resolve()).encode())

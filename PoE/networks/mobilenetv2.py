@@ -9,12 +9,15 @@ dropout and ``fc`` over the task's classes (``classifier.1`` as torchvision name
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v2
 from torchvision.ops import Conv2dNormActivation
 
+from PoE.networks.bank import BankLinear
 from PoE.precision import fp32_linear
 
 LIBRARY_SPLIT = 18  # features[:18]: all inverted-residual blocks; features[18] is the 1280-wide conv
@@ -53,6 +56,24 @@ class MobileNetExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout, fc = self.classifier
         return fp32_linear(fc, dropout(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1)))
+
+
+class MobileNetBank(nn.Module):
+    """G experts (``MobileNetExpert``) as one network: every expert's 1x1 conv reads the same library features,
+    so theirs are one conv of G * width filters (one BatchNorm, ReLU6), then pooling and ``BankLinear``."""
+
+    def __init__(self, in_channels: int, width: int, classes: Sequence[int], dropout: float = 0.2) -> None:
+        super().__init__()
+        self.conv = Conv2dNormActivation(in_channels, width * len(classes), kernel_size=1, activation_layer=nn.ReLU6)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), BankLinear(width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+
+    @staticmethod
+    def like(experts: Sequence[MobileNetExpert]) -> MobileNetBank:
+        e = experts[0]
+        return MobileNetBank(e.in_channels, e.width, [x.num_classes for x in experts])
 
 
 def init_mobilenet(module: nn.Module) -> None:

@@ -8,26 +8,31 @@ holds ``block3``/``bn1``/``fc``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from PoE.networks.bank import BankLinear
 from PoE.precision import fp32_linear
 
 
 class BasicBlock(nn.Module):
-    """Pre-activation basic block; the 1x1 shortcut (when widths differ) sees relu(bn1(x))."""
+    """Pre-activation basic block; the 1x1 shortcut (when widths differ) sees relu(bn1(x)). With ``groups`` G,
+    G such blocks side by side (channel counts are totals; each block's channels are one group)."""
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int = 1) -> None:
         super().__init__()
+        g = groups
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False, groups=g)
         self.bn2 = nn.BatchNorm2d(out_planes)
-        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False, groups=g)
         self.equal_in_out = in_planes == out_planes and stride == 1
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+        shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False, groups=g)
+        self.convShortcut = None if self.equal_in_out else shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(x))
@@ -39,11 +44,10 @@ class BasicBlock(nn.Module):
 class NetworkBlock(nn.Module):
     """A group of ``n`` basic blocks; only the first changes width and stride."""
 
-    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int) -> None:
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, groups: int = 1) -> None:
         super().__init__()
-        self.layer = nn.Sequential(
-            *[BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n)]
-        )
+        widths = [(in_planes, stride)] + [(out_planes, 1)] * (n - 1)
+        self.layer = nn.Sequential(*[BasicBlock(w, out_planes, s, groups) for w, s in widths])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -114,6 +118,29 @@ class WRNExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(self.block3(x)))
         return fp32_linear(self.fc, F.adaptive_avg_pool2d(o, 1).flatten(1))
+
+
+class WRNBank(nn.Module):
+    """G experts (``WRNExpert``, on the same library features) as one network: the features repeated G times
+    along channels (every expert's first BatchNorm sees them), then block3 with ``groups=G``, one BatchNorm over
+    all G * width channels and ``BankLinear``. Output: the experts' logits side by side, in bank order."""
+
+    def __init__(self, in_channels: int, width: int, classes: Sequence[int], n_blocks: int) -> None:
+        super().__init__()
+        g = self.groups = len(classes)
+        self.block3 = NetworkBlock(n_blocks, in_channels * g, width * g, 2, g)
+        self.bn1 = nn.BatchNorm2d(width * g)
+        self.fc = BankLinear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.repeat(1, self.groups, 1, 1) if self.groups > 1 else x
+        o = F.relu(self.bn1(self.block3(x)))
+        return self.fc(F.adaptive_avg_pool2d(o, 1).flatten(1))
+
+    @staticmethod
+    def like(experts: Sequence[WRNExpert]) -> WRNBank:
+        e = experts[0]
+        return WRNBank(e.in_channels, e.width, [x.num_classes for x in experts], e.n_blocks)
 
 
 class WideResNet(nn.Module):

@@ -78,15 +78,25 @@ $("clear").addEventListener("click", () => {
 });
 
 // ------------------------------------------------------------------ the model
+// Forget the last model's numbers and link, so nothing of an earlier query can show again.
+function clearModel() {
+  for (const id of ["accuracy", "params", "flops", "build-ms"]) show(id, "–");
+  show("n-test", "");
+  $("classes").textContent = "";
+  $("download").removeAttribute("href");
+}
+
 async function update() {
   const seq = ++state.seq;
   const tasks = [...state.picked];
   $("picked").textContent = tasks.length ? `query: ${tasks.join(", ")}` : "no task picked";
   $("model-error").hidden = true;
   if (!tasks.length) {
+    clearModel();
     $("model").hidden = true;
     $("model-empty").hidden = false;
     $("result-row").hidden = true;
+    $("prediction").tBodies[0].replaceChildren();
     document.body.dataset.state = "idle";
     return;
   }

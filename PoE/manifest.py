@@ -1,0 +1,170 @@
+"""The pool's table of contents: ``manifest.json`` lists every part file by its digest (``store.part_digest``, a hash
+over the weights and the metadata), and a pool is opened only when the files present are exactly the ones listed.
+
+Writers keep one order, so that the manifest always describes the files present even when a command is killed
+midway: a part is added by writing its file first and the manifest last; it is removed by writing the manifest
+without it first and deleting the file last. A file the manifest does not list is then one a command was adding
+(or one copied in): it is refused with a line saying how to finish or undo. ``Contents`` is the reader's side
+(``PoE.pool``); ``build`` is the writer's, from the parts a run holds in memory (``PoE.preprocess``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PoE.errors import PoEError
+from PoE.store import PoolPaths, part_digest, save_json
+
+MANIFEST_FORMAT = 2  # 2: ``parts`` lists every file by its digest; earlier manifests recorded weights ids only
+EXPERT_FIELDS = ("classes", "test_acc", "test_n", "train_seconds", "epochs", "id", "library_id")
+
+
+def part_name(paths: PoolPaths, path: Path) -> str:
+    """A part's name in the manifest: its path inside the pool folder (``experts/expert_people.pt``)."""
+    return path.relative_to(paths.root).as_posix()
+
+
+def upgrade_hint(paths: PoolPaths) -> str:
+    return f"python -m PoE.migrate {paths.root}"
+
+
+@dataclass
+class Contents:
+    """What ``manifest.json`` says the pool holds: part name -> digest; ``parts`` None for a pool without a
+    manifest, which loads only when every file is bare (the original release's format)."""
+
+    paths: PoolPaths
+    parts: dict[str, str] | None
+
+    @classmethod
+    def read(cls, paths: PoolPaths) -> Contents:
+        if not paths.manifest.exists():
+            return cls(paths, None)
+        manifest = paths.read_manifest()
+        parts = manifest.get("parts")
+        if manifest.get("manifest_format") != MANIFEST_FORMAT or not isinstance(parts, dict):
+            raise PoEError(
+                f"{paths.manifest} lists no part digests (an earlier version wrote it), so its files cannot be "
+                f"checked; check them and upgrade the pool with: {upgrade_hint(paths)}"
+            )
+        return cls(paths, {str(k): str(v) for k, v in parts.items()})
+
+    def check(self, path: Path, state_dict: Mapping[str, Any], meta: dict[str, Any], remake: str) -> None:
+        """Raise unless the part read from ``path`` (weights and metadata) is the one the manifest lists;
+        ``remake`` is the command that makes the part (again)."""
+        manifest = self.paths.manifest
+        if self.parts is None:
+            if meta:
+                raise PoEError(
+                    f"{path} was written by this project, but the pool has no {manifest.name}, the list its files "
+                    f"are checked against (only the original release's bare files load without one); restore "
+                    f"{manifest.name}, or remake the pool"
+                )
+            return
+        if not meta:
+            raise PoEError(
+                f"{path} is a bare state dict (no metadata, nothing to check it against): bare files load only as "
+                f"a whole original-release pool, without {manifest.name}; remove it, or make it with: {remake}"
+            )
+        name = part_name(self.paths, path)
+        if name not in self.parts:
+            raise PoEError(
+                f"{path} is not listed in {manifest}: a command adding it was interrupted, or it was copied in; "
+                f"finish with: {remake} (it is made again), or undo by removing the file"
+            )
+        got = part_digest({**meta, "state_dict": state_dict})
+        if got != self.parts[name]:
+            raise PoEError(
+                f"{path} differs from the part {manifest.name} lists (digest {got}, listed {self.parts[name]}): it "
+                f"was replaced or changed after the manifest was written; restore it, or make it again with: {remake}"
+            )
+
+    def check_complete(self, present: list[Path]) -> None:
+        """Raise if the manifest lists a part whose file is not there."""
+        if self.parts is None:
+            return
+        gone = sorted(set(self.parts) - {part_name(self.paths, p) for p in present})
+        if gone:
+            raise PoEError(
+                f"{self.paths.manifest} lists {gone[0]}, which is missing from {self.paths.root}: restore it, or "
+                "remake it"
+            )
+
+
+@dataclass
+class Listing:
+    """The parts a run knows of, in memory: what the pool's manifest listed when the run began, updated as the
+    run writes, adopts or removes parts. ``build`` turns it into the manifest; no checkpoint is read again."""
+
+    paths: PoolPaths
+    digests: dict[str, str] = field(default_factory=dict)  # part name -> digest
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> what the manifest records of it
+    library: dict[str, Any] = field(default_factory=dict)  # the library's metadata (its ``id`` above all)
+    old: dict[str, Any] = field(default_factory=dict)  # the manifest as it was (stage times, data checksum)
+
+    @classmethod
+    def read(cls, paths: PoolPaths) -> Listing:
+        """The pool's manifest as it is; an unreadable or earlier-format one lists nothing (its files must then
+        be made again, or upgraded with ``PoE.migrate``)."""
+        try:
+            old = paths.read_manifest()
+        except PoEError:
+            old = {}
+        listing = cls(paths, old=old)
+        parts = listing.old.get("parts")
+        if listing.old.get("manifest_format") == MANIFEST_FORMAT and isinstance(parts, dict):
+            listing.digests = {str(k): str(v) for k, v in parts.items()}
+            experts = listing.old.get("experts")
+            for t, e in (experts if isinstance(experts, dict) else {}).items():
+                if isinstance(e, dict) and part_name(paths, paths.expert(str(t))) in listing.digests:
+                    listing.experts[str(t)] = dict(e)
+            if part_name(paths, paths.library) in listing.digests:
+                listing.library = {"id": listing.old.get("library_id")}
+        return listing
+
+    def lists(self, path: Path, payload: Mapping[str, Any]) -> bool:
+        """Whether ``payload`` (a checkpoint as read) is the part the manifest lists for ``path``."""
+        return self.digests.get(part_name(self.paths, path)) == part_digest(payload)
+
+    def add(self, path: Path, payload: Mapping[str, Any]) -> None:
+        """Record a part written (or adopted) at ``path``; its file must already be in place."""
+        self.digests[part_name(self.paths, path)] = part_digest(payload)
+        meta = {k: v for k, v in payload.items() if k != "state_dict"}
+        if payload.get("kind") == "expert":
+            self.experts[str(payload["task"])] = {k: meta.get(k) for k in EXPERT_FIELDS}
+        elif payload.get("kind") == "library":
+            self.library = meta
+
+    def drop(self, path: Path) -> None:
+        """Forget a part that is about to be removed (write the manifest, then delete the file)."""
+        self.digests.pop(part_name(self.paths, path), None)
+        for task in [t for t in self.experts if self.paths.expert(t) == path]:
+            del self.experts[task]
+        if path == self.paths.library:
+            self.library = {}
+
+    def present(self) -> None:
+        """Forget parts whose files are gone (removed by hand): the manifest describes the files present."""
+        for name in [n for n in self.digests if not (self.paths.root / n).is_file()]:
+            self.drop(self.paths.root / name)
+
+
+def build(listing: Listing, run: dict[str, Any]) -> dict[str, Any]:
+    """The manifest: ``run`` (dataset, settings, stage records, machine: what the run says of itself) and the
+    table of contents, ``parts`` and its per-expert summary, from ``listing``."""
+    listing.present()
+    return {
+        "manifest_format": MANIFEST_FORMAT,
+        **run,
+        "library_id": listing.library.get("id"),
+        "experts": dict(sorted(listing.experts.items())),
+        "parts": dict(sorted(listing.digests.items())),
+    }
+
+
+def write(listing: Listing, run: dict[str, Any]) -> None:
+    """Write the manifest atomically (always after the part files it lists)."""
+    save_json(listing.paths.manifest, build(listing, run))
