@@ -24,6 +24,7 @@ from torch import nn
 
 from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
+from PoE.preprocess import StageRecord
 from PoE.stages import Oracle, Part
 from PoE.store import files_id
 from PoE.tasks import class_index
@@ -153,4 +154,4 @@ class FileOracle(Oracle):
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"Oracle ({part.meta['file']}, yours)", "all classes", part.meta)
-        self.prep.report.info["oracle"] = {k: part.meta[k] for k in ("arch", "file", "id", "test_acc", "test_n")}
+        self.prep.report.stages["oracle"] = StageRecord.of(part.meta, weights=part.meta["file"])

@@ -440,9 +440,9 @@ def run(s: Settings) -> Report:
             check_writable(folder)
         for folder in (prep.pretrained, prep.pool.root) if s.cfg.description else ():
             save_json(folder / DESCRIPTION_FILE, s.cfg.description)  # what a folder dataset's pool was built from
-        if s.library_from is not None:
-            adopt_library(s.library_from, s.cfg, prep.pool.root, s.pretrained)
     distributed.barrier()
+    if s.library_from is not None:  # every rank: rank 0 writes, the others wait in the write
+        adopt_library(s.library_from, prep)
     last = max(STAGES.index(st) for st in s.stages)
     if s.oracle_file is not None:
         from PoE.oracle import FileOracle  # it builds on this module

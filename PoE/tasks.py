@@ -21,11 +21,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PoE.datasets import DatasetConfig, described_by_pool
 from PoE.errors import PoEError
-from PoE.store import PoolPaths, load_checkpoint, resolve_pool, save_checkpoint, save_json, unwrap
+from PoE.store import PoolPaths, load_checkpoint, resolve_pool, save_json, unwrap
+
+if TYPE_CHECKING:
+    from PoE.preprocess import Preprocessor
 
 HIERARCHY_FILE = "hierarchy.json"  # in the pool's folder
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # it names a file (expert_<task>.pt) and a CLI word
@@ -236,13 +239,14 @@ def store_hierarchy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
     save_json(path, {"dataset": cfg.name, "id": h.id, "tasks": h.names(cfg)})
 
 
-def adopt_library(source: str | Path, cfg: DatasetConfig, root: Path, pretrained: Path) -> str:
-    """Copy the library of the pool at ``source`` into the pool folder ``root`` (a new hierarchy's experts are
-    trained on it); returns its id. For a distilled library it must be the front of the library student in
-    ``pretrained``, which the library stage loads: the experts record that id, and the pool checks it."""
+def adopt_library(source: str | Path, prep: Preprocessor) -> str:
+    """Write the library of the pool at ``source`` into this run's pool (a new hierarchy's experts are trained
+    on it), listed in its manifest as every part is; returns its id. For a distilled library it must be the
+    front of the library student in ``--pretrained``, which the library stage loads: the experts record that
+    id, and the pool checks it."""
+    cfg, root, pretrained = prep.cfg, prep.pool.root, prep.s.pretrained
     src = resolve_pool(source, cfg.name, cfg.tag).library
-    obj = load_checkpoint(src)
-    meta = unwrap(obj, src, "library")[1]
+    sd, meta = unwrap(load_checkpoint(src), src, "library")
     lib_id = meta.get("id")
     if lib_id is None:
         raise PoEError(f"--library_from: {src} records no content id (the original release's format); use a "
@@ -260,5 +264,5 @@ def adopt_library(source: str | Path, cfg: DatasetConfig, root: Path, pretrained
         if have == lib_id:
             return lib_id
         raise PoEError(f"--library_from: {dest} already holds another library ({have}); give a new --db")
-    save_checkpoint(dest, obj)
+    prep.replace_library({k: v for k, v in meta.items() if k not in ("digest", "poe_format", "kind")}, sd)
     return lib_id
