@@ -145,6 +145,11 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     p.add_argument("--dataset", default="cifar100", choices=list(DATASETS), help="dataset of the pool")
     p.add_argument("--data_root", default="data", help="folder holding <dataset>/ (default: data)")
     p.add_argument("--db", default="DB_PoE", help="pool root; the pool is <db>/<dataset>/ (default: DB_PoE)")
+    p.add_argument("--hierarchy", default=None, metavar="FILE", help="the primitive tasks as a JSON file {\"task\": "
+                   "[\"class name\", ...]} (default: the one the pool stores, else the dataset's built-in tasks); "
+                   "a pool keeps the hierarchy it was built with and refuses another")  # fmt: skip
+    p.add_argument("--skip_bad_images", action="store_true", help="--dataset folder: skip unreadable images (each is "
+                   "named on stderr) instead of stopping at the first")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", default=precision, choices=PRECISIONS, help="bf16: bfloat16 autocast (weights, "
                    "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
@@ -203,7 +208,17 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "even if done")  # fmt: skip
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and augmented views")
+    p.add_argument("--image_size", type=POSITIVE_INT, default=None, help="--dataset folder: the images' size in "
+                   "pixels (default: the first training image's, when <= 64)")  # fmt: skip
+    p.add_argument("--library_from", default=None, metavar="DB", help="start the pool from the library of this pool "
+                   "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
+                   "experts, on the Oracle's cached logits")  # fmt: skip
     p.add_argument("--oracle_arch", default=None, help="Oracle network, e.g. wrn-40-4 (default: the profile's)")
+    p.add_argument("--oracle", default=None, metavar="FILE", help="your own Oracle instead of training one: a "
+                   "torch.export program (.pt2) or TorchScript file mapping float RGB in [0, 1], N x 3 x S x S, to "
+                   "logits over the dataset's classes (checked on a batch, scored on the test split)")  # fmt: skip
+    p.add_argument("--oracle_classes", default=None, metavar="FILE", help="the --oracle's class order when it "
+                   "differs from the dataset's: one class name per line, or a JSON list")  # fmt: skip
     for stage in STAGES:
         g = p.add_argument_group(f"{stage} stage (default: the profile's)")
         name = stage.rstrip("s")
@@ -249,14 +264,19 @@ def preprocessing_parser() -> argparse.ArgumentParser:
 
 
 def preprocessing_settings(a: argparse.Namespace):
-    from PoE.datasets import get_dataset
+    from PoE.datasets import described_by_data, get_dataset
     from PoE.hierarchy import make_query
     from PoE.networks import check_arch
     from PoE.precision import resolve as resolve_precision
     from PoE.preprocess import STAGES, Settings
     from PoE.profiles import for_dataset, get_profile, override
+    from PoE.tasks import build_hierarchy, given_hierarchy
 
     cfg = get_dataset(a.dataset)
+    folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
+    cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
+    hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
+    cfg = hierarchy.apply(cfg)
     prof = for_dataset(get_profile(a.profile), cfg)
     tasks = list(cfg.tasks) if a.tasks is None else a.tasks
     make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
@@ -272,11 +292,17 @@ def preprocessing_settings(a: argparse.Namespace):
             weight_decay=a.weight_decay,
         )
     stages["oracle"] = override(stages["oracle"], label_smoothing=a.label_smoothing)
+    if a.oracle_classes and not a.oracle:
+        raise PoEError("--oracle_classes gives the class order of an --oracle FILE; name the file too")
+    if a.oracle and a.oracle_arch:
+        raise PoEError("--oracle FILE is the Oracle; --oracle_arch names one to train: give one of them")
     oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.oracle_arch
     try:
         check_arch(oracle_arch, cfg)
     except ValueError as e:
         raise PoEError(f"--oracle_arch: {e}") from None
+    if a.oracle:
+        oracle_arch = f"{Path(a.oracle).name} (yours)"
     views = prof.teacher_views if a.teacher_views is None else a.teacher_views
     if cfg.pretrained and views:
         raise PoEError(f"--teacher_views must be 0 for {cfg.name}: its images are streamed, the Oracle sees each batch")
@@ -312,6 +338,10 @@ def preprocessing_settings(a: argparse.Namespace):
         workers=a.workers,
         precision=precision,
         compile=tuple(compile_stages),
+        hierarchy=hierarchy,
+        library_from=Path(a.library_from) if a.library_from else None,
+        oracle_file=Path(a.oracle) if a.oracle else None,
+        oracle_classes=Path(a.oracle_classes) if a.oracle_classes else None,
     )
 
 
@@ -402,7 +432,15 @@ def list_pool(pool) -> int:
 def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp32"):
     from PoE.pool import Pool
 
-    return Pool.open(a.db, a.dataset, device, precision)
+    return Pool.open(a.db, a.dataset, device, precision, a.hierarchy, a.skip_bad_images)
+
+
+def pool_tasks(a: argparse.Namespace) -> DatasetConfig:
+    """The dataset with the tasks of the pool at ``--db`` (its stored hierarchy, checked against --hierarchy)."""
+    from PoE.datasets import get_dataset
+    from PoE.tasks import pool_config
+
+    return pool_config(get_dataset(a.dataset), a.db, a.hierarchy, a.skip_bad_images)
 
 
 def service_body(a: argparse.Namespace) -> int:
@@ -420,9 +458,7 @@ def service_body(a: argparse.Namespace) -> int:
         return serve(open_pool(a, device, precision), a.host, a.port, data_root=a.data_root, max_batch=a.max_batch,
                      max_wait_ms=a.batch_wait_ms, threads=a.threads)  # fmt: skip
     if a.queriedTask is None:
-        from PoE.datasets import get_dataset
-
-        tasks = ", ".join(get_dataset(a.dataset).tasks)
+        tasks = ", ".join(pool_tasks(a).tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")
     if a.export:
         check_export_path(a.export)  # before any work: a path that cannot be written fails at once
@@ -444,7 +480,7 @@ def service_body(a: argparse.Namespace) -> int:
         "precision": precision,
     }
     if not a.no_eval:
-        test = load_split(cfg.name, a.data_root, "test", classes=model.classes)
+        test = load_split(cfg, a.data_root, "test", classes=model.classes)
         acc, n = model.accuracy(test, progress=True)
         result["accuracy"], result["n_test"] = round(acc, 2), n
     if a.export:
@@ -496,7 +532,7 @@ def evaluation_parser() -> argparse.ArgumentParser:
     )
     common_arguments(p, precision="fp32")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks to combine (default: the "
-                   "dataset's six default tasks)")  # fmt: skip
+                   "dataset's six default tasks; with a hierarchy file, its first six)")  # fmt: skip
     p.add_argument(
         "--n", nargs="+", type=POSITIVE_INT, default=None, help="combination sizes (default: 2 .. len(tasks)-1)"
     )
@@ -508,10 +544,9 @@ def evaluation_parser() -> argparse.ArgumentParser:
 
 def chosen_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, list[str]]:
     """The dataset and its tasks to combine (``--tasks``, default: the dataset's default tasks), checked."""
-    from PoE.datasets import get_dataset
     from PoE.hierarchy import make_query
 
-    cfg = get_dataset(a.dataset)
+    cfg = pool_tasks(a)
     tasks = a.tasks or cfg.default_tasks
     make_query(tasks, cfg.tasks, cfg.name)
     return cfg, tasks
@@ -538,7 +573,7 @@ def evaluation_body(a: argparse.Namespace) -> int:
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {bad or ns}")
     device = pick_device(a.device)
     pool = open_pool(a, device, resolve_precision(a.precision, device))
-    test = load_split(cfg.name, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
+    test = load_split(pool.cfg, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
     results = pool_combinations(pool, tasks, ns, test, progress=True)
     rows = summarize(results)
     print(f"pool {pool.root}: {cfg.name}, tasks {', '.join(tasks)}")
@@ -624,15 +659,15 @@ def runners(
 
 def baselines_body(a: argparse.Namespace) -> int:
     from PoE.baselines import poe_row, result_row
-    from PoE.datasets import get_dataset, load_split
+    from PoE.datasets import load_split
     from PoE.experiments import markdown_table
     from PoE.hierarchy import make_query
 
-    cfg = get_dataset(a.dataset)
+    cfg = pool_tasks(a)
     query = make_query(a.queriedTask, cfg.tasks, cfg.name)
     device = pick_device(a.device)
-    train = load_split(cfg.name, a.data_root, "train")
-    test = load_split(cfg.name, a.data_root, "test")
+    train = load_split(cfg, a.data_root, "train")
+    test = load_split(cfg, a.data_root, "test")
     runner = runners(a, cfg, device, lambda: train, test, a.T, a.alpha)
     rows = [result_row(runner(method).run(method, list(query.tasks))) for method in a.method]
     try:
@@ -713,8 +748,8 @@ def experiments_body(a: argparse.Namespace) -> int:
         ablation[name] = path
     device = pick_device(a.device)
     pool = open_pool(a, device)
-    test = load_split(cfg.name, a.data_root, "test")
-    train = cache(lambda: load_split(cfg.name, a.data_root, "train"))
+    test = load_split(cfg, a.data_root, "test")
+    train = cache(lambda: load_split(cfg, a.data_root, "train"))
     rows, poe = compare(pool, tasks, a.n, a.methods, test, oracle=lambda: load_oracle(a.pretrained, cfg, device),
                         baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
                         progress=not a.no_progress, record=Path(a.out) / "baseline_runs.jsonl",

@@ -21,6 +21,7 @@ from PoE.manifest import EXPERT_FIELDS, MANIFEST_FORMAT, Contents, Listing, buil
 from PoE.pool import Pool
 from PoE.preprocess import summary
 from PoE.store import PoolPaths, load_checkpoint, resolve_pool, save_checkpoint, save_json, seal, unwrap
+from PoE.tasks import pool_config
 
 
 def agree(path: Path, meta: dict[str, Any], recorded: dict[str, Any] | None, fields: Sequence[str]) -> None:
@@ -39,7 +40,7 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
                        "bare files, the original release's format, loads as it is)")  # fmt: skip
     old = paths.read_manifest()
     if old.get("manifest_format") == MANIFEST_FORMAT:
-        Pool(get_dataset(dataset), paths, "cpu")
+        Pool(pool_config(get_dataset(dataset), paths.root), paths, "cpu")
         return f"{paths.root}: already current"
     listing = Listing(paths, old={k: v for k, v in old.items() if k not in ("library_id", "experts", "parts")})
     payloads = {}
@@ -57,7 +58,8 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
     gone = sorted(set(old.get("experts") or {}) - set(tasks))
     if gone:
         raise PoEError(f"manifest.json records the expert of {gone[0]!r}, but {paths.expert(gone[0])} is missing")
-    Pool(get_dataset(dataset), paths, "cpu", contents=Contents(paths, dict(listing.digests)))  # every other check
+    cfg = pool_config(get_dataset(dataset), paths.root)  # a pool of its own hierarchy (or folder dataset)
+    Pool(cfg, paths, "cpu", contents=Contents(paths, dict(listing.digests)))  # every other check
     for path, payload in payloads.items():
         save_checkpoint(path, payload)
     save_json(paths.manifest, build(listing, listing.old))

@@ -11,6 +11,7 @@ release's bare state dicts carry no metadata: they load, and ``notes`` says they
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 
 from PoE.consolidate import ConsolidatedNet, RawInput
 from PoE.data import ImageSet, Normalizer, image_batch
-from PoE.datasets import DatasetConfig, get_dataset
+from PoE.datasets import DatasetConfig, described_by_pool, get_dataset
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, batched_logits, check_covered, count_macs, count_params
 from PoE.hierarchy import Query, make_query
@@ -37,6 +38,7 @@ from PoE.store import (
     state_id,
     unwrap,
 )
+from PoE.tasks import Hierarchy, given_hierarchy, pool_hierarchy
 
 
 def make_command(cfg: DatasetConfig, task: str | None = None, paths: PoolPaths | None = None) -> str:
@@ -268,10 +270,16 @@ class Pool:
 
     @classmethod
     def open(cls, db: str | Path = "DB_PoE", dataset: str = "cifar100", device: str | torch.device = "cpu",
-             precision: str = "fp32") -> Pool:  # fmt: skip
-        """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself."""
+             precision: str = "fp32", hierarchy: str | Path | Hierarchy | Mapping | None = None,
+             skip_bad_images: bool = False) -> Pool:  # fmt: skip
+        """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself. The tasks are the
+        hierarchy the pool stores (else the dataset's built-in ones); a different ``hierarchy`` is refused. A
+        folder dataset is as the pool describes it (``skip_bad_images``: when its test images are read)."""
         cfg = get_dataset(dataset)
-        return cls(cfg, resolve_pool(db, cfg.name, cfg.tag), torch.device(device), precision)
+        paths = resolve_pool(db, cfg.name, cfg.tag)
+        cfg = described_by_pool(cfg, paths.root, skip_bad_images)
+        cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg)).apply(cfg)
+        return cls(cfg, paths, torch.device(device), precision)
 
     @property
     def root(self) -> Path:

@@ -21,6 +21,7 @@ from PoE.evaluate import accuracy
 from PoE.precision import machine_info
 from PoE.profiles import STAGES, Profile, StageConfig
 from PoE.store import PoolPaths, save_checkpoint, seal
+from PoE.tasks import Hierarchy
 
 
 @dataclass
@@ -54,6 +55,10 @@ class Settings:
     workers: int | None = None  # DataLoader workers of a streamed image folder (default: one per core, <= 8)
     precision: str = "fp32"  # fp32 or bf16 (resolved from --precision)
     compile: tuple[str, ...] = ()  # stages whose training step is torch.compile'd
+    oracle_file: Path | None = None  # the user's Oracle program (PoE.oracle), used instead of training one
+    oracle_classes: Path | None = None  # its class order, when it differs from the dataset's
+    library_from: Path | None = None  # a pool whose library this pool copies (a new hierarchy on a built library)
+    hierarchy: Hierarchy | None = None  # the tasks of cfg, recorded in the pool before its experts are trained
 
     def stage_seed(self, stage: str) -> int:
         """Seeds a stage's weights and batch order (augmented views are seeded by ``seed`` alone)."""

@@ -416,10 +416,10 @@ class Service:
         if self.data_root is None:
             raise ClientError(503, "this server was started without test data (data_root); accuracy is unavailable")
         if self.cfg.streamed:
-            return load_split(self.cfg.name, self.data_root, "test", progress=False, classes=classes)
+            return load_split(self.cfg, self.data_root, "test", progress=False, classes=classes)
         with self.lock:
             if self._test is None:
-                self._test = load_split(self.cfg.name, self.data_root, "test", progress=False)
+                self._test = load_split(self.cfg, self.data_root, "test", progress=False)
             return self._test
 
     def accuracy(self, model: TaskModel, key: str) -> tuple[float, int]:

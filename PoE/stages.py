@@ -23,6 +23,7 @@ from torch import nn
 
 from PoE import distributed
 from PoE.data import Batch, FolderLoader, TensorLoader
+from PoE.datasets.folder import DESCRIPTION_FILE
 from PoE.errors import PoEError
 from PoE.losses import ckd_loss, kd_loss
 from PoE.networks import bank_of, build_network, family_of, unbank
@@ -30,7 +31,8 @@ from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.networks.pretrained import imagenet_weights
 from PoE.preprocess import STAGES, Preprocessor, Report, Settings, StageRecord
 from PoE.profiles import StageConfig
-from PoE.store import check_writable, half_state, load_checkpoint, load_into, state_id, unwrap
+from PoE.store import check_writable, half_state, load_checkpoint, load_into, save_json, state_id, unwrap
+from PoE.tasks import adopt_library, store_hierarchy
 from PoE.teacher import TeacherOutputs
 from PoE.train import compiled, seed_everything, train_stage
 
@@ -436,11 +438,24 @@ def run(s: Settings) -> Report:
     if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
         for folder in (prep.pretrained, prep.pool.root):
             check_writable(folder)
+        for folder in (prep.pretrained, prep.pool.root) if s.cfg.description else ():
+            save_json(folder / DESCRIPTION_FILE, s.cfg.description)  # what a folder dataset's pool was built from
+    distributed.barrier()
+    if s.library_from is not None:  # every rank: rank 0 writes, the others wait in the write
+        adopt_library(s.library_from, prep)
     last = max(STAGES.index(st) for st in s.stages)
-    teacher = (PretrainedOracle if s.cfg.pretrained else Oracle)(prep).teacher()
+    if s.oracle_file is not None:
+        from PoE.oracle import FileOracle  # it builds on this module
+
+        teacher = FileOracle(prep).teacher()
+    else:
+        teacher = (PretrainedOracle if s.cfg.pretrained else Oracle)(prep).teacher()
     if last >= 1:
         library = (PretrainedLibrary(prep) if s.cfg.pretrained else Library(prep, teacher)).run()["library"]
         if last >= 2:
+            if distributed.is_main() and s.hierarchy is not None:
+                store_hierarchy(prep.pool.root, s.hierarchy, s.cfg)
+            distributed.barrier()
             Experts(prep, teacher, library).run()
         if distributed.is_main():
             prep.write_manifest()

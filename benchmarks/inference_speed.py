@@ -93,7 +93,7 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     pool = Pool.open(args.db, device="cpu")
-    test = load_split(pool.cfg.name, args.data_root, "test")
+    test = load_split(pool.cfg, args.data_root, "test")
     names = ["reference", "fp32", "bf16", "export", "export bf16"]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="poe-bench-"))

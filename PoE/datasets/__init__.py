@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PoE.datasets import cifar100, imagenet, tinyimagenet
+from PoE.datasets import cifar100, folder, imagenet, tinyimagenet
 from PoE.errors import PoEError
 
 if TYPE_CHECKING:  # the registry is read by every --help, which must not wait for torch (PoE.data imports it)
@@ -46,6 +46,12 @@ class DatasetConfig:
     expert_stage: dict = field(default_factory=dict)  # the paper's expert schedule where it differs (paper profile)
     class_names: tuple[str, ...] = ()  # by class id
     read_class_names: Callable[[], Sequence[str]] | None = None  # class names that are slow to get: read on first use
+    aliases: tuple[str, ...] = ()  # another name of each class, by class id (Tiny-ImageNet's WordNet ids)
+    # a dataset described by its files (``folder``): (cfg, data_root, image_size, skip_bad) -> cfg, and
+    # (cfg, pool folder, skip_bad) -> cfg as the pool's dataset.json records it (None: it records none)
+    from_data: Callable[[DatasetConfig, Path, int | None, bool], DatasetConfig] | None = None
+    from_pool: Callable[[DatasetConfig, Path, bool], DatasetConfig | None] | None = None
+    description: dict | None = None  # what the pool records of such a dataset (class names, image size)
 
     @property
     def streamed(self) -> bool:
@@ -57,9 +63,13 @@ class DatasetConfig:
             object.__setattr__(self, "class_names", tuple(self.read_class_names()))
         return self.class_names[class_id] if class_id < len(self.class_names) else f"class {class_id}"
 
+    def class_aliases(self, class_id: int) -> tuple[str, ...]:
+        """Other names a hierarchy file may give the class by."""
+        return (self.aliases[class_id],) if class_id < len(self.aliases) else ()
+
 
 DATASETS: dict[str, DatasetConfig] = {
-    m.SETTINGS["name"]: DatasetConfig(**m.SETTINGS) for m in (cifar100, tinyimagenet, imagenet)
+    m.SETTINGS["name"]: DatasetConfig(**m.SETTINGS) for m in (cifar100, tinyimagenet, imagenet, folder)
 }
 
 
@@ -70,8 +80,46 @@ def get_dataset(name: str) -> DatasetConfig:
 
 
 def load_split(
-    dataset: str, data_root: str | Path, split: str, progress: bool = True, classes: list[int] | None = None
+    dataset: str | DatasetConfig,
+    data_root: str | Path,
+    split: str,
+    progress: bool = True,
+    classes: list[int] | None = None,
 ) -> ImageSet:
-    """The ``split`` ('train' or 'test') of ``dataset``, decoding and caching on first use; a streamed dataset's
-    test split holds ``classes``' images only (in-memory datasets ignore ``classes``)."""
-    return get_dataset(dataset).read(Path(data_root), split, progress, classes)[0]
+    """The ``split`` ('train' or 'test') of ``dataset`` (a name, or the config a pool was opened with: a folder
+    dataset's is described by its pool), decoding and caching on first use; a streamed dataset's test split
+    holds ``classes``' images only (in-memory datasets ignore ``classes``)."""
+    cfg = dataset if isinstance(dataset, DatasetConfig) else get_dataset(dataset)
+    return cfg.read(Path(data_root), split, progress, classes)[0]
+
+
+def described_by_pool(cfg: DatasetConfig, root: Path, skip_bad: bool = False) -> DatasetConfig:
+    """``cfg`` as the pool folder ``root`` describes it (a folder dataset's classes and image size); the
+    registry's own config for the built-in datasets."""
+    if cfg.from_pool is None:
+        return cfg
+    got = cfg.from_pool(cfg, root, skip_bad)
+    if got is None:
+        raise PoEError(f"{root} records no {folder.DESCRIPTION_FILE}: a {cfg.name} pool is built with "
+                       f"Run_preprocessing.py --dataset {cfg.name} --data_root PATH")  # fmt: skip
+    return got
+
+
+def described_by_data(
+    cfg: DatasetConfig, data_root: Path, image_size: int | None, skip_bad: bool, folders: Sequence[Path]
+) -> DatasetConfig:
+    """``cfg`` as a preprocessing run sees it: a folder dataset described by its images, and refused when one of
+    ``folders`` (the pool, the Oracle's folder) was built from other classes or another image size."""
+    if cfg.from_data is None or cfg.from_pool is None:
+        if image_size not in (None, cfg.image_size):
+            raise PoEError(f"--image_size {image_size}: {cfg.name}'s images are {cfg.image_size} pixels (the flag "
+                           "sets the size of --dataset folder)")  # fmt: skip
+        return cfg
+    new = cfg.from_data(cfg, data_root, image_size, skip_bad)
+    for root in folders:
+        old = cfg.from_pool(cfg, root, skip_bad)
+        if old is not None and old.description != new.description:
+            raise PoEError(f"{root / folder.DESCRIPTION_FILE} was built from {old.num_classes} classes at "
+                           f"{old.image_size} pixels; {data_root} gives {new.num_classes} classes at "
+                           f"{new.image_size} pixels: another dataset needs another --db and --pretrained")  # fmt: skip
+    return new

@@ -268,6 +268,17 @@ TASKS: dict[str, list[int]] = {
 DEFAULT_TASKS = ["arachnid", "canine", "feline", "bird", "ungulate", "vertebrate_etc"]
 
 
+def class_names() -> tuple[str, ...]:
+    """Readable names by class id: the first lemma of each WordNet synset, from the ImageNet metadata timm ships
+    (read offline from the package; ``../shared`` has no words.txt). The wnids when timm is not installed."""
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError:
+        return CLASSES
+    info = ImageNetInfo()
+    return tuple(info.label_name_to_description(w).split(",")[0].strip() for w in CLASSES)
+
+
 def listing(folder: Path, split: str) -> tuple[list[Path], list[int]]:
     """Image files and class indices (position of the wnid in sorted order) of one Tiny-ImageNet split."""
     if not folder.is_dir():
@@ -340,7 +351,8 @@ SETTINGS = {
     "std": (0.229, 0.224, 0.225),
     "tasks": TASKS,
     "default_tasks": DEFAULT_TASKS,
-    "class_names": CLASSES,
+    "read_class_names": class_names,  # readable names, read on first use (importing timm takes a moment)
+    "aliases": CLASSES,  # a hierarchy file may name a class by its wnid too
     "oracle_arch": "wrn-16-10",
     "library_arch": "wrn-16-2",
     "expert_width": 16,

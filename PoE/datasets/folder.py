@@ -1,0 +1,197 @@
+"""Your own images: an ImageFolder tree (``train/<class>/``, and ``test/<class>/`` or ``val/<class>/``).
+
+Class names are the training folder's sub-folder names (class id = position in sorted order, as torchvision's
+ImageFolder numbers them). Images are resized (shorter side) and centre-cropped to ``--image_size`` (default:
+the first training image's size when it is at most 64 pixels, else 224) and, as the Tiny-ImageNet reader does,
+decoded once into an npz cache keyed by the folder, its listing and the size. Small images (<= 64) get the WRN
+family trained here, as CIFAR-100 (<= 40 pixels) and Tiny-ImageNet (41-64) do; larger ones MobileNetV2, as
+ImageNet. An unreadable image is an error naming its path, unless ``--skip_bad_images`` says to skip it (each
+skipped file is still named).
+
+The pool records what it was built from (class names, image size) in ``dataset.json``, so that it can be opened
+and served without the images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from PoE.errors import PoEError
+
+if TYPE_CHECKING:  # PoE.data (torch) is imported where images are read: the registry (--help) needs neither
+    from PoE.data import ImageSet
+
+NAME = "folder"
+DESCRIPTION_FILE = "dataset.json"  # in the pool's folder
+LAYOUT = "an image folder PATH with train/<class>/<images> and test/<class>/<images> (or val/<class>/)"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+SMALL = 64  # images up to this size get the WRN family; larger ones MobileNetV2
+LARGE_DEFAULT = 224
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """``root/train``, or the first of ``root/test`` and ``root/val`` for the test split."""
+    if not root.is_dir():
+        raise PoEError(f"no image folder at {root}; expected {LAYOUT}")
+    names = ("train",) if split == "train" else ("test", "val")
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise PoEError(f"{root} has no {' or '.join(f'{n}/' for n in names)} folder; expected {LAYOUT}")
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class names: the sub-folders of ``train/`` (of ``test/``/``val/`` when there is no ``train/``)."""
+    base = split_folder(root, "train" if (root / "train").is_dir() else "test")
+    names = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(names) < 2:
+        raise PoEError(f"{base} has {len(names)} class folder(s); a dataset needs at least 2; expected {LAYOUT}")
+    return names
+
+
+def listing(root: Path, split: str, names: list[str], classes: list[int] | None = None) -> tuple[list[Path], list[int]]:
+    """Image files and class ids of one split, for ``classes`` only (all when None)."""
+    base = split_folder(root, split)
+    extra = sorted({d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")} - set(names))
+    if extra:
+        raise PoEError(f"{base / extra[0]} is not one of the {len(names)} classes of the training folder")
+    files: list[Path] = []
+    labels: list[int] = []
+    for c in range(len(names)) if classes is None else sorted(classes):
+        d = base / names[c]
+        found = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
+        if not found and split == "train":
+            raise PoEError(f"no images in {d} (class {names[c]!r}); expected {LAYOUT}")
+        files += found
+        labels += [c] * len(found)
+    if not files:
+        raise PoEError(f"no {split} images of the asked classes under {base}; expected {LAYOUT}")
+    return files, labels
+
+
+def default_size(root: Path, names: list[str]) -> int:
+    """The first training image's size when it is small (<= 64, its longer side), else 224."""
+    from PIL import Image
+
+    files, _ = listing(root, "train" if (root / "train").is_dir() else "test", names, [0])
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                side = max(im.size)
+        except (OSError, ValueError):
+            continue
+        return side if side <= SMALL else LARGE_DEFAULT
+    raise PoEError(f"no readable image among {files[0].parent}'s {len(files)} files; give --image_size")
+
+
+def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tuple[np.ndarray, list[int]]:
+    """Images as uint8 N x size x size x 3 (shorter side resized to ``size``, centre crop) and the positions of
+    the files that decoded; an unreadable file is an error, or with ``skip_bad`` a line on stderr."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    kept: list[int] = []
+    for i, f in enumerate(tqdm(files, desc="decoding images", disable=None if progress else True, leave=False)):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    scale = size / min(im.size)
+                    w, h = max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))
+                    im = im.resize((w, h), Image.BILINEAR)
+                    left, top = (w - size) // 2, (h - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                out[len(kept)] = np.asarray(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            if not skip_bad:
+                raise PoEError(f"cannot read image {f} ({type(e).__name__}: {str(e)[:80]}); remove it, or pass "
+                               "--skip_bad_images to skip unreadable images") from None  # fmt: skip
+            print(f"skipped unreadable image {f} ({type(e).__name__})", file=sys.stderr)
+            continue
+        kept.append(i)
+    if not kept:
+        raise PoEError(f"none of the {len(files)} images could be read (e.g. {files[0]})")
+    return out[: len(kept)], kept
+
+
+def read(data_root: Path, split: str, progress: bool, classes: list[int] | None, *, names: tuple[str, ...],
+         size: int, skip_bad: bool = False) -> tuple[ImageSet, Path]:  # fmt: skip
+    """The ``split`` of the folder (all its classes: the cache is per split) and the npz cache it came from."""
+    from PoE.data import cache_root, load_npz, save_npz_atomic
+
+    split = "train" if split == "train" else "test"
+    files, labels = listing(data_root, split, list(names))
+    key = hashlib.sha256(f"{data_root.resolve()}|{size}|{skip_bad}|{'/'.join(names)}".encode())
+    for f, y in zip(files, labels, strict=True):
+        st = f.stat()
+        key.update(f"{f.name}:{y}:{st.st_size}:{st.st_mtime_ns};".encode())
+    cache = cache_root() / NAME / f"{split}-{key.hexdigest()[:16]}.npz"
+    if not cache.exists():
+        x, kept = decode(files, size, skip_bad, progress)
+        save_npz_atomic(cache, x, np.asarray([labels[i] for i in kept], dtype=np.int64))
+    return load_npz(cache, size, len(names)), cache
+
+
+def settings(names: list[str], size: int, skip_bad: bool = False) -> dict[str, Any]:
+    """The DatasetConfig fields of a folder of ``names`` classes at ``size`` pixels: CIFAR-100's networks up to
+    40 pixels, Tiny-ImageNet's up to 64 (a stride-2 first convolution), MobileNetV2's beyond."""
+    description = {"dataset": NAME, "class_names": list(names), "image_size": size}
+    base: dict[str, Any] = {"num_classes": len(names), "class_names": tuple(names), "image_size": size,
+                            "read": partial(read, names=tuple(names), size=size, skip_bad=skip_bad),
+                            "description": description}  # fmt: skip
+    if size <= 40:
+        return base | {"crop_pad": 4, "oracle_arch": "wrn-40-4", "library_arch": "wrn-16-1", "expert_width": 16}
+    if size <= SMALL:
+        return base | {"crop_pad": 8, "oracle_arch": "wrn-16-10", "library_arch": "wrn-16-2", "expert_width": 16,
+                       "first_stride": 2}  # fmt: skip
+    raise PoEError(f"images of {size} pixels: this release trains folders of small images (<= {SMALL} pixels; "
+                   f"pass --image_size {SMALL} or less); larger images need a pretrained MobileNetV2 library and "
+                   "your own Oracle, not supported for folders yet")  # fmt: skip
+
+
+def from_data(cfg: Any, data_root: Path, image_size: int | None, skip_bad: bool) -> Any:
+    """``cfg`` (the registry's placeholder) described by the images under ``data_root``."""
+    names = class_folders(Path(data_root))
+    size = image_size or default_size(Path(data_root), names)
+    return dataclasses.replace(cfg, **settings(names, size, skip_bad))
+
+
+def from_pool(cfg: Any, root: Path, skip_bad: bool = False) -> Any:
+    """``cfg`` as the pool folder ``root`` records it (``dataset.json``), or None when it records nothing."""
+    path = root / DESCRIPTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        desc = json.loads(path.read_text())
+        names, size = [str(n) for n in desc["class_names"]], int(desc["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PoEError(f"{path} is damaged ({type(e).__name__}); it should hold class_names and image_size") from None
+    return dataclasses.replace(cfg, **settings(names, size, skip_bad))
+
+
+SETTINGS = {
+    "name": NAME,
+    "tag": NAME,
+    "num_classes": 0,  # until described by the images (Run_preprocessing) or by the pool (dataset.json)
+    "image_size": 0,
+    "crop_pad": 4,
+    "mean": (0.485, 0.456, 0.406),  # ImageNet statistics: a fair default for photographs
+    "std": (0.229, 0.224, 0.225),
+    "tasks": {},
+    "default_tasks": [],
+    "oracle_arch": "wrn-40-4",
+    "library_arch": "wrn-16-1",
+    "expert_width": 16,
+    "read": partial(read, names=(), size=0),
+    "from_data": from_data,
+    "from_pool": from_pool,
+}

@@ -1,0 +1,268 @@
+"""Task hierarchies: which classes each primitive task holds, from a JSON file or the dataset's built-in table.
+
+A hierarchy file is ``{"task name": ["class name", ...], ...}``: disjoint, non-empty sets of the dataset's
+classes (they need not cover all of them). A pool stores the hierarchy its experts were built with as
+``hierarchy.json`` in its folder (with its id, a hash of its content); every later command reads it from there,
+and a different ``--hierarchy`` is refused. A pool without that file (the shipped pool, the original release)
+uses the dataset's built-in tasks. The library and the Oracle do not depend on the tasks: a new hierarchy over
+a dataset reuses them and trains only its experts.
+
+The table flows as a value: ``Hierarchy.apply(cfg)`` is the ``DatasetConfig`` whose ``tasks`` are the
+hierarchy's, and every stage, the pool and the service read ``cfg.tasks`` of the config they were given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PoE.datasets import DatasetConfig, described_by_pool
+from PoE.errors import PoEError
+from PoE.store import PoolPaths, load_checkpoint, resolve_pool, save_json, unwrap
+
+if TYPE_CHECKING:
+    from PoE.preprocess import Preprocessor
+
+HIERARCHY_FILE = "hierarchy.json"  # in the pool's folder
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # it names a file (expert_<task>.pt) and a CLI word
+DEFAULT_QUERY_TASKS = 6  # a file's first six tasks are what Run_Evaluation combines by default (as the paper's six)
+SHAPE = '{"task name": ["class name", ...], ...}'
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """The primitive tasks of a pool: task -> class ids (ascending), in the file's task order."""
+
+    dataset: str
+    tasks: dict[str, list[int]]
+    source: str  # the file it was read from, or "the built-in tasks of <dataset>"
+    builtin: bool = False
+
+    @property
+    def id(self) -> str:
+        """Hash of the content: the same sets of classes under the same names give the same id, in any order."""
+        canon = json.dumps([self.dataset, sorted((t, sorted(c)) for t, c in self.tasks.items())])
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{self.source} (hierarchy {self.id}, {len(self.tasks)} tasks)"
+
+    def names(self, cfg: DatasetConfig) -> dict[str, list[str]]:
+        return {t: [cfg.class_name(c) for c in cls] for t, cls in self.tasks.items()}
+
+    def apply(self, cfg: DatasetConfig) -> DatasetConfig:
+        """``cfg`` with this hierarchy's tasks (``cfg`` itself for its built-in tasks: nothing changes)."""
+        if self.builtin:
+            return cfg
+        default = list(self.tasks)[:DEFAULT_QUERY_TASKS]
+        return dataclasses.replace(cfg, tasks={t: list(c) for t, c in self.tasks.items()}, default_tasks=default)
+
+
+def builtin_hierarchy(cfg: DatasetConfig) -> Hierarchy:
+    return Hierarchy(cfg.name, {t: sorted(c) for t, c in cfg.tasks.items()}, f"the built-in tasks of {cfg.name}",
+                     builtin=True)  # fmt: skip
+
+
+def class_index(cfg: DatasetConfig) -> dict[str, list[int]]:
+    """Every name a class is known by -> the class ids it names (torchvision's ImageNet names have repeats)."""
+    index: dict[str, list[int]] = {}
+    for c in range(cfg.num_classes):
+        for name in {cfg.class_name(c), *cfg.class_aliases(c)}:
+            index.setdefault(name, []).append(c)
+    return index
+
+
+def parse_hierarchy(obj: Any, cfg: DatasetConfig, source: str) -> Hierarchy:
+    """Check a decoded hierarchy against ``cfg``'s classes; every error is one line naming what is wrong."""
+
+    def bad(what: str) -> PoEError:
+        return PoEError(f"hierarchy {source}: {what}")
+
+    if isinstance(obj, Mapping) and isinstance(obj.get("tasks"), Mapping) and set(obj) <= {"dataset", "id", "tasks"}:
+        if obj.get("dataset", cfg.name) != cfg.name:  # a pool's stored hierarchy.json, given back
+            raise bad(f"it is a hierarchy of {obj.get('dataset')}, not of {cfg.name}")
+        obj = obj["tasks"]
+    if not isinstance(obj, Mapping):
+        raise bad(f"expected a JSON object {SHAPE}, got {json_type(obj)}")
+    if not obj:
+        raise bad(f"it names no task; expected {SHAPE}")
+    index = class_index(cfg)
+    owner: dict[int, str] = {}
+    tasks: dict[str, list[int]] = {}
+    for task, names in obj.items():
+        if not TASK_NAME.fullmatch(task):
+            raise bad(f"task name {task!r} is not accepted: use 1-100 letters, digits, '_', '-' or '.', starting "
+                      "with a letter or digit (it names the expert's file)")  # fmt: skip
+        if not isinstance(names, list):
+            raise bad(f"task {task!r} must be a list of class names, got {json_type(names)}")
+        if not names:
+            raise bad(f"task {task!r} is empty; give it at least one class")
+        ids: list[int] = []
+        for name in names:
+            if not isinstance(name, str):
+                raise bad(f"task {task!r}: class names are strings, got {json_type(name)} {json.dumps(name)}")
+            if name not in index:
+                close = difflib.get_close_matches(name, index, n=3, cutoff=0.6)
+                hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(list(index)[:3])}"
+                raise bad(f"task {task!r}: unknown {cfg.name} class {name!r} ({hint})")
+            if len(index[name]) > 1:
+                raise bad(f"task {task!r}: class name {name!r} names {len(index[name])} {cfg.name} classes "
+                          f"(ids {', '.join(map(str, index[name]))}); it cannot be told apart")  # fmt: skip
+            c = index[name][0]
+            if c in ids:
+                raise bad(f"task {task!r} names class {name!r} twice")
+            if c in owner:
+                raise bad(f"class {name!r} is in both task {owner[c]!r} and task {task!r}; tasks must be disjoint")
+            owner[c] = task
+            ids.append(c)
+        tasks[task] = sorted(ids)
+    return Hierarchy(cfg.name, tasks, source)
+
+
+def json_type(v: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(v), "a number")
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise PoEError(f"task {k!r} is given twice")
+        seen[k] = v
+    return seen
+
+
+def read_hierarchy(path: str | Path, cfg: DatasetConfig) -> Hierarchy:
+    """A hierarchy file (the user's, or a pool's ``hierarchy.json``), checked against ``cfg``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PoEError(f"hierarchy {path}: no such file; expected a JSON file {SHAPE}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PoEError(f"hierarchy {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise PoEError(f"hierarchy {path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); expected "
+                       f"{SHAPE}") from None  # fmt: skip
+    except PoEError as e:
+        raise PoEError(f"hierarchy {path}: {e}") from None
+    return parse_hierarchy(obj, cfg, str(path))
+
+
+def given_hierarchy(hierarchy: str | Path | Hierarchy | Mapping | None, cfg: DatasetConfig) -> Hierarchy | None:
+    """What a caller passes (a file, a parsed ``Hierarchy`` or a task -> class names mapping) as a Hierarchy."""
+    if hierarchy is None or isinstance(hierarchy, Hierarchy):
+        return hierarchy
+    if isinstance(hierarchy, Mapping):
+        return parse_hierarchy(hierarchy, cfg, "given as a mapping")
+    return read_hierarchy(hierarchy, cfg)
+
+
+def stored_hierarchy(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
+    """The hierarchy a pool folder was built with; None when it has none (it uses the built-in tasks)."""
+    path = root / HIERARCHY_FILE
+    if not path.is_file():
+        return None
+    h = read_hierarchy(path, cfg)
+    recorded = json.loads(path.read_text()).get("id")
+    if recorded is not None and recorded != h.id:
+        raise PoEError(f"{path}: its content hash is {h.id} but the file records {recorded}: it was edited or "
+                       "damaged; restore it (the experts were built with the recorded one)")  # fmt: skip
+    return h
+
+
+def pool_root(db: str | Path, cfg: DatasetConfig) -> Path:
+    """The pool folder ``db`` names: ``db`` itself when it holds a library, else ``db/<dataset>``."""
+    try:
+        return resolve_pool(db, cfg.name, cfg.tag).root
+    except PoEError:
+        return Path(db) / cfg.name
+
+
+def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
+    """The hierarchy of the pool at ``root`` (stored, else built-in); a different ``given`` one is refused."""
+    current = stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
+    if given is not None and given.id != current.id:
+        raise PoEError(f"the pool {root} was built with {current.describe()}; --hierarchy {given.source} is "
+                       f"another (hierarchy {given.id}): omit --hierarchy to use the pool's, or give another "
+                       "--db")  # fmt: skip
+    return current
+
+
+def pool_config(
+    cfg: DatasetConfig,
+    db: str | Path,
+    hierarchy: str | Path | Hierarchy | Mapping | None = None,
+    skip_bad_images: bool = False,
+) -> DatasetConfig:
+    """``cfg`` with the tasks of the pool at ``db`` (checked against ``hierarchy`` when one is given); a folder
+    dataset as the pool describes it."""
+    root = pool_root(db, cfg)
+    cfg = described_by_pool(cfg, root, skip_bad_images)
+    return pool_hierarchy(cfg, root, given_hierarchy(hierarchy, cfg)).apply(cfg)
+
+
+def build_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
+    """The hierarchy a preprocessing run into the pool folder ``root`` builds: the pool's, or ``given``. A
+    pool holding experts keeps its hierarchy (another is refused); one without experts may take a new one."""
+    current = stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
+    if not (given or current).tasks:
+        raise PoEError(f"{cfg.name} has no built-in tasks: give them with --hierarchy tasks.json ({SHAPE})")
+    if given is None or given.id == current.id:
+        return current
+    present = PoolPaths(root, cfg.tag).experts_present()
+    if present:
+        raise PoEError(f"the pool {root} holds {len(present)} expert(s) built with {current.describe()}; "
+                       f"--hierarchy {given.source} is another (hierarchy {given.id}): build it into a new --db, "
+                       f"or remove {root / 'experts'} first")  # fmt: skip
+    return given
+
+
+def store_hierarchy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
+    """Record ``h`` as the pool's hierarchy before any expert of it is trained (nothing to do for the built-in
+    tasks of a pool that records none). An interrupted expert run of another hierarchy is dropped."""
+    path = root / HIERARCHY_FILE
+    before = stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
+    if before.id == h.id and (h.builtin or path.is_file()):
+        return
+    (root / "resume" / "experts.pt").unlink(missing_ok=True)  # its task names may mean other classes now
+    save_json(path, {"dataset": cfg.name, "id": h.id, "tasks": h.names(cfg)})
+
+
+def adopt_library(source: str | Path, prep: Preprocessor) -> str:
+    """Write the library of the pool at ``source`` into this run's pool (a new hierarchy's experts are trained
+    on it), listed in its manifest as every part is; returns its id. For a distilled library it must be the
+    front of the library student in ``--pretrained``, which the library stage loads: the experts record that
+    id, and the pool checks it."""
+    cfg, root, pretrained = prep.cfg, prep.pool.root, prep.s.pretrained
+    src = resolve_pool(source, cfg.name, cfg.tag).library
+    sd, meta = unwrap(load_checkpoint(src), src, "library")
+    lib_id = meta.get("id")
+    if lib_id is None:
+        raise PoEError(f"--library_from: {src} records no content id (the original release's format); use a "
+                       "library this project wrote")  # fmt: skip
+    if not cfg.pretrained:
+        student = pretrained / cfg.name / "library_student.pt"
+        own = unwrap(load_checkpoint(student, "--library_from needs the library student it was cut from"),
+                     student, "library_student")[1].get("id")  # fmt: skip
+        if own != lib_id:
+            raise PoEError(f"--library_from: {src} is library {lib_id}, but {student} is the student of library "
+                           f"{own}: give the --pretrained folder the library was distilled in")  # fmt: skip
+    dest = PoolPaths(root, cfg.tag).library
+    if dest.exists():
+        have = unwrap(load_checkpoint(dest), dest, "library")[1].get("id")
+        if have == lib_id:
+            return lib_id
+        raise PoEError(f"--library_from: {dest} already holds another library ({have}); give a new --db")
+    prep.replace_library({k: v for k, v in meta.items() if k not in ("digest", "poe_format", "kind")}, sd)
+    return lib_id
