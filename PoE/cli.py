@@ -344,7 +344,7 @@ def service_body(a: argparse.Namespace) -> int:
     if a.list:
         return list_pool(open_pool(a, device, precision))
     if a.serve:
-        from PoE.server import serve
+        from PoE.service import serve
 
         return serve(open_pool(a, device, precision), a.host, a.port, data_root=a.data_root, max_batch=a.max_batch,
                      max_wait_ms=a.batch_wait_ms, threads=a.threads)  # fmt: skip

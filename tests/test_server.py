@@ -19,7 +19,7 @@ from PIL import Image
 
 from PoE.cli import main_service
 from PoE.pool import Pool
-from PoE.server import MAX_IMAGES, create_app
+from PoE.service import MAX_IMAGES, create_app
 
 from .conftest import ROOT
 
