@@ -11,14 +11,15 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
+from PoE.errors import PoEError
 from PoE.pool import Pool
 from PoE.service.batching import Arrivals
-from PoE.service.core import Service
+from PoE.service.core import Batching, Service
 from PoE.service.images import decode_base64
 from PoE.service.limits import (
     DEFAULT_TOP,
@@ -27,22 +28,23 @@ from PoE.service.limits import (
     BodyLimit,
     ClientError,
     check_count,
+    memory,
     one_line,
-    rss_bytes,
 )
-from PoE.service.schemas import USAGE, PredictBody, QueryBody
+from PoE.service.schemas import USAGE, PredictBody, QueryBody, refusals
 
 log = logging.getLogger("PoE.service")
 
 WEB = Path(__file__).resolve().parents[1] / "web"
-MODEL_ID = re.compile(r"[0-9a-f]{16}\.pt2")
+MODEL_ID = re.compile(r"[0-9a-f]{16}-(?:[0-9a-f]{2}){1,256}\.pt2")
 
 
 def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: int = 64,
-               max_wait_ms: float = 5.0) -> FastAPI:  # fmt: skip
+               max_wait_ms: float = 5.0, batching: Batching | None = None) -> FastAPI:  # fmt: skip
     """The FastAPI app over ``pool`` (already opened and checked). ``data_root``: where the test split is,
-    for ``evaluate``; None disables accuracy. ``max_batch`` images / ``max_wait_ms``: the batching window."""
-    service = Service(pool, data_root, max_batch, max_wait_ms)
+    for ``evaluate``; None disables accuracy. ``max_batch`` images / ``max_wait_ms``: the batching window
+    (refused with PoEError unless finite, 0-1000 ms). ``batching``: another batcher (Ray Serve's)."""
+    service = Service(pool, data_root, max_batch, max_wait_ms, batching)
     tasks_known = ", ".join(pool.cfg.tasks)
 
     @asynccontextmanager
@@ -82,17 +84,22 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         usage = USAGE.get(request.url.path, "see /docs")
         return JSONResponse({"error": one_line(f"{what}; {usage}; known tasks: {tasks_known}")}, status_code=400)
 
+    @app.exception_handler(PoEError)
+    async def refused(request: Request, exc: PoEError) -> JSONResponse:
+        return JSONResponse({"error": one_line(exc)}, status_code=400)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s failed", request.url.path)
         return JSONResponse({"error": one_line(f"internal error: {exc}")}, status_code=500)
 
-    @app.get("/healthz", summary="Liveness: the pool is loaded and the batcher runs")
+    @app.get("/healthz", summary="Liveness: the pool is loaded and the batcher runs", responses=refusals(503))
     async def healthz() -> dict[str, Any]:
-        alive = service.batcher.thread.is_alive()
-        if not alive:
+        if not service.batcher.alive():
             raise ClientError(503, "the prediction worker has stopped")
-        return {"status": "ok", "dataset": pool.cfg.name, "experts": len(pool.experts)}
+        mem = memory()
+        return {"status": "ok", "dataset": pool.cfg.name, "experts": len(pool.experts), "pid": mem["pid"],
+                "rss_bytes": mem["rss_bytes"]}  # fmt: skip
 
     @app.get("/api/pool", summary="The pool: dataset and, per task, its classes, its expert's presence and accuracy")
     async def pool_info() -> dict[str, Any]:
@@ -102,11 +109,10 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         return info
 
     @app.post("/api/query", summary="Consolidate a model for a set of tasks: classes, FLOPs, params, build time, "
-              "accuracy (evaluate: true) and a download URL")  # fmt: skip
+              "accuracy (evaluate: true) and a download URL", responses=refusals(400, 413, 422, 503))  # fmt: skip
     async def query(body: QueryBody) -> JSONResponse:
         model = service.build(body.tasks)
         key = service.model_id(model.tasks)
-        service.models.put(key, model.tasks)
         macs, params = service.cost(model)
         out: dict[str, Any] = {
             "tasks": model.tasks,
@@ -121,14 +127,16 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             out["accuracy"], out["n_test"] = await service.run_slow(service.accuracy, model, key)
         return JSONResponse(out)
 
-    @app.post("/api/predict", summary="Top classes of base64 PNG/JPEG images under the queried tasks' model")
+    @app.post("/api/predict", summary="Top classes of base64 PNG/JPEG images under the queried tasks' model",
+              responses=refusals(400, 413, 503))  # fmt: skip
     async def predict(body: PredictBody, request: Request) -> JSONResponse:
         model = service.model(body.tasks)  # task errors first
         check_count(len(body.images))
         images = [decode_base64(s, i) for i, s in enumerate(body.images)]
         return JSONResponse(await service.predict(model, images, body.top, request.scope.get("poe.arrival")))
 
-    @app.post("/api/predict/upload", summary="As /api/predict, from a multipart form (tasks fields, image files)")
+    @app.post("/api/predict/upload", summary="As /api/predict, from a multipart form (tasks fields, image files)",
+              responses=refusals(400, 413, 503))  # fmt: skip
     async def predict_upload(
         request: Request,
         tasks: Annotated[list[str], Form(description="task names: repeat the field, or separate with commas")],
@@ -142,19 +150,21 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         return JSONResponse(await service.predict(model, data, top, request.scope.get("poe.arrival")))
 
     @app.get("/api/models/{name}", summary="Download a queried model as a torch.export program (.pt2)",
-             response_class=FileResponse)  # fmt: skip
-    async def download(name: str) -> FileResponse:
+             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}},
+                                                 **refusals(404, 503, 507)})  # fmt: skip
+    async def download(name: str) -> Response:
         key = name.removesuffix(".pt2")
-        tasks = service.models.get(key) if MODEL_ID.fullmatch(name) else None
+        tasks = service.tasks_of(key) if MODEL_ID.fullmatch(name) else None
         if tasks is None:
             raise ClientError(404, f"unknown model {name[:80]!r}; POST /api/query gives a model URL")
-        path = await service.run_slow(service.export, key, tasks)
-        return FileResponse(path, media_type="application/octet-stream", filename=f"poe_{'__'.join(tasks)[:120]}.pt2")
+        data = await service.run_slow(service.export, key, tasks)
+        filename = f"poe_{'__'.join(tasks)[:120]}.pt2"
+        return Response(data, media_type="application/octet-stream",
+                        headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
 
-    @app.get("/api/stats", summary="Batching statistics and the server's memory")
+    @app.get("/api/stats", summary="Batching statistics and the memory of this worker and of every worker")
     async def stats() -> dict[str, Any]:
-        return {**service.batcher.stats.as_dict(), "rss_bytes": rss_bytes(),
-                "uptime_s": round(time.time() - service.started, 1), "models_known": len(service.models),
+        return {**service.batcher.stats.as_dict(), **memory(), "uptime_s": round(time.time() - service.started, 1),
                 "models_exported": len(service.exports), "accuracies_cached": len(service.accuracies)}  # fmt: skip
 
     @app.get("/", include_in_schema=False)
@@ -162,4 +172,15 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         return FileResponse(WEB / "index.html", media_type="text/html")
 
     app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.openapi = lambda: describe_tasks(FastAPI.openapi(app), list(pool.cfg.tasks))
     return app
+
+
+def describe_tasks(schema: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """The schema's task lists name this pool's tasks, each once (the API refuses others with a 400)."""
+    for body in ("QueryBody", "PredictBody"):
+        prop = schema.get("components", {}).get("schemas", {}).get(body, {}).get("properties", {}).get("tasks")
+        if prop is not None:
+            prop["items"] = {**prop.get("items", {}), "enum": tasks}
+            prop["uniqueItems"] = True
+    return schema

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from PoE.consolidate import merge
+from PoE.errors import PoEError
 from PoE.pool import Pool, Prediction, TaskModel
 from PoE.precision import autocast
 from PoE.service.limits import one_line
@@ -31,12 +33,25 @@ log = logging.getLogger("PoE.service")
 
 @dataclass
 class Job:
-    """One request's images (float RGB in [0, 1], N x 3 x S x S) for one consolidated model."""
+    """One request's images (float RGB in [0, 1], N x 3 x S x S) for one consolidated model, and how many
+    classes to show per image. ``loop``/``future``: where the answer goes (None under Ray Serve's batching)."""
 
     model: TaskModel
     x: torch.Tensor
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    top: int = 5
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future | None = None
+
+
+MAX_WAIT_MS = 1000.0  # the longest batching window accepted: a request may wait this long for others
+
+
+def check_window(max_batch: int, max_wait_ms: float) -> None:
+    """Refuse a batching window that could hold a request forever (``inf``, ``nan``) or is absurd."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise PoEError(f"max_batch must be a whole number of images, 1 or more; got {max_batch!r}")
+    if not (isinstance(max_wait_ms, int | float) and math.isfinite(max_wait_ms) and 0 <= max_wait_ms <= MAX_WAIT_MS):
+        raise PoEError(f"batch wait must be a number of milliseconds from 0 to {MAX_WAIT_MS:g}; got {max_wait_ms!r}")
 
 
 @dataclass
@@ -69,10 +84,8 @@ class Batcher:
     request never waits, and concurrent ones share a forward."""
 
     def __init__(self, pool: Pool, gate: ExportGate, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
+        check_window(max_batch, max_wait_ms)
         self.pool, self.gate, self.max_batch, self.max_wait = pool, gate, max_batch, max_wait_ms / 1e3
-        cfg = pool.cfg
-        self.mean = torch.tensor(cfg.mean, device=pool.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg.std, device=pool.device).view(1, -1, 1, 1)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.arriving = 0  # prediction requests received but not yet submitted (see Arrivals)
         self.arriving_lock = threading.Lock()
@@ -80,11 +93,15 @@ class Batcher:
         self.thread = threading.Thread(target=self.run, name="poe-batcher", daemon=True)
         self.thread.start()
 
-    async def submit(self, model: TaskModel, x: torch.Tensor) -> Prediction:
+    async def submit(self, model: TaskModel, x: torch.Tensor, top: int) -> list[dict[str, Any]]:
+        """The answer rows of ``x`` (see ``answer``), from a forward shared with the other waiting requests."""
         loop = asyncio.get_running_loop()
-        job = Job(model, x, loop, loop.create_future())
+        job = Job(model, x, top, loop, loop.create_future())
         self.jobs.put(job)
         return await job.future
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
     def arrive(self, n: int) -> None:
         with self.arriving_lock:
@@ -122,44 +139,60 @@ class Batcher:
             batch = self.collect(first)
             try:
                 with self.gate.forward():
-                    results: list[Any] = self.forward(batch)
+                    preds = forward(self.pool, batch)
+                self.stats.add(len(batch), sum(len(j.x) for j in batch))
+                results: list[Any] = [answer(p, j.top) for p, j in zip(preds, batch, strict=True)]
             except Exception as e:  # answer every waiting request; the worker keeps serving
                 log.exception("batch forward failed")
                 results = [RuntimeError(f"prediction failed: {one_line(e)}")] * len(batch)
             for job, result in zip(batch, results, strict=True):
                 job.loop.call_soon_threadsafe(settle, job.future, result)
 
-    @torch.no_grad()
-    def forward(self, batch: list[Job]) -> list[Prediction]:
-        """The library once on every row, each expert once on the rows of the requests that queried it."""
-        pool = self.pool
-        x = torch.cat([j.x for j in batch]).to(pool.device)
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        rows: dict[str, list[torch.Tensor]] = {}  # per expert: the row indices it runs on, in job order
-        taken: dict[str, int] = {}  # per expert: rows so far
-        offset: list[dict[str, int]] = []  # per job: where its rows start in each of its experts' outputs
-        start = 0
-        for job in batch:
-            n = len(job.x)
-            offset.append({})
-            for task in job.model.tasks:
-                offset[-1][task] = taken.get(task, 0)
-                taken[task] = offset[-1][task] + n
-                rows.setdefault(task, []).append(torch.arange(start, start + n, device=pool.device))
-            start += n
-        with autocast(pool.device, pool.precision):
-            features = pool.library(x)
-            out = {}
-            for task, idx in rows.items():
-                sel = torch.cat(idx)
-                out[task] = pool.experts[task](features if len(sel) == len(x) else features.index_select(0, sel))
-        self.stats.add(len(batch), len(x))
-        preds = []
-        for job, where in zip(batch, offset, strict=True):
-            n = len(job.x)
-            logits = merge([out[t][where[t] : where[t] + n] for t in job.model.tasks], job.model.module.order)
-            preds.append(job.model.prediction(logits))
-        return preds
+
+@torch.no_grad()
+def forward(pool: Pool, batch: list[Job]) -> list[Prediction]:
+    """The library once on every row, each expert once on the rows of the requests that queried it. Used by
+    the hand-written batcher and by Ray Serve's ``@serve.batch`` alike."""
+    x = torch.cat([j.x for j in batch]).to(pool.device)
+    mean = torch.tensor(pool.cfg.mean, device=pool.device).view(1, -1, 1, 1)
+    std = torch.tensor(pool.cfg.std, device=pool.device).view(1, -1, 1, 1)
+    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    rows: dict[str, list[torch.Tensor]] = {}  # per expert: the row indices it runs on, in job order
+    taken: dict[str, int] = {}  # per expert: rows so far
+    offset: list[dict[str, int]] = []  # per job: where its rows start in each of its experts' outputs
+    start = 0
+    for job in batch:
+        n = len(job.x)
+        offset.append({})
+        for task in job.model.tasks:
+            offset[-1][task] = taken.get(task, 0)
+            taken[task] = offset[-1][task] + n
+            rows.setdefault(task, []).append(torch.arange(start, start + n, device=pool.device))
+        start += n
+    with autocast(pool.device, pool.precision):
+        features = pool.library(x)
+        out = {}
+        for task, idx in rows.items():
+            sel = torch.cat(idx)
+            out[task] = pool.experts[task](features if len(sel) == len(x) else features.index_select(0, sel))
+    preds = []
+    for job, where in zip(batch, offset, strict=True):
+        n = len(job.x)
+        logits = merge([out[t][where[t] : where[t] + n] for t in job.model.tasks], job.model.module.order)
+        preds.append(job.model.prediction(logits))
+    return preds
+
+
+def answer(pred: Prediction, top: int) -> list[dict[str, Any]]:
+    """Per image: the predicted class and the ``top`` most probable ones, one top-k over the whole request
+    (``Prediction.top``'s numbers, without a tensor operation per image)."""
+    p, idx = pred.probabilities.topk(min(top, pred.probabilities.shape[1]), dim=1)
+    classes, names = pred.classes, pred.names
+    return [
+        {"class_id": c, "class_name": n,
+         "top": [{"id": classes[j], "name": names[j], "probability": round(q, 6)} for q, j in zip(ps, js, strict=True)]}
+        for c, n, ps, js in zip(pred.class_ids, pred.class_names, p.tolist(), idx.tolist(), strict=True)
+    ]  # fmt: skip
 
 
 def settle(future: asyncio.Future, result: Any) -> None:

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_IMAGES = 256
 DEFAULT_TOP = 5
+MAX_EXPORT_BYTES = 64 * 1024 * 1024  # exported models kept in memory, per worker (0.6-2.9 MB each here)
 
 
 def one_line(text: object) -> str:
@@ -28,11 +29,13 @@ class ClientError(HTTPException):
 
 
 class LRU:
-    """A thread-safe map that forgets its least recently used entries beyond ``size`` (``drop`` gets each)."""
+    """A thread-safe map that forgets its least recently used entries beyond ``size`` (counted by ``weigh``,
+    one per entry by default)."""
 
-    def __init__(self, size: int, drop: Any = None) -> None:
-        self.size, self.drop = size, drop
+    def __init__(self, size: int, weigh: Any = None) -> None:
+        self.size, self.weigh = size, weigh or (lambda value: 1)
         self.items: OrderedDict[Any, Any] = OrderedDict()
+        self.weight = 0
         self.lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -47,12 +50,13 @@ class LRU:
 
     def put(self, key: Any, value: Any) -> None:
         with self.lock:
+            if key in self.items:
+                self.weight -= self.weigh(self.items[key])
             self.items[key] = value
+            self.weight += self.weigh(value)
             self.items.move_to_end(key)
-            dropped = [self.items.popitem(last=False)[1] for _ in range(len(self.items) - self.size)]
-        for old in dropped:
-            if self.drop:
-                self.drop(old)
+            while self.weight > self.size and len(self.items) > 1:
+                self.weight -= self.weigh(self.items.popitem(last=False)[1])
 
 
 def check_count(n: int) -> None:
@@ -62,11 +66,38 @@ def check_count(n: int) -> None:
         raise ClientError(413, f"{n} images in one request; at most {MAX_IMAGES}")
 
 
-def rss_bytes() -> int | None:
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident memory of a process (Linux; None elsewhere or when it is gone)."""
     try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def worker_pids() -> list[int]:
+    """This process and its sibling workers (same parent, same command line: ``--workers N``), in pid order."""
+    me = Path("/proc/self/cmdline")
+    try:
+        cmdline, parent = me.read_bytes(), os.getppid()
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except OSError:
+        return [os.getpid()]
+    found = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == parent and Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                found.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(set(found) | {os.getpid()})
+
+
+def memory() -> dict[str, Any]:
+    """This worker's resident memory and every worker's (one entry unless the server runs ``--workers N``)."""
+    workers = [{"pid": pid, "rss_bytes": rss_bytes(pid)} for pid in worker_pids()]
+    return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "workers": workers,
+            "workers_rss_bytes": sum(w["rss_bytes"] or 0 for w in workers)}  # fmt: skip
 
 
 class BodyLimit:
