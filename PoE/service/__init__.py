@@ -18,6 +18,6 @@ Modules: ``app`` (routes), ``core`` (the service state), ``batching``, ``images`
 
 from PoE.service.app import create_app
 from PoE.service.limits import MAX_BODY_BYTES, MAX_IMAGES
-from PoE.service.run import serve
+from PoE.service.run import Settings, serve
 
-__all__ = ["MAX_BODY_BYTES", "MAX_IMAGES", "create_app", "serve"]
+__all__ = ["MAX_BODY_BYTES", "MAX_IMAGES", "Settings", "create_app", "serve"]

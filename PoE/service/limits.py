@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -74,11 +75,22 @@ def rss_bytes(pid: int | str = "self") -> int | None:
         return None
 
 
+def private_bytes(pid: int | str = "self") -> int | None:
+    """Memory of a process that no other process shares: what one more worker costs (resident memory also
+    counts torch's shared libraries, the same pages in every worker)."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        return sum(int(line.split()[1]) * 1024 for line in lines if line.startswith(("Private_Clean", "Private_Dirty")))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def worker_pids() -> list[int]:
-    """This process and its sibling workers (same parent, same command line: ``--workers N``), in pid order."""
+    """This process and its sibling workers (same parent, same command line but for numbers such as
+    multiprocessing's pipe handle: ``--workers N``), in pid order."""
     me = Path("/proc/self/cmdline")
     try:
-        cmdline, parent = me.read_bytes(), os.getppid()
+        cmdline, parent = re.sub(rb"\d+", b"", me.read_bytes()), os.getppid()
         pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
     except OSError:
         return [os.getpid()]
@@ -86,7 +98,7 @@ def worker_pids() -> list[int]:
     for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[1]) == parent and Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+            if int(stat[1]) == parent and re.sub(rb"\d+", b"", Path(f"/proc/{pid}/cmdline").read_bytes()) == cmdline:
                 found.append(pid)
         except (OSError, ValueError, IndexError):
             continue
@@ -94,10 +106,10 @@ def worker_pids() -> list[int]:
 
 
 def memory() -> dict[str, Any]:
-    """This worker's resident memory and every worker's (one entry unless the server runs ``--workers N``)."""
-    workers = [{"pid": pid, "rss_bytes": rss_bytes(pid)} for pid in worker_pids()]
-    return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "workers": workers,
-            "workers_rss_bytes": sum(w["rss_bytes"] or 0 for w in workers)}  # fmt: skip
+    """This worker's memory and every worker's (one entry unless the server runs ``--workers N``)."""
+    workers = [{"pid": pid, "rss_bytes": rss_bytes(pid), "private_bytes": private_bytes(pid)} for pid in worker_pids()]
+    return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "private_bytes": private_bytes(), "workers": workers,
+            "workers_private_bytes": sum(w["private_bytes"] or 0 for w in workers)}  # fmt: skip
 
 
 class BodyLimit:
