@@ -194,7 +194,8 @@ class TaskModel:
         """``export``'s program, in memory (the HTTP service keeps it as bytes: no disk, so no disk-full)."""
         module = private_copy(self.module, fold=precision == "fp32")  # tracing must not touch shared modules
         wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
-        example = torch.rand(2, 3, self.cfg.image_size, self.cfg.image_size)
+        size = self.cfg.image_size  # a fixed example: the same model exports to the same archive in any process
+        example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
         dims |= {i: torch.export.Dim(n, min=8, max=4096) for i, n in ((2, "height"), (3, "width"))}
         with torch.no_grad():
