@@ -149,3 +149,15 @@ def test_predictions_of_many_images_decode_off_the_event_loop_and_match(pool, im
     pred = pool.query(QUERY).predict(images)
     assert [p["class_id"] for p in r.json()["predictions"]] == pred.class_ids
     assert [p["top"] for p in r.json()["predictions"]] == [pred.top(i, 3) for i in range(len(images))]
+
+
+@pytest.mark.parametrize(
+    "workers,threads,cpus,want",
+    [(None, None, 2, (1, 1)), (None, None, 16, (8, 1)), (1, None, 16, (1, 4)), (2, None, 2, (2, 1)),
+     (None, 3, 16, (8, 3)), (None, None, 1, (1, 1))],
+)  # fmt: skip
+def test_workers_and_threads_follow_the_cores(workers, threads, cpus, want):
+    """One worker per two cores; a worker's forwards get its share of the cores less one, 1 to 4 threads."""
+    from PoE.service.run import plan
+
+    assert plan(workers, threads, cpus) == want

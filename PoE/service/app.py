@@ -139,9 +139,11 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
               responses=refusals(400, 413, 503))  # fmt: skip
     async def predict_upload(
         request: Request,
-        tasks: Annotated[list[str], Form(description="task names: repeat the field, or separate with commas")],
-        images: Annotated[list[UploadFile], File(description="PNG or JPEG files")],
-        top: Annotated[int, Form()] = DEFAULT_TOP,
+        tasks: Annotated[
+            list[str], Form(min_length=1, description="task names: repeat the field, or separate with commas")
+        ],
+        images: Annotated[list[UploadFile], File(min_length=1, description="PNG or JPEG files")],
+        top: Annotated[int, Form(ge=1)] = DEFAULT_TOP,
     ) -> JSONResponse:
         names = [t for field_value in tasks for t in re.split(r"[,\s]+", field_value) if t]
         model = service.model(names)
