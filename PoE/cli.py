@@ -308,7 +308,8 @@ def service_parser() -> argparse.ArgumentParser:
                    "the pool and its own batcher (default: one per two CPUs)")  # fmt: skip
     g.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (pip install -r "
                    "requirements-ray.txt); see docs/service.md for a cluster")  # fmt: skip
-    g.add_argument("--replicas", type=POSITIVE_INT, default=1, help="with --ray: replicas of the deployment")
+    g.add_argument("--replicas", type=POSITIVE_INT, default=None, help="with --ray: replicas of the deployment "
+                   "(default: 1)")  # fmt: skip
     g.add_argument("--ray_address", default=None, help="with --ray: an existing cluster (e.g. ray://HEAD:10001 or "
                    "auto); default: a local Ray started by this command")  # fmt: skip
     return p
@@ -356,9 +357,13 @@ def service_body(a: argparse.Namespace) -> int:
         settings = Settings(a.db, a.dataset, str(device), precision, a.data_root, a.max_batch, a.batch_wait_ms,
                             a.threads)  # fmt: skip
         if a.ray:
+            if a.workers:
+                raise PoEError("--workers is for the server without Ray; with --ray use --replicas N")
             from PoE.service.ray_serve import serve_ray
 
-            return serve_ray(settings, a.host, a.port, a.replicas, a.ray_address)
+            return serve_ray(settings, a.host, a.port, a.replicas or 1, a.ray_address)
+        if a.replicas or a.ray_address:
+            raise PoEError("--replicas and --ray_address go with --ray; several processes on this machine: --workers N")
         return serve(settings, a.host, a.port, a.workers)
     if a.queriedTask is None:
         from PoE.datasets import get_dataset

@@ -161,3 +161,17 @@ def test_workers_and_threads_follow_the_cores(workers, threads, cpus, want):
     from PoE.service.run import plan
 
     assert plan(workers, threads, cpus) == want
+
+
+@pytest.mark.parametrize(
+    "argv,says",
+    [(["--replicas", "2"], "--replicas and --ray_address go with --ray"),
+     (["--ray_address", "auto"], "--replicas and --ray_address go with --ray"),
+     (["--ray", "--workers", "2"], "with --ray use --replicas N")],
+)  # fmt: skip
+def test_serve_flags_that_do_not_go_together_are_one_line(capsys, argv, says):
+    from PoE.cli import main_service
+
+    assert main_service(["--serve", "--device", "cpu", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
