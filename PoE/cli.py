@@ -403,8 +403,16 @@ def service_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_batch", type=POSITIVE_INT, default=64, help="dynamic batching: most images per forward")
     g.add_argument("--batch_wait_ms", type=WAIT_MS, default=5.0, help="dynamic batching: how long a batch may wait "
                    "for requests still being received (a lone request never waits)")  # fmt: skip
-    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads for the forwards (default: "
-                   "one less than the CPUs this process may use, at least 1)")  # fmt: skip
+    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads per worker for the forwards "
+                   "(default: its share of the CPUs less one, 1 to 4)")  # fmt: skip
+    g.add_argument("--workers", type=POSITIVE_INT, default=None, help="worker processes on the one port, each with "
+                   "the pool and its own batcher (default: one per two CPUs)")  # fmt: skip
+    g.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (pip install -r "
+                   "requirements-ray.txt); see docs/service.md for a cluster")  # fmt: skip
+    g.add_argument("--replicas", type=POSITIVE_INT, default=None, help="with --ray: replicas of the deployment "
+                   "(default: 1)")  # fmt: skip
+    g.add_argument("--ray_address", default=None, help="with --ray: an existing cluster (e.g. ray://HEAD:10001 or "
+                   "auto); default: a local Ray started by this command")  # fmt: skip
     return p
 
 
@@ -453,10 +461,19 @@ def service_body(a: argparse.Namespace) -> int:
     if a.list:
         return list_pool(open_pool(a, device, precision))
     if a.serve:
-        from PoE.server import serve
+        from PoE.service import Settings, serve
 
-        return serve(open_pool(a, device, precision), a.host, a.port, data_root=a.data_root, max_batch=a.max_batch,
-                     max_wait_ms=a.batch_wait_ms, threads=a.threads)  # fmt: skip
+        settings = Settings(a.db, a.dataset, str(device), precision, a.data_root, a.max_batch, a.batch_wait_ms,
+                            a.threads)  # fmt: skip
+        if a.ray:
+            if a.workers:
+                raise PoEError("--workers is for the server without Ray; with --ray use --replicas N")
+            from PoE.service.ray_serve import serve_ray
+
+            return serve_ray(settings, a.host, a.port, a.replicas or 1, a.ray_address)
+        if a.replicas or a.ray_address:
+            raise PoEError("--replicas and --ray_address go with --ray; several processes on this machine: --workers N")
+        return serve(settings, a.host, a.port, a.workers)
     if a.queriedTask is None:
         tasks = ", ".join(pool_tasks(a).tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")

@@ -202,15 +202,20 @@ class TaskModel:
         """Write the model with ``torch.export`` (CPU, fp32 weights; ``bf16``: the graph runs under bfloat16
         autocast). The program takes float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
         target = check_export_path(path)
+        program = self.program(precision)
+        atomic_write(target, lambda f: torch.export.save(program, f), buffered=True)
+
+    def program(self, precision: str = "fp32") -> torch.export.ExportedProgram:
+        """``export``'s program, in memory (the HTTP service keeps it as bytes: no disk, so no disk-full)."""
         # tracing must not touch shared modules
         module = private_copy(self.module, fold=precision == "fp32", family=family_of(self.cfg))
         wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
-        example = torch.rand(2, 3, self.cfg.image_size, self.cfg.image_size)
+        size = self.cfg.image_size  # a fixed example: the same model exports to the same archive in any process
+        example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
         dims |= {i: torch.export.Dim(n, min=8, max=4096) for i, n in ((2, "height"), (3, "width"))}
         with torch.no_grad():
-            program = torch.export.export(wrapped, (example,), dynamic_shapes=(dims,))
-        atomic_write(target, lambda f: torch.export.save(program, f), buffered=True)
+            return torch.export.export(wrapped, (example,), dynamic_shapes=(dims,))
 
 
 def private_copy(module: nn.Module, fold: bool, family: Family) -> nn.Module:

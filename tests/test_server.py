@@ -19,7 +19,7 @@ from PIL import Image
 
 from PoE.cli import main_service
 from PoE.pool import Pool
-from PoE.server import MAX_IMAGES, create_app
+from PoE.service import MAX_IMAGES, create_app
 
 from .conftest import ROOT
 
@@ -210,7 +210,7 @@ BAD = [
      ("unknown task 'unicorns'", TASKS)),
     ("query repeated task", "/api/query", {"json": {"tasks": ["people", "people"]}}, 400,
      ("'people' is named twice", "name each task once")),
-    ("query empty", "/api/query", {"json": {"tasks": []}}, 400, ("empty query", TASKS)),
+    ("query empty", "/api/query", {"json": {"tasks": []}}, 400, ("tasks: List should have at least 1 item", TASKS)),
     ("query malformed JSON", "/api/query", {"content": b'{"tasks": [', "headers": JSON}, 400,
      ("malformed JSON", JSON_Q, TASKS)),
     ("query tasks not a list", "/api/query", {"json": {"tasks": "people"}}, 400,
@@ -220,15 +220,16 @@ BAD = [
     ("query not an object", "/api/query", {"json": [1, 2]}, 400, ("bad request: body", JSON_Q)),
     ("query unknown field", "/api/query", {"json": {"tasks": ["people"], "task": 1}}, 400,
      ("task: Extra inputs", JSON_Q)),
-    ("predict unknown task", "/api/predict", {"json": {"tasks": ["nope"], "images": []}}, 400,
+    ("predict unknown task", "/api/predict", {"json": {"tasks": ["nope"], "images": ["ok"]}}, 400,
      ("unknown task 'nope'", TASKS)),
     ("predict images not a list", "/api/predict", {"json": {"tasks": ["people"], "images": "abc"}}, 400,
      ("images: Input should be a valid list", JSON_P)),
-    ("predict no images", "/api/predict", {"json": {"tasks": ["people"], "images": []}}, 400, ("no images",)),
+    ("predict no images", "/api/predict", {"json": {"tasks": ["people"], "images": []}}, 400,
+     ("images: List should have at least 1 item", JSON_P)),
     ("predict top not an int", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok"], "top": "3"}}, 400,
      ("top: Input should be a valid integer", JSON_P)),
     ("predict top zero", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok"], "top": 0}}, 400,
-     ("top must be 1 or more",)),
+     ("top: Input should be greater than or equal to 1", JSON_P)),
     ("predict too many images", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok"] * (MAX_IMAGES + 1)}},
      413, (f"{MAX_IMAGES + 1} images in one request; at most {MAX_IMAGES}",)),
     ("predict body over 8 MB", "/api/predict", {"content": b"x" * (8 * 2**20 + 1), "headers": JSON}, 413,

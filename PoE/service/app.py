@@ -1,0 +1,188 @@
+"""The FastAPI app: routes, error handlers and middleware over one ``Service``."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
+
+from PoE.errors import PoEError
+from PoE.pool import Pool
+from PoE.service.batching import Arrivals
+from PoE.service.core import Batching, Service
+from PoE.service.images import decode_base64
+from PoE.service.limits import (
+    DEFAULT_TOP,
+    MAX_BODY_BYTES,
+    MAX_IMAGES,
+    BodyLimit,
+    ClientError,
+    check_count,
+    memory,
+    one_line,
+)
+from PoE.service.schemas import USAGE, PredictBody, QueryBody, refusals
+
+log = logging.getLogger("PoE.service")
+
+WEB = Path(__file__).resolve().parents[1] / "web"
+MODEL_ID = re.compile(r"[0-9a-f]{16}-(?:[0-9a-f]{2}){1,256}\.pt2")
+
+
+def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: int = 64,
+               max_wait_ms: float = 5.0, batching: Batching | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app over ``pool`` (already opened and checked). ``data_root``: where the test split is,
+    for ``evaluate``; None disables accuracy. ``max_batch`` images / ``max_wait_ms``: the batching window
+    (refused with PoEError unless finite, 0-1000 ms). ``batching``: another batcher (Ray Serve's)."""
+    service = Service(pool, data_root, max_batch, max_wait_ms, batching)
+    tasks_known = ", ".join(pool.cfg.tasks)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.close()
+
+    app = FastAPIOffline(  # FastAPI whose /docs and /redoc serve their scripts from the package: no CDN needed
+        title="Pool of Experts",
+        description="Query a pool of experts in real time: pick primitive tasks, get a consolidated model "
+        "(its accuracy, size, cost and a torch.export download) and predictions, without training.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(Arrivals, batcher=service.batcher)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc, ClientError) else one_line(exc.detail)
+        if exc.status_code == 404 and not isinstance(exc, ClientError):
+            message = f"not found: {request.url.path}; the API is under /api (see /docs), the web page at /"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}; see /docs"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            why = first.get("ctx", {}).get("error", "cannot parse")
+            what = f"malformed JSON ({why} at character {first['loc'][-1]})"
+        else:
+            loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+            what = f"bad request: {loc}: {first.get('msg', 'invalid')}"
+        usage = USAGE.get(request.url.path, "see /docs")
+        return JSONResponse({"error": one_line(f"{what}; {usage}; known tasks: {tasks_known}")}, status_code=400)
+
+    @app.exception_handler(PoEError)
+    async def refused(request: Request, exc: PoEError) -> JSONResponse:
+        return JSONResponse({"error": one_line(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s failed", request.url.path)
+        return JSONResponse({"error": one_line(f"internal error: {exc}")}, status_code=500)
+
+    @app.get("/healthz", summary="Liveness: the pool is loaded and the batcher runs", responses=refusals(503))
+    async def healthz() -> dict[str, Any]:
+        if not service.batcher.alive():
+            raise ClientError(503, "the prediction worker has stopped")
+        mem = memory()
+        return {"status": "ok", "dataset": pool.cfg.name, "experts": len(pool.experts), "pid": mem["pid"],
+                "rss_bytes": mem["rss_bytes"]}  # fmt: skip
+
+    @app.get("/api/pool", summary="The pool: dataset and, per task, its classes, its expert's presence and accuracy")
+    async def pool_info() -> dict[str, Any]:
+        info = pool.describe()
+        info.update(image_size=pool.cfg.image_size, precision=pool.precision, max_images=MAX_IMAGES,
+                    max_body_bytes=MAX_BODY_BYTES, accuracy_available=data_root is not None)  # fmt: skip
+        return info
+
+    @app.post("/api/query", summary="Consolidate a model for a set of tasks: classes, FLOPs, params, build time, "
+              "accuracy (evaluate: true) and a download URL", responses=refusals(400, 413, 422, 503))  # fmt: skip
+    async def query(body: QueryBody) -> JSONResponse:
+        model = service.build(body.tasks)
+        key = service.model_id(model.tasks)
+        macs, params = service.cost(model)
+        out: dict[str, Any] = {
+            "tasks": model.tasks,
+            "classes": service.classes_of(model),
+            "flops": macs,
+            "params": params,
+            "build_ms": round(model.build_ms, 3),
+            "model": f"/api/models/{key}.pt2",
+            "precision": pool.precision,
+        }
+        if body.evaluate:
+            out["accuracy"], out["n_test"] = await service.run_slow(service.accuracy, model, key)
+        return JSONResponse(out)
+
+    @app.post("/api/predict", summary="Top classes of base64 PNG/JPEG images under the queried tasks' model",
+              responses=refusals(400, 413, 503))  # fmt: skip
+    async def predict(body: PredictBody, request: Request) -> JSONResponse:
+        model = service.model(body.tasks)  # task errors first
+        check_count(len(body.images))
+        images = [decode_base64(s, i) for i, s in enumerate(body.images)]
+        return JSONResponse(await service.predict(model, images, body.top, request.scope.get("poe.arrival")))
+
+    @app.post("/api/predict/upload", summary="As /api/predict, from a multipart form (tasks fields, image files)",
+              responses=refusals(400, 413, 503))  # fmt: skip
+    async def predict_upload(
+        request: Request,
+        tasks: Annotated[
+            list[str], Form(min_length=1, description="task names: repeat the field, or separate with commas")
+        ],
+        images: Annotated[list[UploadFile], File(min_length=1, description="PNG or JPEG files")],
+        top: Annotated[int, Form(ge=1)] = DEFAULT_TOP,
+    ) -> JSONResponse:
+        names = [t for field_value in tasks for t in re.split(r"[,\s]+", field_value) if t]
+        model = service.model(names)
+        check_count(len(images))
+        data = [await f.read() for f in images]
+        return JSONResponse(await service.predict(model, data, top, request.scope.get("poe.arrival")))
+
+    @app.get("/api/models/{name}", summary="Download a queried model as a torch.export program (.pt2)",
+             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}},
+                                                 **refusals(404, 503, 507)})  # fmt: skip
+    async def download(name: str) -> Response:
+        key = name.removesuffix(".pt2")
+        tasks = service.tasks_of(key) if MODEL_ID.fullmatch(name) else None
+        if tasks is None:
+            raise ClientError(404, f"unknown model {name[:80]!r}; POST /api/query gives a model URL")
+        data = await service.run_slow(service.export, key, tasks)
+        filename = f"poe_{'__'.join(tasks)[:120]}.pt2"
+        return Response(data, media_type="application/octet-stream",
+                        headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
+
+    @app.get("/api/stats", summary="Batching statistics and the memory of this worker and of every worker")
+    async def stats() -> dict[str, Any]:
+        return {**service.batcher.stats.as_dict(), **memory(), "uptime_s": round(time.time() - service.started, 1),
+                "models_exported": len(service.exports), "accuracies_cached": len(service.accuracies)}  # fmt: skip
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.openapi = lambda: describe_tasks(FastAPI.openapi(app), list(pool.cfg.tasks))
+    return app
+
+
+def describe_tasks(schema: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+    """The schema's task lists name this pool's tasks, each once (the API refuses others with a 400)."""
+    for body in ("QueryBody", "PredictBody"):
+        prop = schema.get("components", {}).get("schemas", {}).get(body, {}).get("properties", {}).get("tasks")
+        if prop is not None:
+            prop["items"] = {**prop.get("items", {}), "enum": tasks}
+            prop["uniqueItems"] = True
+    return schema

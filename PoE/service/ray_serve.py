@@ -1,0 +1,128 @@
+"""The same FastAPI app as a Ray Serve deployment: ``Run_Service.py --serve --ray [--replicas N]``.
+
+Each replica opens the pool itself and builds the app of ``PoE.service.app`` (``serve.ingress`` with the app
+built at replica start, so the routes, errors and schema are the very same); Ray Serve's ``@serve.batch``
+takes the hand-written batcher's place and calls the same ``forward``. Ray is optional
+(``requirements-ray.txt``) and imported only here. See docs/service.md for a cluster of several machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from PoE.errors import PoEError
+from PoE.service.batching import BatchStats, Job, answer, check_window, forward
+from PoE.service.run import Settings, plan, url_line
+
+try:
+    from ray import serve
+except ImportError:  # the module stays importable (and --help works) without Ray
+    serve = None
+
+ROOT = Path(__file__).resolve().parents[2]
+OBJECT_STORE_BYTES = 100 * 2**20  # the service passes no large objects through Ray; its minimum is 75 MiB
+APP_NAME = "poe"
+
+
+def batch(method: Any) -> Any:
+    """``@serve.batch`` when Ray is installed (its window is set per replica in ``RayBatching``)."""
+    return serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)(method) if serve is not None else method
+
+
+class RayBatching:
+    """The ``Batching`` of a replica: requests go through ``@serve.batch`` to ``forward`` on a thread."""
+
+    def __init__(self, pool: Any, max_batch: int, max_wait_ms: float) -> None:
+        self.pool, self.stats, self.gate = pool, BatchStats(), None  # the gate is the service's (set by the app)
+        self.batched.set_max_batch_size(max_batch)  # requests per batch
+        self.batched.set_batch_wait_timeout_s(max_wait_ms / 1e3)
+
+    async def submit(self, model: Any, x: torch.Tensor, top: int) -> list[dict[str, Any]]:
+        return await self.batched(Job(model, x, top))
+
+    @batch
+    async def batched(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        return await asyncio.to_thread(self.run, jobs)
+
+    def run(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+        with self.gate.forward():
+            preds = forward(self.pool, jobs)
+        self.stats.add(len(jobs), sum(len(j.x) for j in jobs))
+        return [answer(p, j.top) for p, j in zip(preds, jobs, strict=True)]
+
+    def alive(self) -> bool:
+        return True
+
+    def arrive(self, n: int) -> None:  # Ray's batcher waits its window whatever arrives
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+if serve is not None:
+
+    @serve.deployment(name="PoE", max_ongoing_requests=256)
+    @serve.ingress()
+    class Replica:
+        """One replica: the pool in memory, the app over it, Ray's batching."""
+
+        def __init__(self, settings: dict[str, Any]) -> None:
+            self.settings = Settings(**settings)
+            torch.set_num_threads(self.settings.threads or 1)
+            self.pool = self.settings.open()
+            self.batching = RayBatching(self.pool, self.settings.max_batch, self.settings.max_wait_ms)
+
+        def __serve_build_asgi_app__(self) -> Any:
+            app = self.settings.app(self.pool, batching=self.batching)
+            self.batching.gate = app.state.service.gate
+            return app
+
+
+def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+              address: str | None = None) -> int:  # fmt: skip
+    """Run the app as ``replicas`` Ray Serve replicas behind Ray's HTTP proxy on ``host:port``, on a local Ray
+    started here (small: no dashboard, a 100 MiB object store) or on the cluster at ``address``; until
+    interrupted. Returns the exit code."""
+    if serve is None:
+        raise PoEError("--ray needs Ray Serve: pip install -r requirements-ray.txt")
+    import ray
+
+    check_window(settings.max_batch, settings.max_wait_ms)
+    if not 1 <= port < 65536:
+        raise PoEError(f"--ray needs a fixed --port (1-65535; Ray's proxy cannot pick a free one), got {port}")
+    _, threads = plan(replicas, settings.threads)
+    settings = Settings(**{**asdict(settings.absolute()), "threads": threads})
+    pool = settings.open()  # every part checked here first: a bad pool is one line, not a replica's traceback
+    line = url_line(pool, host, port, f"Ray Serve, {replicas} replica(s), {threads} torch thread(s) each")
+    del pool
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if address is None:
+        ray.init(num_cpus=max(os.cpu_count() or 1, replicas), object_store_memory=OBJECT_STORE_BYTES,
+                 include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})  # fmt: skip
+    else:
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        app = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1}).bind(asdict(settings))
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(line, flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print("server stopped", flush=True)
+    return 0

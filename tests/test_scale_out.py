@@ -1,0 +1,145 @@
+"""Several worker processes on one port, and Ray Serve replicas: every endpoint answers as the single-process
+app does (query with accuracy, predict, model download), whichever process serves the request. Each server
+is started exactly as a user starts it (``Run_Service.py --serve ...``) in a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from PoE.pool import Pool
+from PoE.service import create_app
+
+from .conftest import ROOT
+from .test_server import QUERY, TestClient, b64, encode, same_predictions
+
+START_S = 240  # a worker imports torch and opens the pool; Ray starts its own processes (longer on a busy machine)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Pool:
+    return Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def images(data_root) -> np.ndarray:
+    d = np.load(data_root / "cifar100" / "test.npz")
+    return d["x"][np.flatnonzero(np.isin(d["y"], Pool.open(ROOT / "DB_PoE").make_query(QUERY).classes))[:4]]
+
+
+@pytest.fixture(scope="module")
+def reference(pool, data_root, images) -> dict:
+    """The single-process app's answers."""
+    with TestClient(create_app(pool, data_root)) as client:
+        return answers(client, images)
+
+
+def answers(client, images) -> dict:
+    query = client.post("/api/query", json={"tasks": QUERY, "evaluate": True})
+    assert query.status_code == 200, query.text
+    out = query.json()
+    out.pop("build_ms")
+    predict = client.post("/api/predict", json={"tasks": QUERY, "images": [b64(encode(im)) for im in images]})
+    assert predict.status_code == 200, predict.text
+    out["predictions"] = predict.json()["predictions"]
+    bad = client.post("/api/query", json={"tasks": ["people", "unicorns"]})
+    out["refusal"] = (bad.status_code, bad.json()["error"])
+    return out
+
+
+def same_as_reference(got: dict, want: dict, pool: Pool, images: np.ndarray, download: bytes, tmp_path) -> None:
+    same_predictions(got.pop("predictions"), want["predictions"])
+    assert got == {k: v for k, v in want.items() if k != "predictions"}
+    (tmp_path / "m.pt2").write_bytes(download)
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(program(x), pool.query(QUERY).logits(images), rtol=1e-4, atol=1e-4)
+
+
+def members(pt2: bytes) -> dict[str, bytes]:
+    """A .pt2 archive's files but the random id torch writes into every archive."""
+    with zipfile.ZipFile(io.BytesIO(pt2)) as z:
+        return {n: z.read(n) for n in z.namelist() if not n.endswith(".data/serialization_id")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``Run_Service.py --serve`` in a subprocess, stopped with Ctrl-C (SIGINT) as a user stops it."""
+
+    def __init__(self, *args: str, data_root) -> None:
+        cmd = [sys.executable, "Run_Service.py", "--serve", "--device", "cpu", "--data_root", str(data_root), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:\d+", line)
+        if found is None:
+            self.stop()
+            pytest.fail(f"the server did not start: {line}{self.proc.stderr.read()[-3000:]}")
+        self.url = found.group(0)
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        with httpx.Client(timeout=START_S) as c:  # a new connection: any worker may take it
+            return c.get(self.url + path, **kw)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return self.proc.returncode
+
+
+def check_server(server: Server, reference, pool, images, tmp_path, workers: int) -> None:
+    pids = {server.get("/healthz").json()["pid"] for _ in range(12)}
+    with httpx.Client(base_url=server.url, timeout=START_S) as client:
+        got = answers(client, images)
+    download = server.get(got["model"])
+    assert download.status_code == 200
+    same_as_reference(got, reference, pool, images, download.content, tmp_path)
+    for _ in range(4):  # the model URL downloads from whichever process takes the connection
+        assert members(server.get(reference["model"]).content) == members(download.content)
+    stats = server.get("/api/stats").json()
+    assert stats["private_bytes"] > 0 and len(stats["workers"]) in (1, workers)
+    assert len(pids) <= workers
+
+
+def test_two_workers_answer_as_one_process(reference, pool, images, data_root, tmp_path):
+    server = Server("--port", "0", "--workers", "2", data_root=data_root)
+    try:
+        deadline = time.monotonic() + START_S
+        pids: set[int] = set()
+        while len(pids) < 2 and time.monotonic() < deadline:  # both workers up and taking connections
+            pids.add(server.get("/healthz").json()["pid"])
+        assert len(pids) == 2, pids
+        check_server(server, reference, pool, images, tmp_path, workers=2)
+        stats = server.get("/api/stats").json()
+        assert {w["pid"] for w in stats["workers"]} == pids and stats["workers_private_bytes"] > 0
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray Serve not installed (requirements-ray.txt)")
+def test_ray_serve_with_two_replicas_answers_as_one_process(reference, pool, images, data_root, tmp_path):
+    server = Server("--ray", "--replicas", "2", "--port", str(free_port()), data_root=data_root)
+    try:
+        check_server(server, reference, pool, images, tmp_path, workers=2)
+    finally:
+        assert server.stop() == 0
