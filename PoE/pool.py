@@ -11,6 +11,7 @@ release's bare state dicts carry no metadata: they load, and ``notes`` says they
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +266,7 @@ class Pool:
         for m in (self.library, *self.experts.values()):  # channels_last weights: the fast layout for convolutions
             m.to(self.device, memory_format=torch.channels_last)
         self.states = {t: e.state_dict() for t, e in self.experts.items()}  # what a query's bank is cut from
+        self._banks: OrderedDict[tuple[str, ...], nn.Module] = OrderedDict()
         self.open_ms = (time.perf_counter() - t0) * 1e3  # reading and checking every part
         unchecked = [paths.library.name] if "id" not in self.library_meta else []
         unchecked += [f"expert_{t}.pt" for t, m in self.expert_meta.items() if "id" not in m]
@@ -310,9 +312,19 @@ class Pool:
             raise PoEError(f"missing {self.paths.expert(missing[0])}; {how_to_make(self.cfg, missing[0])}")
         return query
 
-    def bank(self, tasks: list[str]) -> nn.Module:
-        """The experts of ``tasks`` (known to be here) as one bank, in this order, in eval mode."""
-        return bank_of([self.experts[t] for t in tasks], [self.states[t] for t in tasks])
+    def bank(self, tasks: list[str], cached: bool = False) -> nn.Module:
+        """The experts of ``tasks`` (known to be here) as one bank, in this order, in eval mode. ``cached``: kept
+        for the next call with the same tasks (the last 32 task lists; the service's batches ask again and again)."""
+        key = tuple(tasks)
+        if cached and key in self._banks:
+            self._banks.move_to_end(key)
+            return self._banks[key]
+        bank = bank_of([self.experts[t] for t in tasks], [self.states[t] for t in tasks])
+        if cached:
+            self._banks[key] = bank
+            while len(self._banks) > 32:
+                self._banks.popitem(last=False)
+        return bank
 
     def query(self, tasks: list[str]) -> TaskModel:
         """Consolidate the library and the experts of ``tasks`` into one network: the shared library and a new

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+import PoE.networks.bank as bank_module
 from PoE.data import Normalizer
 from PoE.datasets import load_split
 from PoE.losses import ckd_loss
@@ -23,8 +24,15 @@ def features_of(pool: Pool, data_root, n: int = 256) -> torch.Tensor:
         return pool.library(x)
 
 
+@pytest.fixture(params=["grouped", "per_expert"])
+def form(request, monkeypatch) -> str:
+    """Both ways a WRN bank runs: grouped convolutions (on a GPU) and expert by expert on slices (on a CPU)."""
+    monkeypatch.setattr(bank_module, "GROUPED_ON", {"cpu", "cuda"} if request.param == "grouped" else set())
+    return request.param
+
+
 @pytest.mark.parametrize("where", ["shipped", "original"])
-def test_bank_logits_equal_the_experts_on_real_images(where, data_root, official_cifar):
+def test_bank_logits_equal_the_experts_on_real_images(where, form, data_root, official_cifar):
     pool = Pool.open(ROOT / "DB_PoE" if where == "shipped" else official_cifar, "cifar100")
     tasks = list(pool.experts)
     assert len(tasks) == (20 if where == "shipped" else 6)  # every expert each pool holds
@@ -33,12 +41,12 @@ def test_bank_logits_equal_the_experts_on_real_images(where, data_root, official
         loop = torch.cat([pool.experts[t](f) for t in tasks], 1)
         bank = pool.bank(tasks)(f)
     diff = (bank - loop).abs().max().item()
-    print(f"{where}: {len(tasks)} experts, max |bank - loop| = {diff:.2e} over {loop.numel()} logits")
+    print(f"{where}, {form}: {len(tasks)} experts, max |bank - loop| = {diff:.2e} over {loop.numel()} logits")
     assert diff <= 1e-4
     assert torch.equal(bank.argmax(1), loop.argmax(1))
 
 
-def test_tinyimagenet_bank_with_experts_of_unequal_size():
+def test_tinyimagenet_bank_with_experts_of_unequal_size(form):
     root = need(shared_dir() / "official" / "tinyimagenet")
     pool = Pool.open(root, "tinyimagenet")
     tasks = list(pool.experts)
@@ -73,7 +81,7 @@ def test_mobilenet_bank_equals_its_experts():
         torch.testing.assert_close(bank_of(experts)(f), loop, rtol=0, atol=1e-5)
 
 
-def test_one_training_step_of_the_bank_equals_the_loop():
+def test_one_training_step_of_the_bank_equals_the_loop(form):
     """Loss and every gradient of one conditional-KD step, bank against separate experts (fp32, train mode)."""
     torch.manual_seed(0)
     lib = WRNLibrary(WRNSpec(16, 1)).eval()

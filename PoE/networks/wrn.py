@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from PoE.networks.bank import BankLinear
+from PoE.networks.bank import BankLinear, grouped_on
 from PoE.precision import fp32_linear
 
 
@@ -39,6 +39,30 @@ class BasicBlock(nn.Module):
         shortcut = x if self.convShortcut is None else self.convShortcut(o)
         o = self.conv2(F.relu(self.bn2(self.conv1(o))))
         return o + shortcut
+
+    def forward_slice(self, x: torch.Tensor, i: int, g: int) -> torch.Tensor:
+        """Block ``i`` of the ``g`` side by side, alone, on its own input (slices of the shared tensors)."""
+        o = F.relu(bn_slice(self.bn1, x, i, g))
+        shortcut = x if self.convShortcut is None else conv_slice(self.convShortcut, o, i, g)
+        o = conv_slice(self.conv1, o, i, g)
+        o = o if isinstance(self.bn2, nn.Identity) else bn_slice(self.bn2, o, i, g)  # folded for export
+        return conv_slice(self.conv2, F.relu(o), i, g) + shortcut
+
+
+def bn_slice(bn: nn.BatchNorm2d, x: torch.Tensor, i: int, g: int) -> torch.Tensor:
+    """BatchNorm ``bn``'s i-th of g channel groups on ``x`` (its running statistics updated in place in training)."""
+    c = bn.num_features // g
+    s = slice(i * c, (i + 1) * c)
+    stats = bn.running_mean is not None
+    return F.batch_norm(x, bn.running_mean[s] if stats else None, bn.running_var[s] if stats else None,
+                        bn.weight[s], bn.bias[s], bn.training or not stats, bn.momentum or 0.0, bn.eps)  # fmt: skip
+
+
+def conv_slice(conv: nn.Conv2d, x: torch.Tensor, i: int, g: int) -> torch.Tensor:
+    """Grouped convolution ``conv``'s i-th group alone, on that group's input ``x``."""
+    c = conv.out_channels // g
+    bias = None if conv.bias is None else conv.bias[i * c : (i + 1) * c]
+    return F.conv2d(x, conv.weight[i * c : (i + 1) * c], bias, conv.stride, conv.padding)
 
 
 class NetworkBlock(nn.Module):
@@ -123,7 +147,11 @@ class WRNExpert(nn.Module):
 class WRNBank(nn.Module):
     """G experts (``WRNExpert``, on the same library features) as one network: the features repeated G times
     along channels (every expert's first BatchNorm sees them), then block3 with ``groups=G``, one BatchNorm over
-    all G * width channels and ``BankLinear``. Output: the experts' logits side by side, in bank order."""
+    all G * width channels and ``BankLinear``. Output: the experts' logits side by side, in bank order.
+
+    Where the grouped form is slower (``bank.grouped_on``: on a CPU it is), the same weights run expert by expert
+    through slices of the bank's tensors (``per_expert``): the experts' features stay small enough for the caches,
+    where the G-fold repeated ones do not."""
 
     def __init__(self, in_channels: int, width: int, classes: Sequence[int], n_blocks: int) -> None:
         super().__init__()
@@ -133,9 +161,27 @@ class WRNBank(nn.Module):
         self.fc = BankLinear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not grouped_on(x.device):
+            return self.fc(self.per_expert(x))
         x = x.repeat(1, self.groups, 1, 1) if self.groups > 1 else x
         o = F.relu(self.bn1(self.block3(x)))
         return self.fc(F.adaptive_avg_pool2d(o, 1).flatten(1))
+
+    def per_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features of every expert, computed one expert at a time on slices of the bank's tensors (the
+        same function as the grouped form; in training the BatchNorm statistics move the same way)."""
+        g, pooled = self.groups, []
+        for i in range(g):
+            o = x
+            for block in self.block3.layer:
+                o = block.forward_slice(o, i, g)
+            o = F.relu(bn_slice(self.bn1, o, i, g))
+            pooled.append(F.adaptive_avg_pool2d(o, 1).flatten(1))
+        if self.training:  # once per step, as the grouped form counts
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked is not None:
+                    m.num_batches_tracked.add_(1)
+        return torch.cat(pooled, 1)
 
     @staticmethod
     def like(experts: Sequence[WRNExpert]) -> WRNBank:

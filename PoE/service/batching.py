@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from PoE.consolidate import merge
+from PoE.data import Normalizer
 from PoE.errors import PoEError
+from PoE.evaluate import batched_logits
 from PoE.pool import Pool, Prediction, TaskModel
-from PoE.precision import autocast
 from PoE.service.limits import one_line
 
 log = logging.getLogger("PoE.service")
@@ -151,35 +153,21 @@ class Batcher:
 
 @torch.no_grad()
 def forward(pool: Pool, batch: list[Job]) -> list[Prediction]:
-    """The library once on every row, each expert once on the rows of the requests that queried it. Used by
-    the hand-written batcher and by Ray Serve's ``@serve.batch`` alike."""
-    x = torch.cat([j.x for j in batch]).to(pool.device)
-    mean = torch.tensor(pool.cfg.mean, device=pool.device).view(1, -1, 1, 1)
-    std = torch.tensor(pool.cfg.std, device=pool.device).view(1, -1, 1, 1)
-    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-    rows: dict[str, list[torch.Tensor]] = {}  # per expert: the row indices it runs on, in job order
-    taken: dict[str, int] = {}  # per expert: rows so far
-    offset: list[dict[str, int]] = []  # per job: where its rows start in each of its experts' outputs
-    start = 0
+    """The library once on every row, then one bank of every expert the batch's requests queried (their union)
+    on every row; each request takes its experts' columns and merges them by the consolidated model's own rule
+    (``merge``). Used by the hand-written batcher and by Ray Serve's ``@serve.batch`` alike."""
+    union = sorted({t for job in batch for t in job.model.tasks})
+    bank = pool.bank(union, cached=True)
+    ends = dict(zip(union, torch.tensor([pool.experts[t].num_classes for t in union]).cumsum(0).tolist(), strict=True))
+    x = torch.cat([j.x for j in batch])
+    normalize = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)
+    (out,) = batched_logits(nn.Sequential(pool.library, bank), x, normalize, pool.device, pool.precision, len(x))
+    preds, row = [], 0
     for job in batch:
         n = len(job.x)
-        offset.append({})
-        for task in job.model.tasks:
-            offset[-1][task] = taken.get(task, 0)
-            taken[task] = offset[-1][task] + n
-            rows.setdefault(task, []).append(torch.arange(start, start + n, device=pool.device))
-        start += n
-    with autocast(pool.device, pool.precision):
-        features = pool.library(x)
-        out = {}
-        for task, idx in rows.items():
-            sel = torch.cat(idx)
-            out[task] = pool.experts[task](features if len(sel) == len(x) else features.index_select(0, sel))
-    preds = []
-    for job, where in zip(batch, offset, strict=True):
-        n = len(job.x)
-        logits = merge([out[t][where[t] : where[t] + n] for t in job.model.tasks], job.model.module.order)
-        preds.append(job.model.prediction(logits))
+        parts = [out[row : row + n, ends[t] - pool.experts[t].num_classes : ends[t]] for t in job.model.tasks]
+        preds.append(job.model.prediction(merge(parts, job.model.module.order)))
+        row += n
     return preds
 
 
