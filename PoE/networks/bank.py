@@ -11,6 +11,7 @@ statistics are those of the separate experts, so training a bank is training its
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -78,23 +79,25 @@ def expert_states(bank: nn.Module) -> list[dict[str, torch.Tensor]]:
 
 
 _TEMPLATES: OrderedDict[tuple, nn.Module] = OrderedDict()  # the last 256 bank shapes, per device
+_LOCK = threading.Lock()
 
 
 def template(key: tuple, build: Callable[[], nn.Module], device: torch.device) -> nn.Module:
     """The empty bank of shape ``key`` (``build`` makes it): parameters on the meta device, buffers that are
     not part of its state (``BankLinear.owner``) on ``device``. Cached, so only a new shape pays for building."""
-    if key not in _TEMPLATES:
-        with torch.device("meta"):
-            bank = build()
-        for m in bank.modules():
-            for name, b in m._buffers.items():
-                if b is not None and not b.is_meta:
-                    m._buffers[name] = b.to(device)
-        _TEMPLATES[key] = bank
-        while len(_TEMPLATES) > 256:
-            _TEMPLATES.popitem(last=False)
-    _TEMPLATES.move_to_end(key)
-    return _TEMPLATES[key]
+    with _LOCK:  # the service builds models on request threads while its batcher builds banks
+        if key not in _TEMPLATES:
+            with torch.device("meta"):
+                bank = build()
+            for m in bank.modules():
+                for name, b in m._buffers.items():
+                    if b is not None and not b.is_meta:
+                        m._buffers[name] = b.to(device)
+            _TEMPLATES[key] = bank
+            while len(_TEMPLATES) > 256:
+                _TEMPLATES.popitem(last=False)
+        _TEMPLATES.move_to_end(key)
+        return _TEMPLATES[key]
 
 
 def assemble(template: nn.Module, state: dict[str, torch.Tensor], requires_grad: bool) -> nn.Module:
