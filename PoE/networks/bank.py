@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 COUNTER = "num_batches_tracked"  # a BatchNorm's scalar step counter: one value for the whole bank
-# Devices where a WRN bank runs as grouped convolutions. On a CPU the grouped form measured 0.35x the per-expert
+# Devices where a WRN bank runs as grouped convolutions. On a CPU the grouped form measured 0.38x the per-expert
 # loop for 20 experts (fp32, batch 512; docs/expert_bank.md): the G-fold repeated features leave the caches.
 GROUPED_ON = {"cuda"}
 
@@ -102,9 +102,9 @@ def template(key: tuple, build: Callable[[], nn.Module], device: torch.device) -
 
 def assemble(template: nn.Module, state: dict[str, torch.Tensor], requires_grad: bool) -> nn.Module:
     """A new module of ``template``'s structure (built once, on the meta device, its non-persistent buffers on the
-    state's device) holding ``state``'s tensors as
-    they are, shared, not copied. Constructing modules runs their initialisers, some milliseconds for a bank;
-    copying the structure and placing tensors takes tens of microseconds, so a query's bank is built per query."""
+    state's device) holding ``state``'s tensors as they are, shared, not copied. Constructing modules runs their
+    initialisers, some milliseconds for a bank; copying the structure and placing the tensors takes tens of
+    microseconds."""
     bank = _structure(template)
     for name, t in state.items():
         module_name, _, attr = name.rpartition(".")
