@@ -3,8 +3,9 @@
 Every query shares the pool's library, which is nearly all of a composite model's cost, so the worker runs
 the library once on the images of every request waiting, then one expert bank of every expert those requests
 queried (their union, cached by the pool) on all those rows, and merges each request's experts by the
-consolidated model's own rule (``PoE.consolidate.merge``). It waits (a few ms at most) only while other prediction requests are still being
-received, so a lone request is never delayed. The event loop never runs a forward; it only awaits futures.
+consolidated model's own rule (``PoE.consolidate.merge``). It waits (a few ms at most) only while other
+prediction requests are still being received, so a lone request is never delayed. The event loop never runs a
+forward; it only awaits futures.
 """
 
 from __future__ import annotations
