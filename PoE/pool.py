@@ -260,7 +260,13 @@ class Pool:
         self.expert_meta: dict[str, dict[str, Any]] = {}
         for task in tasks:
             if task not in cfg.tasks:
-                raise PoEError(f"{paths.expert(task)} is not a {cfg.name} task; known tasks: {', '.join(cfg.tasks)}")
+                lost = (
+                    ""
+                    if (paths.root / "hierarchy.json").exists()
+                    else (" (a pool built with --hierarchy keeps its tasks in hierarchy.json, which this one lacks)")
+                )
+                raise PoEError(f"{paths.expert(task)} is not a task of this pool{lost}; known tasks: "
+                               f"{', '.join(cfg.tasks)}")  # fmt: skip
             self.experts[task], self.expert_meta[task] = read_expert(paths, cfg, task, self.library,
                                                                      self.library_meta, contents)  # fmt: skip
         for m in (self.library, *self.experts.values()):  # channels_last weights: the fast layout for convolutions

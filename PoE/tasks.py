@@ -191,9 +191,11 @@ def pool_root(db: str | Path, cfg: DatasetConfig) -> Path:
 
 def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
     """The hierarchy of the pool at ``root`` (stored, else built-in); a different ``given`` one is refused."""
-    current = stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
+    stored = stored_hierarchy(root, cfg)
+    current = stored or builtin_hierarchy(cfg)
     if given is not None and given.id != current.id:
-        raise PoEError(f"the pool {root} was built with {current.describe()}; --hierarchy {given.source} is "
+        none = "" if stored else " (it holds no hierarchy.json: a pool built with --hierarchy keeps it there)"
+        raise PoEError(f"the pool {root} was built with {current.describe()}{none}; --hierarchy {given.source} is "
                        f"another (hierarchy {given.id}): omit --hierarchy to use the pool's, or give another "
                        "--db")  # fmt: skip
     return current
