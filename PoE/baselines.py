@@ -32,11 +32,11 @@ from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, count_macs, count_params
-from PoE.hierarchy import Query, make_query
 from PoE.losses import ckd_loss, padded_kd, restricted_kd
 from PoE.networks import build_network, family_of
 from PoE.pool import Pool
 from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR, StageConfig
+from PoE.query import Query, make_query
 from PoE.store import load_checkpoint, load_into, save_checkpoint, state_id, unwrap
 from PoE.teacher import TeacherOutputs
 from PoE.train import seed_everything, train_stage

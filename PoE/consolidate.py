@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from PoE.hierarchy import Query
+from PoE.query import Query
 
 
 def merge(expert_logits: list[torch.Tensor], order: torch.Tensor) -> torch.Tensor:

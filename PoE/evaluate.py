@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from PoE.consolidate import merge
 from PoE.data import ImageSet, Normalizer
 from PoE.errors import PoEError
-from PoE.hierarchy import Query
 from PoE.precision import autocast
+from PoE.query import Query
 
 
 def batched_logits(

@@ -21,8 +21,8 @@ from PoE.baselines import METHODS, USES, BaselineRunner
 from PoE.data import ImageSet, Normalizer
 from PoE.datasets import DatasetConfig
 from PoE.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
-from PoE.hierarchy import make_query
 from PoE.pool import Pool
+from PoE.query import make_query
 from PoE.store import atomic_write
 
 

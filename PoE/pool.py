@@ -25,10 +25,10 @@ from PoE.data import ImageSet, Normalizer, image_batch
 from PoE.datasets import DatasetConfig, described_by_pool, get_dataset
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, batched_logits, check_covered, count_macs, count_params
-from PoE.hierarchy import Query, make_query
 from PoE.manifest import Contents
 from PoE.networks import Family, bank_of, family_of, family_of_state
 from PoE.precision import resolve as resolve_precision
+from PoE.query import Query, make_query
 from PoE.store import (
     PoolPaths,
     atomic_write,

@@ -92,6 +92,8 @@ class TeacherOutputs:
 
     @torch.no_grad()
     def compute(self, view: int, loader: TensorLoader) -> torch.Tensor:
+        """One view's logits (fp16). Not ``evaluate.batched_logits``: its inputs are the loader's augmented,
+        already normalised batches of one view (the same ones training sees), not a stored image tensor."""
         t0 = time.perf_counter()
         parts = []
         steps = -(-len(loader.data) // 500)

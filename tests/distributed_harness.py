@@ -66,7 +66,7 @@ def toy_worker(index: int, port: int, out: str) -> None:
 
 
 def main(out: Path, argv: list[str]) -> int:
-    import PoE.stages as stages
+    import PoE.stages.base as stages
     from PoE.cli import main_preprocessing
     from PoE.store import state_id
 

@@ -15,11 +15,11 @@ from PoE.cli import main_preprocessing, main_service
 from PoE.data import ImageSet, Normalizer, TensorLoader
 from PoE.datasets import get_dataset, load_split
 from PoE.evaluate import predict
-from PoE.hierarchy import make_query
 from PoE.networks import WideResNet, WRNSpec
 from PoE.pool import Pool
 from PoE.precision import resolve
 from PoE.profiles import StageConfig
+from PoE.query import make_query
 from PoE.store import state_id
 from PoE.teacher import TeacherOutputs
 from PoE.train import compiled, train_stage

@@ -9,7 +9,7 @@ import torch
 
 from PoE.cli import main_evaluation
 from PoE.evaluate import score_composite
-from PoE.hierarchy import Query
+from PoE.query import Query
 
 
 def test_combinations_reproduce_the_original_release(capsys, tmp_path, official_cifar, data_root):

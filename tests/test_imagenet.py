@@ -133,9 +133,9 @@ def test_end_to_end_tiny_pool_and_service(tmp_path, imagenet_root, stand_in_weig
 def test_paper_schedule_and_model_cost():
     from PoE.consolidate import ConsolidatedNet
     from PoE.evaluate import count_params
-    from PoE.hierarchy import make_query
     from PoE.networks.mobilenetv2 import new_expert
     from PoE.profiles import for_dataset, get_profile
+    from PoE.query import make_query
 
     prof = for_dataset(get_profile("paper"), CFG)
     assert prof.oracle_arch is None and prof.teacher_views == 0  # the pretrained Oracle, on every batch

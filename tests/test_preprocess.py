@@ -228,12 +228,12 @@ def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypat
     args = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--oracle_arch",
             "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
             "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
-    real = PoE.stages.train_stage
+    real = PoE.stages.base.train_stage
     interrupted = stopping_in_second_epoch(real, "library")
 
-    monkeypatch.setattr(PoE.stages, "train_stage", interrupted)
+    monkeypatch.setattr(PoE.stages.base, "train_stage", interrupted)
     assert main_preprocessing(args) != 0
-    monkeypatch.setattr(PoE.stages, "train_stage", real)
+    monkeypatch.setattr(PoE.stages.base, "train_stage", real)
     assert main_preprocessing(args) == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "db" / "cifar100" / "manifest.json").read_text())
     sittings = manifest["stage_sittings"]
@@ -253,7 +253,7 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
             "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
             "--data_root", str(root), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
     assert main_preprocessing([*base, "--db", str(tmp_path / "db")]) == 0, capsys.readouterr().err
-    real = PoE.stages.train_stage
+    real = PoE.stages.base.train_stage
     interrupted = stopping_in_second_epoch(real, "experts")
 
     soft = [*base, "--stages", "experts", "--loss", "soft", "--db", str(tmp_path / "soft")]
@@ -261,10 +261,10 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
     for pool in ("soft", "scale"):
         (tmp_path / pool / "cifar100").mkdir(parents=True)
         shutil.copy(tmp_path / "db" / "cifar100" / "library_cifar100.pt", tmp_path / pool / "cifar100")
-    monkeypatch.setattr(PoE.stages, "train_stage", interrupted)
+    monkeypatch.setattr(PoE.stages.base, "train_stage", interrupted)
     assert main_preprocessing(soft) != 0
     assert (tmp_path / "soft" / "cifar100" / "resume" / "experts.pt").is_file()
-    monkeypatch.setattr(PoE.stages, "train_stage", real)
+    monkeypatch.setattr(PoE.stages.base, "train_stage", real)
     assert main_preprocessing(scale) == 0, capsys.readouterr().err
     assert not (tmp_path / "scale" / "cifar100" / "resume").exists()
     assert main_preprocessing(soft) == 0, capsys.readouterr().err

@@ -13,11 +13,11 @@ from PoE.data import ImageSet, crop_flip, view_params
 from PoE.datasets import DATASETS, cifar100, tinyimagenet
 from PoE.errors import PoEError
 from PoE.evaluate import count_macs, count_params, cross_expert_share
-from PoE.hierarchy import check_disjoint, make_query
 from PoE.losses import ckd_loss, kd_loss, scale_loss
 from PoE.networks import WideResNet, WRNLibrary, WRNSpec
 from PoE.networks.wrn import expert_from_state, new_expert
 from PoE.profiles import StageConfig
+from PoE.query import check_disjoint, make_query
 from PoE.store import atomic_write, load_checkpoint, load_into, save_checkpoint
 
 

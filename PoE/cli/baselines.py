@@ -1,0 +1,126 @@
+"""Run_Baselines.py: the paper's training-based baselines for one query, beside PoE; and the baselines'
+training flags that Run_Experiments.py shares."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PoE.cli.common import (
+    ALPHA,
+    BUDGET,
+    LEARNING_RATE,
+    NONNEG_INT,
+    POSITIVE_INT,
+    TEMPERATURE,
+    Help,
+    Parser,
+    common_arguments,
+    open_pool,
+    pick_device,
+    pool_tasks,
+    run_main,
+    tasks_epilog,
+)
+from PoE.datasets import DatasetConfig
+from PoE.errors import PoEError
+from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR
+
+if TYPE_CHECKING:
+    import torch
+
+    from PoE.baselines import BaselineRunner
+    from PoE.data import ImageSet
+
+
+def baselines_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="Run_Baselines.py",
+        description="Train the paper's baselines for a query and print them beside PoE's train-free model: "
+        "accuracy on the composite task, multiply-adds, parameters and the wall time to produce each model.",
+        epilog=tasks_epilog(),
+        formatter_class=Help,
+    )
+    common_arguments(p)
+    p.add_argument("--queriedTask", nargs="+", required=True, metavar="TASK", help="primitive tasks of the query")
+    p.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"of {', '.join(METHODS)}")  # fmt: skip
+    p.add_argument("--T", type=TEMPERATURE, default=KD_T, help="distillation temperature")
+    p.add_argument("--alpha", type=ALPHA, default=KD_ALPHA, help="weight of the L1 term of CKD")
+    p.add_argument("--json", action="store_true", help="also print the rows as one JSON list (last line)")
+    baseline_arguments(p)
+    return p
+
+
+def baseline_arguments(p: argparse.ArgumentParser) -> None:
+    """How the baselines train: the flags Run_Baselines.py and Run_Experiments.py share (see BaselineConfig)."""
+    g = p.add_argument_group("baselines' training")
+    g.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (ckd's teacher, the Oracle's "
+                   "row); the per-task Scratch teachers of sd_scratch and uhc_scratch are cached under it")  # fmt: skip
+    g.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
+                   "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    g.add_argument("--budget", type=BUDGET, default=1.0, help="without --epochs: this fraction of the paper's "
+                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    g.add_argument("--lr", type=LEARNING_RATE, default=PAPER_LR, help="peak learning rate")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
+    g.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
+                   "80%%) or onecycle")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="seeds weights and batch order (and Run_Experiments' "
+                   "sample of combinations)")  # fmt: skip
+    g.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
+                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def runners(
+    a: argparse.Namespace,
+    cfg: DatasetConfig,
+    device: torch.device,
+    train: Callable[[], ImageSet],
+    test: ImageSet,
+    T: float = KD_T,
+    alpha: float = KD_ALPHA,
+) -> Callable[[str], BaselineRunner]:
+    """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images)."""
+    from PoE.baselines import BaselineConfig, baseline_runner
+    from PoE.precision import resolve as resolve_precision
+
+    how = BaselineConfig(pretrained=Path(a.pretrained), epochs=a.epochs, budget=a.budget, lr=a.lr,
+                         batch_size=a.batch_size, schedule=a.schedule, T=T, alpha=alpha, seed=a.seed,
+                         precision=resolve_precision(a.precision, device), ckd_views=a.ckd_views,
+                         progress=not a.no_progress)  # fmt: skip
+    return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device), how)
+
+
+def baselines_body(a: argparse.Namespace) -> int:
+    from PoE.baselines import poe_row, result_row
+    from PoE.datasets import load_split
+    from PoE.experiments import markdown_table
+    from PoE.query import make_query
+
+    cfg = pool_tasks(a)
+    query = make_query(a.queriedTask, cfg.tasks, cfg.name)
+    device = pick_device(a.device)
+    train = load_split(cfg, a.data_root, "train")
+    test = load_split(cfg, a.data_root, "test")
+    runner = runners(a, cfg, device, lambda: train, test, a.T, a.alpha)
+    rows = [result_row(runner(method).run(method, list(query.tasks))) for method in a.method]
+    try:
+        rows.append(poe_row(open_pool(a, device), query, test))
+    except PoEError as e:
+        print(f"(no PoE row: {e})")
+    cols = [("method", "method"), ("accuracy", "accuracy (%)"), ("n_test", "test images"), ("macs", "multiply-adds"),
+            ("params", "parameters"), ("epochs", "epochs"), ("seconds", "time to produce (s)"),
+            ("teacher_seconds", "+ teachers (s)")]  # fmt: skip
+    print(f"query: {', '.join(query.tasks)} ({query.num_classes} classes); device {device}")
+    print(markdown_table(rows, cols))
+    if a.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def main_baselines(argv: Sequence[str] | None = None) -> int:
+    return run_main(baselines_body, baselines_parser(), argv)

@@ -1,0 +1,126 @@
+"""Run_Experiments.py: the paper's comparisons (Oracle, PoE, baselines; cross-expert errors) as tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from PoE.cli.baselines import baseline_arguments, runners
+from PoE.cli.common import (
+    NONNEG_INT,
+    POSITIVE_INT,
+    Help,
+    Parser,
+    chosen_tasks,
+    common_arguments,
+    open_pool,
+    pick_device,
+    run_main,
+    tasks_epilog,
+)
+from PoE.errors import PoEError
+from PoE.profiles import METHODS
+
+
+def experiments_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="Run_Experiments.py",
+        description="The paper's comparisons: for n tasks out of a list, the Oracle (restricted to the composite's "
+        "classes), PoE and the training-based baselines: accuracy (mean +- std over combinations), multiply-adds, "
+        "parameters and time per query; and the cross-expert error share of pools extracted with L_soft only, "
+        "L_scale only and both. Writes Markdown and CSV tables and PNG plots.",
+        epilog=tasks_epilog(default_tasks=True),
+        formatter_class=Help,
+    )
+    common_arguments(p)
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="default: the dataset's six")
+    p.add_argument("--n", nargs="+", type=POSITIVE_INT, default=[2, 3, 4, 5], help="combination sizes")
+    p.add_argument("--methods", nargs="+", default=["oracle", "poe", *METHODS], choices=["oracle", "poe", *METHODS],
+                   metavar="METHOD", help="oracle (restricted to each composite's classes), poe, and the baselines "
+                   f"{', '.join(METHODS)}")  # fmt: skip
+    p.add_argument("--combos_per_n", type=NONNEG_INT, default=2, help="baselines: a fixed seeded sample of this many "
+                   "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
+    p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
+                   "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
+    p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots, and "
+                   "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
+                   "interrupted comparison continues; delete the file to train them again)")  # fmt: skip
+    baseline_arguments(p)
+    return p
+
+
+def experiments_body(a: argparse.Namespace) -> int:
+    from functools import cache
+
+    from PoE.baselines import load_oracle, oracle_files
+    from PoE.datasets import load_split
+    from PoE.experiments import (
+        METHOD_COLUMNS,
+        compare,
+        cross_expert_rows,
+        markdown_table,
+        plot_results,
+        same_combination_rows,
+        summarize_methods,
+        write_csv,
+        write_table,
+    )
+    from PoE.pool import Pool
+    from PoE.precision import resolve as resolve_precision
+    from PoE.store import check_writable, files_id
+
+    cfg, tasks = chosen_tasks(a)
+    check_writable(a.out)  # before any training: the record of finished runs and the tables go there
+    if not a.n or any(not 1 <= n <= len(tasks) for n in a.n):
+        raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {a.n}")
+    ablation = {}
+    for item in a.ablation:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PoEError(f"--ablation takes NAME=DB pairs (e.g. soft=DB_soft), got {item!r}")
+        ablation[name] = path
+    device = pick_device(a.device)
+    pool = open_pool(a, device)
+    test = load_split(cfg, a.data_root, "test")
+    train = cache(lambda: load_split(cfg, a.data_root, "train"))
+    rows, poe = compare(pool, tasks, a.n, a.methods, test, oracle=lambda: load_oracle(a.pretrained, cfg, device),
+                        baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
+                        progress=not a.no_progress, record=Path(a.out) / "baseline_runs.jsonl",
+                        oracle_id=files_id(oracle_files(a.pretrained, cfg)))  # fmt: skip
+    schedule_note = ""
+    epochs_text = a.epochs or ("the paper's" if a.budget == 1 else f"{a.budget:g} x the paper's")
+    if any(m in METHODS for m in a.methods):
+        schedule_note = (
+            f"baselines: {a.combos_per_n or 'all'} combination(s) per n (seed {a.seed}), SGD lr {a.lr}, batch "
+            f"{a.batch_size}, {a.schedule} schedule, {epochs_text} epochs, trained in "
+            f"{resolve_precision(a.precision, device)}"
+            f"{f', ckd from {a.ckd_views} cached Oracle views' if a.ckd_views else ''}; every accuracy scored in fp32; "
+        )
+    summary = summarize_methods(rows)
+    note = (f"{cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {device}. {schedule_note}"
+            f"Oracle and PoE: every combination. PoE time = consolidating the pool held in memory (no training; "
+            f"opening and checking the pool once took {pool.open_ms:.0f} ms).")  # fmt: skip
+    table = markdown_table(summary, METHOD_COLUMNS)
+    print(note + "\n\n" + table)
+    out = Path(a.out)
+    write_table(out / "composite_tasks", note + "\n\n" + table, summary)
+    write_csv(out / "composite_tasks_all.csv", rows)
+    paired = same_combination_rows(rows)
+    if paired:
+        ptable = markdown_table(paired, [(k, k) for k in paired[0]])
+        print("\naccuracy (%) of every method on the combinations the baselines ran on:\n" + ptable)
+        write_table(out / "same_combinations", ptable, paired)
+    plot_results(summary, out, f"{cfg.name}: {', '.join(tasks)}", paired)
+    pools = {"both": pool, **{k: Pool.open(v, cfg.name, device) for k, v in ablation.items()}}
+    cross = cross_expert_rows(pools, poe, tasks, a.n, test)
+    ctable = markdown_table(cross, [(k, k) for k in cross[0]])
+    print("\n" + ctable)
+    write_table(out / "cross_expert_errors", ctable, cross)
+    print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, cross_expert_errors.{{md,csv}}, "
+          f"{'same_combinations.{md,csv}, ' if paired else ''}accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
+    return 0
+
+
+def main_experiments(argv: Sequence[str] | None = None) -> int:
+    return run_main(experiments_body, experiments_parser(), argv)

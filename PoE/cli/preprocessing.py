@@ -1,0 +1,242 @@
+"""Run_preprocessing.py: build the pool (Oracle, library, experts), resumable stage by stage."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PoE.cli.common import (
+    ALPHA,
+    FRACTION,
+    LEARNING_RATE,
+    NONNEG_INT,
+    POSITIVE_INT,
+    TEMPERATURE,
+    Help,
+    Parser,
+    common_arguments,
+    pick_device,
+    run_main,
+    tasks_epilog,
+)
+from PoE.errors import PoEError
+from PoE.profiles import PROFILES, STAGES
+
+
+def per_profile(what: Callable[[object], object]) -> str:
+    """``what`` of each profile, for a help text: 'paper: 200, quick: 1, ...' (or one value if they agree)."""
+    values = {k: what(v) for k, v in PROFILES.items()}
+    if len(set(values.values())) == 1:
+        return f"the profile's: {next(iter(values.values()))} in every profile"
+    return "the profile's: " + ", ".join(f"{k} {v}" for k, v in values.items())
+
+
+def stage_values(field: str) -> Callable[[object], str]:
+    """A profile's ``field`` of each stage, 'Oracle / library / experts', or once if they agree."""
+
+    def values(prof: object) -> str:
+        v = [str(getattr(getattr(prof, st), field)) for st in STAGES]
+        return v[0] if len(set(v)) == 1 else " / ".join(v)
+
+    return values
+
+
+# measured: the paper's WRN-40-4 Oracle trains at 93 images/s in bf16 on 2 AVX512-BF16 cores (docs/speed.md)
+PAPER_ON_CPU = (
+    "the paper profile (the default) would run for days on a CPU (CIFAR-100's WRN-40-4 Oracle alone: 200 epochs "
+    "of about 9 minutes each on 2 cores with bf16); on a CPU use --profile cpu (100 minutes measured on 2 cores)"
+)
+
+
+def preprocessing_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="Run_preprocessing.py",
+        description="Build the pool: train (or load) the Oracle, distill the library, extract one expert per "
+        "primitive task by conditional KD. Finished stages are loaded; interrupted ones resume.",
+        epilog=tasks_epilog(),
+        formatter_class=Help,
+    )
+    common_arguments(p)
+    p.add_argument("--profile", default="paper", choices=list(PROFILES), help="schedule preset: " + "; ".join(
+        f"{k}: {v.description}" for k, v in PROFILES.items()) + f". Note: {PAPER_ON_CPU}")  # fmt: skip
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(STAGES),
+        choices=STAGES,
+        metavar="STAGE",
+        help=f"stages to run, of {', '.join(STAGES)}",
+    )
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="primitive tasks (default: all; the "
+                   "built-in datasets' tasks are listed below)")  # fmt: skip
+    p.add_argument("--retrain", nargs="*", default=[], choices=STAGES, metavar="STAGE", help="retrain these stages "
+                   "even if done")  # fmt: skip
+    p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and augmented views")
+    p.add_argument("--image_size", type=POSITIVE_INT, default=None, help="--dataset folder: the images' size in "
+                   "pixels (default: the first training image's, when <= 64)")  # fmt: skip
+    p.add_argument("--library_from", default=None, metavar="DB", help="start the pool from the library of this pool "
+                   "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
+                   "experts, on the Oracle's cached logits")  # fmt: skip
+    p.add_argument("--oracle_arch", default=None, help="Oracle network, e.g. wrn-40-4 (default: the profile's)")
+    p.add_argument("--oracle", default=None, metavar="FILE", help="your own Oracle instead of training one: a "
+                   "torch.export program (.pt2) or TorchScript file mapping float RGB in [0, 1], N x 3 x S x S, to "
+                   "logits over the dataset's classes (checked on a batch, scored on the test split)")  # fmt: skip
+    p.add_argument("--oracle_classes", default=None, metavar="FILE", help="the --oracle's class order when it "
+                   "differs from the dataset's: one class name per line, or a JSON list")  # fmt: skip
+    for stage in STAGES:
+        g = p.add_argument_group(f"{stage} stage (default: the profile's)")
+        name = stage.rstrip("s")
+        g.add_argument(f"--{name}_epochs", type=POSITIVE_INT, default=None, help="epochs")
+        g.add_argument(f"--{name}_lr", type=LEARNING_RATE, default=None, help="peak learning rate")
+        g.add_argument(f"--{name}_batch_size", type=POSITIVE_INT, default=None, help="batch size")
+        g.add_argument(f"--{name}_schedule", default=None, choices=("step", "onecycle"), help="learning-rate schedule")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every stage (default: "
+                   f"{per_profile(stage_values('epochs'))}, for Oracle / library / experts)")  # fmt: skip
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every stage (default: "
+                   f"{per_profile(stage_values('batch_size'))})")  # fmt: skip
+    p.add_argument("--weight_decay", type=FRACTION, default=None, help="weight decay of every stage (default: "
+                   f"{per_profile(stage_values('weight_decay'))})")  # fmt: skip
+    p.add_argument("--label_smoothing", type=FRACTION, default=None, help="Oracle cross-entropy label smoothing, "
+                   f"in [0, 1) (default: {per_profile(lambda prof: prof.oracle.label_smoothing)})")  # fmt: skip
+    p.add_argument("--T", type=TEMPERATURE, default=None, help="distillation temperature (default: "
+                   f"{per_profile(lambda prof: prof.T)})")  # fmt: skip
+    p.add_argument("--alpha", type=ALPHA, default=None, help="weight of L_scale (default: "
+                   f"{per_profile(lambda prof: prof.alpha)})")  # fmt: skip
+    p.add_argument("--loss", default="both", choices=("both", "soft", "scale"), help="expert loss: both "
+                   "(L_soft + alpha L_scale), soft or scale")  # fmt: skip
+    p.add_argument("--teacher_views", type=NONNEG_INT, default=None, help="augmented views whose Oracle logits are "
+                   "cached and cycled through (0: run the Oracle on every batch; default: "
+                   f"{per_profile(lambda prof: prof.teacher_views)})")  # fmt: skip
+    p.add_argument(
+        "--train_limit",
+        type=POSITIVE_INT,
+        default=None,
+        help="train on a random subset of this many images (smoke tests)",
+    )
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "off", *STAGES),
+                   metavar="WHICH", help="torch.compile the training steps of these stages (on: all, off: none; "
+                   "auto: the profile's, on CUDA only)")  # fmt: skip
+    g = p.add_argument_group("pretrained Oracle and library (ImageNet)")
+    g.add_argument("--oracle_weights", default=None, help="the Oracle's state dict file (default: torchvision's "
+                   "ImageNet weights in the torch hub cache)")  # fmt: skip
+    g.add_argument("--library_weights", default=None, help="a whole MobileNetV2 state dict file whose features[:18] "
+                   "become the library (default: torchvision's ImageNet weights in the torch hub cache)")  # fmt: skip
+    g.add_argument("--workers", type=NONNEG_INT, default=None, help="DataLoader workers decoding images (default: one "
+                   "per core, at most 8)")  # fmt: skip
+    return p
+
+
+def preprocessing_settings(a: argparse.Namespace):
+    from PoE.datasets import described_by_data, get_dataset
+    from PoE.networks import check_arch
+    from PoE.precision import resolve as resolve_precision
+    from PoE.preprocess import STAGES, Settings
+    from PoE.profiles import for_dataset, get_profile, override
+    from PoE.query import make_query
+    from PoE.tasks import build_hierarchy, given_hierarchy
+
+    cfg = get_dataset(a.dataset)
+    folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
+    cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
+    hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
+    cfg = hierarchy.apply(cfg)
+    prof = for_dataset(get_profile(a.profile), cfg)
+    tasks = list(cfg.tasks) if a.tasks is None else a.tasks
+    make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
+    stages = {}
+    for stage in STAGES:
+        name = stage.rstrip("s")
+        stages[stage] = override(
+            getattr(prof, stage),
+            epochs=getattr(a, f"{name}_epochs") or a.epochs,
+            lr=getattr(a, f"{name}_lr"),
+            batch_size=getattr(a, f"{name}_batch_size") or a.batch_size,
+            schedule=getattr(a, f"{name}_schedule"),
+            weight_decay=a.weight_decay,
+        )
+    stages["oracle"] = override(stages["oracle"], label_smoothing=a.label_smoothing)
+    if a.oracle_classes and not a.oracle:
+        raise PoEError("--oracle_classes gives the class order of an --oracle FILE; name the file too")
+    if a.oracle and a.oracle_arch:
+        raise PoEError("--oracle FILE is the Oracle; --oracle_arch names one to train: give one of them")
+    oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.oracle_arch
+    try:
+        check_arch(oracle_arch, cfg)
+    except ValueError as e:
+        raise PoEError(f"--oracle_arch: {e}") from None
+    if a.oracle:
+        oracle_arch = f"{Path(a.oracle).name} (yours)"
+    views = prof.teacher_views if a.teacher_views is None else a.teacher_views
+    if cfg.pretrained and views:
+        raise PoEError(f"--teacher_views must be 0 for {cfg.name}: its images are streamed, the Oracle sees each batch")
+    device = pick_device(a.device)
+    precision = resolve_precision(a.precision, device)
+    named = {"on": STAGES, "off": (), "auto": prof.compile if device.type == "cuda" else ()}
+    compile_stages = [st for st in STAGES if any(st in named.get(c, (c,)) for c in a.compile)]
+    return Settings(
+        cfg=cfg,
+        profile=prof,
+        oracle_arch=oracle_arch,
+        oracle=stages["oracle"],
+        library=stages["library"],
+        experts=stages["experts"],
+        T=prof.T if a.T is None else a.T,
+        alpha=prof.alpha if a.alpha is None else a.alpha,
+        teacher_views=views,
+        seed=a.seed,
+        device=device,
+        data_root=Path(a.data_root),
+        db=Path(a.db),
+        pretrained=Path(a.pretrained),
+        tasks=tasks,
+        stages=tuple(s for s in STAGES if s in a.stages),
+        retrain=tuple(a.retrain),
+        train_limit=a.train_limit,
+        soft=a.loss in ("both", "soft"),
+        scale=a.loss in ("both", "scale"),
+        progress=not a.no_progress,
+        command="python Run_preprocessing.py " + " ".join(a.argv),
+        oracle_weights=Path(a.oracle_weights) if a.oracle_weights else None,
+        library_weights=Path(a.library_weights) if a.library_weights else None,
+        workers=a.workers,
+        precision=precision,
+        compile=tuple(compile_stages),
+        hierarchy=hierarchy,
+        library_from=Path(a.library_from) if a.library_from else None,
+        oracle_file=Path(a.oracle) if a.oracle else None,
+        oracle_classes=Path(a.oracle_classes) if a.oracle_classes else None,
+    )
+
+
+def preprocessing_body(a: argparse.Namespace) -> int:
+    from PoE import distributed, stages
+    from PoE.precision import describe
+
+    s = preprocessing_settings(a)
+    s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
+    main, procs = distributed.is_main(), distributed.world()
+    try:
+        if main:
+            print(f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
+                  f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
+                  f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
+                  f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}")  # fmt: skip
+            if s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
+                print(f"warning: {PAPER_ON_CPU}")
+        report = stages.run(s)
+    finally:
+        distributed.destroy()
+    if not main:  # rank 0 reports
+        return 0
+    print()
+    print(report.table())
+    print(f"\nwall time of this run: {report.wall_seconds:.0f}s; teacher logits computed: "
+          f"{report.teacher_cache_seconds:.0f}s; pool: {s.db / s.cfg.name}")  # fmt: skip
+    return 0
+
+
+def main_preprocessing(argv: Sequence[str] | None = None) -> int:
+    return run_main(preprocessing_body, preprocessing_parser(), argv)

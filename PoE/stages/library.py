@@ -1,0 +1,116 @@
+"""The library stage: a WRN front distilled from the Oracle, or a pretrained MobileNetV2's front (ImageNet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from PoE.data import Batch
+from PoE.errors import PoEError
+from PoE.losses import kd_loss
+from PoE.networks import build_network, family_of
+from PoE.networks.mobilenetv2 import MobileNetLibrary, library_state
+from PoE.networks.pretrained import imagenet_weights
+from PoE.preprocess import Preprocessor, StageRecord
+from PoE.stages.base import Part, Stage
+from PoE.store import load_checkpoint, load_into, state_id, unwrap
+from PoE.teacher import TeacherOutputs
+from PoE.train import seed_everything
+
+
+class Library(Stage):
+    """The library: the front of a whole WRN (the library student) distilled from the Oracle by KD. The student
+    is kept beside the Oracle; its front goes to the pool, replacing the experts of any other library."""
+
+    name = "library"
+
+    def __init__(self, prep: Preprocessor, teacher: TeacherOutputs) -> None:
+        super().__init__(prep)
+        self.teacher = teacher
+        self.student_path = prep.pretrained / "library_student.pt"
+
+    def target(self, key: str) -> Path:
+        return self.prep.pool.library
+
+    def load(self, key: str) -> Part | None:
+        path, arch = self.student_path, self.cfg.library_arch
+        found = self.finished(path, "library_student") if self.target(key).exists() else None
+        if found is not None and found[1].get("oracle_id") != self.teacher.oracle_id:
+            if self.name not in self.s.stages:
+                raise PoEError(
+                    f"{path} was distilled from another Oracle than {self.prep.pretrained / 'oracle.pt'}; "
+                    "run --stages library again"
+                )
+            self.prep.say(f"[library] {path} was distilled from another Oracle: retraining it")
+            found = None
+        if found is None:
+            return None
+        sd, meta = found
+        student = load_into(build_network(arch, self.cfg), sd, path, f"{arch} library student")
+        pool_file = self.target(key)
+        lib_sd, lib_meta = unwrap(load_checkpoint(pool_file), pool_file, "library")
+        if not self.prep.adopt(pool_file, {**lib_meta, "state_dict": lib_sd}, "library"):
+            self.prep.replace_library(meta, student.front.state_dict())  # the student's front, as when it was made
+        return Part(student.front.to(self.s.device).eval(), meta)
+
+    def make(self, todo: list[str]) -> dict[str, Part]:
+        teacher, conf, T, arch = self.teacher, self.conf, self.s.T, self.cfg.library_arch
+        seed_everything(self.s.stage_seed(self.name))
+        student = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
+        net, loader = self.start(student)
+
+        def loss_fn(b: Batch) -> torch.Tensor:
+            return kd_loss(net(b.x), teacher.logits(b, loader), T)
+
+        fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.s.teacher_views}
+        meta = {"arch": arch, **self.train({"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp)}
+        meta["test_acc"], meta["test_n"] = self.prep.evaluate(student, None)
+        meta.update(T=T, teacher_views=self.s.teacher_views, oracle_id=teacher.oracle_id, id=state_id(student.front),
+                    teacher_seconds=teacher.seconds, family=family_of(self.cfg).name)  # fmt: skip
+        self.prep.save(self.student_path, "library_student", meta, student.state_dict())
+        self.prep.replace_library(meta, student.front.state_dict())
+        return {self.name: Part(student.front.eval(), meta)}
+
+    def report(self, key: str, part: Part) -> None:
+        self.prep.report.add(f"library student ({self.cfg.library_arch})", "all classes", part.meta)
+        self.prep.report.stages["library"] = StageRecord.of(part.meta)
+
+
+class PretrainedLibrary(Stage):
+    """The front of torchvision's ImageNet MobileNetV2 (features[:18]) as the library: not distilled. Written to
+    the pool once; later runs load the pool's copy (``--retrain library`` replaces it)."""
+
+    name = "library"
+
+    def target(self, key: str) -> Path:
+        return self.prep.pool.library
+
+    def load(self, key: str) -> Part | None:
+        path = self.target(key)
+        found = self.finished(path, "library")
+        if found is None:
+            return None
+        library = load_into(MobileNetLibrary(), found[0], path, f"{self.cfg.name} library")
+        return Part(library.to(self.s.device).eval(), found[1])
+
+    def make(self, todo: list[str]) -> dict[str, Part]:
+        arch = self.cfg.library_arch
+        full, source = imagenet_weights(arch, self.s.library_weights, "--library_weights")
+        library = MobileNetLibrary()
+        load_into(library, library_state(full), source, f"{arch} front (features[:18])")
+        meta = {
+            "arch": f"{arch} features[:18]",
+            "weights": str(source),
+            "train_seconds": 0.0,
+            "id": state_id(library),
+            "family": family_of(self.cfg).name,
+        }
+        self.prep.replace_library(meta, library.state_dict())
+        return {self.name: Part(library.to(self.s.device).eval(), meta)}
+
+    def report(self, key: str, part: Part) -> None:
+        meta = part.meta
+        scored = {**meta, "test_acc": float("nan"), "test_n": 0}
+        self.prep.report.add(f"library ({meta.get('arch')}, pretrained)", "not scored alone", scored)
+        self.prep.report.stages["library"] = StageRecord.of(meta, weights=meta.get("weights"))

@@ -1,0 +1,99 @@
+"""The Oracle stage: trained here on all classes, or a pretrained torchvision network (ImageNet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from PoE.data import Batch
+from PoE.errors import PoEError
+from PoE.networks import build_network
+from PoE.networks.pretrained import imagenet_weights
+from PoE.preprocess import StageRecord
+from PoE.stages.base import Part, Stage
+from PoE.store import half_state, load_into, state_id
+from PoE.teacher import TeacherOutputs
+from PoE.train import seed_everything
+
+
+# ---------------------------------------------------------------------------- Oracle
+class Oracle(Stage):
+    """The Oracle, trained here on all classes by cross-entropy. It is kept at fp16: half the file, and the
+    stored Oracle is exactly the one measured and distilled."""
+
+    name = "oracle"
+
+    def target(self, key: str) -> Path:
+        return self.prep.pretrained / "oracle.pt"
+
+    @property
+    def views(self) -> int:
+        """Augmented views whose logits the teacher caches."""
+        return self.s.teacher_views
+
+    def teacher(self) -> TeacherOutputs:
+        """Run the stage; its Oracle as the teacher of the later stages."""
+        oracle = self.run()[self.name]
+        return TeacherOutputs(oracle.module, oracle.id, self.views, self.s.seed, self.prep.pretrained / "cache",
+                              self.s.progress, self.s.precision)  # fmt: skip
+
+    def ready(self, model: nn.Module) -> nn.Module:
+        return model.to(self.s.device).to(memory_format=torch.channels_last).eval()
+
+    def load(self, key: str) -> Part | None:
+        path, arch = self.target(key), self.s.oracle_arch
+        found = self.finished(path, "oracle")
+        if found is None:
+            return None
+        sd, meta = found
+        if meta.get("arch") != arch and self.name in self.s.stages:
+            raise PoEError(
+                f"{path} holds a {meta.get('arch')} Oracle but this run asks for {arch}; pass "
+                f"--retrain oracle to replace it, or --oracle_arch {meta.get('arch')}"
+            )
+        arch = str(meta.get("arch"))
+        return Part(self.ready(load_into(build_network(arch, self.cfg), sd, path, f"{arch} Oracle")), meta)
+
+    def make(self, todo: list[str]) -> dict[str, Part]:
+        arch, conf = self.s.oracle_arch, self.conf
+        seed_everything(self.s.stage_seed(self.name))
+        model = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
+        net, loader = self.start(model)
+
+        def loss_fn(b: Batch) -> torch.Tensor:
+            return F.cross_entropy(net(b.x).float(), b.y, label_smoothing=conf.label_smoothing)
+
+        meta = {"arch": arch, **self.train({"oracle": model}, loss_fn, loader, loader.epoch, {"arch": arch})}
+        model.load_state_dict(half_state(model))
+        meta["stored_as"] = "fp16"
+        meta["test_acc"], meta["test_n"] = self.prep.evaluate(model, None)
+        meta["id"] = state_id(model)
+        self.prep.save(self.target(self.name), "oracle", meta, half_state(model))
+        return {self.name: Part(self.ready(model), meta)}
+
+    def report(self, key: str, part: Part) -> None:
+        self.prep.report.add(f"Oracle ({part.meta.get('arch')})", "all classes", part.meta)
+        self.prep.report.stages["oracle"] = StageRecord.of(part.meta)
+
+
+class PretrainedOracle(Oracle):
+    """A torchvision Oracle with its ImageNet weights (a file or the hub cache): loaded, never trained. It is
+    scored on this run's tasks' test images, its argmax restricted to their classes (as the paper's table)."""
+
+    views = 0  # the images are streamed with fresh augmentations: the Oracle runs on every batch
+
+    def load(self, key: str) -> Part:
+        arch = self.s.oracle_arch
+        sd, source = imagenet_weights(arch, self.s.oracle_weights, "--oracle_weights")
+        model = self.ready(load_into(build_network(arch, self.cfg), sd, source, f"{arch} Oracle"))
+        meta: dict[str, Any] = {"arch": arch, "weights": str(source), "train_seconds": 0.0, "id": state_id(model)}
+        meta["test_acc"], meta["test_n"] = self.prep.evaluate(model, self.prep.task_classes, restrict=True)
+        return Part(model, meta)
+
+    def report(self, key: str, part: Part) -> None:
+        self.prep.report.add(f"Oracle ({part.meta['arch']}, pretrained)", "the tasks' classes", part.meta)
+        self.prep.report.stages["oracle"] = StageRecord.of(part.meta, weights=part.meta["weights"])
