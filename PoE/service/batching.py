@@ -1,11 +1,11 @@
 """Dynamic batching: one worker thread answers every waiting prediction request from one library forward.
 
-Every query shares the pool's library, which is nearly all of a composite model's cost, so the worker runs
-the library once on the images of every request waiting, then one expert bank of every expert those requests
-queried (their union, cached by the pool) on all those rows, and merges each request's experts by the
-consolidated model's own rule (``PoE.consolidate.merge``). It waits (a few ms at most) only while other
-prediction requests are still being received, so a lone request is never delayed. The event loop never runs a
-forward; it only awaits futures.
+Every query shares the pool's library, which is most of a composite model's cost, so the worker runs the
+library once on the images of every request waiting, then each expert those requests queried once, on the rows
+of the requests that queried it (on a GPU: one bank of their union, cached by the pool, on every row), and
+merges each request's experts by the consolidated model's own rule (``PoE.consolidate.merge``). It waits (a few
+ms at most) only while other prediction requests are still being received, so a lone request is never delayed.
+The event loop never runs a forward; it only awaits futures.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from PoE.consolidate import merge
 from PoE.data import Normalizer
 from PoE.errors import PoEError
-from PoE.evaluate import batched_logits
+from PoE.networks.bank import grouped_on
 from PoE.pool import Pool, Prediction, TaskModel
+from PoE.precision import autocast
 from PoE.service.limits import one_line
 
 log = logging.getLogger("PoE.service")
@@ -154,22 +154,53 @@ class Batcher:
 
 @torch.no_grad()
 def forward(pool: Pool, batch: list[Job]) -> list[Prediction]:
-    """The library once on every row, then one bank of every expert the batch's requests queried (their union)
-    on every row; each request takes its experts' columns and merges them by the consolidated model's own rule
-    (``merge``). Used by the hand-written batcher and by Ray Serve's ``@serve.batch`` alike."""
+    """The library once on every row, then the experts; each request takes its experts' logits and merges them by
+    the consolidated model's own rule (``merge``). Used by the hand-written batcher and by Ray Serve's
+    ``@serve.batch`` alike."""
+    x = torch.cat([j.x for j in batch]).to(pool.device)
+    x = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
+    with autocast(pool.device, pool.precision):
+        features = pool.library(x)
+        parts = experts_banked(pool, batch, features) if grouped_on(x.device) else experts_apart(pool, batch, features)
+    return [job.model.prediction(merge(p, job.model.module.order)) for job, p in zip(batch, parts, strict=True)]
+
+
+def experts_apart(pool: Pool, batch: list[Job], features: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per request, its experts' logits: each expert run once, on the rows of the requests that queried it only
+    (where banks run expert by expert, as on a CPU, the union bank would run every expert on every row: with
+    mixed queries several times the work)."""
+    sizes = [len(j.x) for j in batch]
+    queried: dict[str, list[int]] = {}  # per expert: the requests that queried it, in batch order
+    for k, job in enumerate(batch):
+        for t in job.model.tasks:
+            queried.setdefault(t, []).append(k)
+    out: dict[str, torch.Tensor] = {}
+    first: list[dict[str, int]] = [{} for _ in batch]  # per request: its first row in each of its experts' outputs
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    for t, ks in queried.items():
+        rows = features
+        if len(ks) < len(batch):
+            index = [r for k in ks for r in range(starts[k], starts[k + 1])]
+            rows = features.index_select(0, torch.tensor(index, device=features.device))
+        out[t] = pool.experts[t](rows).float()
+        at = 0
+        for k in ks:
+            first[k][t], at = at, at + sizes[k]
+    return [[out[t][f[t] : f[t] + n] for t in job.model.tasks] for job, f, n in zip(batch, first, sizes, strict=True)]
+
+
+def experts_banked(pool: Pool, batch: list[Job], features: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per request, its experts' logits from one bank of every expert the batch queried (their union, cached by
+    the pool), run on every row: on a GPU one grouped kernel per layer beats a kernel per expert."""
     union = sorted({t for job in batch for t in job.model.tasks})
-    bank = pool.bank(union, cached=True)
+    out = pool.bank(union, cached=True)(features).float()
     ends = dict(zip(union, torch.tensor([pool.experts[t].num_classes for t in union]).cumsum(0).tolist(), strict=True))
-    x = torch.cat([j.x for j in batch])
-    normalize = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)
-    (out,) = batched_logits(nn.Sequential(pool.library, bank), x, normalize, pool.device, pool.precision, len(x))
-    preds, row = [], 0
+    parts, row = [], 0
     for job in batch:
         n = len(job.x)
-        parts = [out[row : row + n, ends[t] - pool.experts[t].num_classes : ends[t]] for t in job.model.tasks]
-        preds.append(job.model.prediction(merge(parts, job.model.module.order)))
+        parts.append([out[row : row + n, ends[t] - pool.experts[t].num_classes : ends[t]] for t in job.model.tasks])
         row += n
-    return preds
+    return parts
 
 
 def answer(pred: Prediction, top: int) -> list[dict[str, Any]]:
