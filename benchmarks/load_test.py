@@ -1,25 +1,25 @@
-"""Load test of the HTTP service in several configurations: one worker, N workers, Ray Serve replicas.
+"""Load test of the HTTP service in several configurations: one worker, N workers, Ray Serve replicas, each with
+the clients placed as a client on another machine would be (niced, or on cores of their own).
 
-    python benchmarks/load_test.py --data_root ../shared/data --configs workers:1 workers:2 ray:1 ray:2 \\
-        --out results/service/load_test.md
+    python benchmarks/load_test.py --data_root ../shared/data --out results/service/load_test.md \\
+        --configs workers:1 workers:1:taskset workers:2 ray:1 ray:2
 
 Each configuration is a ``Run_Service.py --serve`` started in a subprocess on 127.0.0.1; the load comes from
-several client processes (httpx, asyncio; one client process cannot exceed ~500 req/s) run at lower priority
-(``nice``), as a client on another machine would not compete with the server. Measured per configuration:
-``/api/query`` p50 / p99 (one client), ``/api/predict`` throughput with one client and with 16, the server's and
-the clients' CPU per request, and 10,000 mixed requests from 16 clients: errors and the server's memory (every
-process of the server: workers, or Ray's processes and replicas; private memory, which excludes the shared
-libraries every process maps). Goals (issue 22): 16 clients >= 3x one client; 0 errors; memory flat.
+several client processes (``load_clients.py``: httpx, asyncio; one client process cannot exceed ~500 req/s),
+placed per configuration: ``nice`` (the default: the clients at nice 10 on every core), ``taskset`` (the server
+pinned to the first three quarters of the cores, the clients to the rest; on 2 cores one each) or ``same`` (the
+clients beside the server at its priority). Measured per configuration: ``/api/query`` p50 / p99 (one client),
+``/api/predict`` throughput with one client and with 16, the server's and the clients' CPU per request (user +
+system time from /proc, every process of each), and 10,000 mixed requests from 16 clients: errors and the
+server's memory (every process of the server: workers, or Ray's processes and replicas; private memory, which
+excludes the shared libraries every process maps). Goals (issue 22): 16 clients >= 3x one client; 0 errors;
+memory flat. The table says the load average before and after: above zero, other work ran beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import io
 import os
-import random
 import re
 import signal
 import socket
@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
+from load_clients import FIXED, Phase, client_init, run_phase
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXED = [["people", "vehicles_1", "vehicles_2"], ["trees", "fish"], ["insects"], ["flowers", "fruit_and_vegetables"]]
+PLACEMENTS = ("nice", "taskset", "same")  # clients niced / on cores of their own / beside the server as equals
 
 
 # ---------------------------------------------------------------------------- the server's processes
@@ -88,9 +87,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]]:
+    """(the server's cores, the clients' cores) for ``taskset``: the clients get the last quarter (at least one)."""
+    k = max(1, len(cpus) // 4)
+    return cpus[:-k], cpus[-k:]
+
+
 @dataclass
 class Server:
-    """One configuration's server: ``workers:N`` or ``ray:N`` (replicas)."""
+    """One configuration's server: ``workers:N`` or ``ray:N`` (replicas), then optionally ``:PLACEMENT`` (where the
+    clients run: ``nice``, ``taskset`` or ``same``; default ``--placement``)."""
 
     spec: str
     args: argparse.Namespace
@@ -106,6 +112,19 @@ class Server:
     def n(self) -> int:
         return int(self.spec.split(":")[1])
 
+    @property
+    def placement(self) -> str:
+        parts = self.spec.split(":")
+        return parts[2] if len(parts) > 2 else self.args.placement
+
+    def cpus(self) -> tuple[list[int] | None, list[int] | None]:
+        """(the server's cores, the clients' cores); None: all of them."""
+        return split_cpus(sorted(os.sched_getaffinity(0))) if self.placement == "taskset" else (None, None)
+
+    def client_settings(self) -> tuple[int, list[int] | None]:
+        """(nice, cores) of the client processes."""
+        return (self.args.nice if self.placement == "nice" else 0), self.cpus()[1]
+
     def command(self, max_batch: int) -> list[str]:
         a = self.args
         cmd = [sys.executable, "Run_Service.py", "--serve", "--db", a.db, "--data_root", a.data_root, "--device",
@@ -117,8 +136,10 @@ class Server:
         return [*cmd, "--workers", str(self.n), "--port", "0"]
 
     def start(self, max_batch: int) -> None:
+        cores = self.cpus()[0]
+        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None  # Ray's processes inherit it
         self.proc = subprocess.Popen(self.command(max_batch), cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=self.log.open("w"), text=True)  # fmt: skip
+                                     stderr=self.log.open("w"), text=True, preexec_fn=pin)  # fmt: skip
         line = self.proc.stdout.readline()  # "serving ... at http://127.0.0.1:PORT/ ..."
         found = re.search(r"http://127\.0\.0\.1:\d+", line)
         if found is None:
@@ -137,112 +158,6 @@ class Server:
                 self.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-# ---------------------------------------------------------------------------- the clients
-def client_init(nice: int) -> None:
-    os.nice(nice)
-
-
-def images(data_root: str) -> tuple[list[bytes], list[str]]:
-    pngs = []
-    for im in np.load(Path(data_root) / "cifar100" / "test.npz")["x"][:64]:
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, "PNG")
-        pngs.append(buf.getvalue())
-    return pngs, [base64.b64encode(p).decode() for p in pngs]
-
-
-@dataclass
-class Phase:
-    """One client process's share of a phase: ``clients`` concurrent loops of ``n`` requests each."""
-
-    url: str
-    data_root: str
-    kind: str  # "query", "predict" or "mixed"
-    clients: int
-    n: int
-    seed: int
-    tasks: list[str]
-    start_at: float  # wall-clock time at which every process starts, so that they overlap
-
-
-@dataclass
-class Result:
-    latencies_ms: list[float]
-    errors: int
-    first_error: str
-    cpu_s: float
-    start: float
-    end: float
-
-
-def run_phase(ph: Phase) -> Result:
-    return asyncio.run(phase_loop(ph))
-
-
-async def phase_loop(ph: Phase) -> Result:
-    pngs, b64 = images(ph.data_root)
-    lat: list[float] = []
-    errors, first = 0, ""
-    limits = httpx.Limits(max_connections=ph.clients, max_keepalive_connections=ph.clients)
-    async with httpx.AsyncClient(base_url=ph.url, timeout=300, limits=limits) as http:
-
-        async def call(method: str, url: str, **kw) -> httpx.Response | None:
-            nonlocal errors, first
-            t = time.perf_counter()
-            try:
-                r = await http.request(method, url, **kw)
-                ok, why = r.status_code == 200, f"{r.status_code} {r.text[:200]}"
-            except httpx.HTTPError as e:
-                r, ok, why = None, False, repr(e)
-            lat.append((time.perf_counter() - t) * 1e3)
-            if not ok:
-                errors += 1
-                first = first or f"{method} {url}: {why}"
-            return r
-
-        def predict(i: int, k: int = 1, tasks: list[str] | None = None) -> dict:
-            return {"tasks": tasks or FIXED[i % 4], "images": [b64[(i + j) % 64] for j in range(k)]}
-
-        async def loop(k: int) -> None:
-            r = random.Random(ph.seed * 1000 + k)
-            for i in range(ph.n):
-                if ph.kind == "query":
-                    await call("POST", "/api/query", json={"tasks": r.sample(ph.tasks, r.randint(1, 5))})
-                elif ph.kind == "predict":
-                    await call("POST", "/api/predict", json=predict(k * ph.n + i))
-                else:
-                    await mixed_request(r, i, call, predict, pngs, ph.tasks)
-
-        await asyncio.sleep(max(0.0, ph.start_at - time.time()))
-        cpu, start = time.process_time(), time.time()
-        await asyncio.gather(*(loop(k) for k in range(ph.clients)))
-        return Result(lat, errors, first, time.process_time() - cpu, start, time.time())
-
-
-async def mixed_request(r: random.Random, i: int, call, predict, pngs: list[bytes], tasks: list[str]) -> None:
-    """Query 35%, evaluate 1%, download 0.5%, predict 1 image 33.5%, 4 images 10%, upload 10%, pool 5%, health 5%."""
-    x = r.random()
-    if x < 0.35:
-        await call("POST", "/api/query", json={"tasks": r.sample(tasks, r.randint(1, 5))})
-    elif x < 0.36:
-        await call("POST", "/api/query", json={"tasks": FIXED[i % 4], "evaluate": True})
-    elif x < 0.365:
-        answer = await call("POST", "/api/query", json={"tasks": FIXED[i % 4]})
-        if answer is not None and answer.status_code == 200:
-            await call("GET", answer.json()["model"])
-    elif x < 0.70:
-        await call("POST", "/api/predict", json=predict(i, 1, r.sample(tasks, r.randint(1, 5))))
-    elif x < 0.80:
-        await call("POST", "/api/predict", json=predict(i, 4))
-    elif x < 0.90:
-        files = [("images", ("a.png", pngs[i % 64], "image/png"))]
-        await call("POST", "/api/predict/upload", data={"tasks": FIXED[i % 4]}, files=files)
-    elif x < 0.95:
-        await call("GET", "/api/pool")
-    else:
-        await call("GET", "/healthz")
 
 
 @dataclass
@@ -284,10 +199,13 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
-def measure(spec: str, a: argparse.Namespace, ex: ProcessPoolExecutor, max_batch: int) -> dict:
+def measure(spec: str, a: argparse.Namespace, max_batch: int) -> dict:
+    """One configuration: start its server, warm it, run every phase, stop it. The client processes are made
+    for it (their priority and cores follow the configuration's placement)."""
     server = Server(spec, a)
     t0 = time.monotonic()
     server.start(max_batch)
+    ex = ProcessPoolExecutor(a.client_procs, initializer=client_init, initargs=server.client_settings())
     try:
         start_s = time.monotonic() - t0
         pool = httpx.get(server.url + "/api/pool", timeout=300).json()
@@ -317,29 +235,36 @@ def measure(spec: str, a: argparse.Namespace, ex: ProcessPoolExecutor, max_batch
             out["mem"] = [*mem, tree_private_mb(server.proc.pid)]
         with httpx.Client(timeout=60) as c:
             out["stats"] = c.get(server.url + "/api/stats").json()
+        out["took_s"] = time.monotonic() - t0
         return out
     finally:
+        ex.shutdown()
         server.stop()
 
 
 # ---------------------------------------------------------------------------- the report
-def describe(spec: str) -> str:
-    kind, n = spec.split(":")
-    return f"{n} worker{'s' if n != '1' else ''}" if kind == "workers" else f"Ray Serve, {n} replica{'s' * (n != '1')}"
+WHERE = {"nice": "clients niced", "taskset": "clients on other cores", "same": "clients beside, same priority"}
+
+
+def describe(server: Server) -> str:
+    n, s = server.n, "s" * (server.n != 1)
+    what = f"{n} worker{s}" if server.kind == "workers" else f"Ray Serve, {n} replica{s}"
+    return f"{what}; {WHERE[server.placement]}"
 
 
 def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
     ok = lambda cond: "yes" if cond else "**no**"  # noqa: E731
+    c = a.clients
     rows = [
-        f"| server | predict, 1 client | predict, {a.clients} clients | gain | goal >= 3x | query p50 / p99 "
-        f"| server / client CPU per predict (1; {a.clients} clients) | {a.n_mixed:,} mixed: errors, req/s "
-        "| server memory (private): warm / max / end | flat (5%) | start |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| server | predict, 1 client | predict, {c} clients | gain | goal >= 3x | query p50 / p99 "
+        f"| server CPU per predict, 1 / {c} clients | client CPU per predict, 1 / {c} clients "
+        f"| {a.n_mixed:,} mixed: errors, req/s | server memory (private): warm / max / end | flat (5%) | start, took |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         one, many, q = r["one"], r["many"], r["query"]
         gain = many.rps / one.rps
-        name = describe(r["spec"]) + (" (batching off)" if r["max_batch"] == 1 else "")
+        name = describe(Server(r["spec"], a)) + (" (batching off)" if r["max_batch"] == 1 else "")
         mixed, mem = r.get("mixed"), r.get("mem", [])
         mix = f"{mixed.errors}, {mixed.rps:.0f}" if mixed else "-"
         flat = abs(mem[-1] - r["mem_warm"]) <= 0.05 * r["mem_warm"] if mem else None
@@ -347,19 +272,22 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
         rows.append(
             f"| {name} | {one.rps:.0f} req/s | {many.rps:.0f} req/s | {gain:.1f}x | {ok(gain >= 3)} "
             f"| {pct(q.latencies_ms, 50):.1f} / {pct(q.latencies_ms, 99):.1f} ms "
-            f"| {one.server_cpu_ms:.2f} / {one.client_cpu_ms:.2f}; "
-            f"{many.server_cpu_ms:.2f} / {many.client_cpu_ms:.2f} ms "
-            f"| {mix} | {mems} | {'-' if flat is None else ok(flat)} | {r['start_s']:.0f} s |"
+            f"| {one.server_cpu_ms:.2f} / {many.server_cpu_ms:.2f} ms "
+            f"| {one.client_cpu_ms:.2f} / {many.client_cpu_ms:.2f} ms "
+            f"| {mix} | {mems} | {'-' if flat is None else ok(flat)} | {r['start_s']:.0f} s, {r['took_s']:.0f} s |"
         )  # fmt: skip
-    errors = [f"{describe(r['spec'])}: {m.first_error}" for r in results for m in
+    errors = [f"{describe(Server(r['spec'], a))}: {m.first_error}" for r in results for m in
               (r["warm"], r["query"], r["one"], r["many"], r.get("mixed")) if m is not None and m.errors]  # fmt: skip
+    server_cpus, client_cpus = split_cpus(sorted(os.sched_getaffinity(0)))
     notes = [
         f"Servers: `Run_Service.py --serve --max_batch {a.max_batch} --batch_wait_ms {a.batch_wait_ms}"
         f"{f' --threads {a.threads}' if a.threads else ''} [--workers N | --ray --replicas N]` (fp32, CPU, shipped "
-        f"pool). Clients: {a.client_procs} processes at nice {a.nice} (httpx, asyncio); {a.n_latency} requests per "
-        f"latency phase, {a.n_latency * 2} for {a.clients} clients; before them {a.n_warm_mixed:,} mixed requests "
-        "warm every worker's caches. CPU: every process of the server (workers, or Ray's own processes and its "
-        "replicas) and every client process; 'start': until the server answers (all workers up).",
+        f"pool). Clients: {a.client_procs} processes (httpx, asyncio); 'niced': at nice {a.nice}, every core; 'other "
+        f"cores': the server pinned to CPUs {server_cpus}, the clients to {client_cpus} (sched_setaffinity, as "
+        f"taskset does); {a.n_latency} requests per latency phase, {a.n_latency * 2} for {c} clients; before them "
+        f"{a.n_warm_mixed:,} mixed requests warm every worker's caches. CPU: user + system time of every process of "
+        "the server (workers, or Ray's own processes and its replicas) and of every client process during the "
+        "phase, per request; 'start': until the server answers (all workers up); 'took': the whole configuration.",
         f"Machine: {where}.",
     ]
     if errors:
@@ -371,8 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", default="DB_PoE")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--configs", nargs="+", default=["workers:1", "workers:2", "ray:1", "ray:2"],
-                   help="workers:N or ray:N (replicas); workers:1 is the single-process server")  # fmt: skip
+    p.add_argument("--configs", nargs="+", default=["workers:1", "workers:1:taskset", "workers:2", "ray:1", "ray:2"],
+                   help="workers:N or ray:N (replicas), then optionally :nice, :taskset or :same (where the clients "
+                   "run; default --placement); workers:1 is the single-process server")  # fmt: skip
+    p.add_argument("--placement", choices=PLACEMENTS, default="nice",
+                   help="nice: clients at lower priority; taskset: server and clients on different cores; same: "
+                   "clients beside the server at the same priority")  # fmt: skip
     p.add_argument("--batching_off", action="store_true", help="also workers:1 with --max_batch 1")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--client_procs", type=int, default=4, help="client processes the clients are spread over")
@@ -387,13 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     where = f"{os.cpu_count()} CPUs, load average {load} (1 / 5 / 15 min) before the first server started"
+    if os.getloadavg()[0] >= 0.5:
+        where += " (other work was running: every figure is contended)"
+    for spec in a.configs:  # refuse a bad spec before anything runs
+        if not re.fullmatch(rf"(workers|ray):[1-9]\d*(:({'|'.join(PLACEMENTS)}))?", spec):
+            p.error(f"bad configuration {spec!r}; accepted: workers:N or ray:N, optionally :nice, :taskset or :same")
     results = []
-    with ProcessPoolExecutor(a.client_procs, initializer=client_init, initargs=(a.nice,)) as ex:
-        for spec in a.configs:
-            results.append(measure(spec, a, ex, a.max_batch))
-            print(table(a, results[-1:], where), flush=True)
-        if a.batching_off:
-            results.append(measure("workers:1", a, ex, 1))
+    for spec in a.configs:
+        results.append(measure(spec, a, a.max_batch))
+        print(table(a, results[-1:], where), flush=True)
+    if a.batching_off:
+        results.append(measure("workers:1", a, 1))
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     text = table(a, results, f"{where}; {load} at the end")
     print(text)
