@@ -168,7 +168,14 @@ def test_batching_shares_one_library_forward(pool, data_root, images):
     results: dict[int, dict] = {}
     app = create_app(pool, data_root, max_batch=64, max_wait_ms=400)
     calls = []
-    hook = pool.library.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))
+    hooks = [pool.library.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))]
+    rows = dict.fromkeys(pool.experts, 0)  # on a CPU each expert runs on the rows of its requests only
+    for task, expert in pool.experts.items():
+
+        def count(m, inp, out, t=task) -> None:
+            rows[t] += len(inp[0])
+
+        hooks.append(expert.register_forward_hook(count))
     try:
         with TestClient(app) as c:
             start = threading.Barrier(12)
@@ -185,9 +192,11 @@ def test_batching_shares_one_library_forward(pool, data_root, images):
                 t.join(timeout=60)
             stats = c.get("/api/stats").json()
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     for i in range(12):
         same_predictions(results[i]["predictions"], expected(pool, queries[i % 4], [images[i % 8]] * (1 + i % 2)))
+    assert rows == {t: sum(1 + i % 2 for i in range(12) if t in queries[i % 4]) for t in pool.experts}, rows
     assert stats["requests"] == 12 and stats["images"] == 18
     assert stats["forwards"] == len(calls) and sum(calls) == 18  # one library forward per batch, every row once
     assert stats["forwards"] <= 4 and stats["largest_batch_requests"] >= 4, stats  # 12 requests, at most 4 forwards
