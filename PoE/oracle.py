@@ -127,7 +127,8 @@ def check_program(model: nn.Module, x: torch.Tensor, cfg: DatasetConfig, path: P
     except Exception as e:
         size = f"3 x {cfg.image_size} x {cfg.image_size}"
         raise PoEError(f"--oracle {path} failed on a batch of {len(x)} images of {size} ({type(e).__name__}: "
-                       f"{str(e).strip()[:80]}); it must take float RGB in [0, 1], N x {size}") from None  # fmt: skip
+                       f"{str(e).strip()[:80]}); it must take float RGB in [0, 1], N x {size} (the dataset's image "
+                       "size: --image_size for a folder)") from None  # fmt: skip
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), cfg.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise PoEError(f"--oracle {path} returned {got} for {len(x)} images; expected logits of shape "

@@ -54,6 +54,12 @@ class DatasetConfig:
     description: dict | None = None  # what the pool records of such a dataset (class names, image size)
 
     @property
+    def family(self) -> str:
+        """The network family of the library and experts (``PoE.networks.FAMILIES``): MobileNetV2 where the
+        library is one (``mobilenet_v2``, ``mobilenet_v2-0.5``), else the WRN family."""
+        return "mobilenetv2" if self.library_arch.startswith("mobilenet_v2") else "wrn"
+
+    @property
     def streamed(self) -> bool:
         """Whether the training images are streamed from disk (and a test split is read per query's classes)."""
         return self.train_files is not None

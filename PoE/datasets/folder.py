@@ -2,11 +2,13 @@
 
 Class names are the training folder's sub-folder names (class id = position in sorted order, as torchvision's
 ImageFolder numbers them). Images are resized (shorter side) and centre-cropped to ``--image_size`` (default:
-the first training image's size when it is at most 64 pixels, else 224) and, as the Tiny-ImageNet reader does,
-decoded once into an npz cache keyed by the folder, its listing and the size. Small images (<= 64) get the WRN
-family trained here, as CIFAR-100 (<= 40 pixels) and Tiny-ImageNet (41-64) do; larger ones MobileNetV2, as
-ImageNet. An unreadable image is an error naming its path, unless ``--skip_bad_images`` says to skip it (each
-skipped file is still named).
+the first training image's longer side, at most 224) and, as the Tiny-ImageNet reader does, decoded once into an
+npz cache keyed by the folder, its listing and the size; a split whose decoded images would take more than
+``max_decoded_bytes`` is refused before decoding, in one line. Small images (<= 64) get the WRN family trained
+here, as CIFAR-100 (<= 40 pixels) and Tiny-ImageNet (41-64) do; larger ones MobileNetV2, as ImageNet, but
+distilled here from your ``--oracle`` (or an Oracle trained here) rather than cut from ImageNet weights. An
+unreadable image is an error naming its path, unless ``--skip_bad_images`` says to skip it (each skipped file is
+still named).
 
 The pool records what it was built from (class names, image size) in ``dataset.json``, so that it can be opened
 and served without the images.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -34,7 +37,9 @@ DESCRIPTION_FILE = "dataset.json"  # in the pool's folder
 LAYOUT = "an image folder PATH with train/<class>/<images> and test/<class>/<images> (or val/<class>/)"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SMALL = 64  # images up to this size get the WRN family; larger ones MobileNetV2
-LARGE_DEFAULT = 224
+LARGE_DEFAULT = 224  # the default size of larger images is their own, at most this
+LARGE_ORACLE, LARGE_LIBRARY = "mobilenet_v2", "mobilenet_v2-0.5"  # networks of larger images, trained here
+LIMIT_VAR = "POE_MAX_DECODED_GB"  # overrides the default limit on one split's decoded images
 
 
 def split_folder(root: Path, split: str) -> Path:
@@ -78,7 +83,8 @@ def listing(root: Path, split: str, names: list[str], classes: list[int] | None 
 
 
 def default_size(root: Path, names: list[str]) -> int:
-    """The first training image's size when it is small (<= 64, its longer side), else 224."""
+    """The first training image's size (its longer side), at most 224: small images keep theirs, large ones are
+    not upscaled, photographs become ImageNet's 224."""
     from PIL import Image
 
     files, _ = listing(root, "train" if (root / "train").is_dir() else "test", names, [0])
@@ -88,8 +94,36 @@ def default_size(root: Path, names: list[str]) -> int:
                 side = max(im.size)
         except (OSError, ValueError):
             continue
-        return side if side <= SMALL else LARGE_DEFAULT
+        return min(side, LARGE_DEFAULT)
     raise PoEError(f"no readable image among {files[0].parent}'s {len(files)} files; give --image_size")
+
+
+def max_decoded_bytes() -> int:
+    """How many bytes one split's decoded images may take: ``$POE_MAX_DECODED_GB`` GB, else a quarter of this
+    machine's memory (reading the cache back holds them twice for a moment)."""
+    given = os.environ.get(LIMIT_VAR)
+    if given:
+        try:
+            if float(given) <= 0:
+                raise ValueError
+            return int(float(given) * 1e9)
+        except ValueError:
+            raise PoEError(f"${LIMIT_VAR}={given!r}: expected a positive number of gigabytes") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): a fixed 4 GB
+        return 4 * 10**9
+
+
+def check_decoded_size(base: Path, n: int, size: int) -> None:
+    """Refuse, before decoding anything, a split of ``n`` images whose decoded pixels exceed the limit."""
+    each, limit = size * size * 3, max_decoded_bytes()
+    if n * each > limit:
+        hint = f" (at 96 pixels: {n * 96 * 96 * 3 / 1e9:.2f} GB)" if size > 96 else ""
+        raise PoEError(f"{base}: {n:,} images of {size}x{size} pixels take {n * each / 1e9:.2f} GB decoded "
+                       f"({each / 1e3:.0f} KB each), over the limit of {limit / 1e9:.2f} GB (a quarter of this "
+                       f"machine's memory, or ${LIMIT_VAR}); pass a smaller --image_size{hint}, use fewer images, "
+                       f"or set ${LIMIT_VAR}")  # fmt: skip
 
 
 def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tuple[np.ndarray, list[int]]:
@@ -130,6 +164,7 @@ def read(data_root: Path, split: str, progress: bool, classes: list[int] | None,
 
     split = "train" if split == "train" else "test"
     files, labels = listing(data_root, split, list(names))
+    check_decoded_size(split_folder(data_root, split), len(files), size)
     key = hashlib.sha256(f"{data_root.resolve()}|{size}|{skip_bad}|{'/'.join(names)}".encode())
     for f, y in zip(files, labels, strict=True):
         st = f.stat()
@@ -138,12 +173,16 @@ def read(data_root: Path, split: str, progress: bool, classes: list[int] | None,
     if not cache.exists():
         x, kept = decode(files, size, skip_bad, progress)
         save_npz_atomic(cache, x, np.asarray([labels[i] for i in kept], dtype=np.int64))
+        del x  # not held twice while the cache is read back
     return load_npz(cache, size, len(names)), cache
 
 
 def settings(names: list[str], size: int, skip_bad: bool = False) -> dict[str, Any]:
     """The DatasetConfig fields of a folder of ``names`` classes at ``size`` pixels: CIFAR-100's networks up to
-    40 pixels, Tiny-ImageNet's up to 64 (a stride-2 first convolution), MobileNetV2's beyond."""
+    40 pixels, Tiny-ImageNet's up to 64 (a stride-2 first convolution), MobileNetV2 beyond: a width-1 Oracle
+    when one is trained here (give yours with --oracle), a half-width library distilled from it (CPU-sized:
+    0.48M parameters and 86M multiply-adds at 224 pixels, against the width-1 front's 1.81M and 279M), experts
+    with ImageNet's 80-wide last conv."""
     description = {"dataset": NAME, "class_names": list(names), "image_size": size}
     base: dict[str, Any] = {"num_classes": len(names), "class_names": tuple(names), "image_size": size,
                             "read": partial(read, names=tuple(names), size=size, skip_bad=skip_bad),
@@ -153,9 +192,8 @@ def settings(names: list[str], size: int, skip_bad: bool = False) -> dict[str, A
     if size <= SMALL:
         return base | {"crop_pad": 8, "oracle_arch": "wrn-16-10", "library_arch": "wrn-16-2", "expert_width": 16,
                        "first_stride": 2}  # fmt: skip
-    raise PoEError(f"images of {size} pixels: this release trains folders of small images (<= {SMALL} pixels; "
-                   f"pass --image_size {SMALL} or less); larger images need a pretrained MobileNetV2 library and "
-                   "your own Oracle, not supported for folders yet")  # fmt: skip
+    return base | {"crop_pad": size // 8, "oracle_arch": LARGE_ORACLE, "library_arch": LARGE_LIBRARY,
+                   "expert_width": 80, "first_stride": 2}  # fmt: skip
 
 
 def from_data(cfg: Any, data_root: Path, image_size: int | None, skip_bad: bool) -> Any:

@@ -1,9 +1,11 @@
 """Network definitions behind one interface per family (``Family``), and the builders that pick one.
 
 A family is how a pool's library and experts are built: ``wrn`` (this project's wide ResNets, CIFAR-100 and
-Tiny-ImageNet) and ``mobilenetv2`` (ImageNet's library and experts). Each provides its library, expert, expert
-bank, the baselines' target network and the folding done for export; a checkpoint records its family. Whole
-networks (Oracle, library student) are ``wrn-<depth>-<widen>`` or any torchvision classification model.
+Tiny-ImageNet) and ``mobilenetv2`` (ImageNet's library and experts, and those of a folder of large images).
+Each provides its library, expert, expert bank, the baselines' target network and the folding done for export;
+a checkpoint records its family. Whole
+networks (Oracle, library student) are ``wrn-<depth>-<widen>``, ``mobilenet_v2[-<width>]`` (trained here) or,
+for a dataset that comes pretrained (ImageNet), any torchvision classification model.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def _wrn_target(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Mo
 
 def _mobilenet_target(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None) -> nn.Module:
     if front is None:
-        front = MobileNetLibrary()
+        front = MobileNetLibrary(width=mobilenetv2.arch_width(cfg.library_arch) or 1.0)
         mobilenetv2.init_mobilenet(front)
     return nn.Sequential(front, mobilenetv2.new_expert(front, cfg.expert_width * n_tasks, num_classes))
 
@@ -100,7 +102,7 @@ FAMILIES: dict[str, Family] = {
 
 def family_of(cfg: DatasetConfig) -> Family:
     """The family of ``cfg``'s library and experts."""
-    return FAMILIES["mobilenetv2" if cfg.library_arch == "mobilenet_v2" else "wrn"]
+    return FAMILIES[cfg.family]
 
 
 def family_of_state(state_dict: dict[str, torch.Tensor], meta: dict | None = None) -> Family:
@@ -138,10 +140,14 @@ def is_wrn(arch: str) -> bool:
 
 
 def check_arch(arch: str, cfg: DatasetConfig) -> None:
-    """Raise ValueError unless ``arch`` can be ``cfg``'s Oracle: a WRN where the Oracle is trained here, a
-    torchvision classification model where it comes pretrained (ImageNet)."""
+    """Raise ValueError unless ``arch`` can be ``cfg``'s Oracle: a WRN or a MobileNetV2 where the Oracle is
+    trained here, a torchvision classification model where it comes pretrained (ImageNet)."""
     if not cfg.pretrained:
-        WRNSpec.parse(arch)
+        if mobilenetv2.arch_width(arch) is None:
+            try:
+                WRNSpec.parse(arch)
+            except ValueError as e:
+                raise ValueError(f"{e}, or mobilenet_v2[-<width>] (e.g. mobilenet_v2-0.5)") from None
         return
     import torchvision
 
@@ -156,6 +162,9 @@ def build_network(arch: str, cfg: DatasetConfig) -> nn.Module:
     """A whole network over all of ``cfg``'s classes (Oracle or library student), freshly initialised."""
     if is_wrn(arch):
         return WideResNet(WRNSpec.parse(arch, cfg.first_stride), cfg.num_classes)
+    width = mobilenetv2.arch_width(arch)
+    if width is not None and not cfg.pretrained:  # a pretrained dataset's loads torchvision's own key names
+        return mobilenetv2.MobileNetV2(cfg.num_classes, width)
     import torchvision
 
     return torchvision.models.get_model(arch, weights=None, num_classes=cfg.num_classes)

@@ -5,34 +5,55 @@ The library is torchvision's ``mobilenet_v2().features[:18]``: every inverted-re
 torchvision's ImageNet weights load into it unchanged. An expert is the back of MobileNetV2 with the
 1280-wide last 1x1 convolution narrowed (``conv``: 1x1 conv + BN + ReLU6), then global average pooling,
 dropout and ``fc`` over the task's classes (``classifier.1`` as torchvision names it).
+
+A folder of large images (``--dataset folder``, > 64 pixels) trains its library here: a whole ``MobileNetV2``
+(``mobilenet_v2-<width>``: torchvision's width multiplier; its front the library, its back an expert-shaped head
+over all classes) is distilled from the Oracle as the WRN library student is, and its front kept.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v2
+from torchvision.models._utils import _make_divisible
 from torchvision.ops import Conv2dNormActivation
 
 from PoE.networks.bank import BankLinear
 from PoE.precision import fp32_linear
 
 LIBRARY_SPLIT = 18  # features[:18]: all inverted-residual blocks; features[18] is the 1280-wide conv
+WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.25, 1.3, 1.4, 1.5, 2.0)  # width multipliers a library may have
+ARCH = re.compile(r"mobilenet_v2(?:-(\d+(?:\.\d+)?))?")  # mobilenet_v2 (width 1) or mobilenet_v2-<width>
+
+
+def arch_width(arch: str) -> float | None:
+    """The width multiplier ``arch`` names (``mobilenet_v2`` -> 1.0, ``mobilenet_v2-0.5`` -> 0.5); None when
+    ``arch`` is not a MobileNetV2; ValueError for a width this module does not build."""
+    m = ARCH.fullmatch(arch.lower())
+    if m is None:
+        return None
+    width = float(m.group(1) or 1.0)
+    if width not in WIDTHS:
+        raise ValueError(f"MobileNetV2 width must be one of {', '.join(map(str, WIDTHS))}, got {arch!r}")
+    return width
 
 
 class MobileNetLibrary(nn.Module):
-    """The first ``split`` feature layers of torchvision's MobileNetV2, under torchvision's key names."""
+    """The first ``split`` feature layers of torchvision's MobileNetV2 of ``width``, under torchvision's key
+    names."""
 
-    def __init__(self, split: int = LIBRARY_SPLIT) -> None:
+    def __init__(self, split: int = LIBRARY_SPLIT, width: float = 1.0) -> None:
         super().__init__()
-        full = mobilenet_v2(weights=None)
+        full = mobilenet_v2(weights=None, width_mult=width)
         if not 1 <= split <= LIBRARY_SPLIT:
             raise ValueError(f"MobileNetV2 library split must be 1..{LIBRARY_SPLIT}, got {split}")
         self.features = nn.Sequential(*list(full.features)[:split])
-        self.split = split
+        self.split, self.width = split, width
         self.out_channels = _out_channels(self.features[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +97,22 @@ class MobileNetBank(nn.Module):
         return MobileNetBank(e.in_channels, e.width, [x.num_classes for x in experts])
 
 
+class MobileNetV2(nn.Module):
+    """A whole MobileNetV2 of ``width`` over ``num_classes``, as torchvision builds it, split in two: ``front``
+    (the library) and ``back`` (an expert-shaped head: the 1280-wide conv, pooling, dropout, fc). The library
+    student of a folder of large images, and the Oracle trained here for one."""
+
+    def __init__(self, num_classes: int, width: float = 1.0) -> None:
+        super().__init__()
+        self.front = MobileNetLibrary(width=width)
+        last = _make_divisible(1280 * max(1.0, width), 8)  # torchvision's last_channel
+        self.back = MobileNetExpert(self.front.out_channels, last, num_classes)
+        init_mobilenet(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.back(self.front(x))
+
+
 def init_mobilenet(module: nn.Module) -> None:
     """torchvision's MobileNetV2 initialisation (He fan-out convs, unit BN, small normal linear)."""
     for m in module.modules():
@@ -92,12 +129,20 @@ def init_mobilenet(module: nn.Module) -> None:
 
 
 def library_from_state(state_dict: dict[str, torch.Tensor]) -> MobileNetLibrary:
-    """An empty library with as many feature layers as ``state_dict`` holds (a whole MobileNetV2's
-    state dict, e.g. torchvision's ImageNet weights, must be cut with ``library_state`` first)."""
+    """An empty library with as many feature layers as ``state_dict`` holds, of the width whose shapes it has (a
+    whole MobileNetV2's state dict, e.g. torchvision's ImageNet weights, must be cut with ``library_state``
+    first)."""
     ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("features.") and k.split(".")[1].isdigit()}
     if not ids or ids != set(range(max(ids) + 1)) or any(not k.startswith("features.") for k in state_dict):
         raise ValueError("not a MobileNetV2 library state dict (expected only features.0 .. features.N keys)")
-    return MobileNetLibrary(max(ids) + 1)
+    split = max(ids) + 1
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for width in WIDTHS:
+        with torch.device("meta"):  # shapes only: no weights are initialised
+            library = MobileNetLibrary(split, width)
+        if {k: tuple(v.shape) for k, v in library.state_dict().items()} == shapes:
+            return MobileNetLibrary(split, width)
+    raise ValueError(f"no MobileNetV2 of width {', '.join(map(str, WIDTHS))} has these layer shapes")
 
 
 def library_state(full: dict[str, torch.Tensor], split: int = LIBRARY_SPLIT) -> dict[str, torch.Tensor]:

@@ -1,0 +1,158 @@
+"""Folders of large images (> 64 pixels): a MobileNetV2 library distilled from the user's exported Oracle.
+
+The data: Tiny-ImageNet validation images of four classes, upscaled to 96 pixels and written as a PNG image
+folder. The Oracle: the original Tiny-ImageNet release's WRN-16-2 (library + the classifier trained with it),
+which reads the images downscaled back to 64 pixels, exported with ``torch.export`` for 96-pixel input.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from PoE.cli import main_evaluation, main_preprocessing, main_service
+from PoE.datasets import get_dataset
+from PoE.datasets.tinyimagenet import class_names as tiny_names
+
+from .conftest import need, shared_dir
+
+WNIDS = ("n01443537", "n01629819", "n01641577", "n01644900")  # goldfish, fire salamander, bullfrog, tailed frog
+SIZE = 96
+TASKS = {"fish": ["goldfish"], "frogs": ["bullfrog", "tailed frog"], "salamander": ["European fire salamander"]}
+FAST = ["--profile", "quick", "--epochs", "1", "--teacher_views", "1", "--batch_size", "32", "--no_progress",
+        "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def large_folder(tmp_path_factory) -> Path:
+    """Four Tiny-ImageNet classes' 50 validation images each, upscaled to 96 pixels: 40 in train/, 10 in val/."""
+    from PIL import Image
+
+    val = need(shared_dir() / "data" / "tiny-imagenet-200" / "val")
+    names, wnids = tiny_names(), get_dataset("tinyimagenet").aliases
+    files: dict[str, list[str]] = {w: [] for w in WNIDS}
+    for line in (val / "val_annotations.txt").read_text().splitlines():
+        file, wnid = line.split("\t")[:2]
+        if wnid in files:
+            files[wnid].append(file)
+    root = tmp_path_factory.mktemp("large")
+    for wnid, found in files.items():
+        name = names[wnids.index(wnid)]
+        for split, part in (("train", found[:40]), ("val", found[40:])):
+            (root / split / name).mkdir(parents=True)
+            for f in part:
+                with Image.open(val / "images" / f) as im:
+                    im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).save(root / split / name / f"{f}.png")
+    (root / "tasks.json").write_text(json.dumps(TASKS))
+    return root
+
+
+class TinyFour(nn.Module):
+    """The original Tiny-ImageNet WRN-16-2 on [0, 1] RGB of any size (resized to its 64 pixels), scoring the
+    folder's four classes (folder order: sorted names)."""
+
+    def __init__(self, net: nn.Module, cols: list[int]) -> None:
+        super().__init__()
+        cfg = get_dataset("tinyimagenet")
+        self.net = net
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1))
+        self.register_buffer("cols", torch.tensor(cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        return self.net((x - self.mean) / self.std)[:, self.cols]
+
+
+@pytest.fixture(scope="module")
+def oracle_file(tmp_path_factory, large_folder) -> Path:
+    """The stand-in Oracle exported for 96-pixel input (dynamic batch)."""
+    from PoE.networks import WideResNet, WRNSpec
+    from PoE.store import load_checkpoint
+
+    official = need(shared_dir() / "official" / "tinyimagenet")
+    net = WideResNet(WRNSpec(16, 2, first_stride=2), 200)
+    net.front.load_state_dict(load_checkpoint(official / "library_TinyImageNet.pt"))
+    net.back.load_state_dict(load_checkpoint(official / "library_student_classifier_TinyImageNet.pt"))
+    names, wnids = tiny_names(), get_dataset("tinyimagenet").aliases
+    folder_names = sorted(names[wnids.index(w)] for w in WNIDS)
+    cols = [names.index(n) for n in folder_names]
+    out = tmp_path_factory.mktemp("oracle") / "tiny4.pt2"
+    program = torch.export.export(TinyFour(net.eval(), cols).eval(), (torch.rand(2, 3, SIZE, SIZE),),
+                                  dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))  # fmt: skip
+    torch.export.save(program, out)
+    return out
+
+
+def build(folder: Path, tmp: Path, *extra: str) -> int:
+    argv = ["--dataset", "folder", "--data_root", str(folder), "--db", str(tmp / "db"), "--pretrained",
+            str(tmp / "pre"), "--hierarchy", str(folder / "tasks.json"), *FAST, *extra]  # fmt: skip
+    return main_preprocessing(argv)
+
+
+def test_large_image_pool_with_an_exported_oracle(large_folder, oracle_file, tmp_path, capsys):
+    rc = build(large_folder, tmp_path, "--oracle", str(oracle_file))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    row = next(line for line in out.splitlines() if line.startswith("Oracle ("))
+    assert 60.0 < float(row.split()[-3]) <= 100.0 and row.split()[-2] == "40"  # a real network on real images
+    assert "library student (mobilenet_v2-0.5)" in out and "expert frogs" in out
+    assert "[oracle] epoch" not in out  # the Oracle was not trained
+    pool = tmp_path / "db" / "folder"
+    assert json.loads((pool / "dataset.json").read_text())["image_size"] == SIZE
+    lib = torch.load(pool / "library_folder.pt", weights_only=True)
+    assert lib["family"] == "mobilenetv2" and lib["state_dict"]["features.0.0.weight"].shape[0] == 16  # width 0.5
+
+    # the pool answers queries on the folder's 96-pixel images, and Run_Evaluation runs over it
+    argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(large_folder), "--json",
+            "--queriedTask", "fish", "frogs", "--device", "cpu"]  # fmt: skip
+    assert main_service(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["class_names"] == ["bullfrog", "goldfish", "tailed frog"] and result["n_test"] == 30
+    assert 0.0 <= result["accuracy"] <= 100.0
+    argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(large_folder), "--device",
+            "cpu", "--n", "2", "--out", str(tmp_path / "eval")]  # fmt: skip
+    assert main_evaluation(argv) == 0
+    assert "fish" in capsys.readouterr().out
+
+
+def test_an_oracle_for_another_image_size_is_refused(large_folder, oracle_file, tmp_path, capsys):
+    rc = build(large_folder, tmp_path, "--oracle", str(oracle_file), "--image_size", "128")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "failed on a batch of 8 images of 3 x 128 x 128" in err and "--image_size" in err
+    assert not (tmp_path / "db" / "folder" / "library_folder.pt").exists()
+
+
+def test_a_split_over_the_decoded_size_limit_is_refused_before_decoding(large_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("POE_MAX_DECODED_GB", "0.001")  # 1 MB: 40 train images of 96 px are 1.1 MB
+    rc = build(large_folder, tmp_path, "--stages", "oracle")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "160 images of 96x96 pixels take 0.00 GB decoded (28 KB each), over the limit of 0.00 GB" in err
+    monkeypatch.setenv("POE_MAX_DECODED_GB", "lots")
+    assert build(large_folder, tmp_path, "--stages", "oracle") == 2
+    assert "expected a positive number of gigabytes" in capsys.readouterr().err
+
+
+def test_large_folders_get_the_mobilenet_family(large_folder):
+    from PoE.datasets import described_by_data
+    from PoE.networks import build_network, family_of
+    from PoE.networks.mobilenetv2 import library_from_state
+
+    cfg = described_by_data(get_dataset("folder"), large_folder, None, False, [])
+    assert cfg.image_size == SIZE and cfg.num_classes == 4  # the images' own size: not upscaled to 224
+    assert family_of(cfg).name == "mobilenetv2" and cfg.crop_pad == 12
+    student = build_network(cfg.library_arch, cfg)
+    assert student(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 4)
+    lib = library_from_state(student.front.state_dict())  # the width is read back from the shapes
+    assert lib.width == 0.5 and lib.out_channels == 160
+    small = described_by_data(get_dataset("folder"), large_folder, 64, False, [])
+    assert family_of(small).name == "wrn"
+    assert np.isclose(sum(p.numel() for p in lib.parameters()) / 1e6, 0.48, atol=0.01)
