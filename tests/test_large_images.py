@@ -2,91 +2,58 @@
 
 The data: Tiny-ImageNet validation images of four classes, upscaled to 96 pixels and written as a PNG image
 folder. The Oracle: the original Tiny-ImageNet release's WRN-16-2 (library + the classifier trained with it),
-which reads the images downscaled back to 64 pixels, exported with ``torch.export`` for 96-pixel input.
+which reads the images downscaled back to 64 pixels, exported with ``torch.export`` for 96-pixel input. Both are
+made by scripts/tiny_large_folder.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from PoE.cli import main_evaluation, main_preprocessing, main_service
 from PoE.datasets import get_dataset
-from PoE.datasets.tinyimagenet import class_names as tiny_names
 
-from .conftest import need, shared_dir
+from .conftest import ROOT, need, shared_dir
 
-WNIDS = ("n01443537", "n01629819", "n01641577", "n01644900")  # goldfish, fire salamander, bullfrog, tailed frog
+WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]  # goldfish, fire salamander, bullfrog, tailed frog
 SIZE = 96
 TASKS = {"fish": ["goldfish"], "frogs": ["bullfrog", "tailed frog"], "salamander": ["European fire salamander"]}
-FAST = ["--profile", "quick", "--epochs", "1", "--teacher_views", "1", "--batch_size", "32", "--no_progress",
+FAST = ["--profile", "quick", "--epochs", "1", "--teacher_views", "1", "--batch_size", "40", "--no_progress",
         "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+
+
+def maker():
+    spec = importlib.util.spec_from_file_location("tiny_large_folder", ROOT / "scripts" / "tiny_large_folder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def large_folder(tmp_path_factory) -> Path:
-    """Four Tiny-ImageNet classes' 50 validation images each, upscaled to 96 pixels: 40 in train/, 10 in val/."""
-    from PIL import Image
-
+    """Four Tiny-ImageNet classes' validation images, upscaled to 96 pixels: 20 each in train/, 10 in val/."""
     val = need(shared_dir() / "data" / "tiny-imagenet-200" / "val")
-    names, wnids = tiny_names(), get_dataset("tinyimagenet").aliases
-    files: dict[str, list[str]] = {w: [] for w in WNIDS}
-    for line in (val / "val_annotations.txt").read_text().splitlines():
-        file, wnid = line.split("\t")[:2]
-        if wnid in files:
-            files[wnid].append(file)
     root = tmp_path_factory.mktemp("large")
-    for wnid, found in files.items():
-        name = names[wnids.index(wnid)]
-        for split, part in (("train", found[:40]), ("val", found[40:])):
-            (root / split / name).mkdir(parents=True)
-            for f in part:
-                with Image.open(val / "images" / f) as im:
-                    im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).save(root / split / name / f"{f}.png")
+    maker().write_folder(val, root, WNIDS, SIZE, 20)
+    for d in (root / "val").iterdir():  # 30 left for val/: keep 10
+        for f in sorted(d.iterdir())[10:]:
+            f.unlink()
     (root / "tasks.json").write_text(json.dumps(TASKS))
     return root
-
-
-class TinyFour(nn.Module):
-    """The original Tiny-ImageNet WRN-16-2 on [0, 1] RGB of any size (resized to its 64 pixels), scoring the
-    folder's four classes (folder order: sorted names)."""
-
-    def __init__(self, net: nn.Module, cols: list[int]) -> None:
-        super().__init__()
-        cfg = get_dataset("tinyimagenet")
-        self.net = net
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1))
-        self.register_buffer("cols", torch.tensor(cols))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
-        return self.net((x - self.mean) / self.std)[:, self.cols]
 
 
 @pytest.fixture(scope="module")
 def oracle_file(tmp_path_factory, large_folder) -> Path:
     """The stand-in Oracle exported for 96-pixel input (dynamic batch)."""
-    from PoE.networks import WideResNet, WRNSpec
-    from PoE.store import load_checkpoint
-
     official = need(shared_dir() / "official" / "tinyimagenet")
-    net = WideResNet(WRNSpec(16, 2, first_stride=2), 200)
-    net.front.load_state_dict(load_checkpoint(official / "library_TinyImageNet.pt"))
-    net.back.load_state_dict(load_checkpoint(official / "library_student_classifier_TinyImageNet.pt"))
-    names, wnids = tiny_names(), get_dataset("tinyimagenet").aliases
-    folder_names = sorted(names[wnids.index(w)] for w in WNIDS)
-    cols = [names.index(n) for n in folder_names]
     out = tmp_path_factory.mktemp("oracle") / "tiny4.pt2"
-    program = torch.export.export(TinyFour(net.eval(), cols).eval(), (torch.rand(2, 3, SIZE, SIZE),),
-                                  dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))  # fmt: skip
-    torch.export.save(program, out)
+    maker().export_oracle(official, [d.name for d in (large_folder / "train").iterdir()], SIZE, out)
     return out
 
 
@@ -131,11 +98,11 @@ def test_an_oracle_for_another_image_size_is_refused(large_folder, oracle_file, 
 
 
 def test_a_split_over_the_decoded_size_limit_is_refused_before_decoding(large_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("POE_MAX_DECODED_GB", "0.001")  # 1 MB: 40 train images of 96 px are 1.1 MB
+    monkeypatch.setenv("POE_MAX_DECODED_GB", "0.002")  # 2 MB: the 80 training images of 96 px take 2.2 MB
     rc = build(large_folder, tmp_path, "--stages", "oracle")
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
-    assert "160 images of 96x96 pixels take 0.00 GB decoded (28 KB each), over the limit of 0.00 GB" in err
+    assert "80 images of 96x96 pixels take 2.2 MB decoded (28 KB each), over the limit of 2.0 MB" in err
     monkeypatch.setenv("POE_MAX_DECODED_GB", "lots")
     assert build(large_folder, tmp_path, "--stages", "oracle") == 2
     assert "expected a positive number of gigabytes" in capsys.readouterr().err

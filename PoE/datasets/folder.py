@@ -119,11 +119,15 @@ def check_decoded_size(base: Path, n: int, size: int) -> None:
     """Refuse, before decoding anything, a split of ``n`` images whose decoded pixels exceed the limit."""
     each, limit = size * size * 3, max_decoded_bytes()
     if n * each > limit:
-        hint = f" (at 96 pixels: {n * 96 * 96 * 3 / 1e9:.2f} GB)" if size > 96 else ""
-        raise PoEError(f"{base}: {n:,} images of {size}x{size} pixels take {n * each / 1e9:.2f} GB decoded "
-                       f"({each / 1e3:.0f} KB each), over the limit of {limit / 1e9:.2f} GB (a quarter of this "
+        hint = f" (at 96 pixels: {_amount(n * 96 * 96 * 3)})" if size > 96 else ""
+        raise PoEError(f"{base}: {n:,} images of {size}x{size} pixels take {_amount(n * each)} decoded "
+                       f"({each / 1e3:.0f} KB each), over the limit of {_amount(limit)} (a quarter of this "
                        f"machine's memory, or ${LIMIT_VAR}); pass a smaller --image_size{hint}, use fewer images, "
-                       f"or set ${LIMIT_VAR}")  # fmt: skip
+                       f"or set ${LIMIT_VAR} (GB)")  # fmt: skip
+
+
+def _amount(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tuple[np.ndarray, list[int]]:

@@ -150,6 +150,22 @@ def library_state(full: dict[str, torch.Tensor], split: int = LIBRARY_SPLIT) -> 
     return {k: v for k, v in full.items() if k.startswith("features.") and int(k.split(".")[1]) < split}
 
 
+def start_from(model: MobileNetV2, full: dict[str, torch.Tensor]) -> None:
+    """Load a whole torchvision MobileNetV2's weights (ImageNet's, from a local file) into ``model``, all but
+    the last linear layer (its classes are not the dataset's): the start of a network fine-tuned here. Weights of
+    another width are a ValueError."""
+    tail = f"features.{LIBRARY_SPLIT}."
+    own = {f"front.{k}": v for k, v in library_state(full).items()}
+    own |= {"back.conv." + k.removeprefix(tail): v for k, v in full.items() if k.startswith(tail)}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("back.classifier.")}
+    got = {k: tuple(v.shape) for k, v in own.items()}
+    if got != want:
+        bad = next((k for k in want if got.get(k) != want[k]), None) or next(k for k in got if k not in want)
+        raise ValueError(f"not the weights of a whole MobileNetV2 of width {model.front.width} ({bad}: "
+                         f"{got.get(bad)} where {want.get(bad)} is expected)")  # fmt: skip
+    model.load_state_dict(own, strict=False)
+
+
 def expert_from_state(state_dict: dict[str, torch.Tensor]) -> MobileNetExpert:
     """An (untrained) expert shaped like ``state_dict``."""
     try:
