@@ -75,7 +75,8 @@ def preprocessing_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and augmented views")
     p.add_argument("--image_size", type=POSITIVE_INT, default=None, help="--dataset folder: the images' size in "
-                   "pixels (default: the first training image's, when <= 64)")  # fmt: skip
+                   "pixels (default: the first training image's longer side, at most 224; up to 64 the WRN family, "
+                   "beyond MobileNetV2: 96 or 128 train fast on a CPU)")  # fmt: skip
     p.add_argument("--library_from", default=None, metavar="DB", help="start the pool from the library of this pool "
                    "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
                    "experts, on the Oracle's cached logits")  # fmt: skip
@@ -121,7 +122,8 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "auto: the profile's, on CUDA only)")  # fmt: skip
     g = p.add_argument_group("pretrained Oracle and library (ImageNet)")
     g.add_argument("--oracle_weights", default=None, help="the Oracle's state dict file (default: torchvision's "
-                   "ImageNet weights in the torch hub cache)")  # fmt: skip
+                   "ImageNet weights in the torch hub cache); for a folder of large images, a whole torchvision "
+                   "mobilenet_v2 state dict the Oracle trained here starts from")  # fmt: skip
     g.add_argument("--library_weights", default=None, help="a whole MobileNetV2 state dict file whose features[:18] "
                    "become the library (default: torchvision's ImageNet weights in the torch hub cache)")  # fmt: skip
     g.add_argument("--workers", type=NONNEG_INT, default=None, help="DataLoader workers decoding images (default: one "
@@ -167,6 +169,11 @@ def preprocessing_settings(a: argparse.Namespace):
         check_arch(oracle_arch, cfg)
     except ValueError as e:
         raise PoEError(f"--oracle_arch: {e}") from None
+    if a.oracle_weights and not cfg.pretrained and (a.oracle or oracle_arch.lower() != "mobilenet_v2"):
+        what = f"your --oracle {a.oracle}" if a.oracle else oracle_arch
+        raise PoEError(f"--oracle_weights starts an Oracle trained here from a whole torchvision mobilenet_v2's "
+                       f"weights; this run's Oracle is {what}: give --oracle_arch mobilenet_v2 (the default over "
+                       "64 pixels), or leave --oracle_weights out")  # fmt: skip
     if a.oracle:
         oracle_arch = f"{Path(a.oracle).name} (yours)"
     views = prof.teacher_views if a.teacher_views is None else a.teacher_views

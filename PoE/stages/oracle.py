@@ -1,4 +1,5 @@
-"""The Oracle stage: trained here on all classes, or a pretrained torchvision network (ImageNet)."""
+"""The Oracle stage: trained here on all classes (from scratch, or a MobileNetV2 from ImageNet weights in a local
+file), or a pretrained torchvision network (ImageNet)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from PoE.data import Batch
 from PoE.errors import PoEError
 from PoE.networks import build_network
+from PoE.networks.mobilenetv2 import start_from
 from PoE.networks.pretrained import imagenet_weights
 from PoE.preprocess import StageRecord
 from PoE.stages.base import Part, Stage
@@ -22,8 +24,9 @@ from PoE.train import seed_everything
 
 # ---------------------------------------------------------------------------- Oracle
 class Oracle(Stage):
-    """The Oracle, trained here on all classes by cross-entropy. It is kept at fp16: half the file, and the
-    stored Oracle is exactly the one measured and distilled."""
+    """The Oracle, trained here on all classes by cross-entropy: from scratch, or (``--oracle_weights``, a folder
+    of large images) fine-tuned from a whole MobileNetV2's ImageNet weights. It is kept at fp16: half the file,
+    and the stored Oracle is exactly the one measured and distilled."""
 
     name = "oracle"
 
@@ -61,19 +64,34 @@ class Oracle(Stage):
     def make(self, todo: list[str]) -> dict[str, Part]:
         arch, conf = self.s.oracle_arch, self.conf
         seed_everything(self.s.stage_seed(self.name))
-        model = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
+        model = build_network(arch, self.cfg)
+        start = self.start_weights(model)
+        model = model.to(self.s.device).to(memory_format=torch.channels_last)
         net, loader = self.start(model)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             return F.cross_entropy(net(b.x).float(), b.y, label_smoothing=conf.label_smoothing)
 
-        meta = {"arch": arch, **self.train({"oracle": model}, loss_fn, loader, loader.epoch, {"arch": arch})}
+        fp = {"arch": arch, "start": start}
+        meta = {"arch": arch, "start": start, **self.train({"oracle": model}, loss_fn, loader, loader.epoch, fp)}
         model.load_state_dict(half_state(model))
         meta["stored_as"] = "fp16"
         meta["test_acc"], meta["test_n"] = self.prep.evaluate(model, None)
         meta["id"] = state_id(model)
         self.prep.save(self.target(self.name), "oracle", meta, half_state(model))
         return {self.name: Part(self.ready(model), meta)}
+
+    def start_weights(self, model: nn.Module) -> str | None:
+        """Load ``--oracle_weights`` (a whole torchvision MobileNetV2's state dict, a local file) into ``model``
+        before training; the file's name, or None when the Oracle starts from scratch."""
+        if self.s.oracle_weights is None:
+            return None
+        sd, source = imagenet_weights("mobilenet_v2", self.s.oracle_weights, "--oracle_weights")
+        try:
+            start_from(model, sd)
+        except (ValueError, AttributeError) as e:
+            raise PoEError(f"--oracle_weights {source}: {e}") from None
+        return str(source)
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"Oracle ({part.meta.get('arch')})", "all classes", part.meta)
