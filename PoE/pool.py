@@ -209,12 +209,13 @@ class TaskModel:
     def program(self, precision: str = "fp32") -> torch.export.ExportedProgram:
         """``export``'s program, in memory (the HTTP service keeps it as bytes: no disk, so no disk-full)."""
         # tracing must not touch shared modules
-        module = private_copy(self.module, fold=precision == "fp32", family=family_of(self.cfg))
+        family = family_of(self.cfg)
+        module = private_copy(self.module, fold=precision == "fp32", family=family)
         wrapped = RawInput(module, self.cfg.mean, self.cfg.std, self.cfg.image_size, precision).eval()
         size = self.cfg.image_size  # a fixed example: the same model exports to the same archive in any process
         example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
-        dims |= {i: torch.export.Dim(n, min=8, max=4096) for i, n in ((2, "height"), (3, "width"))}
+        dims |= {i: torch.export.Dim(n, min=family.min_input, max=4096) for i, n in ((2, "height"), (3, "width"))}
         with torch.no_grad():
             return torch.export.export(wrapped, (example,), dynamic_shapes=(dims,))
 

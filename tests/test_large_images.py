@@ -78,11 +78,21 @@ def test_large_image_pool_with_an_exported_oracle(large_folder, oracle_file, tmp
 
     # the pool answers queries on the folder's 96-pixel images, and Run_Evaluation runs over it
     argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(large_folder), "--json",
-            "--queriedTask", "fish", "frogs", "--device", "cpu"]  # fmt: skip
+            "--queriedTask", "fish", "frogs", "--device", "cpu", "--export", str(tmp_path / "model.pt2")]  # fmt: skip
     assert main_service(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["class_names"] == ["bullfrog", "goldfish", "tailed frog"] and result["n_test"] == 30
-    assert 0.0 <= result["accuracy"] <= 100.0
+    # the exported program (float RGB in [0, 1] at 96 pixels) scores the query's test images as the pool did
+    from PIL import Image
+
+    x, y = [], []
+    for label, name in enumerate(result["class_names"]):
+        for f in sorted((large_folder / "val" / name).iterdir()):
+            x.append(torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255)
+            y.append(label)
+    program = torch.export.load(str(tmp_path / "model.pt2")).module()
+    acc = 100.0 * float((program(torch.stack(x)).argmax(1) == torch.tensor(y)).float().mean())
+    assert acc == pytest.approx(result["accuracy"], abs=0.01)  # the service rounds to 2 decimals
     argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(large_folder), "--device",
             "cpu", "--n", "2", "--out", str(tmp_path / "eval")]  # fmt: skip
     assert main_evaluation(argv) == 0

@@ -55,6 +55,7 @@ class Family:
     fold: Callable[[nn.Module], nn.Module]  # in place, eval mode, before export
     expert_key: str  # a key that every expert state dict of this family holds
     expert_type: type[nn.Module]
+    min_input: int = 8  # the smallest image side its networks take (an exported program's least dynamic size)
 
 
 def _wrn_target(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None) -> nn.Module:
@@ -96,6 +97,7 @@ FAMILIES: dict[str, Family] = {
         lambda m: m,  # its BatchNorms follow convolutions inside torchvision blocks: left as they are
         "conv.0.weight",
         MobileNetExpert,
+        min_input=33,  # five stride-2 layers: a smaller side ends at 0 pixels
     ),
 }
 
