@@ -135,26 +135,36 @@ def test_large_folders_get_the_mobilenet_family(large_folder):
     assert np.isclose(sum(p.numel() for p in lib.parameters()) / 1e6, 0.48, atol=0.01)
 
 
-def test_an_oracle_trained_here_can_start_from_local_mobilenet_weights(large_folder, tmp_path, capsys):
+def test_oracle_and_library_trained_here_can_start_from_local_mobilenet_weights(large_folder, tmp_path, capsys):
     import torchvision
 
     full = torchvision.models.mobilenet_v2(weights=None).state_dict()  # stands in for ImageNet's (not fetched)
     torch.save(full, tmp_path / "mobilenet_v2.pth")
-    rc = build(large_folder, tmp_path, "--stages", "oracle", "--oracle_weights", str(tmp_path / "mobilenet_v2.pth"),
-               "--train_limit", "40")  # fmt: skip
+    start = str(tmp_path / "mobilenet_v2.pth")
+    rc = build(large_folder, tmp_path, "--stages", "oracle", "library", "--oracle_weights", start, "--library_weights",
+               start, "--train_limit", "40")  # fmt: skip
     assert rc == 0, capsys.readouterr().err
-    oracle = torch.load(tmp_path / "pre" / "folder" / "oracle.pt", weights_only=True)
-    assert oracle["arch"] == "mobilenet_v2" and oracle["start"] == str(tmp_path / "mobilenet_v2.pth")
-    got, start = oracle["state_dict"]["back.conv.0.weight"].float(), full["features.18.0.weight"]
-    assert (got - start).norm() < 0.1 * start.norm()  # fine-tuned from the file, not from a fresh draw
+    assert "library student (mobilenet_v2)" in capsys.readouterr().out
+    pre = tmp_path / "pre" / "folder"
+    for name, dtype in (("oracle.pt", torch.float16), ("library_student.pt", torch.float32)):
+        part = torch.load(pre / name, weights_only=True)
+        assert part["arch"] == "mobilenet_v2" and part["start"] == start
+        got, was = part["state_dict"]["back.conv.0.weight"], full["features.18.0.weight"]
+        assert got.dtype == dtype and (got.float() - was).norm() < 0.1 * was.norm()  # fine-tuned, not a new draw
+    # a later run without the flag loads the width-1 student as it was made, and its front is the pool's library
+    assert build(large_folder, tmp_path, "--stages", "library", "--train_limit", "40") == 0
+    assert "library student (mobilenet_v2)" in capsys.readouterr().out
+    lib = torch.load(tmp_path / "db" / "folder" / "library_folder.pt", weights_only=True)
+    assert lib["state_dict"]["features.0.0.weight"].shape[0] == 32  # width 1
 
     torch.save(torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).state_dict(), tmp_path / "half.pth")
-    for extra, message in [
-        (["--oracle_weights", str(tmp_path / "half.pth"), "--retrain", "oracle"],
+    for i, (extra, message) in enumerate([
+        (["--oracle_weights", str(tmp_path / "half.pth")],
          "not the weights of a whole MobileNetV2 of width 1.0 (front.features.0.0.weight: (16, 3, 3, 3)"),
-        (["--oracle_weights", str(tmp_path / "mobilenet_v2.pth"), "--oracle_arch", "wrn-10-1"],
+        (["--oracle_weights", start, "--oracle_arch", "wrn-10-1"],
          "this run's Oracle is wrn-10-1: give --oracle_arch mobilenet_v2"),
-    ]:  # fmt: skip
-        assert build(large_folder, tmp_path / "bad", "--stages", "oracle", *extra) == 2
+        (["--library_weights", start, "--image_size", "64"], "folder at 64 pixels distills a wrn-16-2"),
+    ]):  # fmt: skip
+        assert build(large_folder, tmp_path / f"bad{i}", "--stages", "oracle", *extra) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "ImageNet weights in the torch hub cache); for a folder of large images, a whole torchvision "
                    "mobilenet_v2 state dict the Oracle trained here starts from")  # fmt: skip
     g.add_argument("--library_weights", default=None, help="a whole MobileNetV2 state dict file whose features[:18] "
-                   "become the library (default: torchvision's ImageNet weights in the torch hub cache)")  # fmt: skip
+                   "become the library (default: torchvision's ImageNet weights in the torch hub cache); for a folder "
+                   "of large images, the start of a width-1 library student, then distilled")  # fmt: skip
     g.add_argument("--workers", type=NONNEG_INT, default=None, help="DataLoader workers decoding images (default: one "
                    "per core, at most 8)")  # fmt: skip
     return p
@@ -145,6 +147,12 @@ def preprocessing_settings(a: argparse.Namespace):
     cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
     hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
     cfg = hierarchy.apply(cfg)
+    if a.library_weights and not cfg.pretrained:  # a folder of large images: a width-1 student, started from them
+        if cfg.family != "mobilenetv2":
+            raise PoEError(f"--library_weights starts a MobileNetV2 library student (a folder of images over 64 "
+                           f"pixels) from a whole torchvision mobilenet_v2's weights; {cfg.name} at {cfg.image_size} "
+                           f"pixels distills a {cfg.library_arch}: leave --library_weights out")  # fmt: skip
+        cfg = dataclasses.replace(cfg, library_arch="mobilenet_v2")
     prof = for_dataset(get_profile(a.profile), cfg)
     tasks = list(cfg.tasks) if a.tasks is None else a.tasks
     make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness

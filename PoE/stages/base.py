@@ -106,6 +106,22 @@ class Stage:
         loader = self.prep.loader(self.name, self.conf)
         return compiled(distributed.wrap(module), self.name in self.s.compile), loader
 
+    def start_weights(self, model: nn.Module, path: Path | None, flag: str) -> str | None:
+        """Load ``path`` (``flag``: a whole torchvision MobileNetV2's state dict in a local file, e.g. ImageNet's)
+        into ``model`` before training, all but its last linear layer; the file's name, or None (no file: the
+        model starts from scratch)."""
+        if path is None:
+            return None
+        from PoE.networks.mobilenetv2 import start_from
+        from PoE.networks.pretrained import imagenet_weights
+
+        sd, source = imagenet_weights("mobilenet_v2", path, flag)
+        try:
+            start_from(model, sd)
+        except ValueError as e:
+            raise PoEError(f"{flag} {source}: {e}") from None
+        return str(source)
+
     def drop_progress(self) -> None:
         """Remove the stage's resume file once the parts it trained are evaluated and saved."""
         if distributed.is_main():

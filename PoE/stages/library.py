@@ -1,4 +1,5 @@
-"""The library stage: a WRN front distilled from the Oracle, or a pretrained MobileNetV2's front (ImageNet)."""
+"""The library stage: a WRN or MobileNetV2 front distilled from the Oracle, or a pretrained MobileNetV2's front
+(ImageNet)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from PoE.train import seed_everything
 
 
 class Library(Stage):
-    """The library: the front of a whole WRN (the library student) distilled from the Oracle by KD. The student
-    is kept beside the Oracle; its front goes to the pool, replacing the experts of any other library."""
+    """The library: the front of a whole WRN or MobileNetV2 (the library student; a MobileNetV2 may start from a
+    local ``--library_weights`` file) distilled from the Oracle by KD. The student is kept beside the Oracle; its
+    front goes to the pool, replacing the experts of any other library."""
 
     name = "library"
 
@@ -47,6 +49,7 @@ class Library(Stage):
         if found is None:
             return None
         sd, meta = found
+        arch = str(meta.get("arch", arch))  # as it was made (a MobileNetV2 started from weights is width 1)
         student = load_into(build_network(arch, self.cfg), sd, path, f"{arch} library student")
         pool_file = self.target(key)
         lib_sd, lib_meta = unwrap(load_checkpoint(pool_file), pool_file, "library")
@@ -57,14 +60,17 @@ class Library(Stage):
     def make(self, todo: list[str]) -> dict[str, Part]:
         teacher, conf, T, arch = self.teacher, self.conf, self.s.T, self.cfg.library_arch
         seed_everything(self.s.stage_seed(self.name))
-        student = build_network(arch, self.cfg).to(self.s.device).to(memory_format=torch.channels_last)
+        student = build_network(arch, self.cfg)
+        start = self.start_weights(student, self.s.library_weights, "--library_weights")
+        student = student.to(self.s.device).to(memory_format=torch.channels_last)
         net, loader = self.start(student)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             return kd_loss(net(b.x), teacher.logits(b, loader), T)
 
-        fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.s.teacher_views}
-        meta = {"arch": arch, **self.train({"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp)}
+        fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.s.teacher_views, "start": start}
+        run = self.train({"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp)
+        meta = {"arch": arch, "start": start, **run}
         meta["test_acc"], meta["test_n"] = self.prep.evaluate(student, None)
         meta.update(T=T, teacher_views=self.s.teacher_views, oracle_id=teacher.oracle_id, id=state_id(student.front),
                     teacher_seconds=teacher.seconds, family=family_of(self.cfg).name)  # fmt: skip
@@ -73,7 +79,8 @@ class Library(Stage):
         return {self.name: Part(student.front.eval(), meta)}
 
     def report(self, key: str, part: Part) -> None:
-        self.prep.report.add(f"library student ({self.cfg.library_arch})", "all classes", part.meta)
+        self.prep.report.add(f"library student ({part.meta.get('arch', self.cfg.library_arch)})", "all classes",
+                             part.meta)  # fmt: skip
         self.prep.report.stages["library"] = StageRecord.of(part.meta)
 
 

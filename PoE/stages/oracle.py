@@ -13,7 +13,6 @@ from torch import nn
 from PoE.data import Batch
 from PoE.errors import PoEError
 from PoE.networks import build_network
-from PoE.networks.mobilenetv2 import start_from
 from PoE.networks.pretrained import imagenet_weights
 from PoE.preprocess import StageRecord
 from PoE.stages.base import Part, Stage
@@ -65,7 +64,7 @@ class Oracle(Stage):
         arch, conf = self.s.oracle_arch, self.conf
         seed_everything(self.s.stage_seed(self.name))
         model = build_network(arch, self.cfg)
-        start = self.start_weights(model)
+        start = self.start_weights(model, self.s.oracle_weights, "--oracle_weights")
         model = model.to(self.s.device).to(memory_format=torch.channels_last)
         net, loader = self.start(model)
 
@@ -80,18 +79,6 @@ class Oracle(Stage):
         meta["id"] = state_id(model)
         self.prep.save(self.target(self.name), "oracle", meta, half_state(model))
         return {self.name: Part(self.ready(model), meta)}
-
-    def start_weights(self, model: nn.Module) -> str | None:
-        """Load ``--oracle_weights`` (a whole torchvision MobileNetV2's state dict, a local file) into ``model``
-        before training; the file's name, or None when the Oracle starts from scratch."""
-        if self.s.oracle_weights is None:
-            return None
-        sd, source = imagenet_weights("mobilenet_v2", self.s.oracle_weights, "--oracle_weights")
-        try:
-            start_from(model, sd)
-        except (ValueError, AttributeError) as e:
-            raise PoEError(f"--oracle_weights {source}: {e}") from None
-        return str(source)
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(f"Oracle ({part.meta.get('arch')})", "all classes", part.meta)
