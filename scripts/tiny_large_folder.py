@@ -12,6 +12,7 @@ writes OUT/images/{train,val}/<class name>/*.png, OUT/tasks.json (one task per g
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from PoE.datasets import get_dataset  # noqa: E402
-from PoE.datasets.tinyimagenet import class_names  # noqa: E402
+from PoE.datasets.tinyimagenet import class_names as read_names  # noqa: E402
+
+class_names = functools.cache(read_names)  # read once: timm's metadata takes seconds
 
 
 class Restricted(nn.Module):
