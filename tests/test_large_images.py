@@ -105,6 +105,9 @@ def test_an_oracle_for_another_image_size_is_refused(large_folder, oracle_file, 
     assert rc == 2 and err.count("\n") == 1, err
     assert "failed on a batch of 8 images of 3 x 128 x 128" in err and "--image_size" in err
     assert not (tmp_path / "db" / "folder" / "library_folder.pt").exists()
+    # the refused run pinned nothing: the same folders take the Oracle's own size next
+    assert build(large_folder, tmp_path, "--oracle", str(oracle_file), "--stages", "oracle") == 0
+    assert json.loads((tmp_path / "pre" / "folder" / "dataset.json").read_text())["image_size"] == SIZE
 
 
 def test_a_split_over_the_decoded_size_limit_is_refused_before_decoding(large_folder, tmp_path, capsys, monkeypatch):
@@ -156,6 +159,9 @@ def test_oracle_and_library_trained_here_can_start_from_local_mobilenet_weights(
     assert "library student (mobilenet_v2)" in capsys.readouterr().out
     lib = torch.load(tmp_path / "db" / "folder" / "library_folder.pt", weights_only=True)
     assert lib["state_dict"]["features.0.0.weight"].shape[0] == 32  # width 1
+    # folders that hold parts built at 96 pixels refuse another size (a refused run's dataset.json alone does not)
+    assert build(large_folder, tmp_path, "--stages", "library", "--image_size", "128") == 2
+    assert "was built from 4 classes at 96 pixels" in capsys.readouterr().err
 
     torch.save(torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).state_dict(), tmp_path / "half.pth")
     for i, (extra, message) in enumerate([

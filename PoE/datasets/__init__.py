@@ -124,8 +124,11 @@ def described_by_data(
     new = cfg.from_data(cfg, data_root, image_size, skip_bad)
     for root in folders:
         old = cfg.from_pool(cfg, root, skip_bad)
-        if old is not None and old.description != new.description:
-            raise PoEError(f"{root / folder.DESCRIPTION_FILE} was built from {old.num_classes} classes at "
-                           f"{old.image_size} pixels; {data_root} gives {new.num_classes} classes at "
-                           f"{new.image_size} pixels: another dataset needs another --db and --pretrained")  # fmt: skip
+        if old is None or old.description == new.description:
+            continue
+        if all(p.name == folder.DESCRIPTION_FILE for p in root.iterdir()):  # only a refused run's: nothing built
+            continue
+        raise PoEError(f"{root / folder.DESCRIPTION_FILE} was built from {old.num_classes} classes at "
+                       f"{old.image_size} pixels; {data_root} gives {new.num_classes} classes at {new.image_size} "
+                       "pixels: another dataset needs another --db and --pretrained")  # fmt: skip
     return new

@@ -98,32 +98,32 @@ def default_size(root: Path, names: list[str]) -> int:
     raise PoEError(f"no readable image among {files[0].parent}'s {len(files)} files; give --image_size")
 
 
-def max_decoded_bytes() -> int:
-    """How many bytes one split's decoded images may take: ``$POE_MAX_DECODED_GB`` GB, else a quarter of this
-    machine's memory (reading the cache back holds them twice for a moment)."""
+def max_decoded_bytes() -> tuple[int, str]:
+    """How many bytes one split's decoded images may take, and where that comes from: ``$POE_MAX_DECODED_GB``
+    GB, else a quarter of this machine's memory (reading the cache back holds them twice for a moment)."""
     given = os.environ.get(LIMIT_VAR)
     if given:
         try:
             if float(given) <= 0:
                 raise ValueError
-            return int(float(given) * 1e9)
+            return int(float(given) * 1e9), f"${LIMIT_VAR}={given}"
         except ValueError:
             raise PoEError(f"${LIMIT_VAR}={given!r}: expected a positive number of gigabytes") from None
+    why = f"a quarter of this machine's memory; ${LIMIT_VAR} sets it in GB"
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4, why
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): a fixed 4 GB
-        return 4 * 10**9
+        return 4 * 10**9, f"${LIMIT_VAR} sets it in GB"
 
 
 def check_decoded_size(base: Path, n: int, size: int) -> None:
     """Refuse, before decoding anything, a split of ``n`` images whose decoded pixels exceed the limit."""
-    each, limit = size * size * 3, max_decoded_bytes()
+    each, (limit, why) = size * size * 3, max_decoded_bytes()
     if n * each > limit:
         hint = f" (at 96 pixels: {_amount(n * 96 * 96 * 3)})" if size > 96 else ""
         raise PoEError(f"{base}: {n:,} images of {size}x{size} pixels take {_amount(n * each)} decoded "
-                       f"({each / 1e3:.0f} KB each), over the limit of {_amount(limit)} (a quarter of this "
-                       f"machine's memory, or ${LIMIT_VAR}); pass a smaller --image_size{hint}, use fewer images, "
-                       f"or set ${LIMIT_VAR} (GB)")  # fmt: skip
+                       f"({each / 1e3:.0f} KB each), over the limit of {_amount(limit)} ({why}); pass a smaller "
+                       f"--image_size{hint}, use fewer images, or raise ${LIMIT_VAR}")  # fmt: skip
 
 
 def _amount(n_bytes: float) -> str:
