@@ -68,9 +68,10 @@ class Library(Stage):
         def loss_fn(b: Batch) -> torch.Tensor:
             return kd_loss(net(b.x), teacher.logits(b, loader), T)
 
-        fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.s.teacher_views, "start": start}
-        run = self.train({"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp)
-        meta = {"arch": arch, "start": start, **run}
+        given = {"start": start} if start else {}  # recorded only when given: other runs' records stay as they were
+        fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.s.teacher_views, **given}
+        meta = {"arch": arch, **given, **self.train({"student": student}, loss_fn, loader,
+                                                     teacher.batches(loader, conf), fp)}  # fmt: skip
         meta["test_acc"], meta["test_n"] = self.prep.evaluate(student, None)
         meta.update(T=T, teacher_views=self.s.teacher_views, oracle_id=teacher.oracle_id, id=state_id(student.front),
                     teacher_seconds=teacher.seconds, family=family_of(self.cfg).name)  # fmt: skip

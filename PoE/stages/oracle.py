@@ -71,8 +71,9 @@ class Oracle(Stage):
         def loss_fn(b: Batch) -> torch.Tensor:
             return F.cross_entropy(net(b.x).float(), b.y, label_smoothing=conf.label_smoothing)
 
-        fp = {"arch": arch, "start": start}
-        meta = {"arch": arch, "start": start, **self.train({"oracle": model}, loss_fn, loader, loader.epoch, fp)}
+        given = {"start": start} if start else {}  # recorded only when given: other runs' records stay as they were
+        fp = {"arch": arch, **given}
+        meta = {"arch": arch, **given, **self.train({"oracle": model}, loss_fn, loader, loader.epoch, fp)}
         model.load_state_dict(half_state(model))
         meta["stored_as"] = "fp16"
         meta["test_acc"], meta["test_n"] = self.prep.evaluate(model, None)
