@@ -309,13 +309,6 @@ def write_hierarchy_copy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
     save_json(path, {"dataset": cfg.name, **h.record(cfg)})
 
 
-def store_hierarchy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
-    """Before an expert run of ``h``: an interrupted expert run of another hierarchy is dropped (its task names
-    may mean other classes now). The hierarchy itself is committed by the manifest."""
-    if written_hierarchy(cfg, root).id != h.id:
-        (root / "resume" / "experts.pt").unlink(missing_ok=True)
-
-
 def adopt_library(source: str | Path, prep: Preprocessor) -> str:
     """Write the library of the pool at ``source`` into this run's pool (a new hierarchy's experts are trained
     on it), listed in its manifest as every part is; returns its id. For a distilled library it must be the

@@ -170,8 +170,9 @@ class Service:
 
     async def reload(self, old: View, now: tuple) -> None:
         def open_view() -> View:
-            pool = old.pool
-            return View(Pool.open(pool.root, pool.cfg.name, pool.device, pool.precision))
+            pool = Pool.open(old.pool.root, old.cfg.name, old.pool.device, old.pool.precision)
+            with self.gate.export():  # counting the costs hooks every module of the process (torch's FlopCounterMode
+                return View(pool)  # tracks modules with global hooks): no forward may run meanwhile
 
         try:
             self.view = await asyncio.wrap_future(self.opener.submit(open_view))
