@@ -4,7 +4,9 @@
 each part written by this project records the content hash of its weights (``id``) and each expert the
 id of the library it was extracted from (``library_id``); a hash that does not match, an expert of
 another library, or weights that are not finite end with one line naming the file. The original
-release's bare state dicts carry no metadata: they load, and ``notes`` says they could not be checked.
+release's bare state dicts carry no metadata: they load, and ``notes`` says they could not be checked. The tasks
+are the ones the manifest records; an expert file it does not list, of a task it does not name (left by an add or
+a remove that was killed), is ignored with a note.
 ``Pool.query`` consolidates the library and the queried experts into a ``TaskModel`` from memory.
 """
 

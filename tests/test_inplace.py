@@ -48,12 +48,12 @@ def files(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, official_cifar, data_root) -> dict:
-    """A pool of two tasks on the original release's library (1 epoch, 512 images), and the add's arguments."""
+    """A pool of two tasks on the original release's library (1 epoch, 256 images), and the add's arguments."""
     base = tmp_path_factory.mktemp("inplace")
     pre, src = base / "pre", base / "src"
     install_stand_in_oracle(official_cifar, pre, src)
     argv = [a for a in TINY if a not in ("--tasks", "people", "vehicles_1", "vehicles_2")]
-    argv += ["--data_root", str(data_root), "--pretrained", str(pre), "--train_limit", "512", "--epochs", "1"]
+    argv += ["--data_root", str(data_root), "--pretrained", str(pre), "--train_limit", "256", "--epochs", "1"]
     (base / "first.json").write_text(json.dumps(FIRST))
     (base / "more.json").write_text(json.dumps(MORE))
     first = [*argv, "--db", str(base / "db"), "--library_from", str(src), "--stages", "experts"]
