@@ -57,6 +57,9 @@ def plan_addition(pool: Pool, added: Hierarchy, flag: str = "--add_tasks") -> Ad
     ``pool``: a task of the pool given with other classes, or a class that is in another task of the pool, is
     refused in one line saying how to remove that task."""
     cfg, src = pool.cfg, f"{flag} {added.source}"
+    if not pool.paths.manifest.is_file():
+        raise PoEError(f"{flag}: the pool {pool.root} has no manifest.json (the original release's format), so "
+                       "nothing would record the new tasks; add tasks to a pool this project built")  # fmt: skip
     owner = {c: t for t, classes in cfg.tasks.items() for c in classes}
     new = []
     for task, classes in added.tasks.items():
@@ -86,6 +89,9 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
     ``hierarchy.json``. A name the pool does not know is refused with the closest ones, unless only its file is
     left (a remove stopped before the deletion): that file is deleted. Returns what was done, a line each."""
     cfg, paths = pool.cfg, pool.paths
+    if not paths.manifest.is_file():
+        raise PoEError(f"--remove_tasks: the pool {pool.root} has no manifest.json (the original release's format), "
+                       "so nothing would record the change; remove the files by hand")  # fmt: skip
     names = list(dict.fromkeys(names))
     leftover = [t for t in names if t not in cfg.tasks and paths.expert(t).is_file()]
     unknown = [t for t in names if t not in cfg.tasks and t not in leftover]
