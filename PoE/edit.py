@@ -24,6 +24,7 @@ from pathlib import Path
 from PoE import manifest
 from PoE.errors import PoEError
 from PoE.pool import Pool
+from PoE.store import HIERARCHY_FILE
 from PoE.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 
 
@@ -103,7 +104,7 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
     if gone and len(gone) == len(cfg.tasks):
         raise PoEError(f"--remove_tasks would leave the pool {pool.root} without tasks; keep at least one (or delete "
                        "the folder)")  # fmt: skip
-    h = tasks_hierarchy(cfg, {t: c for t, c in cfg.tasks.items() if t not in gone}, str(paths.root / "hierarchy.json"))
+    h = tasks_hierarchy(cfg, {t: c for t, c in cfg.tasks.items() if t not in gone}, str(paths.root / HIERARCHY_FILE))
     if gone:
         listing = manifest.Listing.read(paths)
         for task in gone:
