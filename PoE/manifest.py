@@ -3,9 +3,12 @@ over the weights and the metadata), and a pool is opened only when the files pre
 
 Writers keep one order, so that the manifest always describes the files present even when a command is killed
 midway: a part is added by writing its file first and the manifest last; it is removed by writing the manifest
-without it first and deleting the file last. A file the manifest does not list is then one a command was adding
-(or one copied in): it is refused with a line saying how to finish or undo. ``Contents`` is the reader's side
-(``PoE.pool``); ``build`` is the writer's, from the parts a run holds in memory (``PoE.preprocess``).
+without it first and deleting the file last. The manifest also records the pool's task hierarchy, so one write
+commits a new expert together with the task table that names it (``hierarchy.json`` is a readable copy, written
+after it). A file the manifest does not list is then one a command was adding or removing (or one copied in): an
+expert of a task the manifest's hierarchy lacks is ignored with a note, any other is refused with a line saying
+how to finish or undo. ``Contents`` is the reader's side (``PoE.pool``); ``build`` is the writer's, from the parts
+a run holds in memory (``PoE.preprocess``, ``PoE.edit``).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from PoE.errors import PoEError
-from PoE.store import PoolPaths, part_digest, save_json
+from PoE.store import HIERARCHY_FILE, PoolPaths, part_digest, save_json
 
-MANIFEST_FORMAT = 2  # 2: ``parts`` lists every file by its digest; earlier manifests recorded weights ids only
+MANIFEST_FORMAT = 3  # 3: records the hierarchy; 2: ``parts`` lists every file by its digest; 1: weights ids only
+PART_FORMATS = (2, MANIFEST_FORMAT)  # whose ``parts`` a writer takes over (a run into a format-2 pool upgrades it)
 EXPERT_FIELDS = ("classes", "test_acc", "test_n", "train_seconds", "epochs", "id", "library_id")
 
 
@@ -33,24 +37,35 @@ def upgrade_hint(paths: PoolPaths) -> str:
 
 @dataclass
 class Contents:
-    """What ``manifest.json`` says the pool holds: part name -> digest; ``parts`` None for a pool without a
-    manifest, which loads only when every file is bare (the original release's format)."""
+    """What ``manifest.json`` says the pool holds: part name -> digest, and its hierarchy (``{"id", "tasks":
+    {task: [class names]}}``); ``parts`` None for a pool without a manifest, which loads only when every file is
+    bare (the original release's format)."""
 
     paths: PoolPaths
     parts: dict[str, str] | None
+    hierarchy: dict[str, Any] | None = None
+    signature: tuple = ()  # the files' state before they were read (``signature``): what a server watches
 
     @classmethod
     def read(cls, paths: PoolPaths) -> Contents:
+        """The manifest, read once (its hierarchy and its parts come from the same version of the file)."""
+        before = signature(paths)
         if not paths.manifest.exists():
-            return cls(paths, None)
+            return cls(paths, None, None, before)
         manifest = paths.read_manifest()
         parts = manifest.get("parts")
-        if manifest.get("manifest_format") != MANIFEST_FORMAT or not isinstance(parts, dict):
+        if manifest.get("manifest_format") not in PART_FORMATS or not isinstance(parts, dict):
             raise PoEError(
                 f"{paths.manifest} lists no part digests (an earlier version wrote it), so its files cannot be "
                 f"checked; check them and upgrade the pool with: {upgrade_hint(paths)}"
             )
-        return cls(paths, {str(k): str(v) for k, v in parts.items()})
+        hierarchy = manifest.get("hierarchy")
+        if manifest.get("manifest_format") != MANIFEST_FORMAT or not valid_record(hierarchy):
+            raise PoEError(
+                f"{paths.manifest} records no task hierarchy (an earlier version wrote it); upgrade the pool with: "
+                f"{upgrade_hint(paths)}"
+            )
+        return cls(paths, {str(k): str(v) for k, v in parts.items()}, hierarchy, before)
 
     def check(self, path: Path, state_dict: Mapping[str, Any], meta: dict[str, Any], remake: str) -> None:
         """Raise unless the part read from ``path`` (weights and metadata) is the one the manifest lists;
@@ -82,6 +97,9 @@ class Contents:
                 f"was replaced or changed after the manifest was written; restore it, or make it again with: {remake}"
             )
 
+    def lists(self, path: Path) -> bool:
+        return self.parts is not None and part_name(self.paths, path) in self.parts
+
     def check_complete(self, present: list[Path]) -> None:
         """Raise if the manifest lists a part whose file is not there."""
         if self.parts is None:
@@ -94,6 +112,25 @@ class Contents:
             )
 
 
+def valid_record(record: Any) -> bool:
+    """Whether ``record`` has the shape of a manifest's hierarchy (its classes are checked by ``PoE.tasks``)."""
+    return (isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("tasks"), dict)
+            and all(isinstance(v, list) for v in record["tasks"].values()))  # fmt: skip
+
+
+def signature(paths: PoolPaths) -> tuple:
+    """A cheap fingerprint of the pool's table of contents (inode, size and mtime of ``manifest.json`` and
+    ``hierarchy.json``; writers replace them atomically, so every write gives a new inode)."""
+    out = []
+    for path in (paths.manifest, paths.root / HIERARCHY_FILE):
+        try:
+            st = path.stat()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 @dataclass
 class Listing:
     """The parts a run knows of, in memory: what the pool's manifest listed when the run began, updated as the
@@ -104,6 +141,7 @@ class Listing:
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> what the manifest records of it
     library: dict[str, Any] = field(default_factory=dict)  # the library's metadata (its ``id`` above all)
     old: dict[str, Any] = field(default_factory=dict)  # the manifest as it was (stage times, data checksum)
+    hierarchy: dict[str, Any] | None = None  # {"id", "tasks": {task: [class names]}}: committed with the parts
 
     @classmethod
     def read(cls, paths: PoolPaths) -> Listing:
@@ -115,7 +153,7 @@ class Listing:
             old = {}
         listing = cls(paths, old=old)
         parts = listing.old.get("parts")
-        if listing.old.get("manifest_format") == MANIFEST_FORMAT and isinstance(parts, dict):
+        if listing.old.get("manifest_format") in PART_FORMATS and isinstance(parts, dict):
             listing.digests = {str(k): str(v) for k, v in parts.items()}
             experts = listing.old.get("experts")
             for t, e in (experts if isinstance(experts, dict) else {}).items():
@@ -123,6 +161,8 @@ class Listing:
                     listing.experts[str(t)] = dict(e)
             if part_name(paths, paths.library) in listing.digests:
                 listing.library = {"id": listing.old.get("library_id")}
+            if valid_record(listing.old.get("hierarchy")):
+                listing.hierarchy = listing.old["hierarchy"]
         return listing
 
     def lists(self, path: Path, payload: Mapping[str, Any]) -> bool:
@@ -152,13 +192,19 @@ class Listing:
             self.drop(self.paths.root / name)
 
 
+TABLE = ("manifest_format", "hierarchy", "library_id", "experts", "parts")  # what ``build`` writes from the listing
+
+
 def build(listing: Listing, run: dict[str, Any]) -> dict[str, Any]:
     """The manifest: ``run`` (dataset, settings, stage records, machine: what the run says of itself) and the
     table of contents, ``parts`` and its per-expert summary, from ``listing``."""
     listing.present()
+    if listing.hierarchy is None:
+        raise ValueError("a manifest records the pool's hierarchy")
     return {
         "manifest_format": MANIFEST_FORMAT,
-        **run,
+        **{k: v for k, v in run.items() if k not in TABLE},
+        "hierarchy": listing.hierarchy,
         "library_id": listing.library.get("id"),
         "experts": dict(sorted(listing.experts.items())),
         "parts": dict(sorted(listing.digests.items())),
@@ -168,3 +214,9 @@ def build(listing: Listing, run: dict[str, Any]) -> dict[str, Any]:
 def write(listing: Listing, run: dict[str, Any]) -> None:
     """Write the manifest atomically (always after the part files it lists)."""
     save_json(listing.paths.manifest, build(listing, run))
+
+
+def edited(old: dict[str, Any], command: str, **change: list[str]) -> dict[str, Any]:
+    """The run record of a pool after an add or a remove: the build's record kept, the edit appended to
+    ``edits`` (``added`` or ``removed`` tasks, and the command)."""
+    return {**old, "edits": [*old.get("edits", []), {**change, "command": command}]}

@@ -1,10 +1,12 @@
-"""Upgrade a pool written by an earlier version (parts hashed by their weights only, a manifest without digests)
-to the current format: every part then records its digest over weights and metadata, and the manifest lists
-them all. Usage: ``python -m PoE.migrate DB_PoE/cifar100 [more pools] [--dataset cifar100]``.
+"""Upgrade a pool written by an earlier version to the current format: every part records its digest over weights
+and metadata, and the manifest lists them all and records the pool's hierarchy. Usage: ``python -m PoE.migrate
+DB_PoE/cifar100 [more pools] [--dataset cifar100]``.
 
 Nothing is taken on trust: each file's metadata must agree with what the old manifest recorded of it (ids,
-accuracies, classes, library), and the pool must pass every check of ``Pool`` before anything is written; the
-part files are then rewritten (same weights, same metadata) and the new manifest is written last.
+accuracies, classes, library), and the pool must pass every check of ``Pool`` before anything is written. A pool
+of format 1 (weights ids only) has its part files rewritten (same weights, same metadata); one of format 2 (digests,
+no hierarchy) keeps every part file as it is. The new manifest is written last. On a current pool it rewrites a
+``hierarchy.json`` that is not the hierarchy the manifest records (a command stopped after its commit).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PoE.datasets import get_dataset
+from PoE.datasets import described_by_pool, get_dataset
 from PoE.errors import PoEError
 from PoE.manifest import EXPERT_FIELDS, MANIFEST_FORMAT, Contents, Listing, build
 from PoE.pool import Pool
 from PoE.preprocess import summary
 from PoE.store import PoolPaths, load_checkpoint, resolve_pool, save_checkpoint, save_json, seal, unwrap
-from PoE.tasks import pool_config
+from PoE.tasks import builtin_hierarchy, current_hierarchy, hierarchy_notes, stored_hierarchy, write_hierarchy_copy
 
 
 def agree(path: Path, meta: dict[str, Any], recorded: dict[str, Any] | None, fields: Sequence[str]) -> None:
@@ -39,10 +41,23 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
         raise PoEError(f"{paths.root} has no manifest.json: nothing records what its files should be (a pool of "
                        "bare files, the original release's format, loads as it is)")  # fmt: skip
     old = paths.read_manifest()
+    base = described_by_pool(get_dataset(dataset), paths.root)
     if old.get("manifest_format") == MANIFEST_FORMAT:
-        Pool(pool_config(get_dataset(dataset), paths.root), paths, "cpu")
-        return f"{paths.root}: already current"
+        Pool.open(paths.root, dataset)  # every check
+        h = current_hierarchy(base, paths.root, old["hierarchy"])
+        stale = hierarchy_notes(base, paths.root, h)
+        write_hierarchy_copy(paths.root, h, base)
+        return f"{paths.root}: already current" + ("; hierarchy.json rewritten from the manifest" if stale else "")
+    h = stored_hierarchy(paths.root, base) or builtin_hierarchy(base)  # how the earlier versions kept it
+    cfg = h.apply(base)
+    if old.get("manifest_format") == 2:  # the parts are current: the manifest only gains the hierarchy
+        listing = Listing.read(paths)
+        listing.hierarchy = h.record(base)
+        Pool(cfg, paths, "cpu", contents=Contents(paths, dict(listing.digests), listing.hierarchy))  # every check
+        save_json(paths.manifest, build(listing, listing.old))
+        return f"{paths.root}: upgraded; manifest.json records the hierarchy ({len(h.tasks)} tasks), no part rewritten"
     listing = Listing(paths, old={k: v for k, v in old.items() if k not in ("library_id", "experts", "parts")})
+    listing.hierarchy = h.record(base)
     payloads = {}
     tasks = paths.experts_present()
     for path, task in ((paths.library, None), *((paths.expert(t), t) for t in tasks)):
@@ -58,8 +73,7 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
     gone = sorted(set(old.get("experts") or {}) - set(tasks))
     if gone:
         raise PoEError(f"manifest.json records the expert of {gone[0]!r}, but {paths.expert(gone[0])} is missing")
-    cfg = pool_config(get_dataset(dataset), paths.root)  # a pool of its own hierarchy (or folder dataset)
-    Pool(cfg, paths, "cpu", contents=Contents(paths, dict(listing.digests)))  # every other check
+    Pool(cfg, paths, "cpu", contents=Contents(paths, dict(listing.digests), listing.hierarchy))  # every other check
     for path, payload in payloads.items():
         save_checkpoint(path, payload)
     save_json(paths.manifest, build(listing, listing.old))

@@ -4,7 +4,9 @@
 each part written by this project records the content hash of its weights (``id``) and each expert the
 id of the library it was extracted from (``library_id``); a hash that does not match, an expert of
 another library, or weights that are not finite end with one line naming the file. The original
-release's bare state dicts carry no metadata: they load, and ``notes`` says they could not be checked.
+release's bare state dicts carry no metadata: they load, and ``notes`` says they could not be checked. The tasks
+are the ones the manifest records; an expert file it does not list, of a task it does not name (left by an add or
+a remove that was killed), is ignored with a note.
 ``Pool.query`` consolidates the library and the queried experts into a ``TaskModel`` from memory.
 """
 
@@ -39,7 +41,7 @@ from PoE.store import (
     state_id,
     unwrap,
 )
-from PoE.tasks import Hierarchy, given_hierarchy, pool_hierarchy
+from PoE.tasks import Hierarchy, current_hierarchy, given_hierarchy, hierarchy_notes, pool_hierarchy, tasks_hierarchy
 
 
 def make_command(cfg: DatasetConfig, task: str | None = None, paths: PoolPaths | None = None) -> str:
@@ -152,6 +154,7 @@ class TaskModel:
                  build_ms: float, precision: str = "fp32") -> None:  # fmt: skip
         self.module, self.query, self.cfg, self.device = module, query, cfg, device
         self.build_ms, self.precision = build_ms, precision
+        self.pool: Pool | None = None  # the pool it was built from (the service answers it from that pool's modules)
         self._cost: tuple[int, int] | None = None
 
     @property
@@ -254,12 +257,19 @@ class Pool:
         self.cfg, self.paths, self.device = cfg, paths, torch.device(device)
         self.precision = resolve_precision(precision, self.device)  # fp32, bf16 or auto; fp8 and others refused
         contents = Contents.read(paths) if contents is None else contents  # the table of contents checked against
-        tasks = paths.experts_present()
-        contents.check_complete([paths.library, *map(paths.expert, tasks)])
+        self.signature = contents.signature  # the manifest's state before it was read: a server reloads on a change
+        notes = self.check_tasks(contents)
+        listed = [t for t in paths.experts_present()
+                  if t in cfg.tasks or contents.hierarchy is None or contents.lists(paths.expert(t))]  # fmt: skip
+        for task in sorted(set(paths.experts_present()) - set(listed)):  # left by an interrupted add or remove
+            notes.append(f"{paths.expert(task)} is ignored: task {task!r} is not in the hierarchy {paths.manifest} "
+                         "records (an add stopped before its commit, or a remove before it deleted the file); finish "
+                         "by running the command again, or delete the file")  # fmt: skip
+        contents.check_complete([paths.library, *map(paths.expert, listed)])
         self.library, self.library_meta = read_library(paths, cfg, contents)
         self.experts: dict[str, nn.Module] = {}
         self.expert_meta: dict[str, dict[str, Any]] = {}
-        for task in tasks:
+        for task in listed:
             if task not in cfg.tasks:
                 lost = (
                     ""
@@ -277,10 +287,22 @@ class Pool:
         self.open_ms = (time.perf_counter() - t0) * 1e3  # reading and checking every part
         unchecked = [paths.library.name] if "id" not in self.library_meta else []
         unchecked += [f"expert_{t}.pt" for t, m in self.expert_meta.items() if "id" not in m]
-        self.notes = (
+        self.notes = notes + (
             [f"{len(unchecked)} part(s) carry no content hash (e.g. {unchecked[0]}; the original release's "
              "format): they were loaded but could not be checked"] if unchecked else []
         )  # fmt: skip
+
+    def check_tasks(self, contents: Contents) -> list[str]:
+        """Refuse tasks other than the ones the manifest records; notes on ``hierarchy.json``, its readable copy."""
+        if contents.hierarchy is None:
+            return []
+        given = tasks_hierarchy(self.cfg)
+        recorded = current_hierarchy(self.cfg, self.paths.root, contents.hierarchy)
+        if given.id != recorded.id:
+            raise PoEError(f"the tasks given ({len(given.tasks)}, hierarchy {given.id}) are not the ones "
+                           f"{self.paths.manifest} records ({len(recorded.tasks)}, hierarchy {recorded.id}); open "
+                           "the pool with Pool.open, which reads them from there")  # fmt: skip
+        return hierarchy_notes(self.cfg, self.paths.root, recorded)
 
     @classmethod
     def open(cls, db: str | Path = "DB_PoE", dataset: str = "cifar100", device: str | torch.device = "cpu",
@@ -292,8 +314,9 @@ class Pool:
         cfg = get_dataset(dataset)
         paths = resolve_pool(db, cfg.name, cfg.tag)
         cfg = described_by_pool(cfg, paths.root, skip_bad_images)
-        cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg)).apply(cfg)
-        return cls(cfg, paths, torch.device(device), precision)
+        contents = Contents.read(paths)  # read once: the tasks and the parts come from the same manifest
+        cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg), contents).apply(cfg)
+        return cls(cfg, paths, torch.device(device), precision, contents)
 
     @property
     def root(self) -> Path:
@@ -342,7 +365,9 @@ class Pool:
         module.training = False  # its parts are in eval mode already; .eval() would walk every one of them
         module.order = module.order.to(self.device)
         ms = (time.perf_counter() - t0) * 1e3
-        return TaskModel(module, query, self.cfg, self.device, ms, self.precision)
+        model = TaskModel(module, query, self.cfg, self.device, ms, self.precision)
+        model.pool = self
+        return model
 
     def describe(self) -> dict[str, Any]:
         """Dataset, library and, per task, its classes (id and name), whether its expert is here and its

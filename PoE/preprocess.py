@@ -17,11 +17,12 @@ from torch import nn
 from PoE import distributed, manifest
 from PoE.data import FolderLoader, ImageSet, Normalizer, TensorLoader, default_workers, file_sha256
 from PoE.datasets import DatasetConfig
+from PoE.errors import PoEError
 from PoE.evaluate import accuracy
 from PoE.precision import machine_info
 from PoE.profiles import STAGES, Profile, StageConfig
 from PoE.store import PoolPaths, save_checkpoint, seal
-from PoE.tasks import Hierarchy
+from PoE.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 
 
 @dataclass
@@ -58,7 +59,8 @@ class Settings:
     oracle_file: Path | None = None  # the user's Oracle program (PoE.oracle), used instead of training one
     oracle_classes: Path | None = None  # its class order, when it differs from the dataset's
     library_from: Path | None = None  # a pool whose library this pool copies (a new hierarchy on a built library)
-    hierarchy: Hierarchy | None = None  # the tasks of cfg, recorded in the pool before its experts are trained
+    hierarchy: Hierarchy | None = None  # the tasks of cfg, recorded in the pool's manifest
+    adding: bool = False  # --add_tasks: ``tasks`` are new ones, added to the pool in place (``PoE.edit``)
 
     def stage_seed(self, stage: str) -> int:
         """Seeds a stage's weights and batch order (augmented views are seeded by ``seed`` alone)."""
@@ -217,6 +219,9 @@ class Preprocessor:
     def replace_library(self, meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
         """Write a new library without ever showing a mixed pool: the experts of any other library go first
         (the manifest without them, then their files), then the library file, then a manifest of what is left."""
+        if self.s.adding:  # an add changes nothing of what the pool holds; its library was checked when it opened
+            raise PoEError(f"--add_tasks would replace the library of {self.pool.root}; check --pretrained (the "
+                           "folder the pool was built with)")  # fmt: skip
         if distributed.is_main():
             old = [t for t, e in self.listing.experts.items() if e.get("library_id") != meta["id"]]
             for task in old:
@@ -261,12 +266,23 @@ class Preprocessor:
         return out
 
     def write_manifest(self) -> None:
-        """The manifest from what this run holds in memory: its settings and stage records, and the listing of
-        the pool's parts (no checkpoint is read again)."""
+        """The manifest from what this run holds in memory: its settings and stage records, the run's hierarchy
+        and the listing of the pool's parts (no checkpoint is read again); then ``hierarchy.json``, its readable
+        copy. A run that adds tasks keeps the build's record and appends itself to ``edits``."""
+        hierarchy = self.s.hierarchy or tasks_hierarchy(self.cfg)
+        self.listing.hierarchy = hierarchy.record(self.cfg)
+        if self.s.adding:
+            manifest.write(self.listing, manifest.edited(self.listing.old, self.s.command, added=list(self.s.tasks)))
+        else:
+            manifest.write(self.listing, self.run_record())
+        write_hierarchy_copy(self.pool.root, hierarchy, self.cfg)
+
+    def run_record(self) -> dict[str, Any]:
+        """What the manifest says of the run: settings, stage records and times, machine."""
         old = self.listing.old
         sittings = self.per_stage(old, "sittings")
         records = {stage: r.summary for stage, r in self.report.stages.items() if r.summary is not None}
-        run = {
+        return {
             "dataset": self.cfg.name,
             "profile": self.s.profile.name,
             "command": self.s.command,
@@ -294,4 +310,3 @@ class Preprocessor:
             "machine": machine_info(self.s.device),
             "stage_seconds": self.stage_seconds(old),
         }
-        manifest.write(self.listing, run)

@@ -267,6 +267,9 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], path: s
     return module
 
 
+HIERARCHY_FILE = "hierarchy.json"  # in the pool's folder: the readable copy of the hierarchy its manifest records
+
+
 class PoolPaths:
     """Where the parts of one dataset's pool live."""
 

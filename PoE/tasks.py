@@ -5,7 +5,9 @@ classes (they need not cover all of them). A pool stores the hierarchy its exper
 ``hierarchy.json`` in its folder (with its id, a hash of its content); every later command reads it from there,
 and a different ``--hierarchy`` is refused. A pool without that file (the shipped pool, the original release)
 uses the dataset's built-in tasks. The library and the Oracle do not depend on the tasks: a new hierarchy over
-a dataset reuses them and trains only its experts.
+a dataset reuses them and trains only its experts. The pool's manifest records the hierarchy too (it is what a
+pool's tasks are read from; ``hierarchy.json`` is its readable copy, checked against it): one manifest write commits
+an added or removed task with its expert (``PoE.edit``).
 
 The table flows as a value: ``Hierarchy.apply(cfg)`` is the ``DatasetConfig`` whose ``tasks`` are the
 hierarchy's, and every stage, the pool and the service read ``cfg.tasks`` of the config they were given.
@@ -25,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from PoE.datasets import DatasetConfig, described_by_pool
 from PoE.errors import PoEError
-from PoE.store import PoolPaths, load_checkpoint, resolve_pool, save_json, unwrap
+from PoE.manifest import Contents, valid_record
+from PoE.store import HIERARCHY_FILE, PoolPaths, load_checkpoint, resolve_pool, save_json, unwrap
 
 if TYPE_CHECKING:
     from PoE.preprocess import Preprocessor
 
-HIERARCHY_FILE = "hierarchy.json"  # in the pool's folder
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # it names a file (expert_<task>.pt) and a CLI word
 DEFAULT_QUERY_TASKS = 6  # a file's first six tasks are what Run_Evaluation combines by default (as the paper's six)
 SHAPE = '{"task name": ["class name", ...], ...}'
@@ -57,6 +59,10 @@ class Hierarchy:
     def names(self, cfg: DatasetConfig) -> dict[str, list[str]]:
         return {t: [cfg.class_name(c) for c in cls] for t, cls in self.tasks.items()}
 
+    def record(self, cfg: DatasetConfig) -> dict[str, Any]:
+        """What the manifest (and ``hierarchy.json``) records: the id and the tasks by class name."""
+        return {"id": self.id, "tasks": self.names(cfg)}
+
     def apply(self, cfg: DatasetConfig) -> DatasetConfig:
         """``cfg`` with this hierarchy's tasks (``cfg`` itself for its built-in tasks: nothing changes)."""
         if self.builtin:
@@ -68,6 +74,13 @@ class Hierarchy:
 def builtin_hierarchy(cfg: DatasetConfig) -> Hierarchy:
     return Hierarchy(cfg.name, {t: sorted(c) for t, c in cfg.tasks.items()}, f"the built-in tasks of {cfg.name}",
                      builtin=True)  # fmt: skip
+
+
+def tasks_hierarchy(cfg: DatasetConfig, tasks: Mapping[str, list[int]] | None = None, source: str = "") -> Hierarchy:
+    """The hierarchy of ``tasks`` (default: ``cfg``'s): the built-in one when they are the dataset's own."""
+    h = Hierarchy(cfg.name, {t: sorted(c) for t, c in (cfg.tasks if tasks is None else tasks).items()}, source)
+    builtin = builtin_hierarchy(cfg)
+    return builtin if h.id == builtin.id else h
 
 
 def class_index(cfg: DatasetConfig) -> dict[str, list[int]]:
@@ -169,7 +182,7 @@ def given_hierarchy(hierarchy: str | Path | Hierarchy | Mapping | None, cfg: Dat
 
 
 def stored_hierarchy(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
-    """The hierarchy a pool folder was built with; None when it has none (it uses the built-in tasks)."""
+    """The pool folder's ``hierarchy.json``; None when it has none."""
     path = root / HIERARCHY_FILE
     if not path.is_file():
         return None
@@ -181,6 +194,42 @@ def stored_hierarchy(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
     return h
 
 
+def recorded_hierarchy(cfg: DatasetConfig, root: Path, record: dict[str, Any]) -> Hierarchy:
+    """The hierarchy a pool's manifest records (the built-in one when it has the built-in tasks)."""
+    source = root / "manifest.json"
+    h = parse_hierarchy(record["tasks"], cfg, str(source)) if record["tasks"] else Hierarchy(cfg.name, {}, "")
+    if h.id != record["id"]:
+        raise PoEError(f"{source}: its hierarchy hashes to {h.id} but it records {record['id']}: the manifest was "
+                       "edited or damaged; restore it")  # fmt: skip
+    return tasks_hierarchy(cfg, h.tasks, str(root / HIERARCHY_FILE))
+
+
+def current_hierarchy(cfg: DatasetConfig, root: Path, record: dict[str, Any] | None) -> Hierarchy:
+    """The pool's hierarchy: the one its manifest records (``record``), else (a pool without a manifest, or of an
+    earlier version) its ``hierarchy.json``, else the dataset's built-in tasks."""
+    if record is not None:
+        return recorded_hierarchy(cfg, root, record)
+    return stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
+
+
+def hierarchy_notes(cfg: DatasetConfig, root: Path, h: Hierarchy) -> list[str]:
+    """What is wrong with ``hierarchy.json`` (the readable copy) when the manifest records ``h``: the manifest's is
+    used, and the note says how to rewrite the copy."""
+    path = root / HIERARCHY_FILE
+    fix = f"rewrite it from the manifest with: python -m PoE.migrate {root}"
+    if not path.is_file():
+        return [] if h.builtin else [f"{path} is missing; the tasks manifest.json records are used ({fix})"]
+    try:
+        stored = stored_hierarchy(root, cfg)
+    except PoEError as e:
+        return [f"{e}; the tasks manifest.json records are used ({fix})"]
+    if stored is not None and stored.id != h.id:
+        return [f"{path} (hierarchy {stored.id}) is not the hierarchy manifest.json records ({h.id}): a command "
+                f"changing the pool's tasks stopped after its commit, or the file was edited; the manifest's is used "
+                f"({fix})"]  # fmt: skip
+    return []
+
+
 def pool_root(db: str | Path, cfg: DatasetConfig) -> Path:
     """The pool folder ``db`` names: ``db`` itself when it holds a library, else ``db/<dataset>``."""
     try:
@@ -189,12 +238,15 @@ def pool_root(db: str | Path, cfg: DatasetConfig) -> Path:
         return Path(db) / cfg.name
 
 
-def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
-    """The hierarchy of the pool at ``root`` (stored, else built-in); a different ``given`` one is refused."""
-    stored = stored_hierarchy(root, cfg)
-    current = stored or builtin_hierarchy(cfg)
+def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None, contents: Contents | None = None
+                   ) -> Hierarchy:  # fmt: skip
+    """The hierarchy of the pool at ``root`` (its manifest's, read as ``contents``); a different ``given`` one is
+    refused."""
+    contents = Contents.read(PoolPaths(root, cfg.tag)) if contents is None else contents
+    current = current_hierarchy(cfg, root, contents.hierarchy)
     if given is not None and given.id != current.id:
-        none = "" if stored else " (it holds no hierarchy.json: a pool built with --hierarchy keeps it there)"
+        none = (" (it holds no hierarchy.json: a pool built with --hierarchy keeps it there)"
+                if contents.hierarchy is None and not (root / HIERARCHY_FILE).is_file() else "")  # fmt: skip
         raise PoEError(f"the pool {root} was built with {current.describe()}{none}; --hierarchy {given.source} is "
                        f"another (hierarchy {given.id}): omit --hierarchy to use the pool's, or give another "
                        "--db")  # fmt: skip
@@ -214,31 +266,47 @@ def pool_config(
     return pool_hierarchy(cfg, root, given_hierarchy(hierarchy, cfg)).apply(cfg)
 
 
+def written_hierarchy(cfg: DatasetConfig, root: Path) -> Hierarchy:
+    """The hierarchy a writer finds in the pool folder: the manifest's (of any version that records one), else
+    ``hierarchy.json``, else the built-in tasks."""
+    record = PoolPaths(root, cfg.tag).read_manifest().get("hierarchy")
+    return current_hierarchy(cfg, root, record if valid_record(record) else None)
+
+
 def build_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
     """The hierarchy a preprocessing run into the pool folder ``root`` builds: the pool's, or ``given``. A
-    pool holding experts keeps its hierarchy (another is refused); one without experts may take a new one."""
-    current = stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
+    pool holding experts keeps its hierarchy (another is refused; tasks are added and removed with
+    ``--add_tasks`` and ``--remove_tasks``); one without experts may take a new one."""
+    current = written_hierarchy(cfg, root)
     if not (given or current).tasks:
         raise PoEError(f"{cfg.name} has no built-in tasks: give them with --hierarchy tasks.json ({SHAPE})")
     if given is None or given.id == current.id:
         return current
     present = PoolPaths(root, cfg.tag).experts_present()
     if present:
+        new = [t for t in given.tasks if t not in current.tasks]
+        kept = all(given.tasks.get(t) == c for t, c in current.tasks.items())
+        how = (f"to add its task(s) {', '.join(new)} to this pool, give the file with --add_tasks instead of "
+               "--hierarchy" if kept and new else "tasks are removed with --remove_tasks NAME and added with "
+               "--add_tasks FILE")  # fmt: skip
         raise PoEError(f"the pool {root} holds {len(present)} expert(s) built with {current.describe()}; "
-                       f"--hierarchy {given.source} is another (hierarchy {given.id}): build it into a new --db, "
-                       f"or remove {root / 'experts'} first")  # fmt: skip
+                       f"--hierarchy {given.source} is another (hierarchy {given.id}): {how}; or build it into a "
+                       "new --db")  # fmt: skip
     return given
 
 
-def store_hierarchy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
-    """Record ``h`` as the pool's hierarchy before any expert of it is trained (nothing to do for the built-in
-    tasks of a pool that records none). An interrupted expert run of another hierarchy is dropped."""
+def write_hierarchy_copy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
+    """Write ``hierarchy.json``, the readable copy of the hierarchy the manifest records (after the manifest):
+    nothing for the built-in tasks of a pool that has no copy, nothing when the copy is already ``h``."""
     path = root / HIERARCHY_FILE
-    before = stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
-    if before.id == h.id and (h.builtin or path.is_file()):
+    if h.builtin and not path.is_file():
         return
-    (root / "resume" / "experts.pt").unlink(missing_ok=True)  # its task names may mean other classes now
-    save_json(path, {"dataset": cfg.name, "id": h.id, "tasks": h.names(cfg)})
+    try:
+        if path.is_file() and json.loads(path.read_text()) == {"dataset": cfg.name, **h.record(cfg)}:
+            return
+    except (OSError, ValueError):
+        pass
+    save_json(path, {"dataset": cfg.name, **h.record(cfg)})
 
 
 def adopt_library(source: str | Path, prep: Preprocessor) -> str:

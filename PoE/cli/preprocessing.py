@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PoE.cli.common import (
     ALPHA,
@@ -23,6 +25,10 @@ from PoE.cli.common import (
 )
 from PoE.errors import PoEError
 from PoE.profiles import PROFILES, STAGES
+
+if TYPE_CHECKING:
+    from PoE.datasets import DatasetConfig
+    from PoE.tasks import Hierarchy
 
 
 def per_profile(what: Callable[[object], object]) -> str:
@@ -82,6 +88,12 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
                    "experts, on the Oracle's cached logits")  # fmt: skip
     p.add_argument("--oracle_arch", default=None, help="Oracle network, e.g. wrn-40-4 (default: the profile's)")
+    p.add_argument("--add_tasks", default=None, metavar="FILE", help="add the tasks of this hierarchy file to the "
+                   "built pool at --db, in place: only their experts are trained (on the pool's library and the "
+                   "Oracle's cached logits), then the manifest is written; no other file changes. The file may "
+                   "repeat the pool's tasks, unchanged")  # fmt: skip
+    p.add_argument("--remove_tasks", nargs="+", default=None, metavar="TASK", help="remove these tasks and their "
+                   "experts from the pool at --db (the manifest first, then the files); no training")  # fmt: skip
     p.add_argument("--oracle", default=None, metavar="FILE", help="your own Oracle instead of training one: a "
                    "torch.export program (.pt2) or TorchScript file mapping float RGB in [0, 1], N x 3 x S x S, to "
                    "logits over the dataset's classes (checked on a batch, scored on the test split)")  # fmt: skip
@@ -145,8 +157,14 @@ def preprocessing_settings(a: argparse.Namespace):
     cfg = get_dataset(a.dataset)
     folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
     cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
-    hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
-    cfg = hierarchy.apply(cfg)
+    if a.add_tasks:
+        hierarchy, tasks = addition(a, cfg)
+        cfg = hierarchy.apply(cfg)
+    else:
+        hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
+        cfg = hierarchy.apply(cfg)
+        tasks = list(cfg.tasks) if a.tasks is None else a.tasks
+        make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
     if a.library_weights and not cfg.pretrained:  # a folder of large images: a width-1 student, started from them
         if cfg.family != "mobilenetv2":
             raise PoEError(f"--library_weights starts a MobileNetV2 library student (a folder of images over 64 "
@@ -154,8 +172,6 @@ def preprocessing_settings(a: argparse.Namespace):
                            f"pixels distills a {cfg.library_arch}: leave --library_weights out")  # fmt: skip
         cfg = dataclasses.replace(cfg, library_arch="mobilenet_v2")
     prof = for_dataset(get_profile(a.profile), cfg)
-    tasks = list(cfg.tasks) if a.tasks is None else a.tasks
-    make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
     stages = {}
     for stage in STAGES:
         name = stage.rstrip("s")
@@ -207,7 +223,8 @@ def preprocessing_settings(a: argparse.Namespace):
         db=Path(a.db),
         pretrained=Path(a.pretrained),
         tasks=tasks,
-        stages=tuple(s for s in STAGES if s in a.stages),
+        stages=("experts",) if a.add_tasks else tuple(s for s in STAGES if s in a.stages),
+        adding=bool(a.add_tasks),
         retrain=tuple(a.retrain),
         train_limit=a.train_limit,
         soft=a.loss in ("both", "soft"),
@@ -226,11 +243,67 @@ def preprocessing_settings(a: argparse.Namespace):
     )
 
 
+def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list[str]]:
+    """``--add_tasks``: the pool's hierarchy with the file's new tasks, and the new tasks (checked against the
+    pool, which is opened and checked first)."""
+    from PoE.edit import plan_addition
+    from PoE.pool import Pool
+    from PoE.preprocess import STAGES
+    from PoE.tasks import read_hierarchy
+
+    given = [f for f, v in (("--hierarchy", a.hierarchy), ("--tasks", a.tasks), ("--library_from", a.library_from),
+                            ("--retrain", a.retrain)) if v]  # fmt: skip
+    if a.stages not in (list(STAGES), ["experts"]):
+        given.append("--stages")
+    if given:
+        raise PoEError(f"--add_tasks trains the new tasks' experts into the pool as it is; {given[0]} does not go "
+                       "with it")  # fmt: skip
+    plan = plan_addition(Pool.open(a.db, cfg.name), read_hierarchy(a.add_tasks, cfg))
+    return plan.hierarchy, plan.new
+
+
+def remove_body(a: argparse.Namespace) -> int:
+    """``--remove_tasks``: the manifest without the tasks, then their files (nothing trained, no data read)."""
+    from PoE.edit import editing, remove_tasks
+    from PoE.pool import Pool
+
+    if a.add_tasks:
+        raise PoEError("--remove_tasks and --add_tasks: give one per command (remove first, then add)")
+    with editing(pool_folder(a)):
+        lines = remove_tasks(Pool.open(a.db, a.dataset, hierarchy=a.hierarchy), a.remove_tasks,
+                             "python Run_preprocessing.py " + " ".join(a.argv))  # fmt: skip
+    print("\n".join(lines))
+    return 0
+
+
+def pool_folder(a: argparse.Namespace) -> Path:
+    """The folder of the built pool at --db (a missing one is refused in one line)."""
+    from PoE.datasets import get_dataset
+    from PoE.store import resolve_pool
+
+    cfg = get_dataset(a.dataset)
+    return resolve_pool(a.db, cfg.name, cfg.tag).root
+
+
 def preprocessing_body(a: argparse.Namespace) -> int:
+    if a.remove_tasks is not None:
+        return remove_body(a)
+    if a.add_tasks and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 holds the lock for all
+        from PoE.edit import editing
+
+        with editing(pool_folder(a)):  # one change of a pool at a time
+            return build_body(a)
+    return build_body(a)
+
+
+def build_body(a: argparse.Namespace) -> int:
     from PoE import distributed, stages
     from PoE.precision import describe
 
     s = preprocessing_settings(a)
+    if s.adding and not s.tasks:
+        print(f"nothing to add: every task of {a.add_tasks} is in the pool {s.db / s.cfg.name} already")
+        return 0
     s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
     main, procs = distributed.is_main(), distributed.world()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -45,7 +46,6 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
     for ``evaluate``; None disables accuracy. ``max_batch`` images / ``max_wait_ms``: the batching window
     (refused with PoEError unless finite, 0-1000 ms). ``batching``: another batcher (Ray Serve's)."""
     service = Service(pool, data_root, max_batch, max_wait_ms, batching)
-    tasks_known = ", ".join(pool.cfg.tasks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -82,7 +82,8 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
             what = f"bad request: {loc}: {first.get('msg', 'invalid')}"
         usage = USAGE.get(request.url.path, "see /docs")
-        return JSONResponse({"error": one_line(f"{what}; {usage}; known tasks: {tasks_known}")}, status_code=400)
+        known = ", ".join(service.cfg.tasks)
+        return JSONResponse({"error": one_line(f"{what}; {usage}; known tasks: {known}")}, status_code=400)
 
     @app.exception_handler(PoEError)
     async def refused(request: Request, exc: PoEError) -> JSONResponse:
@@ -95,42 +96,45 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
 
     @app.get("/healthz", summary="Liveness: the pool is loaded and the batcher runs", responses=refusals(503))
     async def healthz() -> dict[str, Any]:
+        view = await service.current()
         if not service.batcher.alive():
             raise ClientError(503, "the prediction worker has stopped")
         mem = memory()
-        return {"status": "ok", "dataset": pool.cfg.name, "experts": len(pool.experts), "pid": mem["pid"],
+        return {"status": "ok", "dataset": view.cfg.name, "experts": len(view.pool.experts), "pid": mem["pid"],
                 "rss_bytes": mem["rss_bytes"]}  # fmt: skip
 
     @app.get("/api/pool", summary="The pool: dataset and, per task, its classes, its expert's presence and accuracy")
     async def pool_info() -> dict[str, Any]:
-        info = pool.describe()
-        info.update(image_size=pool.cfg.image_size, precision=pool.precision, max_images=MAX_IMAGES,
+        current = (await service.current()).pool
+        info = current.describe()
+        info.update(image_size=current.cfg.image_size, precision=current.precision, max_images=MAX_IMAGES,
                     max_body_bytes=MAX_BODY_BYTES, accuracy_available=data_root is not None)  # fmt: skip
         return info
 
     @app.post("/api/query", summary="Consolidate a model for a set of tasks: classes, FLOPs, params, build time, "
               "accuracy (evaluate: true) and a download URL", responses=refusals(400, 413, 422, 503))  # fmt: skip
     async def query(body: QueryBody) -> JSONResponse:
-        model = service.build(body.tasks)
-        key = service.model_id(model.tasks)
-        macs, params = service.cost(model)
+        view = await service.current()
+        model = view.build(body.tasks)
+        key = view.model_id(model.tasks)
+        macs, params = view.cost(model)
         out: dict[str, Any] = {
             "tasks": model.tasks,
-            "classes": service.classes_of(model),
+            "classes": view.classes_of(model),
             "flops": macs,
             "params": params,
             "build_ms": round(model.build_ms, 3),
             "model": f"/api/models/{key}.pt2",
-            "precision": pool.precision,
+            "precision": view.pool.precision,
         }
         if body.evaluate:
-            out["accuracy"], out["n_test"] = await service.run_slow(service.accuracy, model, key)
+            out["accuracy"], out["n_test"] = await service.run_slow(service.accuracy, view, model, key)
         return JSONResponse(out)
 
     @app.post("/api/predict", summary="Top classes of base64 PNG/JPEG images under the queried tasks' model",
               responses=refusals(400, 413, 503))  # fmt: skip
     async def predict(body: PredictBody, request: Request) -> JSONResponse:
-        model = service.model(body.tasks)  # task errors first
+        model = (await service.current()).model(body.tasks)  # task errors first
         check_count(len(body.images))
         images = [decode_base64(s, i) for i, s in enumerate(body.images)]
         return JSONResponse(await service.predict(model, images, body.top, request.scope.get("poe.arrival")))
@@ -146,7 +150,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         top: Annotated[int, Form(ge=1)] = DEFAULT_TOP,
     ) -> JSONResponse:
         names = [t for field_value in tasks for t in re.split(r"[,\s]+", field_value) if t]
-        model = service.model(names)
+        model = (await service.current()).model(names)
         check_count(len(images))
         data = [await f.read() for f in images]
         return JSONResponse(await service.predict(model, data, top, request.scope.get("poe.arrival")))
@@ -155,11 +159,12 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
              response_class=Response, responses={200: {"content": {"application/octet-stream": {}}},
                                                  **refusals(404, 503, 507)})  # fmt: skip
     async def download(name: str) -> Response:
+        view = await service.current()
         key = name.removesuffix(".pt2")
-        tasks = service.tasks_of(key) if MODEL_ID.fullmatch(name) else None
+        tasks = view.tasks_of(key) if MODEL_ID.fullmatch(name) else None
         if tasks is None:
             raise ClientError(404, f"unknown model {name[:80]!r}; POST /api/query gives a model URL")
-        data = await service.run_slow(service.export, key, tasks)
+        data = await service.run_slow(service.export, view, key, tasks)
         filename = f"poe_{'__'.join(tasks)[:120]}.pt2"
         return Response(data, media_type="application/octet-stream",
                         headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
@@ -167,14 +172,15 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
     @app.get("/api/stats", summary="Batching statistics and the memory of this worker and of every worker")
     async def stats() -> dict[str, Any]:
         return {**service.batcher.stats.as_dict(), **memory(), "uptime_s": round(time.time() - service.started, 1),
-                "models_exported": len(service.exports), "accuracies_cached": len(service.accuracies)}  # fmt: skip
+                "models_exported": len(service.view.exports),
+                "accuracies_cached": len(service.view.accuracies)}  # fmt: skip
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(WEB / "index.html", media_type="text/html")
 
     app.mount("/web", StaticFiles(directory=WEB), name="web")
-    app.openapi = lambda: describe_tasks(FastAPI.openapi(app), list(pool.cfg.tasks))
+    app.openapi = lambda: describe_tasks(copy.deepcopy(FastAPI.openapi(app)), list(service.cfg.tasks))
     return app
 
 

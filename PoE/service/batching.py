@@ -86,9 +86,9 @@ class Batcher:
     arriving (being received or decoded), and answers all of them from one library forward. So a lone
     request never waits, and concurrent ones share a forward."""
 
-    def __init__(self, pool: Pool, gate: ExportGate, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, gate: ExportGate, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
         check_window(max_batch, max_wait_ms)
-        self.pool, self.gate, self.max_batch, self.max_wait = pool, gate, max_batch, max_wait_ms / 1e3
+        self.gate, self.max_batch, self.max_wait = gate, max_batch, max_wait_ms / 1e3
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.arriving = 0  # prediction requests received but not yet submitted (see Arrivals)
         self.arriving_lock = threading.Lock()
@@ -142,7 +142,7 @@ class Batcher:
             batch = self.collect(first)
             try:
                 with self.gate.forward():
-                    preds = forward(self.pool, batch)
+                    preds = forward_all(batch)
                 self.stats.add(len(batch), sum(len(j.x) for j in batch))
                 results: list[Any] = [answer(p, j.top) for p, j in zip(preds, batch, strict=True)]
             except Exception as e:  # answer every waiting request; the worker keeps serving
@@ -150,6 +150,19 @@ class Batcher:
                 results = [RuntimeError(f"prediction failed: {one_line(e)}")] * len(batch)
             for job, result in zip(batch, results, strict=True):
                 job.loop.call_soon_threadsafe(settle, job.future, result)
+
+
+def forward_all(batch: list[Job]) -> list[Prediction]:
+    """``forward`` per pool: a model is answered by the pool it was built from, so requests taken before a swap
+    (``PoE.service.core.Service.current``) are answered by the previous pool, later ones by the new one."""
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(batch):
+        groups.setdefault(id(job.model.pool), []).append(i)
+    preds: list[Prediction | None] = [None] * len(batch)
+    for rows in groups.values():
+        for i, p in zip(rows, forward(batch[rows[0]].model.pool, [batch[i] for i in rows]), strict=True):
+            preds[i] = p
+    return preds  # type: ignore[return-value]
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: 3-5% less CPU than no_grad (docs/service.md)

@@ -1,4 +1,5 @@
-"""The pool in memory plus what the HTTP layer needs: costs, test split, bounded caches, batcher."""
+"""The pool in memory plus what the HTTP layer needs: costs, test split, bounded caches, batcher; the pool is
+swapped for a new version when its manifest changes (tasks added or removed in place)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import errno
 import hashlib
 import io
+import logging
 import math
 import threading
 import time
@@ -16,13 +18,16 @@ from typing import Any, Protocol
 import torch
 
 from PoE.data import ImageSet, image_batch
-from PoE.datasets import load_split
+from PoE.datasets import DatasetConfig, load_split
 from PoE.errors import PoEError
 from PoE.evaluate import count_macs, count_params
+from PoE.manifest import signature
 from PoE.pool import Pool, TaskModel
 from PoE.service.batching import Batcher, BatchStats, ExportGate
 from PoE.service.images import decode_image
 from PoE.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, one_line
+
+log = logging.getLogger("PoE.service")
 
 MODEL_ID_DIGITS = 16  # hex digits of the content digest in a model id
 DECODE_INLINE = 1  # requests with more images decode on a thread: one 32x32 PNG takes ~0.2 ms, a hop ~0.04 ms
@@ -39,13 +44,13 @@ class Batching(Protocol):
     def close(self) -> None: ...
 
 
-class Service:
-    """The pool in memory plus what the HTTP layer needs: per-part costs, the test split (read once),
-    bounded caches of accuracies and exported models, and the batcher."""
+class View:
+    """One opened pool and everything derived from it: model ids, per-part costs and the caches of built models,
+    accuracies and exported files. The service swaps whole views (``Service.current``), so a request is answered
+    from one version of the pool, and no cache outlives the pool it was filled from."""
 
-    def __init__(self, pool: Pool, data_root: str | Path | None = None, max_batch: int = 64,
-                 max_wait_ms: float = 5.0, batching: Batching | None = None) -> None:  # fmt: skip
-        self.pool, self.cfg, self.data_root = pool, pool.cfg, data_root
+    def __init__(self, pool: Pool) -> None:
+        self.pool, self.cfg = pool, pool.cfg
         # a model id is a digest of the parts' content ids and the task list, followed by the tasks' indices:
         # any worker (or replica) of the same pool derives the same id and reads the tasks back from it
         self.part_ids = {t: pool.part_id(t) for t in pool.experts} | {"": pool.part_id()}
@@ -56,26 +61,9 @@ class Service:
         self.library_cost = (count_macs(pool.library, (3, size, size), pool.device), count_params(pool.library))
         self.expert_cost = {t: (count_macs(e, feature_shape, pool.device), count_params(e))
                             for t, e in pool.experts.items()}  # fmt: skip
-        self.gate = ExportGate()
-        self.batcher: Batching = batching or Batcher(pool, self.gate, max_batch, max_wait_ms)
         self.built: LRU = LRU(256)  # task list -> TaskModel (shares the pool's modules: a few objects each)
         self.accuracies: LRU = LRU(4096)  # model id -> (accuracy %, test images)
         self.exports: LRU = LRU(MAX_EXPORT_BYTES, weigh=len)  # model id -> .pt2 bytes (in memory: no disk)
-        self.lock = threading.Lock()
-        # evaluations and exports run one at a time on their own thread: few threads touch torch, which keeps
-        # the memory of per-thread allocator arenas and OpenMP teams bounded
-        self.slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-slow")
-        self.decode = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-decode")
-        self._test = None
-        self.started = time.time()
-
-    def close(self) -> None:
-        self.batcher.close()
-        self.slow.shutdown(wait=True, cancel_futures=True)
-        self.decode.shutdown(wait=True, cancel_futures=True)
-
-    async def run_slow(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.wrap_future(self.slow.submit(fn, *args))
 
     def digest(self, tasks: list[str]) -> str:
         parts = "|".join(f"{t}:{self.part_ids[t]}" for t in tasks)
@@ -86,7 +74,8 @@ class Service:
         return f"{self.digest(tasks)}-{''.join(f'{self.task_index[t]:02x}' for t in tasks)}"
 
     def tasks_of(self, model_id: str) -> list[str] | None:
-        """The tasks a model id names, or None unless the id is exactly what ``model_id`` gives for them."""
+        """The tasks a model id names, or None unless the id is exactly what ``model_id`` gives for them (an id of
+        a pool before an add or a remove names the same model, or none)."""
         codes = model_id.partition("-")[2]
         names = list(self.cfg.tasks)
         try:
@@ -121,6 +110,80 @@ class Service:
             macs, params = macs + self.expert_cost[t][0], params + self.expert_cost[t][1]
         return macs, params
 
+    def classes_of(self, model: TaskModel) -> list[dict[str, Any]]:
+        return [{"id": c, "name": n} for c, n in zip(model.classes, model.class_names, strict=True)]
+
+
+class Service:
+    """The current ``View`` of the pool plus what outlives a swap: the test split (read once), the batcher and
+    the threads of slow work. ``watch``: follow the pool's manifest (tasks added or removed in place)."""
+
+    def __init__(self, pool: Pool, data_root: str | Path | None = None, max_batch: int = 64,
+                 max_wait_ms: float = 5.0, batching: Batching | None = None, watch: bool = True) -> None:  # fmt: skip
+        self.view, self.data_root, self.watch = View(pool), data_root, watch
+        self.gate = ExportGate()
+        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms)
+        self.lock = threading.Lock()
+        # evaluations and exports run one at a time on their own thread: few threads touch torch, which keeps
+        # the memory of per-thread allocator arenas and OpenMP teams bounded
+        self.slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-slow")
+        self.decode = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-decode")
+        self.opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-reload")
+        self.reloading: asyncio.Future | None = None
+        self.refused: tuple | None = None  # the manifest's state when opening it last failed (not retried)
+        self._test = None
+        self.started = time.time()
+
+    @property
+    def pool(self) -> Pool:
+        return self.view.pool
+
+    @property
+    def cfg(self) -> DatasetConfig:
+        return self.view.cfg
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.slow.shutdown(wait=True, cancel_futures=True)
+        self.decode.shutdown(wait=True, cancel_futures=True)
+        self.opener.shutdown(wait=True, cancel_futures=True)
+
+    async def run_slow(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.wrap_future(self.slow.submit(fn, *args))
+
+    async def current(self) -> View:
+        """The view to answer a request from. When the pool's manifest (or its ``hierarchy.json``) changed since
+        the view's pool read it (a stat of two files per request), a new ``Pool`` is opened beside the old one, off
+        the event loop, and swapped in only once it passed every check; a pool that fails them is logged and the
+        old one kept (until the files change again). Requests arriving meanwhile wait for the new view, so every
+        answer given after a command changed the pool is the changed pool's."""
+        view = self.view
+        if not self.watch:
+            return view
+        now = signature(view.pool.paths)
+        if now in (view.pool.signature, self.refused):
+            return view
+        if self.reloading is None or self.reloading.done():
+            self.reloading = asyncio.ensure_future(self.reload(view, now))
+        await asyncio.shield(self.reloading)
+        return self.view
+
+    async def reload(self, old: View, now: tuple) -> None:
+        def open_view() -> View:
+            pool = Pool.open(old.pool.root, old.cfg.name, old.pool.device, old.pool.precision)
+            with self.gate.export():  # counting the costs hooks every module of the process (torch's FlopCounterMode
+                return View(pool)  # tracks modules with global hooks): no forward may run meanwhile
+
+        try:
+            self.view = await asyncio.wrap_future(self.opener.submit(open_view))
+            self.refused = None
+            log.info("reloaded %s: %d tasks, %d experts", self.view.pool.root, len(self.view.cfg.tasks),
+                        len(self.view.pool.experts))  # fmt: skip
+        except Exception as e:  # any failure: keep serving the pool that passed its checks
+            self.refused = now
+            log.warning("the pool changed, but the new version was not loaded (still serving the previous one): %s",
+                        one_line(e))  # fmt: skip
+
     def test_split(self, classes: list[int]) -> ImageSet:
         """In-memory datasets are read once and shared; a streamed one decodes only ``classes``' images."""
         if self.data_root is None:
@@ -132,10 +195,10 @@ class Service:
                 self._test = load_split(self.cfg, self.data_root, "test", progress=False)
             return self._test
 
-    def accuracy(self, model: TaskModel, key: str) -> tuple[float, int]:
+    def accuracy(self, view: View, model: TaskModel, key: str) -> tuple[float, int]:
         """The CLI's accuracy (same function, same rounding), cached per model. Test data that cannot be used
         is the server's state, not the client's fault: 503; classes without test images: 422. Never a 500."""
-        hit = self.accuracies.get(key)
+        hit = view.accuracies.get(key)
         if hit is None:
             try:
                 test = self.test_split(model.classes)
@@ -160,16 +223,16 @@ class Service:
                 raise ClientError(422, "the test split has no images of this query's classes; no accuracy can be "
                                   "measured (query without evaluate)")  # fmt: skip
             hit = (round(acc, 2), n)
-            self.accuracies.put(key, hit)
+            view.accuracies.put(key, hit)
         return hit
 
-    def export(self, key: str, tasks: list[str]) -> bytes:
+    def export(self, view: View, key: str, tasks: list[str]) -> bytes:
         """The model's ``.pt2`` bytes, exported on first request (on the slow thread, so exports never overlap
         one another) and kept in memory: the service writes nothing to disk."""
-        data = self.exports.get(key)
+        data = view.exports.get(key)
         if data is not None:
             return data
-        model = self.pool.query(tasks)  # TaskModel.program traces a private copy of the shared modules
+        model = view.pool.query(tasks)  # TaskModel.program traces a private copy of the shared modules
         buffer = io.BytesIO()
         try:
             with self.gate.export():
@@ -179,11 +242,8 @@ class Service:
                 raise ClientError(507, f"no space left to write the model ({one_line(e)}); retry later") from None
             raise ClientError(503, f"cannot write the model: {one_line(e)}") from None
         data = buffer.getvalue()
-        self.exports.put(key, data)
+        view.exports.put(key, data)
         return data
-
-    def classes_of(self, model: TaskModel) -> list[dict[str, Any]]:
-        return [{"id": c, "name": n} for c, n in zip(model.classes, model.class_names, strict=True)]
 
     async def predict(self, model: TaskModel, images: list[bytes], top: int, arrival: Any = None) -> dict[str, Any]:
         """Decode (off the event loop for several images), then answer from a batched forward."""
@@ -196,7 +256,8 @@ class Service:
         if arrival is not None:
             arrival.done()
         rows = await self.batcher.submit(model, x, top)
-        return {"tasks": model.tasks, "classes": self.classes_of(model), "predictions": rows}
+        classes = [{"id": c, "name": n} for c, n in zip(model.classes, model.class_names, strict=True)]
+        return {"tasks": model.tasks, "classes": classes, "predictions": rows}
 
     def images(self, images: list[bytes]) -> torch.Tensor:
         size = self.cfg.image_size

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from PoE.errors import PoEError
-from PoE.service.batching import BatchStats, Job, answer, check_window, forward
+from PoE.service.batching import BatchStats, Job, answer, check_window, forward_all
 from PoE.service.run import Settings, plan, url_line
 
 try:
@@ -54,7 +54,7 @@ class RayBatching:
 
     def run(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
         with self.gate.forward():
-            preds = forward(self.pool, jobs)
+            preds = forward_all(jobs)
         self.stats.add(len(jobs), sum(len(j.x) for j in jobs))
         return [answer(p, j.top) for p, j in zip(preds, jobs, strict=True)]
 

@@ -14,13 +14,14 @@ import time
 
 from PoE import distributed
 from PoE.datasets.folder import DESCRIPTION_FILE
+from PoE.errors import PoEError
 from PoE.preprocess import STAGES, Preprocessor, Report, Settings
 from PoE.stages.base import Part, Stage
 from PoE.stages.experts import Experts
 from PoE.stages.library import Library, PretrainedLibrary
 from PoE.stages.oracle import Oracle, PretrainedOracle
 from PoE.store import check_writable, save_json
-from PoE.tasks import adopt_library, store_hierarchy
+from PoE.tasks import adopt_library
 
 __all__ = ["Experts", "Library", "Oracle", "Part", "PretrainedLibrary", "PretrainedOracle", "Stage", "run"]
 
@@ -32,7 +33,7 @@ def run(s: Settings) -> Report:
     if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
         for folder in (prep.pretrained, prep.pool.root):
             check_writable(folder)
-        for folder in (prep.pretrained, prep.pool.root) if s.cfg.description else ():
+        for folder in (prep.pretrained, prep.pool.root) if s.cfg.description and not s.adding else ():
             save_json(folder / DESCRIPTION_FILE, s.cfg.description)  # what a folder dataset's pool was built from
     distributed.barrier()
     if s.library_from is not None:  # every rank: rank 0 writes, the others wait in the write
@@ -47,9 +48,10 @@ def run(s: Settings) -> Report:
     if last >= 1:
         library = (PretrainedLibrary(prep) if s.cfg.pretrained else Library(prep, teacher)).run()["library"]
         if last >= 2:
-            if distributed.is_main() and s.hierarchy is not None:
-                store_hierarchy(prep.pool.root, s.hierarchy, s.cfg)
-            distributed.barrier()
+            if s.adding and library.id != prep.listing.library.get("id"):
+                raise PoEError(f"--add_tasks: the library student in {prep.pretrained} is library {library.id}, but "
+                               f"the pool's is {prep.listing.library.get('id')}: give the --pretrained folder the "
+                               "pool was built with")  # fmt: skip
             Experts(prep, teacher, library).run()
         if distributed.is_main():
             prep.write_manifest()

@@ -81,8 +81,9 @@ class Experts(Stage):
                       for c, end in zip(cols, ends, strict=True)]  # fmt: skip
             return torch.stack(losses).sum()
 
-        fp = {"tasks": todo, "library": self.lib_id, "oracle": teacher.oracle_id, "T": T, "alpha": alpha, "soft": soft,
-              "scale": scale, "views": self.s.teacher_views, "form": "bank"}  # fmt: skip
+        fp = {"tasks": todo, "classes": [tasks[t] for t in todo], "library": self.lib_id, "oracle": teacher.oracle_id,
+              "T": T, "alpha": alpha, "soft": soft, "scale": scale, "views": self.s.teacher_views,
+              "form": "bank"}  # fmt: skip
         batches = teacher.batches(loader, conf)
         run = self.train({"bank": bank}, loss_fn, loader, batches, fp, frozen=(library,))
         self.prep.report.stages["experts"] = StageRecord(None, run["train_seconds"], None, run.pop("epoch_seconds"),
