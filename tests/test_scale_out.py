@@ -116,7 +116,8 @@ class Server:
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.proc.kill()  # did not stop within 2 minutes of Ctrl-C: -9, not None, says so
+            self.proc.wait()
         return self.proc.returncode
 
 
