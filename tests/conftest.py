@@ -46,6 +46,20 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def few_train_root(tmp_path_factory, data_root) -> Path:
+    """Real CIFAR-100 with every 10th training image (5,000, about 50 a class) and the whole real test split: for
+    commands whose baselines must train on real images but whose asserted numbers come from the test split."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("few_train")
+    (root / "cifar100").mkdir()
+    with np.load(data_root / "cifar100" / "train.npz") as z:
+        np.savez(root / "cifar100" / "train.npz", x=z["x"][::10], y=z["y"][::10])
+    (root / "cifar100" / "test.npz").symlink_to(data_root / "cifar100" / "test.npz")
+    return root
+
+
+@pytest.fixture(scope="session")
 def official_cifar() -> Path:
     return need(shared_dir() / "official" / "cifar100")
 

@@ -81,13 +81,13 @@ def test_sd_and_uhc_losses_by_hand():
     assert padded_kd(s2, t, cols, T).item() > 0.1
 
 
-def test_baselines_command_prints_methods_beside_poe(capsys, official_cifar, data_root):
+def test_baselines_command_prints_methods_beside_poe(capsys, official_cifar, few_train_root):
     import json
 
     from PoE.cli import main_baselines
 
     rc = main_baselines(["--queriedTask", "people", "vehicles_1", "--method", "transfer", "--epochs", "1",
-                         "--batch_size", "256", "--db", str(official_cifar), "--data_root", str(data_root),
+                         "--batch_size", "256", "--db", str(official_cifar), "--data_root", str(few_train_root),
                          "--no_progress", "--device", "cpu", "--json"])  # fmt: skip
     assert rc == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -45,14 +45,16 @@ def test_bad_n(capsys, official_cifar):
     assert "--n must be between 1 and the number of tasks (6)" in capsys.readouterr().err
 
 
-def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypatch, official_cifar, data_root):
+def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypatch, official_cifar, few_train_root):
+    """Transfer trains on a tenth of the real training images (its accuracy is not asserted); the Oracle and PoE
+    are scored on the whole real test split."""
     from PoE.cli import main_experiments
 
     from .conftest import install_stand_in_oracle
 
     install_stand_in_oracle(official_cifar, tmp_path / "pre")
     out = tmp_path / "addImg"
-    args = ["--db", str(official_cifar), "--data_root", str(data_root), "--pretrained", str(tmp_path / "pre"),
+    args = ["--db", str(official_cifar), "--data_root", str(few_train_root), "--pretrained", str(tmp_path / "pre"),
             "--device", "cpu", "--n", "2", "3", "--methods", "oracle", "poe", "transfer", "--epochs", "1",
             "--combos_per_n", "1", "--ablation", f"copy={official_cifar}", "--out", str(out),
             "--no_progress"]  # fmt: skip
@@ -70,16 +72,20 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     assert paired[0] == "n,tasks,oracle,poe,transfer" and len(paired) == 1 + 2  # one sampled combination per n
 
     # every finished baseline run is recorded; a rerun with the same settings trains nothing and gives the same
-    # table (an interrupted comparison continues), one with other settings trains again
+    # table (an interrupted comparison continues), even with another Oracle in --pretrained (Transfer does not
+    # use it; a rerun with nothing changed is the special case of this one); one with other settings trains again
     record = out / "baseline_runs.jsonl"
     assert len(record.read_text().splitlines()) == 2
     from PoE.baselines import BaselineRunner
+    from PoE.store import load_checkpoint, save_checkpoint
 
     trained = []
     real_run = BaselineRunner.run
     monkeypatch.setattr(BaselineRunner, "run", lambda self, m, t: trained.append(t) or real_run(self, m, t))
     with open(record, "a") as f:
         f.write('{"key": "cut sh')  # an interrupted append
+    oracle = tmp_path / "pre" / "cifar100" / "oracle.pt"
+    save_checkpoint(oracle, {**load_checkpoint(oracle), "train_seconds": 1.0})
     assert main_experiments(args) == 0 and trained == []
 
     def transfer_rows(text: str) -> list[str]:
@@ -87,12 +93,6 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
 
     assert transfer_rows((out / "composite_tasks.md").read_text()) == transfer_rows(table)
     assert main_experiments([*args, "--lr", "0.05"]) == 0 and len(trained) == 2
-    # another Oracle in --pretrained: Transfer does not use it, so its runs still apply
-    from PoE.store import load_checkpoint, save_checkpoint
-
-    oracle = tmp_path / "pre" / "cifar100" / "oracle.pt"
-    save_checkpoint(oracle, {**load_checkpoint(oracle), "train_seconds": 1.0})
-    assert main_experiments(args) == 0 and len(trained) == 2
 
 
 def test_record_key_names_the_parts_each_method_uses():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -81,17 +82,29 @@ def free_port() -> int:
 
 
 class Server:
-    """``Run_Service.py --serve`` in a subprocess, stopped with Ctrl-C (SIGINT) as a user stops it."""
+    """``Run_Service.py --serve`` in a subprocess, stopped with Ctrl-C (SIGINT) as a user stops it. Started at
+    once; ``ready()`` waits for the line with its URL. Its output goes to files, never to a pipe nobody reads
+    (a full pipe would block the server while another test runs)."""
 
-    def __init__(self, *args: str, data_root) -> None:
+    def __init__(self, *args: str, data_root, logs: Path) -> None:
         cmd = [sys.executable, "Run_Service.py", "--serve", "--device", "cpu", "--data_root", str(data_root), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:\d+", line)
-        if found is None:
-            self.stop()
-            pytest.fail(f"the server did not start: {line}{self.proc.stderr.read()[-3000:]}")
-        self.url = found.group(0)
+        self.out, self.err = logs / "stdout.txt", logs / "stderr.txt"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+        self.url = ""
+
+    def ready(self) -> Server:
+        deadline = time.monotonic() + START_S
+        while not self.url:
+            found = re.search(r"http://127\.0\.0\.1:\d+", self.out.read_text())
+            if found is not None:
+                self.url = found.group(0)
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the server did not start: {self.out.read_text()}{self.err.read_text()[-3000:]}")
+            else:
+                time.sleep(0.1)
+        return self
 
     def get(self, path: str, **kw) -> httpx.Response:
         with httpx.Client(timeout=START_S) as c:  # a new connection: any worker may take it
@@ -103,8 +116,27 @@ class Server:
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.proc.kill()  # did not stop within 2 minutes of Ctrl-C: -9, not None, says so
+            self.proc.wait()
         return self.proc.returncode
+
+
+RAY = importlib.util.find_spec("ray") is not None
+
+
+@pytest.fixture(scope="module")
+def servers(request, data_root, tmp_path_factory) -> dict[str, Server]:
+    """Both servers of this module, started together: their start-ups (interpreters importing torch, Ray's own
+    processes) overlap instead of adding up. Each test stops its server; this stops what a failure left."""
+    selected = {item.name for item in request.session.items}
+    logs = tmp_path_factory.mktemp("workers")
+    started = {"workers": Server("--port", "0", "--workers", "2", data_root=data_root, logs=logs)}
+    if RAY and "test_ray_serve_with_two_replicas_answers_as_one_process" in selected:
+        logs = tmp_path_factory.mktemp("ray")
+        started["ray"] = Server("--ray", "--replicas", "2", "--port", str(free_port()), data_root=data_root, logs=logs)
+    yield started
+    for server in started.values():
+        server.stop()
 
 
 def check_server(server: Server, reference, pool, images, tmp_path, workers: int) -> None:
@@ -121,9 +153,10 @@ def check_server(server: Server, reference, pool, images, tmp_path, workers: int
     assert len(pids) <= workers
 
 
-def test_two_workers_answer_as_one_process(reference, pool, images, data_root, tmp_path):
-    server = Server("--port", "0", "--workers", "2", data_root=data_root)
+def test_two_workers_answer_as_one_process(servers, reference, pool, images, tmp_path):
+    server = servers["workers"]
     try:
+        server.ready()
         deadline = time.monotonic() + START_S
         pids: set[int] = set()
         while len(pids) < 2 and time.monotonic() < deadline:  # both workers up and taking connections
@@ -136,10 +169,10 @@ def test_two_workers_answer_as_one_process(reference, pool, images, data_root, t
         assert server.stop() == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray Serve not installed (requirements-ray.txt)")
-def test_ray_serve_with_two_replicas_answers_as_one_process(reference, pool, images, data_root, tmp_path):
-    server = Server("--ray", "--replicas", "2", "--port", str(free_port()), data_root=data_root)
+@pytest.mark.skipif(not RAY, reason="Ray Serve not installed (requirements-ray.txt)")
+def test_ray_serve_with_two_replicas_answers_as_one_process(servers, reference, pool, images, tmp_path):
+    server = servers["ray"]
     try:
-        check_server(server, reference, pool, images, tmp_path, workers=2)
+        check_server(server.ready(), reference, pool, images, tmp_path, workers=2)
     finally:
         assert server.stop() == 0
