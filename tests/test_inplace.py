@@ -185,11 +185,12 @@ def test_remove_writes_the_manifest_first_then_deletes_and_survives_a_kill(built
     assert "without tasks" in capsys.readouterr().err
 
 
-def test_a_running_server_picks_up_added_and_removed_experts(built, pool_dir, data_root):
+def test_a_running_server_picks_up_added_and_removed_experts(built, pool_dir, data_root, tmp_path):
     from .test_scale_out import Server
 
     stray = pool_dir / "experts" / "expert_ghost.pt"
-    server = Server("--db", str(pool_dir.parent), "--port", "0", "--workers", "2", data_root=data_root)
+    args = ("--db", str(pool_dir.parent), "--port", "0", "--workers", "2")
+    server = Server(*args, data_root=data_root, logs=tmp_path).ready()
     try:
 
         def every_worker(path: str, want) -> list[dict]:
