@@ -128,7 +128,7 @@ class Server:
     def command(self, max_batch: int) -> list[str]:
         a = self.args
         cmd = [sys.executable, "Run_Service.py", "--serve", "--db", a.db, "--data_root", a.data_root, "--device",
-               "cpu", "--max_batch", str(max_batch), "--batch_wait_ms", str(a.batch_wait_ms)]  # fmt: skip
+               a.device, "--max_batch", str(max_batch), "--batch_wait_ms", str(a.batch_wait_ms)]  # fmt: skip
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         if self.kind == "ray":
@@ -281,13 +281,14 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
     server_cpus, client_cpus = split_cpus(sorted(os.sched_getaffinity(0)))
     notes = [
         f"Servers: `Run_Service.py --serve --max_batch {a.max_batch} --batch_wait_ms {a.batch_wait_ms}"
-        f"{f' --threads {a.threads}' if a.threads else ''} [--workers N | --ray --replicas N]` (fp32, CPU, shipped "
-        f"pool). Clients: {a.client_procs} processes (httpx, asyncio); 'niced': at nice {a.nice}, every core; 'other "
-        f"cores': the server pinned to CPUs {server_cpus}, the clients to {client_cpus} (sched_setaffinity, as "
-        f"taskset does); {a.n_latency} requests per latency phase, {a.n_latency * 2} for {c} clients; before them "
-        f"{a.n_warm_mixed:,} mixed requests warm every worker's caches. CPU: user + system time of every process of "
-        "the server (workers, or Ray's own processes and its replicas) and of every client process during the "
-        "phase, per request; 'start': until the server answers (all workers up); 'took': the whole configuration.",
+        f"{f' --threads {a.threads}' if a.threads else ''} [--workers N | --ray --replicas N]` "
+        f"(fp32, {a.device}, shipped pool). Clients: {a.client_procs} processes (httpx, asyncio); 'niced': at "
+        f"nice {a.nice}, every core; 'other cores': the server pinned to CPUs {server_cpus}, the clients to "
+        f"{client_cpus} (sched_setaffinity, as taskset does); {a.n_latency} requests per latency phase, "
+        f"{a.n_latency * 2} for {c} clients; before them {a.n_warm_mixed:,} mixed requests warm every worker's "
+        "caches. CPU: user + system time of every process of the server (workers, or Ray's own processes and its "
+        "replicas) and of every client process during the phase, per request; 'start': until the server answers "
+        "(all workers up); 'took': the whole configuration.",
         f"Machine: {where}.",
     ]
     if errors:
@@ -298,6 +299,7 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", default="DB_PoE")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the server's device")
     p.add_argument("--data_root", default="data")
     p.add_argument("--configs", nargs="+", default=["workers:1", "workers:1:taskset", "workers:2", "ray:1", "ray:2"],
                    help="workers:N or ray:N (replicas), then optionally :nice, :taskset or :same (where the clients "
