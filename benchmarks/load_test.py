@@ -344,4 +344,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (timeout, CI, a wrapper) as Ctrl-C: the finally blocks stop the server this run started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())

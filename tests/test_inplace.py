@@ -164,6 +164,8 @@ def test_remove_writes_the_manifest_first_then_deletes_and_survives_a_kill(built
     assert main_preprocessing(["--db", db, "--remove_tasks", "lnad"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'lnad' is not a task of the pool" in err and "closest: land" in err
+    assert main_preprocessing(["--db", db, "--remove_tasks", "land", "--tasks", "aquatic"]) == 2  # not ignored
+    assert "--tasks and --retrain do not go with it" in capsys.readouterr().err
 
     run = killed("after", ["--db", db, "--remove_tasks", "land"])  # killed after the commit, before the deletion
     assert run.returncode == -9, run.stderr[-2000:]

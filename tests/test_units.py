@@ -292,3 +292,19 @@ def test_cifar100_is_fetched_through_torchvision_once_and_cached(tmp_path, monke
     with pytest.raises(PoEError, match=r"torchvision download failed .*--data_root"):
         load_split("cifar100", tmp_path, "train")
     assert not (tmp_path / "cifar100" / "train.npz").exists()
+
+
+def test_a_short_junk_file_is_refused_as_a_checkpoint_in_one_line(tmp_path):
+    """A few bytes that are neither a zip nor a pickle (torch raises struct.error) are a PoEError, not a traceback."""
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk\n")
+    with pytest.raises(PoEError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(junk)
+
+
+def test_more_workers_than_four_per_cpu_are_refused():
+    from PoE.service.run import plan
+
+    assert plan(8, None, n_cpus=2) == (8, 1)
+    with pytest.raises(PoEError, match="more than 4 per CPU"):
+        plan(9, None, n_cpus=2)

@@ -135,7 +135,8 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     """Flags of every command. ``precision``: the default of --precision (fp32 for the commands that only
     score, so their accuracies are exact and the same on every machine)."""
     p.add_argument("--dataset", default="cifar100", choices=list(DATASETS), help="dataset of the pool")
-    p.add_argument("--data_root", default="data", help="folder holding <dataset>/ (default: data)")
+    p.add_argument("--data_root", default="data", help="folder holding <dataset>/ (default: data); with --dataset "
+                   "folder, the image folder itself")  # fmt: skip
     p.add_argument("--db", default="DB_PoE", help="pool root; the pool is <db>/<dataset>/ (default: DB_PoE)")
     p.add_argument("--hierarchy", default=None, metavar="FILE", help="the primitive tasks as a JSON file {\"task\": "
                    "[\"class name\", ...]} (default: the one the pool stores, else the dataset's built-in tasks); "

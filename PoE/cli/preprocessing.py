@@ -269,6 +269,8 @@ def remove_body(a: argparse.Namespace) -> int:
 
     if a.add_tasks:
         raise PoEError("--remove_tasks and --add_tasks: give one per command (remove first, then add)")
+    if a.tasks is not None or a.retrain:
+        raise PoEError("--remove_tasks names the tasks to remove; --tasks and --retrain do not go with it")
     with editing(pool_folder(a)):
         lines = remove_tasks(Pool.open(a.db, a.dataset, hierarchy=a.hierarchy), a.remove_tasks,
                              "python Run_preprocessing.py " + " ".join(a.argv))  # fmt: skip

@@ -62,6 +62,9 @@ def plan(workers: int | None, threads: int | None, n_cpus: int | None = None) ->
     over 15 threads was 2.7x slower than over one (issue 22's 16-core figures). Default workers: one per two
     cores (a worker is an event loop plus a forward thread); docs/service.md has the measurements."""
     n = n_cpus or cpus()
+    if workers is not None and workers > 4 * n:
+        raise PoEError(f"--workers {workers} is more than 4 per CPU ({n} here): each worker holds the pool and a "
+                       f"forward thread; use at most {4 * n}")  # fmt: skip
     workers = workers or max(1, n // 2)
     share = max(1, n // workers)
     return workers, threads or max(1, min(MAX_THREADS, share - 1))
