@@ -1,38 +1,77 @@
 #!/usr/bin/env bash
-# The paper's schedule (--profile paper: Oracle WRN-40-4 and library 200 epochs, experts 100) on one lent GPU,
-# in two calls of under 10 minutes each on the same warm machine (docs/gpu.md has the plan and the minutes):
-#   call 1, with the last data part:  bash .gpu/join && bash scripts/gpu_paper.sh oracle
-#   call 2:                           bash scripts/gpu_paper.sh rest
-# Each call packs what it made into $OUT (parts of at most 15 MiB), so a call cut short still returns its stage;
-# a stage cut short resumes from its per-epoch checkpoint in the next call. The Oracle's logits are cached for 10
-# augmented views (the paper's schedule runs it on every batch: 100 s more than a lease has). POE_PAPER_ARGS
-# replaces that flag, e.g. a CPU try: POE_DATA=../shared/data POE_PRECISION=fp32 POE_PAPER_ARGS="--device cpu
-# --epochs 1 --train_limit 512 --oracle_arch wrn-10-1" bash scripts/gpu_paper.sh oracle (then rest).
+# The paper's schedule (--profile paper: Oracle WRN-40-4 and library 200 epochs, experts 100) on one lent GPU lease,
+# as one detached pipeline that keeps the GPU busy between calls (docs/gpu.md has the plan and the minutes).
+#   here:              bash scripts/gpu_paper.sh layout   # .gpu/p1 .gpu/p2 .gpu/p3 (< 58 MB each) from ../shared
+#   call 1, carry .gpu/p1 .whl:  ls .gpu
+#   call 2, carry .gpu/p2:       ls .gpu
+#   call 3, carry .gpu/p3:       bash scripts/gpu_paper.sh start && bash scripts/gpu_paper.sh wait 540
+#   call 4:                      bash scripts/gpu_paper.sh wait SECONDS   # what the lease has left, less a margin
+# `start` joins the data, then starts (setsid) the pipeline on cores 0-3 and the side checks (the CUDA tests, then
+# the service's load test) on cores 4-15; `wait` returns when the pipeline ended or SECONDS passed, packing what is
+# done into $OUT (15 MiB parts). POE_PAPER_ARGS replaces --teacher_views 10; a CPU try: POE_PAPER_ARGS="--device cpu
+# --epochs 1 --train_limit 512 --oracle_arch wrn-10-1" POE_PRECISION=fp32 POE_CORES=0 POE_SIDE=0, same commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "${1:-}" = oracle ] || [ "${1:-}" = rest ] || { sed -n "2,10p" "$0"; exit 2; }
+mode=${1:-}
 OUT=${OUT:-runs/gpu_out}
-D=${POE_DATA:-.gpu}  # holds cifar100/{train,test}.npz
 R=${POE_RUN:-runs/paper}
-mkdir -p "$OUT" "$R"
-export PYTHONUNBUFFERED=1
-# shellcheck disable=SC2086  # POE_PAPER_ARGS is a list of flags
-P="python3 Run_preprocessing.py --profile paper --precision ${POE_PRECISION:-bf16} --data_root $D --db $R/DB_PoE
-   --pretrained $R/DB_pretrained --no_progress ${POE_PAPER_ARGS:---teacher_views 10}"
-pack() {  # pack paths into $OUT/$1.tar.N, 15 MiB parts (the device returns at most 8 files of 16 MiB)
-  local name=$1; shift
-  rm -f "$OUT/$name".tar.*
-  tar cf - --exclude=resume --exclude=cache "$@" | split -b 15M -d -a 1 - "$OUT/$name.tar."
-}
-if [ "$1" = oracle ]; then
+G=.gpu
+export PYTHONUNBUFFERED=1 POE_SHARED=$G
+usage() { sed -n "2,13p" "$0"; exit 2; }
+case $mode in
+layout)  # the data and the original release in three parts that fit a call each with the working tree
+  src=../shared
+  rm -rf $G && mkdir -p $G/p1 $G/p2 $G/p3
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+  t=$src/data/cifar100/train.npz n=$(stat -c %s $src/data/cifar100/train.npz) a=24400000  # p1 also holds the test split
+  b=$(((n - a) / 2))
+  head -c $b $t >$G/p2/train.npz.part0
+  dd if=$t of=$G/p3/train.npz.part1 bs=1M iflag=skip_bytes,count_bytes skip=$b count=$b status=none
+  tail -c +$((2 * b + 1)) $t >$G/p1/train.npz.part2
+  cp $src/data/cifar100/test.npz $G/p1/
+  mkdir -p $G/p1/official && cp -r $src/official/cifar100 $G/p1/official/
+  (cd $src/data/cifar100 && sha256sum train.npz test.npz) >$G/p1/SHA256SUMS
+  du -b -s $G/p1 $G/p2 $G/p3 .whl 2>/dev/null; git ls-files -z | du -b -c --files0-from=- | tail -1  # each call < 64 MiB
+  ;;
+start)
+  mkdir -p $G/data/cifar100 "$R/side"
+  cat $G/p2/train.npz.part0 $G/p3/train.npz.part1 $G/p1/train.npz.part2 >$G/data/cifar100/train.npz
+  cp $G/p1/test.npz $G/data/cifar100/ && ln -sfn p1/official $G/official
+  (cd $G/data/cifar100 && sha256sum -c ../../p1/SHA256SUMS)
+  setsid nohup bash "$0" pipeline >"$R/pipeline.log" 2>&1 </dev/null &
+  [ "${POE_SIDE:-1}" = 0 ] || setsid nohup bash "$0" side >"$R/side/side.log" 2>&1 </dev/null &
+  sleep 2
+  ;;
+pipeline)  # every stage in one process: no second start, no reload of the data
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-  $P --stages oracle 2>&1 | tee "$R/oracle.log"
-  pack oracle "$R/DB_pretrained" "$R/oracle.log"
-else
-  $P 2>&1 | tee "$R/library_experts.log"
-  python3 Run_Evaluation.py --db "$R/DB_PoE" --data_root "$D" --out "$R/results/paper_pool" 2>&1 | tail -8
-  python3 Run_Service.py --db "$R/DB_PoE" --data_root "$D" --queriedTask people vehicles_1 vehicles_2 2>&1 \
-    | tee "$R/results/service_example.txt"
-  pack pool "$R/DB_PoE" "$R/DB_pretrained/cifar100/library_student.pt" "$R/results" "$R/library_experts.log"
-fi
-ls -la "$OUT"
+  rc=0
+  # shellcheck disable=SC2086  # POE_PAPER_ARGS is a list of flags
+  taskset -c "${POE_CORES:-0-3}" python3 Run_preprocessing.py --profile paper --precision "${POE_PRECISION:-bf16}" \
+    --data_root $G/data --db "$R/DB_PoE" --pretrained "$R/DB_pretrained" --no_progress \
+    ${POE_PAPER_ARGS:---teacher_views 10} || rc=$?
+  echo "$rc" >"$R/DONE"
+  ;;
+side)  # on the other cores: the CUDA tests, then the service's load test (CPU server), each bounded
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+  fi
+  c=${POE_SIDE_CORES:-4-15}
+  timeout 240 taskset -c "$c" python3 -m pytest -m cuda tests/ -q -p no:cacheprovider -rs 2>&1 \
+    | tee "$R/side/cuda_tests.log" || true
+  timeout 420 taskset -c "$c" python3 benchmarks/load_test.py --data_root $G/data --device cpu \
+    --configs workers:1 workers:8 --out "$R/side/load_test_gpu_machine.md" 2>&1 | tee "$R/side/load_test.log" || true
+  echo done >"$R/side/DONE"
+  ;;
+wait)
+  [ -n "${2:-}" ] || usage
+  t_end=$((SECONDS + $2))
+  while [ ! -f "$R/DONE" ] && [ $SECONDS -lt $t_end ]; do sleep 3; done
+  tail -n 25 "$R/pipeline.log" || true
+  tail -n 6 "$R/side/side.log" 2>/dev/null || true
+  mkdir -p "$OUT"
+  tar cf - --exclude=resume --exclude=cache "$R" | split -b 15M -d -a 1 - "$OUT/paper.tar."
+  ls -la "$OUT"
+  ;;
+*) usage ;;
+esac
