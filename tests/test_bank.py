@@ -68,6 +68,15 @@ def test_a_bank_gives_back_each_expert_as_its_own_slice():
         assert all(v._base is None or v.numel() == v._base.numel() for v in s.values())  # own storage, not a view
 
 
+def test_a_bank_of_the_same_shape_on_another_device_has_its_index_there():
+    """A bank's structure is cached per shape; the cache once ignored the device, so a query on the GPU after one on
+    the CPU got the CPU's ``owner`` index and failed (found on an H200). The meta device stands in for the GPU."""
+    lib = WRNLibrary(WRNSpec(16, 1))
+    experts = [wrn.new_expert(lib, 16, c) for c in (5, 3)]
+    assert bank_of(experts).fc.owner.device.type == "cpu"
+    assert bank_of([e.to("meta") for e in experts]).fc.owner.device.type == "meta"
+
+
 def test_mobilenet_bank_equals_its_experts():
     torch.manual_seed(0)
     lib = MobileNetLibrary(split=4)

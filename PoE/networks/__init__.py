@@ -127,8 +127,9 @@ def bank_of(experts: Sequence[nn.Module], states: Sequence[dict[str, torch.Tenso
     e, training = experts[0], experts[0].training
     family = next(f for f in FAMILIES.values() if isinstance(e, f.expert_type))
     classes = tuple(x.num_classes for x in experts)
-    key = (family.name, e.in_channels, e.width, getattr(e, "n_blocks", 0), classes, training)
-    empty = template(key, lambda: family.bank_like(experts).train(training), next(iter(state.values())).device)
+    device = next(iter(state.values())).device  # in the key: the structure and ``owner`` are built for it
+    key = (family.name, e.in_channels, e.width, getattr(e, "n_blocks", 0), classes, training, str(device))
+    empty = template(key, lambda: family.bank_like(experts).train(training), device)
     return assemble(empty, state, requires_grad=training)
 
 
