@@ -320,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     a = p.parse_args(argv)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    where = f"{os.cpu_count()} CPUs, load average {load} (1 / 5 / 15 min) before the first server started"
+    usable = len(os.sched_getaffinity(0))  # a taskset'd benchmark has fewer than the machine
+    where = f"{usable} CPUs usable of {os.cpu_count()}, load average {load}"
+    where += " (1 / 5 / 15 min) before the first server started"
     if os.getloadavg()[0] >= 0.5:
         where += " (other work was running: every figure is contended)"
     for spec in a.configs:  # refuse a bad spec before anything runs

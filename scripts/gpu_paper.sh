@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-}
 OUT=${OUT:-runs/gpu_out}
 R=${POE_RUN:-runs/paper}
-G=.gpu
+G=${POE_GPU:-.gpu}  # the parts; on the device outside the tree (a call removes ignored files it did not carry)
 export PYTHONUNBUFFERED=1 POE_SHARED=$G
 usage() { sed -n "2,13p" "$0"; exit 2; }
 case $mode in
@@ -52,8 +52,9 @@ pipeline)  # every stage in one process: no second start, no reload of the data
   echo "$rc" >"$R/DONE"
   ;;
 side)  # on the other cores: the CUDA tests, then the service's load test (CPU server), each bounded
-  if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  w=$G/.whl && [ -d "$w" ] || w=.whl
+  if [ -d "$w" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$w"/*.whl
     export PYTHONPATH=/tmp/site
   fi
   c=${POE_SIDE_CORES:-4-15}
