@@ -47,6 +47,7 @@ class Settings:
     stages: tuple[str, ...] = STAGES
     retrain: tuple[str, ...] = ()
     train_limit: int | None = None  # train on a seeded random subset of this many images (smoke tests)
+    test_limit: int | None = None  # score on a seeded random subset of this many test images (smoke tests)
     soft: bool = True  # ablation switches for the expert loss
     scale: bool = True
     progress: bool = True
@@ -116,6 +117,14 @@ def summary(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta[k] for k in keys if k in meta}
 
 
+def subset_index(n: int, keep: int | None, seed: int) -> torch.Tensor | None:
+    """The seeded random subset (ascending indices) of ``keep`` of ``n`` images; None (all of them) without a limit.
+    ``--train_limit`` draws it with the run's seed, ``--test_limit`` with the seed + 1."""
+    if not keep or keep >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+
+
 class Preprocessor:
     """One dataset's run as the stages see it: its data, loaders, evaluation, files and manifest."""
 
@@ -136,14 +145,16 @@ class Preprocessor:
     def train_set(self) -> ImageSet:
         if self._train is None:
             data, self._train_file = self.read_split("train")
-            keep = self.limit(len(data))
+            keep = self.limit(len(data), self.s.train_limit)
             self._train = data if keep is None else data.subset(keep)
         return self._train
 
     @property
     def test_set(self) -> ImageSet:
         if self._test is None:
-            self._test = self.read_split("test")[0]
+            test = self.read_split("test")[0]
+            keep = self.limit(len(test), self.s.test_limit, salt=1)
+            self._test = test if keep is None else test.subset(keep)
         return self._test
 
     @property
@@ -151,12 +162,9 @@ class Preprocessor:
         """The classes of this run's tasks: all a streamed dataset's experts train and are tested on."""
         return sorted({c for t in self.s.tasks for c in self.cfg.tasks[t]})
 
-    def limit(self, n: int) -> torch.Tensor | None:
-        """The seeded random subset (ascending indices) of ``n`` training images that ``--train_limit`` keeps."""
-        if not self.s.train_limit or self.s.train_limit >= n:
-            return None
-        g = torch.Generator().manual_seed(self.s.seed)
-        return torch.randperm(n, generator=g)[: self.s.train_limit].sort().values
+    def limit(self, n: int, keep: int | None, salt: int = 0) -> torch.Tensor | None:
+        """What ``--train_limit`` (salt 0) or ``--test_limit`` (salt 1) keeps of ``n`` images (``subset_index``)."""
+        return subset_index(n, keep, self.s.seed + salt)
 
     def read_split(self, split: str) -> tuple[ImageSet, Path]:
         """Rank 0 reads first (decoding an image folder into the cache once); the other ranks then read the cache."""
@@ -175,7 +183,7 @@ class Preprocessor:
         seed = self.s.stage_seed(stage)
         if self.cfg.train_files is not None:
             files, labels = self.cfg.train_files(self.s.data_root, self.task_classes)
-            keep = self.limit(len(files))
+            keep = self.limit(len(files), self.s.train_limit)
             if keep is not None:
                 files, labels = [files[i] for i in keep.tolist()], [labels[i] for i in keep.tolist()]
             workers = default_workers() if self.s.workers is None else self.s.workers
@@ -193,6 +201,8 @@ class Preprocessor:
             test = test.subset(torch.arange(rank, len(test), world))
         progress = self.s.progress and rank == 0
         acc, n = accuracy(model, test, classes, self.normalize, self.s.device, restrict, progress, self.s.precision)
+        if self.s.test_limit and distributed.total([n])[0] == 0:
+            raise PoEError(f"--test_limit {self.s.test_limit} keeps no test image of classes {classes}: raise it")
         if world == 1:
             return acc, n
         correct, n = distributed.total([round(acc * n / 100) if n else 0, n])
@@ -297,6 +307,7 @@ class Preprocessor:
                 "seed": self.s.seed,
                 "losses": {"soft": self.s.soft, "scale": self.s.scale},
                 "train_limit": self.s.train_limit,
+                "test_limit": self.s.test_limit,
             },
             "train_data_sha256": file_sha256(self._train_file) if self._train_file else old.get("train_data_sha256"),
             "oracle": records.get("oracle"),

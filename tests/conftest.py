@@ -39,6 +39,30 @@ def decoded_cache(tmp_path_factory) -> Path:
         os.environ["POE_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decode_shared_data_once():
+    """Dozens of in-process runs read the same read-only real CIFAR-100 files; decoding the training split takes
+    about 1.3 s here. Decode each file once per session and give every caller copies of its own, so that no caller
+    can change the images another one reads. Files anywhere else (the corrupted copies of the tests) load as ever."""
+    import PoE.data as data
+
+    real, memo, shared = data.load_npz, {}, shared_dir().resolve()
+
+    def load_npz(path, size=None, num_classes=None):
+        p = Path(path).resolve()
+        if shared not in p.parents:
+            return real(path, size, num_classes)
+        key = (p, p.stat().st_mtime_ns, size, num_classes)
+        if key not in memo:
+            memo[key] = real(path, size, num_classes)
+        return data.ImageSet(memo[key].x.clone(), memo[key].y.clone())
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(data, "load_npz", load_npz)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     need(shared_dir() / "data" / "cifar100" / "test.npz")
@@ -72,13 +96,14 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 TINY = [
     "--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "1024", "--epochs", "2",
     "--teacher_views", "2", "--tasks", "people", "vehicles_1", "vehicles_2", "--no_progress", "--device", "cpu",
-    "--precision", "fp32",
+    "--precision", "fp32", "--test_limit", "2000",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
-    """A pool made by a real (tiny) preprocessing run on real CIFAR-100: 1024 images, 2 epochs per stage."""
+    """A pool made by a real (tiny) preprocessing run on real CIFAR-100: 1024 images, 2 epochs per stage, every part
+    scored on 2,000 of the 10,000 test images."""
     from PoE.cli import main_preprocessing
 
     base = tmp_path_factory.mktemp("tiny")

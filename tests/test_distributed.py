@@ -17,6 +17,7 @@ from PoE.errors import PoEError
 from PoE.evaluate import accuracy
 from PoE.networks import build_network
 from PoE.pool import Pool
+from PoE.preprocess import subset_index
 from PoE.store import load_checkpoint, load_into, state_id
 
 from .conftest import ROOT
@@ -65,8 +66,8 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, data_root):
     out.mkdir()
     argv = ["--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "512", "--batch_size", "64",
             "--epochs", "1", "--teacher_views", "1", "--tasks", "people", "vehicles_1", "--no_progress",
-            "--device", "cpu", "--precision", "fp32", "--data_root", str(data_root), "--db", str(db),
-                "--pretrained", str(pre)]  # fmt: skip
+            "--test_limit", "2000", "--device", "cpu", "--precision", "fp32", "--data_root", str(data_root),
+            "--db", str(db), "--pretrained", str(pre)]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            str(ROOT / "tests" / "distributed_harness.py"), str(out), *argv]  # fmt: skip
@@ -84,18 +85,19 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, data_root):
     stored = load_into(build_network("wrn-10-1", get_dataset("cifar100")), oracle["state_dict"], "oracle", "Oracle")
     assert oracle["kind"] == "oracle" and oracle["id"] == state_id(stored)  # the fp16-rounded Oracle, as distilled
     assert load_checkpoint(pre / "cifar100" / "library_student.pt")["oracle_id"] == oracle["id"]
-    assert oracle["test_n"] == 10000 and 0.0 <= oracle["test_acc"] <= 100.0
+    assert oracle["test_n"] == 2000 and 0.0 <= oracle["test_acc"] <= 100.0
     assert load_checkpoint(pre / "cifar100" / "library_student.pt")["kind"] == "library_student"
     assert load_checkpoint(pool / "library_cifar100.pt")["kind"] == "library"
     cfg = get_dataset("cifar100")
     opened = Pool.open(pool)
     test = load_split("cifar100", data_root, "test")
+    test = test.subset(subset_index(len(test), 2000, seed=0 + 1))  # --test_limit's images (seed 0)
     for task in ("people", "vehicles_1"):  # the ranks' shares of the test set add up to a one-process evaluation
         expert = load_checkpoint(pool / "experts" / f"expert_{task}.pt")
-        assert expert["kind"] == "expert" and expert["test_n"] == 500
         model = torch.nn.Sequential(opened.library, opened.experts[task])
         acc, n = accuracy(model, test, cfg.tasks[task], Normalizer(cfg.mean, cfg.std), "cpu")
-        assert n == 500 and expert["test_acc"] == pytest.approx(acc, abs=1e-4)
+        assert expert["kind"] == "expert" and 50 < n < 150 and expert["test_n"] == n
+        assert expert["test_acc"] == pytest.approx(acc, abs=1e-4)
     assert set(json.loads((pool / "manifest.json").read_text())["experts"]) == {"people", "vehicles_1"}
     assert len(list((pre / "cifar100" / "cache").glob("teacher_*_view0000.pt"))) == 1
     assert not list((pre / "cifar100" / "resume").glob("*.pt"))

@@ -206,8 +206,7 @@ def test_exported_model_states_its_input_contract(tmp_path, official_cifar):
                 program(bad)
 
 
-@pytest.mark.parametrize("tasks", [["people"], ["large_omnivores_and_herbivores", "medium-sized_mammals", "people",
-                                                "small_mammals", "vehicles_1"]])  # fmt: skip
+@pytest.mark.parametrize("tasks", [["people"], ["people", "vehicles_1", "vehicles_2"]])  # the README's query
 def test_bf16_answers_like_fp32_on_the_shipped_pool(tmp_path, data_root, tasks):
     """bf16 (eager and exported) predicts the fp32 class on at least 99% of the query's real test images; the
     fp32 export exactly as eager fp32. ``people``, the least certain expert, flipped 1.8% while logits were bf16."""

@@ -184,6 +184,19 @@ def test_ckd_extracts_an_accurate_expert_from_real_features(tmp_path, official_c
     assert expert["test_acc"] > 50.0, capsys.readouterr().out
 
 
+def test_a_test_limit_that_leaves_a_task_without_images_is_one_line(tmp_path, official_cifar, data_root, capsys):
+    """--test_limit 3 keeps no image of most 5-class tasks: an expert's accuracy over none would be nan%."""
+    install_stand_in_oracle(official_cifar, tmp_path / "pre", tmp_path / "db")
+    rc = main_preprocessing(["--data_root", str(data_root), "--db", str(tmp_path / "db"), "--pretrained",
+                             str(tmp_path / "pre"), "--oracle_arch", "wrn-16-1", "--stages", "experts", "--tasks",
+                             "vehicles_2", "--train_limit", "256", "--epochs", "1", "--teacher_views", "1",
+                             "--test_limit", "3", "--profile", "quick", "--no_progress",
+                             "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--test_limit 3 keeps no test image of classes" in err
+    assert not (tmp_path / "db" / "cifar100" / "experts" / "expert_vehicles_2.pt").exists()
+
+
 def test_load_split_reads_real_cifar(data_root):
     test = load_split("cifar100", data_root, "test")
     assert test.x.shape == (10000, 3, 32, 32) and test.x.dtype == torch.uint8
@@ -193,8 +206,8 @@ def test_load_split_reads_real_cifar(data_root):
 def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
     """--profile gpu (the paper's WRN-40-4 Oracle, WRN-16-1 library, 16-wide experts, cached views) end to end
     with --device cpu on a generated data folder, one epoch per stage: the profile's plumbing, not its speed."""
-    root = fake_cifar(tmp_path / "data", 128, 100)
-    rc = main_preprocessing(["--profile", "gpu", "--device", "cpu", "--epochs", "1", "--batch_size", "128",
+    root = fake_cifar(tmp_path / "data", 64, 100)
+    rc = main_preprocessing(["--profile", "gpu", "--device", "cpu", "--epochs", "1", "--batch_size", "64",
                              "--teacher_views", "1", "--tasks", "people", "vehicles_2", "--no_progress",
                              "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained",
                              str(tmp_path / "pre")])  # fmt: skip

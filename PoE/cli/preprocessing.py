@@ -129,6 +129,13 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         default=None,
         help="train on a random subset of this many images (smoke tests)",
     )
+    p.add_argument(
+        "--test_limit",
+        type=POSITIVE_INT,
+        default=None,
+        help="score every part on a random subset of this many test images (smoke tests; each stored accuracy "
+        "records its image count)",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "off", *STAGES),
                    metavar="WHICH", help="torch.compile the training steps of these stages (on: all, off: none; "
@@ -227,6 +234,7 @@ def preprocessing_settings(a: argparse.Namespace):
         adding=bool(a.add_tasks),
         retrain=tuple(a.retrain),
         train_limit=a.train_limit,
+        test_limit=a.test_limit,
         soft=a.loss in ("both", "soft"),
         scale=a.loss in ("both", "scale"),
         progress=not a.no_progress,
