@@ -71,7 +71,9 @@ wait)
   tail -n 25 "$R/pipeline.log" || true
   tail -n 6 "$R/side/side.log" 2>/dev/null || true
   mkdir -p "$OUT"
-  tar cf - --exclude=resume --exclude=cache "$R" | split -b 15M -d -a 1 - "$OUT/paper.tar."
+  # the library's and experts' resume files too, so that a stage the lease cut short can go on elsewhere; not the
+  # Oracle's (72 MB with its momentum: over what a call brings back with the rest) nor the teacher cache (200 MB)
+  tar cf - --exclude=cache --exclude='*/resume/oracle.pt' "$R" | split -b 15M -d -a 1 - "$OUT/paper.tar."
   ls -la "$OUT"
   ;;
 *) usage ;;
