@@ -82,15 +82,18 @@ def free_port() -> int:
 
 
 class Server:
-    """``Run_Service.py --serve`` in a subprocess, stopped with Ctrl-C (SIGINT) as a user stops it. Started at
-    once; ``ready()`` waits for the line with its URL. Its output goes to files, never to a pipe nobody reads
-    (a full pipe would block the server while another test runs)."""
+    """``Run_Service.py --serve`` in a subprocess, stopped with Ctrl-C (SIGINT) as a user stops it. Started at once,
+    as a script's ``cmd &`` starts it: with SIGINT ignored, which Python then never turns into KeyboardInterrupt
+    (the Ray server hung on Ctrl-C so), so the server must handle it itself. ``ready()`` waits for the line with
+    its URL. Its output goes to files, never to a pipe nobody reads (a full pipe would block the server while
+    another test runs)."""
 
     def __init__(self, *args: str, data_root, logs: Path) -> None:
         cmd = [sys.executable, "Run_Service.py", "--serve", "--device", "cpu", "--data_root", str(data_root), *args]
         self.out, self.err = logs / "stdout.txt", logs / "stderr.txt"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
         self.url = ""
 
     def ready(self) -> Server:

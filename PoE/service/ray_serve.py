@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +30,6 @@ except ImportError:  # the module stays importable (and --help works) without Ra
 ROOT = Path(__file__).resolve().parents[2]
 OBJECT_STORE_BYTES = 100 * 2**20  # the service passes no large objects through Ray; its minimum is 75 MiB
 APP_NAME = "poe"
-SHUTDOWN_S = 30  # after Ctrl-C, how long Ray may take to stop before the server leaves without it
 
 
 def batch(method: Any) -> Any:
@@ -113,7 +111,8 @@ def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, rep
     else:
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: started from a script's `cmd &`, Python ignores it
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         app = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1}).bind(asdict(settings))
@@ -121,16 +120,8 @@ def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, rep
         print(line, flush=True)
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        stopper = threading.Thread(target=stop_serving, args=(ray, address is None), daemon=True)
-        stopper.start()
-        stopper.join(SHUTDOWN_S)  # once, in CI, Serve's shutdown outlasted two minutes after Ctrl-C
-        if stopper.is_alive():
-            print(f"note: Ray did not stop within {SHUTDOWN_S} s of Ctrl-C; leaving without it", file=sys.stderr)
-            print("server stopped", flush=True)
-            os._exit(0)  # not atexit: Ray's own handler would wait for it again
+        stop_serving(ray, local=address is None)
     print("server stopped", flush=True)
     return 0
 
