@@ -96,14 +96,14 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 TINY = [
     "--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "1024", "--epochs", "2",
     "--teacher_views", "2", "--tasks", "people", "vehicles_1", "vehicles_2", "--no_progress", "--device", "cpu",
-    "--precision", "fp32", "--test_limit", "2000",
+    "--precision", "fp32", "--test_limit", "1000",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
     """A pool made by a real (tiny) preprocessing run on real CIFAR-100: 1024 images, 2 epochs per stage, every part
-    scored on 2,000 of the 10,000 test images."""
+    scored on 1,000 of the 10,000 test images."""
     from PoE.cli import main_preprocessing
 
     base = tmp_path_factory.mktemp("tiny")

@@ -55,26 +55,26 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     install_stand_in_oracle(official_cifar, tmp_path / "pre")
     out = tmp_path / "addImg"
     common = ["--db", str(official_cifar), "--data_root", str(few_train_root), "--pretrained", str(tmp_path / "pre"),
-              "--device", "cpu", "--n", "2", "3", "--epochs", "1", "--combos_per_n", "1", "--out", str(out),
+              "--device", "cpu", "--n", "2", "--epochs", "1", "--combos_per_n", "1", "--out", str(out),
               "--no_progress"]  # fmt: skip
     rc = main_experiments([*common, "--methods", "oracle", "poe", "transfer", "--ablation", f"copy={official_cifar}"])
     assert rc == 0, capsys.readouterr().err
     table = (out / "composite_tasks.md").read_text()
-    assert "| oracle | 2 | 15 |" in table and "| poe | 3 | 20 |" in table and "| transfer | 2 | 1 |" in table
+    assert "| oracle | 2 | 15 |" in table and "| poe | 2 | 15 |" in table and "| transfer | 2 | 1 |" in table
     assert "| poe | 2 | 15 | 79.03 |" in table
     for name in ("accuracy_vs_n.png", "accuracy_vs_time.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cross = (out / "cross_expert_errors.csv").read_text().strip().splitlines()
-    assert len(cross) == 1 + 4  # both and copy, n = 2 and 3
+    assert len(cross) == 1 + 2  # both and copy
     assert "transfer" in (out / "composite_tasks_all.csv").read_text()
     paired = (out / "same_combinations.csv").read_text().strip().splitlines()
-    assert paired[0] == "n,tasks,oracle,poe,transfer" and len(paired) == 1 + 2  # one sampled combination per n
+    assert paired[0] == "n,tasks,oracle,poe,transfer" and len(paired) == 1 + 1  # one sampled combination
 
     # every finished baseline run is recorded; a rerun with the same settings trains nothing and gives the same
     # table (an interrupted comparison continues), even with another Oracle in --pretrained (Transfer does not
     # use it; a rerun with nothing changed is the special case of this one); one with other settings trains again
     record = out / "baseline_runs.jsonl"
-    assert len(record.read_text().splitlines()) == 2
+    assert len(record.read_text().splitlines()) == 1
     from PoE.baselines import BaselineRunner
     from PoE.store import load_checkpoint, save_checkpoint
 
@@ -92,7 +92,7 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
         return [line for line in text.splitlines() if line.startswith("| transfer |")]
 
     assert transfer_rows((out / "composite_tasks.md").read_text()) == transfer_rows(table)
-    assert main_experiments([*rerun, "--lr", "0.05"]) == 0 and len(trained) == 2
+    assert main_experiments([*rerun, "--lr", "0.05"]) == 0 and len(trained) == 1
 
 
 def test_record_key_names_the_parts_each_method_uses():
