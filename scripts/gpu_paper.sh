@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The paper's schedule (--profile paper: Oracle WRN-40-4 and library 200 epochs, experts 100) on one lent GPU lease,
 # as one detached pipeline that keeps the GPU busy between calls (docs/gpu.md has the plan and the minutes).
-#   here:              bash scripts/gpu_paper.sh layout   # .gpu/p1 .gpu/p2 .gpu/p3 (< 58 MB each) from ../shared
-#   call 1, carry .gpu/p1 .whl:  ls .gpu
-#   call 2, carry .gpu/p2:       ls .gpu
-#   call 3, carry .gpu/p3:       bash scripts/gpu_paper.sh start && bash scripts/gpu_paper.sh wait 540
-#   call 4:                      bash scripts/gpu_paper.sh wait SECONDS   # what the lease has left, less a margin
+# here:   bash scripts/gpu_paper.sh layout   # .gpu/p1 .gpu/p2 .gpu/p3 (about 62 MiB a call with the working tree)
+# A call removes the ignored files an earlier call carried, so each call copies its part out of the tree, and the
+# pipeline runs from a copy of the repository there (the next call replaces the tree under a running process):
+#   call 1, carry .gpu/p1 .whl:  mkdir -p /tmp/g && cp -r .gpu/p1 .whl /tmp/g/
+#   call 2, carry .gpu/p2:       cp -r .gpu/p2 /tmp/g/
+#   call 3, carry .gpu/p3:       cp -r .gpu/p3 /tmp/g/ && mkdir -p /tmp/g/repo && tar --exclude=./.gpu -cf - . |
+#     tar -C /tmp/g/repo -xf - && cd /tmp/g/repo && export POE_GPU=/tmp/g POE_RUN=/tmp/g/paper &&
+#     bash scripts/gpu_paper.sh start && bash scripts/gpu_paper.sh wait 548
+#   call 4:  cd /tmp/g/repo && POE_GPU=/tmp/g POE_RUN=/tmp/g/paper bash scripts/gpu_paper.sh wait SECONDS_LEFT
 # `start` joins the data, then starts (setsid) the pipeline on cores 0-3 and the side checks (the CUDA tests, then
 # the service's load test) on cores 4-15; `wait` returns when the pipeline ended or SECONDS passed, packing what is
 # done into $OUT (15 MiB parts). POE_PAPER_ARGS replaces --teacher_views 10; a CPU try: POE_PAPER_ARGS="--device cpu
-# --epochs 1 --train_limit 512 --oracle_arch wrn-10-1" POE_PRECISION=fp32 POE_CORES=0 POE_SIDE=0, same commands.
+# --epochs 1 --train_limit 512 --oracle_arch wrn-10-1" POE_PRECISION=fp32 POE_CORES=0 POE_SIDE=0, start then wait.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
@@ -17,7 +21,7 @@ OUT=${OUT:-runs/gpu_out}
 R=${POE_RUN:-runs/paper}
 G=${POE_GPU:-.gpu}  # the parts; on the device outside the tree (a call removes ignored files it did not carry)
 export PYTHONUNBUFFERED=1 POE_SHARED=$G
-usage() { sed -n "2,13p" "$0"; exit 2; }
+usage() { sed -n "2,16p" "$0"; exit 2; }
 case $mode in
 layout)  # the data and the original release in three parts that fit a call each with the working tree
   src=../shared
