@@ -61,7 +61,9 @@ def test_two_ranks_train_like_one_process_and_resume(tmp_path):
             torch.testing.assert_close(runs["resumed"][k], runs["straight"][k], rtol=0, atol=0)
 
 
-def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, data_root):
+def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, few_train_root):
+    """Real CIFAR-100 (every 10th training image, stored uncompressed: each rank reads it in a blink)."""
+    data_root = few_train_root
     db, pre, out = tmp_path / "db", tmp_path / "pre", tmp_path / "out"
     out.mkdir()
     argv = ["--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "512", "--batch_size", "64",
