@@ -121,14 +121,16 @@ def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, rep
         while not stop.wait(0.5):
             pass
     finally:
-        stop_serving(ray, local=address is None)
+        stop_serving(local=address is None)
     print("server stopped", flush=True)
     return 0
 
 
-def stop_serving(ray, local: bool) -> None:
+def stop_serving(local: bool) -> None:
     """Take this app off a cluster (not the cluster's other apps), then leave Ray; a local Ray, started here, ends
     with its processes, Serve's included."""
+    import ray
+
     if not local:
         serve.delete(APP_NAME)
     ray.shutdown()
