@@ -240,3 +240,10 @@ def test_preprocessing_never_adopts_a_part_the_manifest_does_not_list(pool_copy,
     assert rc == 0 and "expert_people.pt is not the part manifest.json lists: making it again" in out
     assert load_checkpoint(pool / "experts" / "expert_people.pt")["test_acc"] != 99.0
     assert Pool.open(pool_copy).notes == []
+
+
+def test_list_says_on_how_many_test_images_each_expert_was_scored(capsys, tiny_pool):
+    """The tiny pool was scored with --test_limit 1000: its experts' accuracies rest on tens of images, not 500."""
+    assert main_service(["--db", str(tiny_pool["db"]), "--list"]) == 0
+    counts = [int(n) for n in re.findall(r"expert acc [\d.]+% on (\d+) test images", capsys.readouterr().out)]
+    assert len(counts) == 3 and all(0 < n < 500 for n in counts), counts

@@ -74,7 +74,9 @@ def list_pool(pool) -> int:
     width = max(len(t) for t in pool.cfg.tasks)
     for t in info["tasks"]:
         mark = "yes" if t["present"] else "no "
+        n = pool.expert_meta.get(t["name"], {}).get("test_n")  # a --test_limit run scores on fewer: say how many
         acc = f"  expert acc {t['accuracy']:.2f}%" if t["accuracy"] is not None else ""
+        acc += f" on {n} test images" if acc and n else ""
         classes = ", ".join(f"{c['id']} {c['name']}" for c in t["classes"])
         print(f"  {t['name'].ljust(width)}  in pool: {mark}  classes [{classes}]{acc}")
     for note in pool.notes:
