@@ -162,6 +162,17 @@ class Preprocessor:
         """The classes of this run's tasks: all a streamed dataset's experts train and are tested on."""
         return sorted({c for t in self.s.tasks for c in self.cfg.tasks[t]})
 
+    def check_test_limit(self) -> None:
+        """Refuse, before any training or file, a ``--test_limit`` that keeps no test image of some task's classes
+        (its expert's accuracy would be over none)."""
+        if not self.s.test_limit:
+            return
+        labels = set(self.test_set.y.tolist())
+        for task in self.s.tasks:
+            if not labels & set(self.cfg.tasks[task]):
+                raise PoEError(f"--test_limit {self.s.test_limit} keeps no test image of classes "
+                               f"{list(self.cfg.tasks[task])} (task {task!r}): raise it")  # fmt: skip
+
     def limit(self, n: int, keep: int | None, salt: int = 0) -> torch.Tensor | None:
         """What ``--train_limit`` (salt 0) or ``--test_limit`` (salt 1) keeps of ``n`` images (``subset_index``)."""
         return subset_index(n, keep, self.s.seed + salt)

@@ -21,7 +21,7 @@ OUT=${OUT:-runs/gpu_out}
 R=${POE_RUN:-runs/paper}
 G=${POE_GPU:-.gpu}  # the parts; on the device outside the tree (a call removes ignored files it did not carry)
 export PYTHONUNBUFFERED=1 POE_SHARED=$G
-usage() { sed -n "2,16p" "$0"; exit 2; }
+usage() { sed -n "2,16p" "$0" >&2; exit 2; }
 case $mode in
 layout)  # the data and the original release in three parts that fit a call each with the working tree
   src=../shared
@@ -69,7 +69,8 @@ side)  # on the other cores: the CUDA tests, then the service's load test (CPU s
   echo done >"$R/side/DONE"
   ;;
 wait)
-  [ -n "${2:-}" ] || usage
+  [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "error: wait needs whole seconds >= 0, got '${2:-}'" >&2; exit 2; }
+  [ -f "$R/pipeline.log" ] || { echo "error: no pipeline at $R (run start first, or set POE_RUN)" >&2; exit 2; }
   t_end=$((SECONDS + $2))
   while [ ! -f "$R/DONE" ] && [ $SECONDS -lt $t_end ]; do sleep 3; done
   tail -n 25 "$R/pipeline.log" || true

@@ -192,8 +192,9 @@ def test_a_test_limit_that_leaves_a_task_without_images_is_one_line(tmp_path, of
                              "vehicles_2", "--train_limit", "256", "--epochs", "1", "--teacher_views", "1",
                              "--test_limit", "3", "--profile", "quick", "--no_progress",
                              "--device", "cpu"])  # fmt: skip
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc == 2 and err.count("\n") == 1 and "--test_limit 3 keeps no test image of classes" in err
+    assert "epoch" not in out  # refused before any training
     assert not (tmp_path / "db" / "cifar100" / "experts" / "expert_vehicles_2.pt").exists()
 
 

@@ -105,14 +105,14 @@ def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, rep
     line = url_line(pool, host, port, f"Ray Serve, {replicas} replica(s), {threads} torch thread(s) each")
     del pool
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    stop = threading.Event()  # set before Ray starts, so a Ctrl-C during its start-up is not lost
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: started from a script's `cmd &`, Python ignores it
+        signal.signal(sig, lambda *_: stop.set())
     if address is None:
         ray.init(num_cpus=max(os.cpu_count() or 1, replicas), object_store_memory=OBJECT_STORE_BYTES,
                  include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})  # fmt: skip
     else:
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: started from a script's `cmd &`, Python ignores it
-        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         app = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1}).bind(asdict(settings))

@@ -30,6 +30,7 @@ def run(s: Settings) -> Report:
     """Run (or load) every stage up to the last one asked for; report all of them."""
     t0 = time.perf_counter()
     prep = Preprocessor(s)
+    prep.check_test_limit()
     if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
         for folder in (prep.pretrained, prep.pool.root):
             check_writable(folder)
