@@ -90,11 +90,9 @@ if serve is not None:
 def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
               address: str | None = None) -> int:  # fmt: skip
     """Run the app as ``replicas`` Ray Serve replicas behind Ray's HTTP proxy on ``host:port``, on a local Ray
-    started here (small: no dashboard, a 100 MiB object store) or on the cluster at ``address``; until
-    interrupted. Returns the exit code."""
+    started here or on the cluster at ``address`` (``start_ray``); until interrupted. Returns the exit code."""
     if serve is None:
         raise PoEError("--ray needs Ray Serve: pip install -r requirements-ray.txt")
-    import ray
 
     check_window(settings.max_batch, settings.max_wait_ms)
     if not 1 <= port < 65536:
@@ -106,24 +104,43 @@ def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, rep
     del pool
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     stop = threading.Event()  # set before Ray starts, so a Ctrl-C during its start-up is not lost
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: started from a script's `cmd &`, Python ignores it
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:  # SIGINT too: started from a script's `cmd &`, Python ignores it
         signal.signal(sig, lambda *_: stop.set())
-    if address is None:
-        ray.init(num_cpus=max(os.cpu_count() or 1, replicas), object_store_memory=OBJECT_STORE_BYTES,
-                 include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})  # fmt: skip
-    else:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
     try:
-        serve.start(http_options={"host": host, "port": port})
-        app = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1}).bind(asdict(settings))
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        print(line, flush=True)
-        while not stop.wait(0.5):
-            pass
+        start_ray(address, replicas, env)
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            app = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1}).bind(asdict(settings))
+            serve.run(app, name=APP_NAME, route_prefix="/")
+            print(line, flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            stop_serving(local=address is None)
     finally:
-        stop_serving(local=address is None)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print("server stopped", flush=True)
     return 0
+
+
+def start_ray(address: str | None, replicas: int, env: dict[str, str]) -> None:
+    """A local Ray (small: no dashboard, a 100 MiB object store), or the cluster at ``address``. Ray's own
+    failures (its raylet not registered within Ray's fixed 30 s on an overloaded machine, no cluster at the
+    address, ...) are one line, with nothing of Ray left running."""
+    import ray
+
+    try:
+        if address is None:
+            ray.init(num_cpus=max(os.cpu_count() or 1, replicas), object_store_memory=OBJECT_STORE_BYTES,
+                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})  # fmt: skip
+        else:
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
+    except Exception as e:
+        ray.shutdown()
+        where = f"at {address}" if address else "on this machine"
+        raise PoEError(f"Ray did not start {where}: {' '.join(str(e).split())[:300]}") from None
 
 
 def stop_serving(local: bool) -> None:
