@@ -72,6 +72,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """At the end of a run that succeeded on every rank: wait for all, so that no rank tears its process group
+    down while a peer still holds theirs (once, in the suite, rank 1 of two gloo ranks that reached the end
+    first aborted at exit: "terminate called without an active exception"). Not after a failure: a rank that
+    raised never gets here, and its peers would wait out the timeout."""
+    barrier()
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

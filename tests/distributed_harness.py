@@ -61,6 +61,7 @@ def toy_worker(index: int, port: int, out: str) -> None:
             distributed.barrier()  # rank 0 has written epoch 2's resume file before it stopped
         resumed = toy_training(folder / "resumed.pt")
         torch.save({"straight": straight.state_dict(), "resumed": resumed.state_dict()}, folder / f"toy{index}.pt")
+        distributed.finish()
     finally:
         distributed.destroy()
 

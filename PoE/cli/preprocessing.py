@@ -325,6 +325,7 @@ def build_body(a: argparse.Namespace) -> int:
             if s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
                 print(f"warning: {PAPER_ON_CPU}")
         report = stages.run(s)
+        distributed.finish()
     finally:
         distributed.destroy()
     if not main:  # rank 0 reports
