@@ -117,7 +117,8 @@ def compare(
 ) -> tuple[list[dict], list[ComboResult]]:
     """A row per method and combination of n of ``tasks`` (the Oracle restricted to the composite's classes, PoE,
     and each baseline of ``methods`` on a seeded sample of ``combos_per_n`` combinations per n, 0: all), and
-    PoE's results on every combination. ``oracle()`` and ``baseline(method)`` are called when needed.
+    PoE's results on every combination (none without ``poe`` in ``methods``: scoring it is most of a rerun of one
+    baseline on a CPU). ``oracle()`` and ``baseline(method)`` are called when needed.
 
     ``record``: a JSON-lines file to which each finished baseline run is appended as it ends; a rerun reuses the
     runs recorded there with the same method, tasks and settings and the same parts of PoE's preprocessing that
@@ -128,8 +129,8 @@ def compare(
     if "oracle" in methods:
         combos = [c for n in ns for c in sample_combinations(tasks, n, 0)]
         rows += oracle_combinations(oracle(), pool.cfg, combos, test, pool.device)
-    poe = pool_combinations(pool, tasks, ns, test, progress=progress)
-    if "poe" in methods:
+    poe = pool_combinations(pool, tasks, ns, test, progress=progress) if "poe" in methods else []
+    if poe:
         for r in poe:
             rows.append({"method": "poe", "n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy,
                          "n_test": r.n_test, "macs": r.macs, "params": r.params,

@@ -93,6 +93,9 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
 
     assert transfer_rows((out / "composite_tasks.md").read_text()) == transfer_rows(table)
     assert main_experiments([*rerun, "--lr", "0.05"]) == 0 and len(trained) == 1
+    capsys.readouterr()
+    assert main_experiments([*rerun, "--ablation", f"copy={official_cifar}"]) == 2 and len(trained) == 1
+    assert "--ablation compares pools with PoE's cross-expert errors: add poe" in capsys.readouterr().err
 
 
 def test_record_key_names_the_parts_each_method_uses():

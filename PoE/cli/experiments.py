@@ -80,6 +80,8 @@ def experiments_body(a: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise PoEError(f"--ablation takes NAME=DB pairs (e.g. soft=DB_soft), got {item!r}")
         ablation[name] = path
+    if ablation and "poe" not in a.methods:
+        raise PoEError("--ablation compares pools with PoE's cross-expert errors: add poe to --methods")
     device = pick_device(a.device)
     pool = open_pool(a, device)
     test = load_split(cfg, a.data_root, "test")
@@ -112,13 +114,15 @@ def experiments_body(a: argparse.Namespace) -> int:
         print("\naccuracy (%) of every method on the combinations the baselines ran on:\n" + ptable)
         write_table(out / "same_combinations", ptable, paired)
     plot_results(summary, out, f"{cfg.name}: {', '.join(tasks)}", paired)
-    pools = {"both": pool, **{k: Pool.open(v, cfg.name, device) for k, v in ablation.items()}}
-    cross = cross_expert_rows(pools, poe, tasks, a.n, test)
-    ctable = markdown_table(cross, [(k, k) for k in cross[0]])
-    print("\n" + ctable)
-    write_table(out / "cross_expert_errors", ctable, cross)
-    print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, cross_expert_errors.{{md,csv}}, "
-          f"{'same_combinations.{md,csv}, ' if paired else ''}accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
+    if poe:  # PoE's table: the share of its errors that are cross-expert errors, per pool
+        pools = {"both": pool, **{k: Pool.open(v, cfg.name, device) for k, v in ablation.items()}}
+        cross = cross_expert_rows(pools, poe, tasks, a.n, test)
+        ctable = markdown_table(cross, [(k, k) for k in cross[0]])
+        print("\n" + ctable)
+        write_table(out / "cross_expert_errors", ctable, cross)
+    print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, "
+          f"{'cross_expert_errors.{md,csv}, ' if poe else ''}{'same_combinations.{md,csv}, ' if paired else ''}"
+          f"accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
     return 0
 
 
