@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,14 +21,9 @@ from PoE.store import load_checkpoint, load_into, state_id
 
 from .conftest import ROOT
 from .distributed_harness import toy_training, toy_worker
+from .servers import free_port
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_loader(rank: int = 0, world: int = 1, batch_size: int = 8) -> TensorLoader:

@@ -188,7 +188,7 @@ def test_remove_writes_the_manifest_first_then_deletes_and_survives_a_kill(built
 
 
 def test_a_running_server_picks_up_added_and_removed_experts(built, pool_dir, data_root, tmp_path):
-    from .test_scale_out import Server
+    from .servers import Server
 
     stray = pool_dir / "experts" / "expert_ghost.pt"
     args = ("--db", str(pool_dir.parent), "--port", "0", "--workers", "2")
