@@ -170,6 +170,8 @@ def test_oracle_and_library_trained_here_can_start_from_local_mobilenet_weights(
         (["--oracle_weights", start, "--oracle_arch", "wrn-10-1"],
          "this run's Oracle is wrn-10-1: give --oracle_arch mobilenet_v2"),
         (["--library_weights", start, "--image_size", "64"], "folder at 64 pixels distills a wrn-16-2"),
+        (["--image_size", "7"], "folder at 7 pixels is below the wrn networks' smallest image side (8): give "
+         "--image_size 8 or more"),
     ]):  # fmt: skip
         assert build(large_folder, tmp_path / f"bad{i}", "--stages", "oracle", *extra) == 2
         err = capsys.readouterr().err

@@ -154,7 +154,7 @@ def preprocessing_parser() -> argparse.ArgumentParser:
 
 def preprocessing_settings(a: argparse.Namespace):
     from PoE.datasets import described_by_data, get_dataset
-    from PoE.networks import check_arch
+    from PoE.networks import check_arch, family_of
     from PoE.precision import resolve as resolve_precision
     from PoE.preprocess import STAGES, Settings
     from PoE.profiles import for_dataset, get_profile, override
@@ -164,6 +164,10 @@ def preprocessing_settings(a: argparse.Namespace):
     cfg = get_dataset(a.dataset)
     folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
     cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
+    smallest = family_of(cfg).min_input
+    if cfg.image_size < smallest:
+        raise PoEError(f"{cfg.name} at {cfg.image_size} pixels is below the {cfg.family} networks' smallest image side "
+                       f"({smallest}): give --image_size {smallest} or more (images are resized to it)")  # fmt: skip
     if a.add_tasks:
         hierarchy, tasks = addition(a, cfg)
         cfg = hierarchy.apply(cfg)
