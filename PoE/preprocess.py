@@ -174,7 +174,11 @@ class Preprocessor:
                                f"{list(self.cfg.tasks[task])} (task {task!r}): raise it")  # fmt: skip
 
     def limit(self, n: int, keep: int | None, salt: int = 0) -> torch.Tensor | None:
-        """What ``--train_limit`` (salt 0) or ``--test_limit`` (salt 1) keeps of ``n`` images (``subset_index``)."""
+        """What ``--train_limit`` (salt 0) or ``--test_limit`` (salt 1) keeps of ``n`` images (``subset_index``); a
+        limit not below ``n`` keeps all, and says so (the table's image counts would otherwise be the only sign)."""
+        if keep and keep >= n and distributed.is_main():
+            split = ("train", "test")[salt]
+            print(f"note: --{split}_limit {keep} is not below the {split} split's {n} images: all of them are used")
         return subset_index(n, keep, self.s.seed + salt)
 
     def read_split(self, split: str) -> tuple[ImageSet, Path]:

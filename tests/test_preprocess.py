@@ -211,8 +211,10 @@ def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
     rc = main_preprocessing(["--profile", "gpu", "--device", "cpu", "--epochs", "1", "--batch_size", "64",
                              "--teacher_views", "1", "--tasks", "people", "vehicles_2", "--no_progress",
                              "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained",
-                             str(tmp_path / "pre")])  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
+                             str(tmp_path / "pre"), "--test_limit", "1000"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "note: --test_limit 1000 is not below the test split's 100 images: all of them are used" in out.out
     manifest = json.loads((tmp_path / "db" / "cifar100" / "manifest.json").read_text())
     assert manifest["profile"] == "gpu" and manifest["oracle"]["arch"] == "wrn-40-4" and manifest["compile"] == []
     assert set(manifest["experts"]) == {"people", "vehicles_2"}
