@@ -20,6 +20,7 @@ from PoE.errors import PoEError
 
 # Rank 0 alone evaluates and writes teacher caches and checkpoints while the others wait in a barrier.
 TIMEOUT = timedelta(hours=2)
+FINISH_WAIT = timedelta(minutes=5)  # how long a rank that finished waits for the others (finish)
 
 _device = torch.device("cpu")  # where this process's collectives run (its GPU under NCCL)
 
@@ -72,12 +73,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def finish() -> None:
-    """At the end of a run that succeeded on every rank: wait for all, so that no rank tears its process group
-    down while a peer still holds theirs (once, in the suite, rank 1 of two gloo ranks that reached the end
-    first aborted at exit: "terminate called without an active exception"). Not after a failure: a rank that
-    raised never gets here, and its peers would wait out the timeout."""
-    barrier()
+def finish(timeout: timedelta = FINISH_WAIT) -> None:
+    """At the end of a run that succeeded here: wait (at most ``timeout``) for every rank, so that no rank tears its
+    process group down while a peer still holds theirs (once, in the suite, rank 1 of two gloo ranks that reached
+    the end first aborted at exit: "terminate called without an active exception"). Bounded: a rank that failed
+    after the last collective (rank 0 writing the manifest) never comes, and the others must not wait out the
+    2-hour ``TIMEOUT`` (torchrun stops them at once anyway; other launchers may not)."""
+    if world() > 1:
+        try:
+            dist.barrier(async_op=True).wait(timeout=timeout)
+        except RuntimeError:  # timed out, or a peer is gone: leave as before
+            pass
 
 
 def destroy() -> None:

@@ -178,7 +178,7 @@ class Preprocessor:
         limit not below ``n`` keeps all, and says so (the table's image counts would otherwise be the only sign)."""
         if keep and keep >= n and distributed.is_main():
             split = ("train", "test")[salt]
-            print(f"note: --{split}_limit {keep} is not below the {split} split's {n} images: all of them are used")
+            print(f"note: --{split}_limit {keep} is not below the {n} {split} images this run reads: all are used")
         return subset_index(n, keep, self.s.seed + salt)
 
     def read_split(self, split: str) -> tuple[ImageSet, Path]:

@@ -19,6 +19,7 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@pytest.hookimpl(optionalhook=True)  # without xdist (-p no:xdist -o addopts=-ra) the hook is unknown
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): one test process per usable core, at most ``MAX_WORKERS``. Whole files go
     to one process (``--dist loadfile``), so a module's servers and fixtures are made once."""

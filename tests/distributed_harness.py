@@ -66,6 +66,25 @@ def toy_worker(index: int, port: int, out: str) -> None:
         distributed.destroy()
 
 
+def finish_worker(index: int, port: int, out: str) -> None:
+    """Rank 0 fails after the last collective (it never reaches ``finish``); rank 1 finished: it waits at most
+    ``finish``'s bound, then leaves, and records how long it waited."""
+    import time
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
+                      WORLD_SIZE="2")  # fmt: skip
+    distributed.setup(torch.device("cpu"))
+    distributed.barrier()  # the last collective both ranks reach
+    if index == 0:
+        time.sleep(6)  # failing, say, while it writes the manifest; then gone without a barrier
+    else:
+        start = time.monotonic()
+        distributed.finish(timedelta(seconds=1))
+        Path(out, "waited.txt").write_text(f"{time.monotonic() - start:.2f}")
+    distributed.destroy()
+
+
 def main(out: Path, argv: list[str]) -> int:
     import PoE.stages.base as stages
     from PoE.cli import main_preprocessing

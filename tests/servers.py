@@ -58,9 +58,9 @@ class Server:
         with httpx.Client(timeout=START_S) as c:  # a new connection: any worker may take it
             return c.get(self.url + path, **kw)
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGINT) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:

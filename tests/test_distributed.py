@@ -20,7 +20,7 @@ from PoE.preprocess import subset_index
 from PoE.store import load_checkpoint, load_into, state_id
 
 from .conftest import ROOT
-from .distributed_harness import toy_training, toy_worker
+from .distributed_harness import finish_worker, toy_training, toy_worker
 from .servers import free_port
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -98,3 +98,10 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, few_train_root
     assert len(list((pre / "cifar100" / "cache").glob("teacher_*_view0000.pt"))) == 1
     assert not list((pre / "cifar100" / "resume").glob("*.pt"))
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_finished_rank_waits_for_a_failed_one_only_a_bounded_time(tmp_path):
+    """``finish``'s barrier is bounded: the rank that finished does not wait out the 2-hour process-group timeout
+    for one that failed after the last collective (outside torchrun nothing else would stop it)."""
+    torch.multiprocessing.spawn(finish_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert float((tmp_path / "waited.txt").read_text()) < 4

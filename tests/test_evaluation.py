@@ -86,7 +86,10 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     oracle = tmp_path / "pre" / "cifar100" / "oracle.pt"
     save_checkpoint(oracle, {**load_checkpoint(oracle), "train_seconds": 1.0})
     rerun = [*common, "--methods", "transfer"]  # Transfer alone: the Oracle's and the pools' scores are not at stake
+    capsys.readouterr()
     assert main_experiments(rerun) == 0 and trained == []
+    out_text = capsys.readouterr().out
+    assert "cross_expert_errors.{md,csv} are an earlier run's" in out_text and "PoE time" not in out_text
 
     def transfer_rows(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.startswith("| transfer |")]

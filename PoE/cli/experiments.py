@@ -100,9 +100,11 @@ def experiments_body(a: argparse.Namespace) -> int:
             f"{f', ckd from {a.ckd_views} cached Oracle views' if a.ckd_views else ''}; every accuracy scored in fp32; "
         )
     summary = summarize_methods(rows)
+    every = " and ".join(m for m, name in (("Oracle", "oracle"), ("PoE", "poe")) if name in a.methods)
+    poe_time = (f"PoE time = consolidating the pool held in memory (no training; opening and checking the pool once "
+                f"took {pool.open_ms:.0f} ms).")  # fmt: skip
     note = (f"{cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {device}. {schedule_note}"
-            f"Oracle and PoE: every combination. PoE time = consolidating the pool held in memory (no training; "
-            f"opening and checking the pool once took {pool.open_ms:.0f} ms).")  # fmt: skip
+            f"{f'{every}: every combination. ' if every else ''}{poe_time if poe else ''}").strip()  # fmt: skip
     table = markdown_table(summary, METHOD_COLUMNS)
     print(note + "\n\n" + table)
     out = Path(a.out)
@@ -120,6 +122,9 @@ def experiments_body(a: argparse.Namespace) -> int:
         ctable = markdown_table(cross, [(k, k) for k in cross[0]])
         print("\n" + ctable)
         write_table(out / "cross_expert_errors", ctable, cross)
+    elif (out / "cross_expert_errors.md").exists():  # from an earlier run: not this run's, and not rewritten
+        print(f"\nnote: {out}/cross_expert_errors.{{md,csv}} are an earlier run's: without poe in --methods they "
+              "are not made again")  # fmt: skip
     print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, "
           f"{'cross_expert_errors.{md,csv}, ' if poe else ''}{'same_combinations.{md,csv}, ' if paired else ''}"
           f"accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip

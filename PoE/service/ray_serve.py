@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -105,10 +106,15 @@ def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, rep
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     stop = threading.Event()  # set before Ray starts, so a Ctrl-C during its start-up is not lost
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_stop(*_: Any) -> None:
+        stop.set()
+
     for sig in previous:  # SIGINT too: started from a script's `cmd &`, Python ignores it
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_stop)
     try:
         start_ray(address, replicas, env)
+        signal.signal(signal.SIGTERM, on_stop)  # ray.init sets its own (sys.exit: exit 15, Ray left unstopped)
         try:
             serve.start(http_options={"host": host, "port": port})
             app = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1}).bind(asdict(settings))
@@ -131,6 +137,8 @@ def start_ray(address: str | None, replicas: int, env: dict[str, str]) -> None:
     address, ...) are one line, with nothing of Ray left running."""
     import ray
 
+    if address is not None:
+        check_reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=max(os.cpu_count() or 1, replicas), object_store_memory=OBJECT_STORE_BYTES,
@@ -141,6 +149,21 @@ def start_ray(address: str | None, replicas: int, env: dict[str, str]) -> None:
         ray.shutdown()
         where = f"at {address}" if address else "on this machine"
         raise PoEError(f"Ray did not start {where}: {' '.join(str(e).split())[:300]}") from None
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that nothing answers on is one line at once: ``ray.init`` retries such an
+    address for minutes in C++ code, where neither Ctrl-C nor SIGTERM reaches Python (measured: over 150 s)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():  # "auto" and other forms: left to Ray
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise PoEError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start one there (ray start --head) "
+            "or leave --ray_address out to start Ray on this machine"
+        ) from None
 
 
 def stop_serving(local: bool) -> None:
