@@ -308,3 +308,18 @@ def test_more_workers_than_four_per_cpu_are_refused():
     assert plan(8, None, n_cpus=2) == (8, 1)
     with pytest.raises(PoEError, match="more than 4 per CPU"):
         plan(9, None, n_cpus=2)
+
+
+def test_the_suite_runs_one_process_per_core_but_one_file_or_s_in_this_one():
+    """conftest's ``-n auto``: 0 (this process) for one file, a test in it, or -s; else one per core, at most 4."""
+    from types import SimpleNamespace
+
+    from .conftest import ROOT, pytest_xdist_auto_num_workers, usable_cpus
+
+    def workers(*args: str, capture: str = "fd") -> int:
+        return pytest_xdist_auto_num_workers(SimpleNamespace(args=list(args), option=SimpleNamespace(capture=capture)))
+
+    one = str(ROOT / "tests" / "test_units.py")
+    assert workers(one) == workers(one + "::test_x", one) == 0
+    assert workers(str(ROOT / "tests"), capture="no") == 0
+    assert workers(str(ROOT / "tests")) == workers(one, str(ROOT / "tests" / "test_bank.py")) == min(usable_cpus(), 4)
