@@ -16,6 +16,7 @@ MAX_WORKERS = 4  # each worker holds its own decoded data, tiny pool and models:
 
 
 def usable_cpus() -> int:
+    """As ``PoE.service.run.cpus``, which imports torch: the xdist controller, which asks this, never needs torch."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -33,7 +34,8 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 def pytest_configure(config) -> None:
     """Each of the N test processes gets 1/N of the cores for torch's threads: two processes of two threads each
-    on two cores ran slower than one (405 s against 365 s); of one thread each, 223 s against 295 s."""
+    on two cores ran slower than one (405 s against 365 s); of one thread each, faster (medians of two interleaved
+    pairs: 238 s against 292 s)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
