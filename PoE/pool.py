@@ -29,6 +29,7 @@ from PoE.errors import PoEError
 from PoE.evaluate import accuracy, batched_logits, check_covered, count_macs, count_params
 from PoE.manifest import Contents
 from PoE.networks import Family, bank_of, family_of, family_of_state
+from PoE.precision import ieee_fp32
 from PoE.precision import resolve as resolve_precision
 from PoE.query import Query, make_query
 from PoE.store import (
@@ -219,7 +220,7 @@ class TaskModel:
         example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
         dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
         dims |= {i: torch.export.Dim(n, min=family.min_input, max=4096) for i, n in ((2, "height"), (3, "width"))}
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32():  # TF32 switches in the one state torch.export accepts, then restored
             return torch.export.export(wrapped, (example,), dynamic_shapes=(dims,))
 
 

@@ -82,10 +82,7 @@ def resolve(name: str, device: torch.device | str) -> str:
         ok, fast, where = cpu_bf16_supported(), cpu_bf16_fast(), f"CPU {cpu_model()}"
     if name == "bf16" and not ok:
         raise PoEError(f"--precision bf16: the {where} has no bfloat16 support; use --precision fp32 (or auto)")
-    chosen = ("bf16" if fast else "fp32") if name == "auto" else name
-    if chosen == "fp32" and device.type == "cuda":
-        set_tf32(False)  # for the whole run: the backward passes of training run outside ``autocast``
-    return chosen
+    return ("bf16" if fast else "fp32") if name == "auto" else name
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
@@ -97,38 +94,47 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return ieee_fp32() if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _tf32_flags() -> list[tuple[object, str]]:
-    """The objects and attribute names of the TF32 switches (torch >= 2.9's ``fp32_precision`` flags where present:
-    mixing them with the older ``allow_tf32`` flags is an error there)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        return [(conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
-    return [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+def ieee_scope(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """For fp32 on a GPU, TF32 off while the block runs (a whole training loop: its backward passes run outside
+    ``autocast``); nothing elsewhere. Resolving a precision changes no switch: only this scope does."""
+    return ieee_fp32() if torch.device(device).type == "cuda" and precision == "fp32" else contextlib.nullcontext()
 
 
-def set_tf32(on: bool) -> None:
-    """Allow or forbid TF32 in CUDA convolutions and matrix products."""
-    for obj, name in _tf32_flags():
-        setattr(obj, name, on if name == "allow_tf32" else ("tf32" if on else "ieee"))
+def _new_api_switches() -> list[object]:
+    """The objects holding torch >= 2.9's per-operation ``fp32_precision`` strings (none on an older torch)."""
+    cudnn = torch.backends.cudnn
+    objs = [getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None), torch.backends.cuda.matmul]
+    return [o for o in objs if o is not None and hasattr(o, "fp32_precision")]
 
 
-def tf32_enabled() -> bool:
-    """Whether CUDA convolutions may use TF32 for fp32 tensors."""
-    obj, name = _tf32_flags()[0]
-    value = getattr(obj, name)
-    return value == "tf32" if isinstance(value, str) else bool(value)
+def _legacy_cudnn_tf32() -> bool | None:
+    """The legacy cuDNN switch; None where torch refuses to read it (conv and RNN switches set apart)."""
+    try:
+        return bool(torch._C._get_cudnn_allow_tf32())
+    except RuntimeError:
+        return None
 
 
 @contextlib.contextmanager
 def ieee_fp32() -> Iterator[None]:
-    """TF32 off while the block runs, then every switch as it was."""
-    was = [(obj, name, getattr(obj, name)) for obj, name in _tf32_flags()]
-    set_tf32(False)
+    """TF32 off while the block runs, then every switch exactly as it was.
+
+    The switches are turned off through the legacy flags (``allow_tf32``), which set cuDNN's conv and RNN
+    precisions together: torch.export reads the legacy cuDNN flag (``cudnn.set_flags``), and that read fails when
+    conv and RNN were set apart through the newer ``fp32_precision`` API (export on CUDA failed that way)."""
+    saved = [(obj, obj.fp32_precision) for obj in _new_api_switches()]
+    legacy_cudnn, legacy_matmul = _legacy_cudnn_tf32(), torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        for obj, name, value in was:
-            setattr(obj, name, value)
+        if legacy_cudnn is not None:
+            torch.backends.cudnn.allow_tf32 = legacy_cudnn
+        torch.backends.cuda.matmul.allow_tf32 = legacy_matmul
+        for obj, value in saved:
+            if obj.fp32_precision != value:
+                obj.fp32_precision = value
 
 
 def fp32_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from PoE import distributed
 from PoE.data import Batch
 from PoE.errors import PoEError
-from PoE.precision import autocast, machine_info
+from PoE.precision import autocast, ieee_scope, machine_info
 from PoE.profiles import StageConfig
 from PoE.store import load_checkpoint, save_checkpoint
 
@@ -103,61 +103,62 @@ def train_stage(
         sitting = {"first_epoch": history["epochs_done"] + 1, "epochs": 0, "seconds": 0.0, "started": started,
                    "precision": precision, **machine_info(device)}  # fmt: skip
         history.setdefault("sittings", []).append(sitting)
-    for epoch in range(history["epochs_done"], stage.epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        for m in modules.values():
-            m.train()
-        for m in frozen:
-            m.eval()
-        t0 = time.perf_counter()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        bar = tqdm(
-            batches(epoch),
-            total=steps_per_epoch,
-            desc=f"{name} {epoch + 1}/{stage.epochs}",
-            leave=False,
-            disable=not (progress and is_main),
-        )
-        for i, batch in enumerate(bar):
-            lr = stage.lr_at(epoch + i / steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with autocast(device, precision):
-                loss = loss_fn(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
-            count += 1
-            if count % SHOW_EVERY == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{lr:.4f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_total = total.item()
-        if not math.isfinite(epoch_total):
-            raise PoEError(f"[{name}] loss became {epoch_total} in epoch {epoch + 1}; lower the learning rate")
-        seconds = time.perf_counter() - t0
-        epoch_loss = distributed.mean(epoch_total / max(count, 1))  # over all ranks' shards
-        history["epochs_done"] = epoch + 1
-        history["loss"].append(epoch_loss)
-        history["seconds"] += seconds
-        history.setdefault("epoch_seconds", []).append(round(seconds, 3))
-        sitting["epochs"] += 1
-        sitting["seconds"] = round(sitting["seconds"] + seconds, 3)
-        if is_main:
-            print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
-            if resume_path is not None:
-                save_checkpoint(
-                    resume_path,
-                    {
-                        "fingerprint": fingerprint,
-                        "modules": {k: m.state_dict() for k, m in modules.items()},
-                        "optimizer": opt.state_dict(),
-                        "history": history,
-                    },
-                )
+    with ieee_scope(device, precision):  # fp32 on a GPU: IEEE in the backward passes too, not only the forward
+        for epoch in range(history["epochs_done"], stage.epochs):
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
+            for m in modules.values():
+                m.train()
+            for m in frozen:
+                m.eval()
+            t0 = time.perf_counter()
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            count = 0
+            bar = tqdm(
+                batches(epoch),
+                total=steps_per_epoch,
+                desc=f"{name} {epoch + 1}/{stage.epochs}",
+                leave=False,
+                disable=not (progress and is_main),
+            )
+            for i, batch in enumerate(bar):
+                lr = stage.lr_at(epoch + i / steps_per_epoch)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with autocast(device, precision):
+                    loss = loss_fn(batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+                count += 1
+                if count % SHOW_EVERY == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{lr:.4f}")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_total = total.item()
+            if not math.isfinite(epoch_total):
+                raise PoEError(f"[{name}] loss became {epoch_total} in epoch {epoch + 1}; lower the learning rate")
+            seconds = time.perf_counter() - t0
+            epoch_loss = distributed.mean(epoch_total / max(count, 1))  # over all ranks' shards
+            history["epochs_done"] = epoch + 1
+            history["loss"].append(epoch_loss)
+            history["seconds"] += seconds
+            history.setdefault("epoch_seconds", []).append(round(seconds, 3))
+            sitting["epochs"] += 1
+            sitting["seconds"] = round(sitting["seconds"] + seconds, 3)
+            if is_main:
+                print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
+                if resume_path is not None:
+                    save_checkpoint(
+                        resume_path,
+                        {
+                            "fingerprint": fingerprint,
+                            "modules": {k: m.state_dict() for k, m in modules.items()},
+                            "optimizer": opt.state_dict(),
+                            "history": history,
+                        },
+                    )
     for m in modules.values():
         distributed.broadcast_state(m)
     return history
