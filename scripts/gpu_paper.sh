@@ -62,8 +62,11 @@ side)  # on the other cores: the CUDA tests, then the service's load test (CPU s
     export PYTHONPATH=/tmp/site
   fi
   c=${POE_SIDE_CORES:-4-15}
-  timeout 240 taskset -c "$c" python3 -m pytest -m cuda tests/ -q -p no:cacheprovider -rs 2>&1 \
+  timeout 240 taskset -c "$c" python3 -m pytest -m cuda tests/ tests/test_tf32.py -q -p no:cacheprovider -rs 2>&1 \
     | tee "$R/side/cuda_tests.log" || true
+  # the CUDA server, model downloads (exports on CUDA) among its mixed requests: any 5xx shows as errors
+  timeout 180 taskset -c "$c" python3 benchmarks/load_test.py --data_root $G/data --device cuda --configs workers:1 \
+    --n_mixed 600 --out "$R/side/load_test_cuda.md" 2>&1 | tee "$R/side/load_test_cuda.log" || true
   timeout 420 taskset -c "$c" python3 benchmarks/load_test.py --data_root $G/data --device cpu \
     --configs workers:1 workers:8 --out "$R/side/load_test_gpu_machine.md" 2>&1 | tee "$R/side/load_test.log" || true
   echo done >"$R/side/DONE"

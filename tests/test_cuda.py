@@ -176,3 +176,26 @@ def test_fp32_scores_the_readme_query_exactly_as_on_the_cpu(data_root):
     gpu = Pool.open(ROOT / "DB_PoE", device=CUDA).query(tasks).accuracy(test)
     assert gpu == cpu
     assert round(cpu[0], 2) == 73.00
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_query_on_the_gpu_exports_after_gpu_work(tmp_path, data_root, precision):
+    """Export after the GPU has scored (the state a CUDA run leaves), from the Pool API and the command line; the
+    program (CPU) answers as the GPU model does."""
+    from .conftest import ROOT
+
+    test = load_split("cifar100", data_root, "test")
+    model = Pool.open(ROOT / "DB_PoE", device=CUDA, precision=precision).query(["people", "vehicles_1"])
+    model.accuracy(test)
+    model.export(tmp_path / "api.pt2", precision=precision)
+    rc = main_service(["--db", str(ROOT / "DB_PoE"), "--data_root", str(data_root), "--queriedTask", "people",
+                       "vehicles_1", "--device", "cuda", "--precision", precision,
+                       "--export", str(tmp_path / "cli.pt2"), "--export_precision", precision])  # fmt: skip
+    assert rc == 0
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = model.logits(x)
+    for name in ("api.pt2", "cli.pt2"):
+        out = torch.export.load(str(tmp_path / name)).module()(x)
+        assert out.shape == expected.shape and bool(torch.isfinite(out).all())
+        if precision == "fp32":  # bf16 rounds differently on the CPU's and the GPU's kernels
+            assert torch.allclose(out, expected, atol=1e-3)
