@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from PoE.baselines import METHODS, USES, BaselineRunner
+from PoE.baselines import METHODS, BaselineRunner
+from PoE.baselines import method as baseline_method
 from PoE.data import ImageSet, Normalizer
 from PoE.datasets import DatasetConfig
 from PoE.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
@@ -152,8 +153,8 @@ def compare(
 
 def record_key(method: str, combo: tuple[str, ...], fingerprint: str, pool: Pool, oracle_id: str) -> str:
     """A baseline run's identity: method, tasks, settings, and the content ids of the parts it uses
-    (``USES``: the library, the query's experts, the Oracle's files; Scratch and its teachers use none)."""
-    uses = USES[method]
+    (the method's ``uses``: the library, the query's experts, the Oracle's files; Scratch and its teachers use none)."""
+    uses = baseline_method(method).uses
     parts = [pool.part_id(None)] if "library" in uses else []
     parts += [pool.part_id(t) for t in combo] if "experts" in uses else []
     parts += [oracle_id] if "oracle" in uses else []
@@ -313,7 +314,7 @@ def same_combination_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-METHOD_ORDER = ["oracle", "poe", "scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd"]
+METHOD_ORDER = ["oracle", "poe", *METHODS]
 
 
 def plot_results(summary: list[dict], out_dir: Path, title: str, paired: list[dict] | None = None) -> list[Path]:

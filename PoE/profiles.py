@@ -1,7 +1,7 @@
 """Training schedules: a ``StageConfig`` per stage, and the named profiles that set them (``--profile``).
 
 The paper's distillation constants and learning rate are written once here and shared by the profiles and by
-the baselines' command lines, and so are the names the command lines offer (stages, baselines, precisions): this
+the baselines' command lines, and so are the names the command lines offer (stages, precisions): this
 module imports no torch, so that ``--help`` answers at once.
 """
 
@@ -17,7 +17,6 @@ KD_T = 4.0  # distillation temperature (library, experts, and the baselines that
 KD_ALPHA = 0.3  # weight of L_scale in an expert's loss (and of the L1 term of the CKD baseline)
 PAPER_LR = 0.1  # the paper's SGD learning rate: every stage of the paper profile, and the baselines
 STAGES = ("oracle", "library", "experts")  # preprocessing's stages, in order
-METHODS = ("scratch", "transfer", "ckd", "sd_scratch", "sd_ckd", "uhc_scratch", "uhc_ckd")  # the baselines
 PRECISIONS = ("auto", "fp32", "bf16")  # --precision (PoE.precision resolves them)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from PoE import SHIPPED_POOL
 from PoE.baselines import METHODS, BaselineRunner
 from PoE.datasets import get_dataset, load_split
 from PoE.errors import PoEError
@@ -108,3 +109,40 @@ def test_ckd_from_cached_oracle_views(runner):
     assert result.method == "ckd" and 0.0 <= result.accuracy <= 100.0 and result.seconds > 0
     cached = sorted(p.name[-11:] for p in (runner.teacher_dir / "ckd_people+vehicles_1").glob("teacher_*.pt"))
     assert cached == ["view0000.pt"]  # one epoch uses one of the two views; only it is made
+
+
+def test_a_new_method_is_one_module_and_one_registry_line(runner, monkeypatch):
+    """A module of PoE.baselines with ``build(name)`` and its line in ``METHODS`` is all a method needs: the
+    runner trains it, and the comparisons' record keys and tables know it."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    from PoE import baselines
+    from PoE.baselines.base import Loss, Method
+    from PoE.experiments import record_key
+
+    class Smoothed(Method):
+        uses = ("library",)
+        on_library = True
+
+        def loss(self, ctx):
+            return Loss(lambda out, b: F.cross_entropy(out, b.y, label_smoothing=0.1))
+
+    module = types.ModuleType("PoE.baselines.smoothed")
+    module.build = lambda name: Smoothed()
+    monkeypatch.setitem(sys.modules, "PoE.baselines.smoothed", module)
+    monkeypatch.setitem(baselines.METHODS, "smoothed", "smoothed")
+    result = runner.run("smoothed", TASKS)
+    assert result.method == "smoothed" and result.epochs == 1 and result.n_test == 1000
+    assert baselines.budget_epochs("smoothed", 0.5) == 50  # a head on the library: the paper's 100 epochs
+    pool = Pool.open(SHIPPED_POOL / "cifar100")
+    assert record_key("smoothed", tuple(TASKS), "f", pool, "oracle-id").split()[-1] == pool.part_id(None)
+
+
+def test_an_unknown_method_is_one_line():
+    from PoE.baselines import method
+
+    with pytest.raises(PoEError, match="unknown method 'distill'; known methods: scratch, transfer, ckd"):
+        method("distill")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PoE.baselines import METHODS
 from PoE.cli.common import (
     ALPHA,
     BUDGET,
@@ -27,7 +28,7 @@ from PoE.cli.common import (
 )
 from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
-from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR
+from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR
 
 if TYPE_CHECKING:
     import torch

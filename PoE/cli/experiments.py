@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from PoE.baselines import METHODS
 from PoE.cli.baselines import baseline_arguments, runners
 from PoE.cli.common import (
     NONNEG_INT,
@@ -20,7 +21,6 @@ from PoE.cli.common import (
     tasks_epilog,
 )
 from PoE.errors import PoEError
-from PoE.profiles import METHODS
 
 
 def experiments_parser() -> argparse.ArgumentParser:

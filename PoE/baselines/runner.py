@@ -1,23 +1,9 @@
-"""Training-based ways of getting a task-specific model, to compare with PoE's train-free consolidation.
-
-For a query of n primitive tasks over K classes, every baseline produces the same target network:
-a library-shaped front (conv1 + block1 + block2 of the library's WRN) + block3 of width 16n + fc(K),
-trained on the composite task's training images (labels are positions in ascending class id).
-
-- scratch:      the whole network, cross-entropy.
-- transfer:     PoE's library frozen, a new head, cross-entropy.
-- ckd:          PoE's library frozen, a new head, KD from the Oracle's logits on the composite's classes
-                (+ alpha * L1), i.e. conditional KD for the composite task itself.
-- sd_*:         a whole student distilled from per-task teachers; the student's softmax over all K classes
-                is matched to each teacher's softmax, zero-padded to K.
-- uhc_*:        as sd, but the student's softmax restricted (renormalised) to each teacher's classes is matched.
-  Teachers: *_scratch = one Scratch model per task; *_ckd = PoE's library + that task's expert.
-"""
+"""The runner of the baselines (``PoE.baselines``): trains a method for a query and scores it, and the command
+lines' schedule of them."""
 
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,25 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from PoE.baselines import method as baseline_method
+from PoE.baselines.base import Context
 from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.datasets import DatasetConfig
 from PoE.errors import PoEError
 from PoE.evaluate import accuracy, count_macs, count_params
-from PoE.losses import ckd_loss, padded_kd, restricted_kd
 from PoE.networks import build_network, family_of
 from PoE.pool import Pool
-from PoE.profiles import KD_ALPHA, KD_T, METHODS, PAPER_LR, StageConfig
+from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
 from PoE.query import Query, make_query
-from PoE.store import load_checkpoint, load_into, save_checkpoint, state_id, unwrap
+from PoE.store import load_checkpoint, load_into, save_checkpoint, unwrap
 from PoE.teacher import TeacherOutputs
 from PoE.train import seed_everything, train_stage
-
-# What of PoE's preprocessing each method trains from: a result stays valid while these parts are unchanged.
-USES = {"scratch": (), "transfer": ("library",), "ckd": ("library", "oracle"), "sd_scratch": (),
-        "sd_ckd": ("library", "experts"), "uhc_scratch": (), "uhc_ckd": ("library", "experts")}  # fmt: skip
 
 
 def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None = None) -> nn.Module:
@@ -143,15 +125,12 @@ class BaselineRunner:
 
     def run(self, method: str, tasks: list[str], keep: bool = False):
         """Train ``method`` for the query ``tasks``; returns the result (and the network if ``keep``)."""
-        if method not in METHODS:
-            raise PoEError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+        m = baseline_method(method)
         q: Query = make_query(tasks, self.cfg.tasks, self.cfg.name)
         subset, labels = self.train.with_classes(q.classes)
         train = ImageSet(subset.x, labels)  # labels are positions in the composite's ascending classes
         seed_everything(self.seed)
-        T, alpha = self.T, self.alpha
-        teacher_seconds = 0.0
-        if method in ("transfer", "ckd"):
+        if m.on_library:
             library = self.need("PoE's library (--db)", self.pool_part)(None).to(self.device).eval()
             for p in library.parameters():
                 p.requires_grad_(False)
@@ -162,73 +141,19 @@ class BaselineRunner:
             trainable, frozen = [net], ()
         net = net.to(memory_format=torch.channels_last)
         loader = TensorLoader(train, self.stage.batch_size, self.normalize, self.cfg.crop_pad, self.device, self.seed)
-        cached: TeacherOutputs | None = None  # CKD's Oracle logits, when cached per view
-        if method in ("scratch", "transfer"):
-
-            def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
-                return F.cross_entropy(out, b.y)
-
-        elif method == "ckd":
-            oracle = self.need("the Oracle (--pretrained)", self.oracle)().to(self.device).eval()
-            cols = torch.tensor(q.classes, device=self.device)
-            if self.ckd_views:
-                folder = self.teacher_dir or Path(tempfile.mkdtemp(prefix="poe-ckd-"))
-                cached = TeacherOutputs(
-                    oracle,
-                    state_id(oracle),
-                    self.ckd_views,
-                    self.seed,
-                    folder / f"ckd_{'+'.join(sorted(tasks))}",
-                    self.progress,
-                    self.precision,
-                )
-            logits = cached or TeacherOutputs(oracle, "", 0, self.seed, Path("."), False, self.precision)
-
-            def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
-                return ckd_loss(out, logits.logits(b, loader)[:, cols], T, alpha)
-
-        else:
-            kind, source = method.split("_")
-            teachers = []
-            for t in tasks:
-                if source == "scratch":
-                    teacher, sec = self.scratch_teacher(t)
-                    teacher_seconds += sec
-                else:
-                    part = self.need("PoE's pool (--db)", self.pool_part)
-                    teacher = nn.Sequential(part(None), part(t)).to(self.device).eval()
-                # columns of this teacher's outputs in the composite: teacher order is the task's class order
-                # for PoE experts, ascending class id for Scratch teachers (a one-task target network)
-                order = self.cfg.tasks[t] if source == "ckd" else sorted(self.cfg.tasks[t])
-                cols = torch.tensor([q.classes.index(c) for c in order], device=self.device)
-                teachers.append((teacher, cols))
-            match = padded_kd if kind == "sd" else restricted_kd
-
-            def loss_of(out: torch.Tensor, b: Batch) -> torch.Tensor:
-                total = out.new_zeros(())
-                for teacher, cols in teachers:
-                    with torch.no_grad():
-                        t = teacher(b.x)
-                    total = total + match(out, t, cols, T)
-                return total
-
-        seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, loader, loss_of, cached)
+        loss = m.loss(Context(self, q, loader))
+        seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, loader, loss.fn, loss.teacher)
         net.eval()
         acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device)  # scored in fp32, as PoE is
         shape = (3, self.cfg.image_size, self.cfg.image_size)
         result = BaselineResult(method, q.tasks, acc, n, count_macs(net, shape, self.device), count_params(net),
-                                seconds, teacher_seconds, self.stage.epochs)  # fmt: skip
+                                seconds, loss.teacher_seconds, self.stage.epochs)  # fmt: skip
         return (result, net) if keep else result
 
 
 def budget_epochs(method: str, budget: float = 1.0) -> int:
     """Epochs of ``method`` at ``budget`` times the paper's schedule (at least one)."""
-    return max(1, round(paper_epochs(method) * budget))
-
-
-def paper_epochs(method: str) -> int:
-    """The paper's schedule length: 100 epochs for the methods that train a head on PoE's library, else 200."""
-    return 100 if method in ("transfer", "ckd") else 200
+    return max(1, round(baseline_method(method).paper_epochs * budget))
 
 
 def oracle_files(pretrained: str | Path, cfg: DatasetConfig) -> list[Path]:
