@@ -24,7 +24,7 @@ def merge(expert_logits: list[torch.Tensor], order: torch.Tensor) -> torch.Tenso
 
 class ConsolidatedNet(nn.Module):
     """The shared library, then the bank of the queried experts (in query order) on its features; logits in
-    ascending class id. ``of`` builds it from separate experts."""
+    ascending class id."""
 
     def __init__(self, library: nn.Module, bank: nn.Module, query: Query) -> None:
         super().__init__()
@@ -32,12 +32,6 @@ class ConsolidatedNet(nn.Module):
         self.tasks = list(query.tasks)
         self.classes = query.classes
         self.register_buffer("order", torch.tensor(query.order, dtype=torch.long), persistent=False)
-
-    @classmethod
-    def of(cls, library: nn.Module, experts: list[nn.Module], query: Query) -> ConsolidatedNet:
-        from PoE.networks import bank_of
-
-        return cls(library, bank_of(experts), query)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return merge([self.bank(self.library(x))], self.order)

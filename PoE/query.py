@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from PoE.errors import PoEError
@@ -62,13 +62,3 @@ def make_query(names: Sequence[str], table: Mapping[str, Sequence[int]], dataset
     if len(set(flat)) != len(flat):
         raise PoEError(f"tasks {', '.join(names)} share classes; a composite task needs disjoint tasks")
     return Query(tuple(names), tuple(classes))
-
-
-def check_disjoint(table: Mapping[str, Iterable[int]]) -> None:
-    """Raise if any class belongs to two tasks (consolidation places each class once)."""
-    seen: dict[int, str] = {}
-    for name, cls in table.items():
-        for c in cls:
-            if c in seen:
-                raise ValueError(f"class {c} is in both {seen[c]!r} and {name!r}")
-            seen[c] = name

@@ -61,7 +61,6 @@ def train_stage(
     resume_path: Path | None,
     fingerprint: dict[str, Any],
     frozen: tuple[nn.Module, ...] = (),
-    on_epoch_start: Callable[[int], None] | None = None,
     progress: bool = True,
     precision: str = "fp32",
 ) -> dict[str, Any]:
@@ -105,8 +104,6 @@ def train_stage(
         history.setdefault("sittings", []).append(sitting)
     with ieee_scope(device, precision):  # fp32 on a GPU: IEEE in the backward passes too, not only the forward
         for epoch in range(history["epochs_done"], stage.epochs):
-            if on_epoch_start is not None:
-                on_epoch_start(epoch)
             for m in modules.values():
                 m.train()
             for m in frozen:

@@ -203,3 +203,21 @@ def rewrite_part(path: Path, change) -> None:
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["parts"][path.relative_to(root).as_posix()] = part_digest(payload)
     (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def consolidated(library, experts, query):
+    """The consolidated network of separate experts (the pool builds it from its cached bank instead)."""
+    from PoE.consolidate import ConsolidatedNet
+    from PoE.networks import bank_of
+
+    return ConsolidatedNet(library, bank_of(experts), query)
+
+
+def check_disjoint(table) -> None:
+    """Raise if any class belongs to two tasks (consolidation places each class once)."""
+    seen: dict[int, str] = {}
+    for name, cls in table.items():
+        for c in cls:
+            if c in seen:
+                raise ValueError(f"class {c} is in both {seen[c]!r} and {name!r}")
+            seen[c] = name

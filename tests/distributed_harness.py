@@ -37,13 +37,14 @@ def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
     def loss_fn(b: Batch) -> torch.Tensor:
         return F.cross_entropy(net(b.x), b.y)
 
-    def stop(epoch: int) -> None:
+    def batches(epoch: int):
         if epoch == stop_at:
             raise KeyboardInterrupt
+        return loader.epoch(epoch)
 
     stage = StageConfig(epochs=3, lr=0.1, schedule="onecycle")
-    train_stage("toy", {"m": model}, loss_fn, loader.epoch, len(loader), stage, resume, {"toy": 1},
-                on_epoch_start=stop, progress=False)  # fmt: skip
+    train_stage("toy", {"m": model}, loss_fn, batches, len(loader), stage, resume, {"toy": 1},
+                progress=False)  # fmt: skip
     return model
 
 

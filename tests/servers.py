@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from .conftest import ROOT
@@ -54,7 +53,9 @@ class Server:
                 time.sleep(0.1)
         return self
 
-    def get(self, path: str, **kw) -> httpx.Response:
+    def get(self, path: str, **kw):
+        import httpx  # here, not at the top: test_distributed needs only free_port, and not httpx
+
         with httpx.Client(timeout=START_S) as c:  # a new connection: any worker may take it
             return c.get(self.url + path, **kw)
 

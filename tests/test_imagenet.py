@@ -131,11 +131,12 @@ def test_end_to_end_tiny_pool_and_service(tmp_path, imagenet_root, stand_in_weig
 
 
 def test_paper_schedule_and_model_cost():
-    from PoE.consolidate import ConsolidatedNet
     from PoE.evaluate import count_params
     from PoE.networks.mobilenetv2 import new_expert
     from PoE.profiles import for_dataset, get_profile
     from PoE.query import make_query
+
+    from .conftest import consolidated
 
     prof = for_dataset(get_profile("paper"), CFG)
     assert prof.oracle_arch is None and prof.teacher_views == 0  # the pretrained Oracle, on every batch
@@ -146,5 +147,5 @@ def test_paper_schedule_and_model_cost():
     sizes = []
     for tasks in (["bird_passerine"], ["bird_passerine", "bird_aquatic2"], CFG.default_tasks[:3]):
         experts = [new_expert(lib, CFG.expert_width, len(CFG.tasks[t])) for t in tasks]
-        sizes.append(round(count_params(ConsolidatedNet.of(lib, experts, make_query(tasks, CFG.tasks))) / 1e6, 2))
+        sizes.append(round(count_params(consolidated(lib, experts, make_query(tasks, CFG.tasks))) / 1e6, 2))
     assert sizes == [1.84, 1.87, 1.89]  # the paper: 1.84M, 1.86M, 1.89M

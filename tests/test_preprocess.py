@@ -22,6 +22,17 @@ from PoE.train import train_stage
 from .conftest import TINY, fake_cifar, install_stand_in_oracle
 
 
+def stopping_at(epoch: int, batches):
+    """``batches`` that raise KeyboardInterrupt as epoch ``epoch`` (from 0) starts, as Ctrl-C would."""
+
+    def draw(e: int):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return batches(e)
+
+    return draw
+
+
 def test_tiny_run_builds_a_pool_the_service_loads(tiny_pool, data_root, capsys):
     pool = tiny_pool["pool"]
     assert (pool / "library_cifar100.pt").is_file()
@@ -123,13 +134,9 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
 
     resumed, batches, loss_fn = toy_problem()
 
-    def stop_at_epoch_2(epoch: int) -> None:
-        if epoch == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_stage("toy", {"m": resumed}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1},
-                    on_epoch_start=stop_at_epoch_2, progress=False)  # fmt: skip
+        train_stage("toy", {"m": resumed}, loss_fn, stopping_at(2, batches), 4, stage, tmp_path / "b.pt", {"k": 1},
+                    progress=False)  # fmt: skip
     assert load_checkpoint(tmp_path / "b.pt")["history"]["epochs_done"] == 2
     fresh, batches, loss_fn = toy_problem(seed=123)  # different init: everything must come from the checkpoint
     hist = train_stage("toy", {"m": fresh}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1}, progress=False)
@@ -225,12 +232,8 @@ def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
 def stopping_in_second_epoch(train_stage_fn, stage: str):
     """``train_stage`` that stops ``stage`` (only) as its second epoch starts, as Ctrl-C would."""
 
-    def stop(epoch: int) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    def train(name, *a, **k):
-        return train_stage_fn(name, *a, **k, **({"on_epoch_start": stop} if name == stage else {}))
+    def train(name, modules, loss_fn, batches, *a, **k):
+        return train_stage_fn(name, modules, loss_fn, stopping_at(1, batches) if name == stage else batches, *a, **k)
 
     return train
 

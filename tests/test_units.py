@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from PoE.consolidate import ConsolidatedNet
 from PoE.data import ImageSet, crop_flip, view_params
 from PoE.datasets import DATASETS, cifar100, tinyimagenet
 from PoE.errors import PoEError
@@ -17,8 +16,10 @@ from PoE.losses import ckd_loss, kd_loss, scale_loss
 from PoE.networks import WideResNet, WRNLibrary, WRNSpec
 from PoE.networks.wrn import expert_from_state, new_expert
 from PoE.profiles import StageConfig
-from PoE.query import check_disjoint, make_query
+from PoE.query import make_query
 from PoE.store import atomic_write, load_checkpoint, load_into, save_checkpoint
+
+from .conftest import check_disjoint, consolidated
 
 
 # ------------------------------------------------------------------ losses
@@ -189,7 +190,7 @@ def test_consolidated_logits_land_at_their_class_positions():
     table = {"a": [7, 2, 40], "b": [5, 1], "c": [30, 3]}
     q = make_query(["c", "a", "b"], table)
     lib = WRNLibrary(WRNSpec(16, 1)).eval()
-    model = ConsolidatedNet.of(lib, [constant_expert(lib, table[t]) for t in q.tasks], q).eval()
+    model = consolidated(lib, [constant_expert(lib, table[t]) for t in q.tasks], q).eval()
     out = model(torch.randn(3, 3, 32, 32))
     assert out.shape == (3, 7)
     assert out[0].tolist() == [1.0, 2.0, 3.0, 5.0, 7.0, 30.0, 40.0] == [float(c) for c in q.classes]
@@ -201,7 +202,7 @@ def test_consolidated_model_equals_running_each_expert():
     table = {k: cifar100.TASKS[k] for k in ("people", "trees", "fish")}
     q = make_query(list(table), table)
     experts = [new_expert(lib, 16, 5).eval() for _ in q.tasks]
-    model = ConsolidatedNet.of(lib, experts, q).eval()
+    model = consolidated(lib, experts, q).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         out = model(x)
@@ -224,7 +225,7 @@ def test_macs_and_params_of_a_three_task_model():
     table = {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9], "c": [10, 11, 12, 13, 14]}
     q = make_query(list(table), table)
     experts = [new_expert(lib, 16, 5) for _ in range(3)]
-    model = ConsolidatedNet.of(lib, experts, q)
+    model = consolidated(lib, experts, q)
     # by hand: library 18.33M; each expert 0.41M multiply-adds (conv) + 80 (fc)
     lib_macs = 3 * 16 * 9 * 32 * 32 + 4 * 16 * 16 * 9 * 32 * 32 + (16 * 32 * 9 + 3 * 32 * 32 * 9 + 16 * 32) * 16 * 16
     exp_macs = (32 * 16 * 9 + 3 * 16 * 16 * 9 + 32 * 16) * 8 * 8 + 16 * 5
