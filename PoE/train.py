@@ -82,25 +82,17 @@ def train_stage(
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     opt = make_optimizer(params, stage)
-    history: dict[str, Any] = {"epochs_done": 0, "loss": [], "seconds": 0.0, "epoch_seconds": []}
-    if resume_path is not None and resume_path.exists():
-        state = load_checkpoint(resume_path)
-        if state.get("fingerprint") != fingerprint:
-            raise PoEError(
-                f"{resume_path} resumes a different {name} run (its settings or pool differ from these; runs at "
-                f"once need their own {resume_path.parent.parent}); pass --retrain {name} to start this stage over, "
-                "dropping its progress"
-            )
-        for key, m in modules.items():
-            m.load_state_dict(state["modules"][key])
-        opt.load_state_dict(state["optimizer"])
-        history = state["history"]
-        if is_main and history["epochs_done"] < stage.epochs:
-            print(f"[{name}] resuming after epoch {history['epochs_done']}/{stage.epochs} ({resume_path})")
+    history = resume(name, modules, opt, resume_path, fingerprint, stage.epochs)
     if history["epochs_done"] < stage.epochs:
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        sitting = {"first_epoch": history["epochs_done"] + 1, "epochs": 0, "seconds": 0.0, "started": started,
-                   "precision": precision, **machine_info(device)}  # fmt: skip
+        sitting = {
+            "first_epoch": history["epochs_done"] + 1,
+            "epochs": 0,
+            "seconds": 0.0,
+            "started": started,
+            "precision": precision,
+            **machine_info(device),
+        }
         history.setdefault("sittings", []).append(sitting)
     with ieee_scope(device, precision):  # fp32 on a GPU: IEEE in the backward passes too, not only the forward
         for epoch in range(history["epochs_done"], stage.epochs):
@@ -109,8 +101,6 @@ def train_stage(
             for m in frozen:
                 m.eval()
             t0 = time.perf_counter()
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            count = 0
             bar = tqdm(
                 batches(epoch),
                 total=steps_per_epoch,
@@ -118,22 +108,7 @@ def train_stage(
                 leave=False,
                 disable=not (progress and is_main),
             )
-            for i, batch in enumerate(bar):
-                lr = stage.lr_at(epoch + i / steps_per_epoch)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                with autocast(device, precision):
-                    loss = loss_fn(batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach()
-                count += 1
-                if count % SHOW_EVERY == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{lr:.4f}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_total = total.item()
+            epoch_total, count = run_epoch(bar, loss_fn, opt, stage, epoch, steps_per_epoch, precision, device)
             if not math.isfinite(epoch_total):
                 raise PoEError(f"[{name}] loss became {epoch_total} in epoch {epoch + 1}; lower the learning rate")
             seconds = time.perf_counter() - t0
@@ -147,11 +122,12 @@ def train_stage(
             if is_main:
                 print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
                 if resume_path is not None:
+                    modules_state = {k: m.state_dict() for k, m in modules.items()}
                     save_checkpoint(
                         resume_path,
                         {
                             "fingerprint": fingerprint,
-                            "modules": {k: m.state_dict() for k, m in modules.items()},
+                            "modules": modules_state,
                             "optimizer": opt.state_dict(),
                             "history": history,
                         },
@@ -159,3 +135,63 @@ def train_stage(
     for m in modules.values():
         distributed.broadcast_state(m)
     return history
+
+
+def resume(
+    name: str,
+    modules: dict[str, nn.Module],
+    opt: torch.optim.Optimizer,
+    resume_path: Path | None,
+    fingerprint: dict[str, Any],
+    epochs: int,
+) -> dict[str, Any]:
+    """The history so far: a new one, or the one in ``resume_path`` (whose weights and optimizer state are loaded
+    into ``modules`` and ``opt``) when it was written by a run with the same ``fingerprint``."""
+    if resume_path is None or not resume_path.exists():
+        return {"epochs_done": 0, "loss": [], "seconds": 0.0, "epoch_seconds": []}
+    state = load_checkpoint(resume_path)
+    if state.get("fingerprint") != fingerprint:
+        raise PoEError(
+            f"{resume_path} resumes a different {name} run (its settings or pool differ from these; runs at "
+            f"once need their own {resume_path.parent.parent}); pass --retrain {name} to start this stage over, "
+            "dropping its progress"
+        )
+    for key, m in modules.items():
+        m.load_state_dict(state["modules"][key])
+    opt.load_state_dict(state["optimizer"])
+    history = state["history"]
+    if distributed.is_main() and history["epochs_done"] < epochs:
+        print(f"[{name}] resuming after epoch {history['epochs_done']}/{epochs} ({resume_path})")
+    return history
+
+
+def run_epoch(
+    bar: tqdm,
+    loss_fn: Callable[[Batch], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    stage: StageConfig,
+    epoch: int,
+    steps: int,
+    precision: str,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One epoch's steps; (summed loss, steps). The loss is read from the device once, at the end (and every
+    ``SHOW_EVERY`` steps while a progress bar shows it)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for i, batch in enumerate(bar):
+        lr = stage.lr_at(epoch + i / steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(device, precision):
+            loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.detach()
+        count += 1
+        if count % SHOW_EVERY == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{total.item() / count:.4f}", lr=f"{lr:.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return total.item(), count
