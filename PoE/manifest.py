@@ -1,5 +1,8 @@
 """The pool's table of contents: ``manifest.json`` lists every part file by its digest (``store.part_digest``, a hash
 over the weights and the metadata), and a pool is opened only when the files present are exactly the ones listed.
+It also records the size and SHA-256 of every file the answers depend on (each part, its shards, a folder dataset's
+``dataset.json``): a file is checked against them before anything reads it. Its root digest (``Contents.digest``)
+names the whole pool, so that a user can pin one: the manifest is not signed, and a consistent rewrite is a new pool.
 
 Writers keep one order, so that the manifest always describes the files present even when a command is killed
 midway: a part is added by writing its file first and the manifest last; it is removed by writing the manifest

@@ -306,3 +306,12 @@ def test_a_remove_killed_after_deleting_is_finished_by_running_it_again(built, p
     assert json.loads((pool_dir / "hierarchy.json").read_text())["tasks"] == {"aquatic": ["beaver", "dolphin"]}
     assert main_preprocessing(["--db", db, "--remove_tasks", "lnad"]) == 2  # an unknown name is still refused
     assert "'lnad' is not a task of the pool" in capsys.readouterr().err
+
+
+def test_a_pinned_remove_changes_only_the_pinned_pool(built, pool_dir, capsys):
+    db, digest = str(pool_dir.parent), Pool.open(pool_dir).digest
+    other = "0" * 64
+    assert main_preprocessing(["--db", db, "--remove_tasks", "land", "--pool_digest", other]) == 2
+    assert f"not the pinned {other}" in capsys.readouterr().err and (pool_dir / "experts" / "expert_land.pt").exists()
+    assert main_preprocessing(["--db", db, "--remove_tasks", "land", "--pool_digest", digest]) == 0
+    assert Pool.open(pool_dir).digest != digest  # the edit made a new pool
