@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
-import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,24 +23,37 @@ from pathlib import Path
 from PoE import manifest
 from PoE.errors import PoEError
 from PoE.pool import Pool
-from PoE.store import HIERARCHY_FILE
+from PoE.store import HIERARCHY_FILE, TASK_RULE, PoolPaths, shard_files, valid_task_name
 from PoE.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 
 
 @contextlib.contextmanager
-def editing(root: Path) -> Iterator[None]:
-    """Hold the pool folder's lock (``flock`` on the folder itself: no file is created) while a command changes
-    the pool; a second one is refused at once rather than overwrite the first one's manifest."""
-    fd = os.open(root, os.O_RDONLY)
+def editing(root: Path, create: bool = False) -> Iterator[None]:
+    """Hold the pool folder's lock (``flock`` on the folder itself: no file is created) while a command writes
+    the pool (a build, a retrain, an add, a remove, a migration); a second one is refused at once rather than
+    overwrite the first one's manifest. ``create``: make the folder first (a new pool), and remove it again if the
+    command leaves it empty."""
+    made = [p for p in (root, *root.parents) if not p.exists()] if create else []
+    fd = None
     try:
+        try:
+            if made:
+                root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root, os.O_RDONLY)
+        except OSError as e:
+            raise PoEError(f"cannot write into {root}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PoEError(f"another command is changing the pool {root} (adding or removing tasks); wait for it to "
-                           "finish, then run this one again") from None  # fmt: skip
+            raise PoEError(f"another command is writing the pool {root} (a build, retrain, add, remove or migration); "
+                           "wait for it to finish, then run this one again") from None  # fmt: skip
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
+        for folder in made:  # from the pool folder up: only those this call made, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 @dataclass(frozen=True)
@@ -80,9 +92,13 @@ def plan_addition(pool: Pool, added: Hierarchy, flag: str = "--add_tasks") -> Ad
     return Addition(tasks_hierarchy(cfg, tasks, str(added.source)), new)
 
 
-def shards(path: Path) -> list[Path]:
-    """The shard files of a large checkpoint (``store.save_checkpoint``: ``<name>.<hash>.<i>``)."""
-    return [p for p in path.parent.glob(f"{glob.escape(path.name)}.*.*") if p.name.rsplit(".", 1)[-1].isdigit()]
+def last_removed(paths: PoolPaths) -> set[str]:
+    """The tasks the manifest's last edit removed: a remove killed after its commit is finished by running it
+    again, whatever of its files it had deleted."""
+    edits = paths.read_manifest().get("edits")
+    last = edits[-1] if isinstance(edits, list) and edits and isinstance(edits[-1], dict) else {}
+    removed = last.get("removed")
+    return {t for t in removed if isinstance(t, str)} if isinstance(removed, list) else set()
 
 
 def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
@@ -94,8 +110,12 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
         raise PoEError(f"--remove_tasks: the pool {pool.root} has no manifest.json (the original release's format), "
                        "so nothing would record the change; remove the files by hand")  # fmt: skip
     names = list(dict.fromkeys(names))
+    for t in names:  # before any path is made of it: a name is a plain word, never a path
+        if not valid_task_name(t):
+            raise PoEError(f"--remove_tasks: {t!r} is not a task name (use {TASK_RULE})")
     leftover = [t for t in names if t not in cfg.tasks and paths.expert(t).is_file()]
-    unknown = [t for t in names if t not in cfg.tasks and t not in leftover]
+    done = last_removed(paths)  # the names an interrupted remove committed: run again, it finishes
+    unknown = [t for t in names if t not in cfg.tasks and t not in leftover and t not in done]
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(cfg.tasks), n=3, cutoff=0.5)
         hint = f"closest: {', '.join(close)}" if close else f"its tasks: {', '.join(cfg.tasks)}"
@@ -114,7 +134,7 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
     lines = []
     for task in [*gone, *leftover]:
         path = paths.expert(task)
-        for shard in shards(path):
+        for shard in shard_files(path):
             shard.unlink(missing_ok=True)
         there = path.is_file()
         path.unlink(missing_ok=True)
@@ -122,6 +142,8 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
             lines.append(f"deleted {path}, left by an interrupted remove (or add) of {task!r}")
         else:
             lines.append(f"removed task {task!r}" + (f" and its expert {path}" if there else " (it had no expert)"))
+    lines += [f"task {t!r} was removed already (by the command that was interrupted); nothing left of it"
+              for t in names if t in done and t not in gone and t not in leftover]  # fmt: skip
     write_hierarchy_copy(paths.root, h, cfg)
     kept = [t for t in pool.experts if t not in gone]
     lines.append(f"pool {paths.root}: {len(h.tasks)} task(s), {len(kept)} expert(s)")

@@ -1,5 +1,8 @@
 """The pool's table of contents: ``manifest.json`` lists every part file by its digest (``store.part_digest``, a hash
 over the weights and the metadata), and a pool is opened only when the files present are exactly the ones listed.
+It also records the size and SHA-256 of every file the answers depend on (each part, its shards, a folder dataset's
+``dataset.json``): a file is checked against them before anything reads it. Its root digest (``Contents.digest``)
+names the whole pool, so that a user can pin one: the manifest is not signed, and a consistent rewrite is a new pool.
 
 Writers keep one order, so that the manifest always describes the files present even when a command is killed
 midway: a part is added by writing its file first and the manifest last; it is removed by writing the manifest
@@ -13,16 +16,23 @@ a run holds in memory (``PoE.preprocess``, ``PoE.edit``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PoE.datasets.folder import DESCRIPTION_FILE
 from PoE.errors import PoEError
-from PoE.store import HIERARCHY_FILE, PoolPaths, part_digest, save_json
+from PoE.store import HIERARCHY_FILE, PoolPaths, file_record, part_digest, read_recorded, save_json, shard_files
 
-MANIFEST_FORMAT = 3  # 3: records the hierarchy; 2: ``parts`` lists every file by its digest; 1: weights ids only
-PART_FORMATS = (2, MANIFEST_FORMAT)  # whose ``parts`` a writer takes over (a run into a format-2 pool upgrades it)
+# 4: ``files`` records the size and SHA-256 of every file the pool's answers depend on (parts, their shards,
+# dataset.json), checked before a file is read; 3: records the hierarchy; 2: ``parts`` lists every part by its
+# digest; 1: weights ids only
+MANIFEST_FORMAT = 4
+READ_FORMATS = (3, MANIFEST_FORMAT)  # what opens (a format-3 pool of a folder dataset is refused: see Contents.read)
+PART_FORMATS = (2, *READ_FORMATS)  # whose ``parts`` a writer takes over (a run into an earlier pool upgrades it)
 EXPERT_FIELDS = ("classes", "test_acc", "test_n", "train_seconds", "epochs", "id", "library_id")
 
 
@@ -45,27 +55,73 @@ class Contents:
     parts: dict[str, str] | None
     hierarchy: dict[str, Any] | None = None
     signature: tuple = ()  # the files' state before they were read (``signature``): what a server watches
+    files: dict[str, dict[str, Any]] | None = None  # name -> {"bytes", "sha256"}: checked before a file is read
+    format: int = 0  # the manifest's format (0: no manifest, the original release's bare files)
 
     @classmethod
     def read(cls, paths: PoolPaths) -> Contents:
-        """The manifest, read once (its hierarchy and its parts come from the same version of the file)."""
+        """The manifest, read once (its hierarchy and its parts come from the same version of the file). A pool
+        without one (the original release's bare files) is described by its files as they are now."""
         before = signature(paths)
         if not paths.manifest.exists():
-            return cls(paths, None, None, before)
+            present = [paths.library, *map(paths.expert, paths.experts_present())]
+            return cls(paths, None, None, before, {part_name(paths, p): file_record(p) for p in present if p.is_file()})
         manifest = paths.read_manifest()
-        parts = manifest.get("parts")
-        if manifest.get("manifest_format") not in PART_FORMATS or not isinstance(parts, dict):
+        parts, fmt = manifest.get("parts"), manifest.get("manifest_format")
+        if fmt not in PART_FORMATS or not isinstance(parts, dict):
             raise PoEError(
                 f"{paths.manifest} lists no part digests (an earlier version wrote it), so its files cannot be "
                 f"checked; check them and upgrade the pool with: {upgrade_hint(paths)}"
             )
         hierarchy = manifest.get("hierarchy")
-        if manifest.get("manifest_format") != MANIFEST_FORMAT or not valid_record(hierarchy):
+        if fmt not in READ_FORMATS or not valid_record(hierarchy):
             raise PoEError(
                 f"{paths.manifest} records no task hierarchy (an earlier version wrote it); upgrade the pool with: "
                 f"{upgrade_hint(paths)}"
             )
-        return cls(paths, {str(k): str(v) for k, v in parts.items()}, hierarchy, before)
+        contents = cls(paths, {str(k): str(v) for k, v in parts.items()}, hierarchy, before, None, fmt)
+        contents.files = contents.read_files(manifest.get("files"))
+        return contents
+
+    def read_files(self, files: Any) -> dict[str, dict[str, Any]] | None:
+        """The manifest's ``files``, checked for shape; ``dataset.json`` checked against it now, before anything
+        reads it. A format-3 manifest records no file hashes: it opens unless the pool has a ``dataset.json``,
+        whose class names and image size it does not cover."""
+        paths, described = self.paths, self.paths.root / DESCRIPTION_FILE
+        if self.format == 3:
+            if described.exists():
+                raise PoEError(f"{paths.manifest} (an earlier version's) does not cover {described}, which the pool's "
+                               f"answers depend on (its class names and image size): check that file, then record it "
+                               f"with: {upgrade_hint(paths)} --dataset folder")  # fmt: skip
+            return None
+        ok = isinstance(files, dict) and all(
+            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+            for r in files.values()
+        )
+        if not ok or set(self.parts or {}) - set(files):
+            raise PoEError(f"{paths.manifest} is damaged: its files table does not record every part's size and "
+                           "SHA-256; restore it, or remake the pool")  # fmt: skip
+        if DESCRIPTION_FILE in files or described.exists():
+            if DESCRIPTION_FILE not in files:
+                raise PoEError(f"{described} is not listed in {paths.manifest}: it was copied in; remove it")
+            if not described.is_file():
+                raise PoEError(f"{paths.manifest} lists {DESCRIPTION_FILE}, which is missing from {paths.root}: "
+                               "restore it, or remake the pool")  # fmt: skip
+            read_recorded(described, files[DESCRIPTION_FILE], paths.manifest)
+        return {str(k): dict(v) for k, v in files.items()}
+
+    @property
+    def digest(self) -> str:
+        """The pool's root digest: SHA-256 over what its answers depend on (the manifest's hierarchy, part digests
+        and file hashes; a bare pool's file hashes). Equal digests, equal pools: ``--pool_digest`` pins one."""
+        table = {"format": self.format, "hierarchy": self.hierarchy, "parts": self.parts, "files": self.files}
+        return hashlib.sha256(json.dumps(table, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def verify(self, path: Path) -> bytes | None:
+        """The bytes of ``path``, checked against the size and SHA-256 recorded for it before anything reads them;
+        None when nothing records it (a format-3 manifest, an unlisted file: ``check`` refuses it once read)."""
+        record = (self.files or {}).get(part_name(self.paths, path))
+        return None if record is None else read_recorded(path, record, self.paths.manifest)
 
     def check(self, path: Path, state_dict: Mapping[str, Any], meta: dict[str, Any], remake: str) -> None:
         """Raise unless the part read from ``path`` (weights and metadata) is the one the manifest lists;
@@ -192,7 +248,7 @@ class Listing:
             self.drop(self.paths.root / name)
 
 
-TABLE = ("manifest_format", "hierarchy", "library_id", "experts", "parts")  # what ``build`` writes from the listing
+TABLE = ("manifest_format", "hierarchy", "library_id", "experts", "parts", "files")  # what ``build`` writes
 
 
 def build(listing: Listing, run: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +264,18 @@ def build(listing: Listing, run: dict[str, Any]) -> dict[str, Any]:
         "library_id": listing.library.get("id"),
         "experts": dict(sorted(listing.experts.items())),
         "parts": dict(sorted(listing.digests.items())),
+        "files": files_table(listing),
     }
+
+
+def files_table(listing: Listing) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file the manifest is about to list: each part, its shards, ``dataset.json``. Taken
+    from the files as the writer (holding the pool's lock) left them."""
+    root = listing.paths.root
+    files = [root / name for name in listing.digests]
+    files += [shard for path in list(files) for shard in shard_files(path)]
+    files += [root / DESCRIPTION_FILE] if (root / DESCRIPTION_FILE).is_file() else []
+    return {part_name(listing.paths, p): file_record(p) for p in sorted(files)}
 
 
 def write(listing: Listing, run: dict[str, Any]) -> None:

@@ -5,8 +5,10 @@ DB_PoE/cifar100 [more pools] [--dataset cifar100]``.
 Nothing is taken on trust: each file's metadata must agree with what the old manifest recorded of it (ids,
 accuracies, classes, library), and the pool must pass every check of ``Pool`` before anything is written. A pool
 of format 1 (weights ids only) has its part files rewritten (same weights, same metadata); one of format 2 (digests,
-no hierarchy) keeps every part file as it is. The new manifest is written last. On a current pool it rewrites a
-``hierarchy.json`` that is not the hierarchy the manifest records (a command stopped after its commit).
+no hierarchy) or 3 (no file hashes) keeps every part file as it is: format 3's ``dataset.json`` (a folder dataset's
+class names and image size), which nothing recorded, is recorded as it is found, so check it before upgrading. The
+new manifest is written last. On a current pool it rewrites a ``hierarchy.json`` that is not the hierarchy the
+manifest records (a command stopped after its commit).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from PoE.datasets import described_by_pool, get_dataset
+from PoE.datasets.folder import DESCRIPTION_FILE
+from PoE.edit import editing
 from PoE.errors import PoEError
 from PoE.manifest import EXPERT_FIELDS, MANIFEST_FORMAT, Contents, Listing, build
 from PoE.pool import Pool
@@ -48,6 +52,15 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
         stale = hierarchy_notes(base, paths.root, h)
         write_hierarchy_copy(paths.root, h, base)
         return f"{paths.root}: already current" + ("; hierarchy.json rewritten from the manifest" if stale else "")
+    if old.get("manifest_format") == 3:  # parts and hierarchy current: the manifest gains the files' hashes
+        h = current_hierarchy(base, paths.root, old["hierarchy"])
+        listing = Listing.read(paths)
+        listing.hierarchy = h.record(base)
+        Pool(h.apply(base), paths, "cpu", contents=Contents(paths, dict(listing.digests), listing.hierarchy))
+        save_json(paths.manifest, build(listing, listing.old))
+        note = f" ({DESCRIPTION_FILE} recorded as it is now: nothing covered it before)"
+        note = note if (paths.root / DESCRIPTION_FILE).is_file() else ""
+        return f"{paths.root}: upgraded; manifest.json records every file's size and SHA-256, no part rewritten{note}"
     h = stored_hierarchy(paths.root, base) or builtin_hierarchy(base)  # how the earlier versions kept it
     cfg = h.apply(base)
     if old.get("manifest_format") == 2:  # the parts are current: the manifest only gains the hierarchy
@@ -88,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = get_dataset(a.dataset)
         for db in a.pools:
-            print(upgrade(resolve_pool(db, cfg.name, cfg.tag), cfg.name))
+            paths = resolve_pool(db, cfg.name, cfg.tag)
+            with editing(paths.root):  # no other command writes the pool meanwhile
+                print(upgrade(paths, cfg.name))
     except PoEError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

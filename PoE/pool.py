@@ -44,6 +44,19 @@ from PoE.store import (
 )
 from PoE.tasks import Hierarchy, current_hierarchy, given_hierarchy, hierarchy_notes, pool_hierarchy, tasks_hierarchy
 
+DIGEST_HEX = 64
+
+
+def check_digest_text(digest: str | None) -> str | None:
+    """A pinned digest as given (``--pool_digest``): 64 hex digits, as ``--list`` shows them."""
+    if digest is None:
+        return None
+    text = str(digest).strip().lower()
+    if len(text) != DIGEST_HEX or any(c not in "0123456789abcdef" for c in text):
+        raise PoEError(f"--pool_digest {str(digest)[:80]!r}: expected the pool's {DIGEST_HEX} hex digits, as "
+                       "Run_Service.py --list shows them")  # fmt: skip
+    return text
+
 
 def make_command(cfg: DatasetConfig, task: str | None = None, paths: PoolPaths | None = None) -> str:
     """The command that makes the library (``task`` None) or ``task``'s expert (into the pool at ``paths``)."""
@@ -76,7 +89,7 @@ def check_weights(module: nn.Module, meta: dict[str, Any], path: Path, what: str
 def read_library(paths: PoolPaths, cfg: DatasetConfig, contents: Contents) -> tuple[nn.Module, dict[str, Any]]:
     """The library of a pool folder, checked; its metadata ({} for the original release's bare files)."""
     path = paths.library
-    sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg)), path, "library")
+    sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg), contents.verify), path, "library")
     contents.check(path, sd, meta, make_command(cfg, None, paths))
     if meta and meta.get("dataset") not in (None, cfg.name):
         raise PoEError(f"{path} is a library for {meta.get('dataset')}, not {cfg.name}")
@@ -99,7 +112,7 @@ def read_expert(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """One expert of a pool folder, checked against the manifest, its task and the pool's library."""
     path = paths.expert(task)
-    sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg, task)), path, "expert")
+    sd, meta = unwrap(load_checkpoint(path, how_to_make(cfg, task), contents.verify), path, "expert")
     contents.check(path, sd, meta, make_command(cfg, task, paths))
     want = cfg.tasks[task]
     if meta and (meta.get("task") != task or list(meta.get("classes", want)) != list(want)):
@@ -259,6 +272,8 @@ class Pool:
         self.precision = resolve_precision(precision, self.device)  # fp32, bf16 or auto; fp8 and others refused
         contents = Contents.read(paths) if contents is None else contents  # the table of contents checked against
         self.signature = contents.signature  # the manifest's state before it was read: a server reloads on a change
+        self.digest = contents.digest  # the root digest: what --pool_digest pins
+        self.pinned: str | None = None  # the digest this pool was opened against (``open``'s expected_digest)
         notes = self.check_tasks(contents)
         listed = [t for t in paths.experts_present()
                   if t in cfg.tasks or contents.hierarchy is None or contents.lists(paths.expert(t))]  # fmt: skip
@@ -308,16 +323,23 @@ class Pool:
     @classmethod
     def open(cls, db: str | Path = "DB_PoE", dataset: str = "cifar100", device: str | torch.device = "cpu",
              precision: str = "fp32", hierarchy: str | Path | Hierarchy | Mapping | None = None,
-             skip_bad_images: bool = False) -> Pool:  # fmt: skip
+             skip_bad_images: bool = False, expected_digest: str | None = None) -> Pool:  # fmt: skip
         """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself. The tasks are the
         hierarchy the pool stores (else the dataset's built-in ones); a different ``hierarchy`` is refused. A
-        folder dataset is as the pool describes it (``skip_bad_images``: when its test images are read)."""
+        folder dataset is as the pool describes it (``skip_bad_images``: when its test images are read).
+        ``expected_digest``: refuse any pool whose root digest (``digest``, shown by ``--list``) is another."""
+        pinned = check_digest_text(expected_digest)
         cfg = get_dataset(dataset)
         paths = resolve_pool(db, cfg.name, cfg.tag)
-        cfg = described_by_pool(cfg, paths.root, skip_bad_images)
         contents = Contents.read(paths)  # read once: the tasks and the parts come from the same manifest
+        if pinned is not None and contents.digest != pinned:
+            raise PoEError(f"the pool {paths.root} has digest {contents.digest}, not the pinned {pinned} "
+                           "(--pool_digest): it is another pool, or it was changed")  # fmt: skip
+        cfg = described_by_pool(cfg, paths.root, skip_bad_images)  # dataset.json: checked by Contents.read
         cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg), contents).apply(cfg)
-        return cls(cfg, paths, torch.device(device), precision, contents)
+        pool = cls(cfg, paths, torch.device(device), precision, contents)
+        pool.pinned = pinned
+        return pool
 
     @property
     def root(self) -> Path:
@@ -388,6 +410,7 @@ class Pool:
             "dataset": self.cfg.name,
             "pool": str(self.root),
             "library_id": self.id,
+            "pool_digest": self.digest,
             "experts_present": len(self.experts),
             "tasks": tasks,
             "notes": self.notes,

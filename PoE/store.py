@@ -16,10 +16,11 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,19 +182,78 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any], shard_bytes: i
             old.unlink(missing_ok=True)
 
 
+def shard_files(path: Path) -> list[Path]:
+    """The shard files of a large checkpoint (``save_checkpoint``: ``<name>.<hash>.<i>``)."""
+    return sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*.*") if p.name.rsplit(".", 1)[-1].isdigit())
+
+
 def save_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()))
 
 
-def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
-    """Load with ``weights_only=True``; a missing or unreadable file raises PoEError naming it."""
+def file_record(path: Path) -> dict[str, Any]:
+    """What a manifest records of a file, so that it is checked before anything reads it: size and SHA-256."""
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_recorded(path: Path, record: Mapping[str, Any], listed_in: Path) -> bytes:
+    """The bytes of ``path`` if they are the ones ``listed_in`` (a manifest) records: the size is compared before
+    reading (a file grown to gigabytes is never read), then the SHA-256."""
+    try:
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            raise PoEError(f"{path} is {size:,} bytes, but {listed_in} lists it at {record.get('bytes')} bytes: "
+                           "it was replaced or changed after the manifest was written; restore it, or remake "
+                           "it")  # fmt: skip
+        with open(path, "rb") as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise PoEError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) != size or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        raise PoEError(f"{path} differs from the file {listed_in} lists (its SHA-256 does not match): it was replaced "
+                       "or changed after the manifest was written; restore it, or remake it")  # fmt: skip
+    return data
+
+
+ZIP_SLACK = 1 << 20  # a checkpoint's zip may declare this much beyond its own size (torch stores entries uncompressed)
+
+
+def check_zip_sizes(source: Path | io.BytesIO, path: Path, size: int) -> None:
+    """Refuse, before anything is inflated, a zip archive that declares more bytes than a checkpoint of its size
+    can hold: torch writes its entries stored, so a deflate bomb (megabytes that inflate to gigabytes) is no
+    checkpoint."""
+    try:
+        if not zipfile.is_zipfile(source):
+            return  # the original release's legacy files are pickles, not zips
+        with zipfile.ZipFile(source) as z:
+            declared = sum(max(0, i.file_size) for i in z.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return  # torch.load reports it as unreadable
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+    if declared > 2 * size + ZIP_SLACK:
+        raise PoEError(f"{path} is a zip archive of {size:,} bytes that declares {declared:,} bytes uncompressed (a "
+                       "decompression bomb, or not a checkpoint: torch stores checkpoints uncompressed); refused "
+                       "before loading it")  # fmt: skip
+
+
+def load_checkpoint(path: str | Path, hint: str = "", verify: Callable[[Path], bytes | None] | None = None
+                    ) -> dict[str, Any]:  # fmt: skip
+    """Load with ``weights_only=True``; a missing or unreadable file raises PoEError naming it. ``verify(path)``
+    returns the file's bytes once checked against a manifest (or None: not listed there), before torch reads them;
+    either way a zip declaring more than a checkpoint of its size can hold is refused before it is inflated."""
     path = Path(path)
     if not path.is_file():
         raise PoEError(f"missing checkpoint {path}" + (f"; {hint}" if hint else ""))
+    data = verify(path) if verify is not None else None
+    source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
+    check_zip_sizes(source, path, len(data) if data is not None else path.stat().st_size)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files; the verdict says it
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign file fails in many ways (struct.error, KeyError, ...): each is unreadable
         raise PoEError(f"{path} is not a readable PyTorch checkpoint: {load_failure(path, e)}") from None
     if not isinstance(obj, dict):
@@ -204,7 +264,7 @@ def load_checkpoint(path: str | Path, hint: str = "") -> dict[str, Any]:
         for name in shards:
             if not isinstance(name, str) or "/" in name or "\\" in name or not name.startswith(path.name + "."):
                 raise PoEError(f"{path} lists a shard {name!r} outside its folder")
-            part = load_checkpoint(path.parent / name, f"it is a shard of {path}")
+            part = load_checkpoint(path.parent / name, f"it is a shard of {path}", verify)
             state.update(part)
         obj["state_dict"] = state
     return obj
@@ -268,10 +328,18 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], path: s
 
 
 HIERARCHY_FILE = "hierarchy.json"  # in the pool's folder: the readable copy of the hierarchy its manifest records
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # it names a file (expert_<task>.pt) and a CLI word
+TASK_RULE = "1-100 letters, digits, '_', '-' or '.', starting with a letter or digit (it names the expert's file)"
+
+
+def valid_task_name(task: object) -> bool:
+    """Whether ``task`` can name an expert's file: no separator, no ``..``, nothing but a plain word."""
+    return isinstance(task, str) and TASK_NAME.fullmatch(task) is not None and ".." not in task
 
 
 class PoolPaths:
-    """Where the parts of one dataset's pool live."""
+    """Where the parts of one dataset's pool live. Every path of a part is made here, from a checked task name, and
+    confined to the pool folder: what a command writes or deletes is always inside it."""
 
     def __init__(self, root: str | Path, tag: str) -> None:
         self.root = Path(root)
@@ -282,7 +350,19 @@ class PoolPaths:
         return self.root / f"library_{self.tag}.pt"
 
     def expert(self, task: str) -> Path:
-        return self.root / "experts" / f"expert_{task}.pt"
+        """``experts/expert_<task>.pt``; a name that is not a plain task name, or a path that resolves outside
+        the pool folder (a symlinked ``experts/``), is refused before anything touches it."""
+        if not valid_task_name(task):
+            raise PoEError(f"{task!r} is not a task name: use {TASK_RULE}")
+        path = self.root / "experts" / f"expert_{task}.pt"
+        try:
+            root, real = self.root.resolve(), path.resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise PoEError(f"cannot resolve {path}: {e}") from None
+        if real.parent != root / "experts":
+            raise PoEError(f"{path} resolves to {real}, outside the pool's experts/ folder {root / 'experts'}; a "
+                           "pool's files live in its own folder")  # fmt: skip
+        return path
 
     @property
     def manifest(self) -> Path:
@@ -290,7 +370,8 @@ class PoolPaths:
 
     def experts_present(self) -> list[str]:
         d = self.root / "experts"
-        return sorted(p.name[len("expert_") : -3] for p in d.glob("expert_*.pt")) if d.is_dir() else []
+        names = (p.name[len("expert_") : -3] for p in d.glob("expert_*.pt")) if d.is_dir() else ()
+        return sorted(t for t in names if valid_task_name(t))  # another name cannot be a task's: not an expert
 
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest.is_file():

@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,20 @@ from typing import TYPE_CHECKING, Any
 from PoE.datasets import DatasetConfig, described_by_pool
 from PoE.errors import PoEError
 from PoE.manifest import Contents, valid_record
-from PoE.store import HIERARCHY_FILE, PoolPaths, load_checkpoint, resolve_pool, save_json, unwrap
+from PoE.store import (
+    HIERARCHY_FILE,
+    TASK_RULE,
+    PoolPaths,
+    load_checkpoint,
+    resolve_pool,
+    save_json,
+    unwrap,
+    valid_task_name,
+)
 
 if TYPE_CHECKING:
     from PoE.preprocess import Preprocessor
 
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # it names a file (expert_<task>.pt) and a CLI word
 DEFAULT_QUERY_TASKS = 6  # a file's first six tasks are what Run_Evaluation combines by default (as the paper's six)
 SHAPE = '{"task name": ["class name", ...], ...}'
 
@@ -110,9 +117,8 @@ def parse_hierarchy(obj: Any, cfg: DatasetConfig, source: str) -> Hierarchy:
     owner: dict[int, str] = {}
     tasks: dict[str, list[int]] = {}
     for task, names in obj.items():
-        if not TASK_NAME.fullmatch(task):
-            raise bad(f"task name {task!r} is not accepted: use 1-100 letters, digits, '_', '-' or '.', starting "
-                      "with a letter or digit (it names the expert's file)")  # fmt: skip
+        if not valid_task_name(task):
+            raise bad(f"task name {task!r} is not accepted: use {TASK_RULE}")
         if not isinstance(names, list):
             raise bad(f"task {task!r} must be a list of class names, got {json_type(names)}")
         if not names:
@@ -244,6 +250,13 @@ def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None, cont
     refused."""
     contents = Contents.read(PoolPaths(root, cfg.tag)) if contents is None else contents
     current = current_hierarchy(cfg, root, contents.hierarchy)
+    bare = contents.parts is None and current.id != builtin_hierarchy(cfg).id
+    if bare and (given is None or given.id != current.id):
+        # a bare pool records nothing of its tasks: a hierarchy file beside it is only taken when the user names it
+        raise PoEError(f"the pool {root} has no manifest.json (the original release's format), so nothing vouches for "
+                       f"{root / HIERARCHY_FILE} beside it ({len(current.tasks)} tasks; a bare pool's tasks are "
+                       f"{cfg.name}'s built-in ones): remove that file, or give it with --hierarchy "
+                       f"{root / HIERARCHY_FILE} to use it")  # fmt: skip
     if given is not None and given.id != current.id:
         none = (" (it holds no hierarchy.json: a pool built with --hierarchy keeps it there)"
                 if contents.hierarchy is None and not (root / HIERARCHY_FILE).is_file() else "")  # fmt: skip
@@ -262,8 +275,9 @@ def pool_config(
     """``cfg`` with the tasks of the pool at ``db`` (checked against ``hierarchy`` when one is given); a folder
     dataset as the pool describes it."""
     root = pool_root(db, cfg)
+    contents = Contents.read(PoolPaths(root, cfg.tag))  # checks dataset.json before it is read
     cfg = described_by_pool(cfg, root, skip_bad_images)
-    return pool_hierarchy(cfg, root, given_hierarchy(hierarchy, cfg)).apply(cfg)
+    return pool_hierarchy(cfg, root, given_hierarchy(hierarchy, cfg), contents).apply(cfg)
 
 
 def written_hierarchy(cfg: DatasetConfig, root: Path) -> Hierarchy:

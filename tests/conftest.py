@@ -193,7 +193,7 @@ def rewrite_part(path: Path, change) -> None:
     recomputed and the pool's manifest lists the new one, so only the checks beneath the manifest can object."""
     import json
 
-    from PoE.store import load_checkpoint, part_digest, save_checkpoint, seal
+    from PoE.store import file_record, load_checkpoint, part_digest, save_checkpoint, seal
 
     obj = load_checkpoint(path)
     change(obj)
@@ -202,6 +202,21 @@ def rewrite_part(path: Path, change) -> None:
     root = path.parent.parent if path.parent.name == "experts" else path.parent
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["parts"][path.relative_to(root).as_posix()] = part_digest(payload)
+    if "files" in manifest:  # format 4: the file's size and SHA-256 too
+        manifest["files"][path.relative_to(root).as_posix()] = file_record(path)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def relist(path: Path) -> None:
+    """Record ``path``'s present size and SHA-256 in its pool's manifest (format 4), as a forger would: the file then
+    passes the check before reading, and what is tested is how its content is refused once read."""
+    import json
+
+    from PoE.store import file_record
+
+    root = path.parent.parent if path.parent.name == "experts" else path.parent
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][path.relative_to(root).as_posix()] = file_record(path)
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 

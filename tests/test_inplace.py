@@ -229,3 +229,89 @@ def test_a_running_server_picks_up_added_and_removed_experts(built, pool_dir, da
             assert r.status_code == 400 and "unknown task 'land'" in r.json()["error"]
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("name", ["bak/../../../../../victim/model", "bak/../expert_land"])
+def test_a_remove_never_deletes_a_file_its_name_leads_to_outside_the_pool(built, pool_dir, capsys, name):
+    """The name is checked where the path is made: with a folder ``experts/expert_bak/`` present, a name through it
+    resolved to a file outside the pool (deleted, exit 0) or to another task's expert (the manifest then listed a
+    file that was gone)."""
+    (pool_dir / "experts" / "expert_bak").mkdir()
+    victim = pool_dir.parents[2] / "victim" / "model.pt"  # five levels up from experts/expert_bak
+    victim.parent.mkdir(exist_ok=True)
+    victim.write_bytes(b"not the pool's")
+    before = files(pool_dir)
+    assert main_preprocessing(["--db", str(pool_dir.parent), "--remove_tasks", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{name!r} is not a task name" in err
+    assert victim.read_bytes() == b"not the pool's" and files(pool_dir) == before
+    assert list(Pool.open(pool_dir).experts) == ["aquatic", "land"]
+
+
+def test_a_pool_path_is_made_only_of_a_task_name_and_stays_in_the_pool(tmp_path):
+    from PoE.errors import PoEError
+    from PoE.store import PoolPaths
+
+    paths = PoolPaths(tmp_path / "pool", "cifar100")
+    assert paths.expert("vehicles_1") == tmp_path / "pool" / "experts" / "expert_vehicles_1.pt"
+    for bad in ("../x", "a/b", "a\\b", "bak/../land", "a..b", "", ".hidden", "x" * 101):
+        with pytest.raises(PoEError, match="is not a task name"):
+            paths.expert(bad)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "experts").symlink_to(tmp_path / "elsewhere")  # a symlinked experts/ leads outside
+    with pytest.raises(PoEError, match="outside the pool's experts/ folder"):
+        paths.expert("people")
+
+
+def test_a_retrain_beside_another_writer_is_refused_at_once(built, pool_dir, capsys):
+    """Every command that writes a pool takes its lock: a retrain beside an add (which holds it) rewrote the
+    manifest from what it read at its start, and the added tasks vanished."""
+    from PoE.edit import editing
+
+    before = files(pool_dir)
+    retrain = [*built["argv"], "--db", str(pool_dir.parent), "--stages", "experts", "--retrain", "experts"]
+    with editing(pool_dir):  # another command (an add) is writing the pool
+        assert main_preprocessing(retrain) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another command is writing the pool" in err
+        from PoE.migrate import main as migrate
+
+        assert migrate([str(pool_dir)]) == 2
+        assert "another command is writing the pool" in capsys.readouterr().err
+    assert files(pool_dir) == before
+
+
+def test_a_remove_killed_after_deleting_is_finished_by_running_it_again(built, pool_dir, capsys, monkeypatch):
+    """The state a kill leaves after the commit and the deletion, before ``hierarchy.json``: the note says to run the
+    command again, and running it again finishes the edit (it was refused: the task was no longer in the pool)."""
+    import PoE.edit
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the SIGKILL: nothing after this point runs
+
+    db = str(pool_dir.parent)
+    monkeypatch.setattr(PoE.edit, "write_hierarchy_copy", killed)
+    assert main_preprocessing(["--db", db, "--remove_tasks", "land"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert not (pool_dir / "experts" / "expert_land.pt").exists()  # committed and deleted; the copy is behind
+    pool = Pool.open(pool_dir)
+    assert list(pool.cfg.tasks) == ["aquatic"] and any("hierarchy.json" in n for n in pool.notes)
+
+    assert main_preprocessing(["--db", db, "--remove_tasks", "land"]) == 0  # run again: it finishes
+    assert "'land' was removed already" in capsys.readouterr().out
+    pool = Pool.open(pool_dir)
+    assert pool.notes == [] and list(pool.cfg.tasks) == ["aquatic"]
+    assert json.loads((pool_dir / "hierarchy.json").read_text())["tasks"] == {"aquatic": ["beaver", "dolphin"]}
+    assert main_preprocessing(["--db", db, "--remove_tasks", "lnad"]) == 2  # an unknown name is still refused
+    assert "'lnad' is not a task of the pool" in capsys.readouterr().err
+
+
+def test_a_pinned_remove_changes_only_the_pinned_pool(built, pool_dir, capsys):
+    db, digest = str(pool_dir.parent), Pool.open(pool_dir).digest
+    other = "0" * 64
+    assert main_preprocessing(["--db", db, "--remove_tasks", "land", "--pool_digest", other]) == 2
+    assert f"not the pinned {other}" in capsys.readouterr().err and (pool_dir / "experts" / "expert_land.pt").exists()
+    assert main_preprocessing(["--db", db, "--remove_tasks", "land", "--pool_digest", digest]) == 0
+    assert Pool.open(pool_dir).digest != digest  # the edit made a new pool

@@ -18,7 +18,7 @@ from PoE.errors import PoEError
 from PoE.pool import Pool
 from PoE.store import load_checkpoint, tensors_id
 
-from .conftest import ROOT, TINY, rewrite_part
+from .conftest import ROOT, TINY, relist, rewrite_part
 
 
 def service_error(capsys, *argv: str) -> str:
@@ -46,6 +46,9 @@ def edit(path, change) -> None:
 def test_a_library_of_another_pool_is_refused(capsys, pool_copy, official_cifar):
     lib = pool_copy / "cifar100" / "library_cifar100.pt"
     shutil.copy(official_cifar / "library_cifar100.pt", lib)  # bare: no metadata, nothing to check it against
+    line = service_error(capsys, "--db", str(pool_copy), "--queriedTask", "people", "vehicles_1", "--no_eval")
+    assert "library_cifar100.pt is 181,866 bytes, but" in line  # refused by its size, before it is read
+    relist(lib)  # listed with its size and SHA-256: refused once read, for what it is
     line = service_error(capsys, "--db", str(pool_copy), "--queriedTask", "people", "vehicles_1", "--no_eval")
     assert "library_cifar100.pt is a bare state dict" in line
     bare = load_checkpoint(official_cifar / "library_cifar100.pt")  # wrapped, sealed and listed: the experts object
@@ -81,12 +84,14 @@ def test_a_pickle_with_code_is_refused_without_unsafe_advice(capsys, pool_copy):
 
     with open(pool_copy / "cifar100" / "experts" / "expert_people.pt", "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
+    relist(pool_copy / "cifar100" / "experts" / "expert_people.pt")  # past the size and SHA-256 check: torch reads it
     line = service_error(capsys, "--db", str(pool_copy), "--queriedTask", "people", "--no_eval")
     assert "refused: it holds Python objects or code besides tensors" in line
 
 
 def test_zero_byte_expert_and_malformed_manifest(capsys, pool_copy):
     (pool_copy / "cifar100" / "experts" / "expert_vehicles_2.pt").write_bytes(b"")
+    relist(pool_copy / "cifar100" / "experts" / "expert_vehicles_2.pt")
     rc = main_service(["--db", str(pool_copy), "--list"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "expert_vehicles_2.pt" in err and "empty (0 bytes)" in err

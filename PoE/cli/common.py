@@ -141,6 +141,9 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     p.add_argument("--hierarchy", default=None, metavar="FILE", help="the primitive tasks as a JSON file {\"task\": "
                    "[\"class name\", ...]} (default: the one the pool stores, else the dataset's built-in tasks); "
                    "a pool keeps the hierarchy it was built with and refuses another")  # fmt: skip
+    p.add_argument("--pool_digest", default=None, metavar="DIGEST", help="refuse any pool whose root digest (64 hex "
+                   "digits: Run_Service.py --list shows it) is not this one: the pool checked by its manifest is then "
+                   "also the one you meant")  # fmt: skip
     p.add_argument("--skip_bad_images", action="store_true", help="--dataset folder: skip unreadable images (each is "
                    "named on stderr) instead of stopping at the first")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -153,7 +156,7 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
 def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp32"):
     from PoE.pool import Pool
 
-    return Pool.open(a.db, a.dataset, device, precision, a.hierarchy, a.skip_bad_images)
+    return Pool.open(a.db, a.dataset, device, precision, a.hierarchy, a.skip_bad_images, a.pool_digest)
 
 
 def pool_tasks(a: argparse.Namespace) -> DatasetConfig:

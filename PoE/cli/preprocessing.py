@@ -270,7 +270,7 @@ def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list
     if given:
         raise PoEError(f"--add_tasks trains the new tasks' experts into the pool as it is; {given[0]} does not go "
                        "with it")  # fmt: skip
-    plan = plan_addition(Pool.open(a.db, cfg.name), read_hierarchy(a.add_tasks, cfg))
+    plan = plan_addition(Pool.open(a.db, cfg.name, expected_digest=a.pool_digest), read_hierarchy(a.add_tasks, cfg))
     return plan.hierarchy, plan.new
 
 
@@ -284,8 +284,8 @@ def remove_body(a: argparse.Namespace) -> int:
     if a.tasks is not None or a.retrain:
         raise PoEError("--remove_tasks names the tasks to remove; --tasks and --retrain do not go with it")
     with editing(pool_folder(a)):
-        lines = remove_tasks(Pool.open(a.db, a.dataset, hierarchy=a.hierarchy), a.remove_tasks,
-                             "python Run_preprocessing.py " + " ".join(a.argv))  # fmt: skip
+        pool = Pool.open(a.db, a.dataset, hierarchy=a.hierarchy, expected_digest=a.pool_digest)
+        lines = remove_tasks(pool, a.remove_tasks, "python Run_preprocessing.py " + " ".join(a.argv))
     print("\n".join(lines))
     return 0
 
@@ -302,10 +302,15 @@ def pool_folder(a: argparse.Namespace) -> Path:
 def preprocessing_body(a: argparse.Namespace) -> int:
     if a.remove_tasks is not None:
         return remove_body(a)
-    if a.add_tasks and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 holds the lock for all
+    if a.pool_digest and not a.add_tasks:
+        raise PoEError("--pool_digest pins the pool a command reads; with Run_preprocessing.py it goes with "
+                       "--add_tasks or --remove_tasks (the pool they change must be that one)")  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 holds the lock for all
+        from PoE.datasets import get_dataset
         from PoE.edit import editing
 
-        with editing(pool_folder(a)):  # one change of a pool at a time
+        folder = pool_folder(a) if a.add_tasks else Path(a.db) / get_dataset(a.dataset).name
+        with editing(folder, create=not a.add_tasks):  # one writer of a pool at a time
             return build_body(a)
     return build_body(a)
 

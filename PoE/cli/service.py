@@ -71,6 +71,7 @@ def human(n: float) -> str:
 def list_pool(pool) -> int:
     info = pool.describe()
     print(f"pool {pool.root} ({pool.cfg.name}): {info['experts_present']} of {len(pool.cfg.tasks)} experts present")
+    print(f"pool digest {pool.digest} (pin it with --pool_digest)")
     width = max(len(t) for t in pool.cfg.tasks)
     for t in info["tasks"]:
         mark = "yes" if t["present"] else "no "
@@ -97,7 +98,7 @@ def service_body(a: argparse.Namespace) -> int:
         from PoE.service import Settings, serve
 
         settings = Settings(a.db, a.dataset, str(device), precision, a.data_root, a.max_batch, a.batch_wait_ms,
-                            a.threads)  # fmt: skip
+                            a.threads, a.pool_digest)  # fmt: skip
         if a.ray:
             if a.workers:
                 raise PoEError("--workers is for the server without Ray; with --ray use --replicas N")
@@ -127,6 +128,7 @@ def service_body(a: argparse.Namespace) -> int:
         "classes": model.classes,
         "class_names": model.class_names,
         "pool": str(pool.root),
+        "pool_digest": pool.digest,
         "precision": precision,
     }
     if not a.no_eval:
@@ -138,6 +140,7 @@ def service_body(a: argparse.Namespace) -> int:
     names = ", ".join(f"{c} {n}" for c, n in zip(model.classes, model.class_names, strict=True))
     rows = [
         ("dataset / pool", f"{cfg.name} / {pool.root}"),
+        ("pool digest", pool.digest),
         ("query", f"{', '.join(model.tasks)} ({len(model.classes)} classes)"),
         ("classes", names),
         (

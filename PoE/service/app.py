@@ -101,7 +101,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             raise ClientError(503, "the prediction worker has stopped")
         mem = memory()
         return {"status": "ok", "dataset": view.cfg.name, "experts": len(view.pool.experts), "pid": mem["pid"],
-                "rss_bytes": mem["rss_bytes"]}  # fmt: skip
+                "rss_bytes": mem["rss_bytes"], "pool_digest": view.pool.digest}  # fmt: skip
 
     @app.get("/api/pool", summary="The pool: dataset and, per task, its classes, its expert's presence and accuracy")
     async def pool_info() -> dict[str, Any]:
@@ -126,6 +126,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             "build_ms": round(model.build_ms, 3),
             "model": f"/api/models/{key}.pt2",
             "precision": view.pool.precision,
+            "pool_digest": view.pool.digest,
         }
         if body.evaluate:
             out["accuracy"], out["n_test"] = await service.run_slow(service.accuracy, view, model, key)
@@ -173,7 +174,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
     async def stats() -> dict[str, Any]:
         return {**service.batcher.stats.as_dict(), **memory(), "uptime_s": round(time.time() - service.started, 1),
                 "models_exported": len(service.view.exports),
-                "accuracies_cached": len(service.view.accuracies)}  # fmt: skip
+                "accuracies_cached": len(service.view.accuracies), "pool_digest": service.view.pool.digest}  # fmt: skip
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

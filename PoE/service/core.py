@@ -170,7 +170,8 @@ class Service:
 
     async def reload(self, old: View, now: tuple) -> None:
         def open_view() -> View:
-            pool = Pool.open(old.pool.root, old.cfg.name, old.pool.device, old.pool.precision)
+            pool = Pool.open(old.pool.root, old.cfg.name, old.pool.device, old.pool.precision,
+                             expected_digest=old.pool.pinned)  # a pinned pool stays that pool  # fmt: skip
             with self.gate.export():  # counting the costs hooks every module of the process (torch's FlopCounterMode
                 return View(pool)  # tracks modules with global hooks): no forward may run meanwhile
 
@@ -257,7 +258,7 @@ class Service:
             arrival.done()
         rows = await self.batcher.submit(model, x, top)
         classes = [{"id": c, "name": n} for c, n in zip(model.classes, model.class_names, strict=True)]
-        return {"tasks": model.tasks, "classes": classes, "predictions": rows}
+        return {"tasks": model.tasks, "classes": classes, "predictions": rows, "pool_digest": model.pool.digest}
 
     def images(self, images: list[bytes]) -> torch.Tensor:
         size = self.cfg.image_size

@@ -36,6 +36,7 @@ class Settings:
     max_batch: int = 64
     max_wait_ms: float = 5.0
     threads: int | None = None  # torch intra-op threads per worker; None: ``plan`` decides
+    pool_digest: str | None = None  # --pool_digest: every worker (and every reload) refuses another pool
 
     def absolute(self) -> Settings:
         """Paths made absolute, so that a worker started elsewhere (a Ray node) reads the same files."""
@@ -43,7 +44,7 @@ class Settings:
         return replace(self, db=str(Path(self.db).absolute()), data_root=data_root)
 
     def open(self) -> Pool:
-        return Pool.open(self.db, self.dataset, self.device, self.precision)
+        return Pool.open(self.db, self.dataset, self.device, self.precision, expected_digest=self.pool_digest)
 
     def app(self, pool: Pool | None = None, **kwargs) -> FastAPI:
         """The app over ``pool`` (opened from the settings when None), torch's threads set first."""
