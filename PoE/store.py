@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from PoE.errors import PoEError
+from PoE.jsonfile import read_json
 
 
 def atomic_write(path: str | Path, write: Any, buffered: bool = False) -> None:
@@ -293,12 +294,9 @@ class PoolPaths:
         return sorted(p.name[len("expert_") : -3] for p in d.glob("expert_*.pt")) if d.is_dir() else []
 
     def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest.is_file():
+        if not os.path.lexists(self.manifest):
             return {}
-        try:
-            manifest = json.loads(self.manifest.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PoEError(f"{self.manifest} is not valid JSON ({e})") from None
+        manifest = read_json(self.manifest)  # a FIFO or a dangling link in its place is one line
         if not isinstance(manifest, dict):
             raise PoEError(f"{self.manifest} is not valid: it holds a {type(manifest).__name__}, not a JSON object")
         return manifest
