@@ -13,16 +13,22 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from PoE.errors import PoEError
 from PoE.store import atomic_write
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass
@@ -110,16 +116,54 @@ def cache_root() -> Path:
     return Path(os.environ.get("POE_CACHE") or Path.home() / ".cache" / "PoE")
 
 
+MAX_IMAGE_PIXELS = 50_000_000  # per image file, and once its shorter side is resized: 150 MB of RGB
+
+
+class ImageTooLarge(ValueError):
+    """An image over ``MAX_IMAGE_PIXELS``, found from its header before any pixel is decoded."""
+
+
+@contextmanager
+def opened_image(path: str | Path, side: int | None = None) -> Iterator[Image.Image]:
+    """The image file ``path`` opened by PIL, its header read and no pixel decoded yet, once it is known to fit:
+    a regular file (opened without blocking: a FIFO is refused, not waited on) of at most ``MAX_IMAGE_PIXELS``
+    pixels, and as many once its shorter side is resized to ``side`` (a 2 KB PNG of 1 x 1,000,000 pixels
+    resized to 32 would be 32 x 32,000,000). Raises OSError or ValueError (``ImageTooLarge``) otherwise, as
+    PIL does for a broken file, so callers name the file in one line or skip it."""
+    import warnings
+
+    from PIL import Image
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(f)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise ImageTooLarge(f"over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+        with im:
+            w, h = im.size
+            resized = side * side * max(w, h) / max(min(w, h), 1) if side else 0
+            if w * h > MAX_IMAGE_PIXELS or resized > MAX_IMAGE_PIXELS:
+                resize = f" once its shorter side is resized to {side}" if resized > MAX_IMAGE_PIXELS else ""
+                raise ImageTooLarge(f"{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} read per image{resize}")
+            yield im
+
+
 def decode_images(files: list[Path], size: int, progress: bool = True) -> np.ndarray:
     """JPEGs -> uint8 N x size x size x 3 (grayscale converted to RGB, as PIL's convert does)."""
-    from PIL import Image
     from tqdm import tqdm
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     # tqdm's disable=None: a bar on terminals only, so logs and captured output stay clean
     for i, f in enumerate(tqdm(files, desc="decoding images", disable=None if progress else True, leave=False)):
         try:
-            with Image.open(f) as im:
+            with opened_image(f) as im:
+                if im.size != (size, size):  # before decoding
+                    raise PoEError(f"{f} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
                 img = np.asarray(im.convert("RGB"))
         except (OSError, ValueError) as e:
             raise PoEError(f"cannot read image {f} ({e})") from None
@@ -253,17 +297,15 @@ def default_workers() -> int:
 class FolderImages(torch.utils.data.Dataset):
     """Decodes one image per item (PIL, RGB) through ``transform``; items are (uint8 3 x S x S, label, index)."""
 
-    def __init__(self, files: list[Path], labels: list[int], transform: object) -> None:
-        self.files, self.labels, self.transform = files, labels, transform
+    def __init__(self, files: list[Path], labels: list[int], transform: object, side: int | None = None) -> None:
+        self.files, self.labels, self.transform, self.side = files, labels, transform, side
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        from PIL import Image
-
         try:
-            with Image.open(self.files[i]) as im:
+            with opened_image(self.files[i], self.side) as im:
                 img = im.convert("RGB")
         except (OSError, ValueError) as e:
             raise PoEError(f"cannot read image {self.files[i]} ({e})") from None
@@ -303,8 +345,9 @@ class FolderLoader:
         if batch_size % world:
             raise PoEError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple")
         self.labels = torch.tensor(labels, dtype=torch.long)
-        self.train_images = FolderImages(files, labels, folder_transform(size, train=True))
-        self.test_images = FolderImages(files, labels, folder_transform(size, train=False))
+        side = round(size * 256 / 224)  # the test transform's resize: the most pixels either transform makes
+        self.train_images = FolderImages(files, labels, folder_transform(size, train=True), side)
+        self.test_images = FolderImages(files, labels, folder_transform(size, train=False), side)
         self.batch_size, self.normalize, self.device = batch_size, normalize, torch.device(device)
         self.seed, self.rank, self.world, self.workers = seed, rank, world, workers
         self.view_seed = seed if view_seed is None else view_seed

@@ -7,6 +7,7 @@ import csv
 import io
 import itertools
 import json
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from PoE.baselines import METHODS, BaselineRunner
 from PoE.baselines import method as baseline_method
 from PoE.data import ImageSet, Normalizer
 from PoE.datasets import DatasetConfig
+from PoE.errors import PoEError
 from PoE.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
+from PoE.jsonfile import parse_json, read_text
 from PoE.pool import Pool
 from PoE.query import make_query
 from PoE.store import atomic_write
@@ -161,16 +164,19 @@ def record_key(method: str, combo: tuple[str, ...], fingerprint: str, pool: Pool
     return " ".join([method, *combo, fingerprint, *parts])
 
 
+MAX_RECORD_BYTES = 256 * 2**20  # the record of baseline runs: a line of under 1 KB per run
+
+
 def read_record(path: Path | None) -> dict[str, dict]:
     """The runs recorded in ``path`` by key (a line cut short by an interruption is ignored)."""
     runs: dict[str, dict] = {}
-    if path is None or not path.exists():
+    if path is None or not os.path.lexists(path):
         return runs
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "the record of baseline runs", "a JSON-lines file", MAX_RECORD_BYTES).splitlines():
         try:
-            item = json.loads(line)
+            item = parse_json(line, str(path))
             runs[item["key"]] = item["row"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (PoEError, KeyError, TypeError):
             continue
     return runs
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from PoE.errors import PoEError
+from PoE.jsonfile import read_json
 
 
 def atomic_write(path: str | Path, write: Any, buffered: bool = False) -> None:
@@ -374,12 +375,9 @@ class PoolPaths:
         return sorted(t for t in names if valid_task_name(t))  # another name cannot be a task's: not an expert
 
     def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest.is_file():
+        if not os.path.lexists(self.manifest):
             return {}
-        try:
-            manifest = json.loads(self.manifest.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PoEError(f"{self.manifest} is not valid JSON ({e})") from None
+        manifest = read_json(self.manifest)  # a FIFO or a dangling link in its place is one line
         if not isinstance(manifest, dict):
             raise PoEError(f"{self.manifest} is not valid: it holds a {type(manifest).__name__}, not a JSON object")
         return manifest

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from PoE.datasets import DatasetConfig, described_by_pool
 from PoE.errors import PoEError
+from PoE.jsonfile import read_json
 from PoE.manifest import Contents, valid_record
 from PoE.store import (
     HIERARCHY_FILE,
@@ -162,19 +163,7 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_hierarchy(path: str | Path, cfg: DatasetConfig) -> Hierarchy:
     """A hierarchy file (the user's, or a pool's ``hierarchy.json``), checked against ``cfg``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PoEError(f"hierarchy {path}: no such file; expected a JSON file {SHAPE}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PoEError(f"hierarchy {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        obj = json.loads(text, object_pairs_hook=no_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise PoEError(f"hierarchy {path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); expected "
-                       f"{SHAPE}") from None  # fmt: skip
-    except PoEError as e:
-        raise PoEError(f"hierarchy {path}: {e}") from None
+    obj = read_json(path, "hierarchy", f"a JSON file {SHAPE}", hook=no_duplicate_keys)
     return parse_hierarchy(obj, cfg, str(path))
 
 
@@ -193,7 +182,7 @@ def stored_hierarchy(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
     if not path.is_file():
         return None
     h = read_hierarchy(path, cfg)
-    recorded = json.loads(path.read_text()).get("id")
+    recorded = read_json(path, "hierarchy").get("id")
     if recorded is not None and recorded != h.id:
         raise PoEError(f"{path}: its content hash is {h.id} but the file records {recorded}: it was edited or "
                        "damaged; restore it (the experts were built with the recorded one)")  # fmt: skip
@@ -316,9 +305,9 @@ def write_hierarchy_copy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
     if h.builtin and not path.is_file():
         return
     try:
-        if path.is_file() and json.loads(path.read_text()) == {"dataset": cfg.name, **h.record(cfg)}:
+        if path.is_file() and read_json(path) == {"dataset": cfg.name, **h.record(cfg)}:
             return
-    except (OSError, ValueError):
+    except PoEError:
         pass
     save_json(path, {"dataset": cfg.name, **h.record(cfg)})
 

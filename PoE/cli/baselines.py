@@ -16,6 +16,7 @@ from PoE.cli.common import (
     LEARNING_RATE,
     NONNEG_INT,
     POSITIVE_INT,
+    SEED,
     TEMPERATURE,
     Help,
     Parser,
@@ -69,7 +70,7 @@ def baseline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
     g.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
                    "80%%) or onecycle")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="seeds weights and batch order (and Run_Experiments' "
+    g.add_argument("--seed", type=SEED, default=0, help="seeds weights and batch order (and Run_Experiments' "
                    "sample of combinations)")  # fmt: skip
     g.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
                    "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip

@@ -72,8 +72,9 @@ def number(
         out = not math.isfinite(v) or v < low or (v == low and not low_ok)
         out = out or (high is not None and (v > high or (v == high and not high_ok)))
         if out:
-            rng = f"{'>=' if low_ok else '>'} {low:g}" + (
-                f" and {'<=' if high_ok else '<'} {high:g}" if high is not None else ""
+            show = (lambda x: f"{x:g}") if kind is float else str  # an integer bound in full: 4294967295
+            rng = f"{'>=' if low_ok else '>'} {show(low)}" + (
+                f" and {'<=' if high_ok else '<'} {show(high)}" if high is not None else ""
             )
             raise argparse.ArgumentTypeError(
                 f"must be {'a number' if kind is float else 'an integer'} {rng}, got {text}"
@@ -92,6 +93,7 @@ TEMPERATURE = number(float, 0, low_ok=False, high=100, high_ok=True)
 ALPHA = number(float, 0, high=1000, high_ok=True)
 WAIT_MS = number(float, 0, high=10_000, high_ok=True)  # dynamic batching: at most 10 s
 BUDGET = number(float, 0, low_ok=False, high=100, high_ok=True)  # a multiple of the paper's epochs
+SEED = number(int, 0, high=2**32 - 1, high_ok=True)  # the seeds derived from it stay within torch's 64 bits
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -165,6 +167,35 @@ def pool_tasks(a: argparse.Namespace) -> DatasetConfig:
     from PoE.tasks import pool_config
 
     return pool_config(get_dataset(a.dataset), a.db, a.hierarchy, a.skip_bad_images)
+
+
+MAX_COMBINATIONS = 5000  # combinations of tasks one command scores unless --max_combinations says more
+
+
+def combinations_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max_combinations",
+        type=POSITIVE_INT,
+        default=MAX_COMBINATIONS,
+        help="refuse to start when --tasks and --n make more combinations than this (each one is scored; "
+        "docs/commands.md has the time per combination)",
+    )
+
+
+def check_combinations(tasks: list[str], ns: list[int], limit: int) -> int:
+    """The number of combinations of n of ``tasks`` over ``ns``; above ``limit`` a one-line refusal that says how
+    many and how to ask for fewer, before anything is loaded (20 tasks at n = 10 are 184,756 combinations)."""
+    counts = {n: math.comb(len(tasks), n) for n in ns}
+    total = sum(counts.values())
+    if total > limit:
+        fits = [n for n in range(1, len(tasks) + 1) if math.comb(len(tasks), n) <= limit]
+        hint = f"e.g. --n {' '.join(map(str, fits[:3]))}" if fits else "fewer --tasks"
+        shown = ", ".join(f"{counts[n]:,} at n = {n}" for n in sorted(counts))
+        raise PoEError(
+            f"{len(tasks)} tasks make {total:,} combinations ({shown}), over the limit of {limit:,}: give fewer "
+            f"--tasks or other --n ({hint}), or raise --max_combinations"
+        )
+    return total
 
 
 def chosen_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, list[str]]:

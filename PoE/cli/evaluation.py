@@ -11,7 +11,9 @@ from PoE.cli.common import (
     POSITIVE_INT,
     Help,
     Parser,
+    check_combinations,
     chosen_tasks,
+    combinations_argument,
     common_arguments,
     open_pool,
     pick_device,
@@ -39,6 +41,7 @@ def evaluation_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FOLDER", help="also write FOLDER/combinations.md and .csv (per n) "
                    "and FOLDER/combinations_all.csv (per combination)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="also print the per-n rows as one JSON list (last line)")
+    combinations_argument(p)
     return p
 
 
@@ -61,6 +64,7 @@ def evaluation_body(a: argparse.Namespace) -> int:
     bad = [n for n in ns if not 1 <= n <= len(tasks)]
     if bad or not ns:
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {bad or ns}")
+    check_combinations(tasks, ns, a.max_combinations)
     device = pick_device(a.device)
     pool = open_pool(a, device, resolve_precision(a.precision, device))
     test = load_split(pool.cfg, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from PoE.cli.common import (
     POSITIVE_INT,
     Help,
     Parser,
+    check_combinations,
     chosen_tasks,
+    combinations_argument,
     common_arguments,
     open_pool,
     pick_device,
@@ -46,8 +49,38 @@ def experiments_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots, and "
                    "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
                    "interrupted comparison continues; delete the file to train them again)")  # fmt: skip
+    combinations_argument(p)
+    p.add_argument(
+        "--max_trainings",
+        type=POSITIVE_INT,
+        default=MAX_TRAININGS,
+        help="refuse to start when the baselines would train more models than this (combinations x methods; "
+        "each one trains for the baselines' epochs)",
+    )
     baseline_arguments(p)
     return p
+
+
+MAX_TRAININGS = 100  # baseline models one comparison trains unless --max_trainings says more
+
+
+def check_trainings(tasks: list[str], ns: list[int], methods: list[str], k: int, limit: int) -> None:
+    """Refuse, before anything is trained, a comparison whose baselines would train more than ``limit`` models
+    (``k``: --combos_per_n, 0 for all), saying how many and how to ask for fewer."""
+    counts = [math.comb(len(tasks), n) for n in ns]
+    baselines = [m for m in methods if m in METHODS]
+    per_method = sum(min(k or c, c) for c in counts)
+    if per_method * len(baselines) <= limit:
+        return
+    fits = 0
+    while fits < max(counts) and sum(min(fits + 1, c) for c in counts) * len(baselines) <= limit:
+        fits += 1
+    hint = f"--combos_per_n {fits} or less, " if fits else ""
+    raise PoEError(
+        f"the baselines would train {per_method * len(baselines):,} models ({len(baselines)} method(s) x "
+        f"{per_method:,} combination(s) at --combos_per_n {k}{' (all)' if not k else ''}), over the limit of "
+        f"{limit:,}: give {hint}fewer --methods or --n, or raise --max_trainings"
+    )
 
 
 def experiments_body(a: argparse.Namespace) -> int:
@@ -71,9 +104,11 @@ def experiments_body(a: argparse.Namespace) -> int:
     from PoE.store import check_writable, files_id
 
     cfg, tasks = chosen_tasks(a)
-    check_writable(a.out)  # before any training: the record of finished runs and the tables go there
     if not a.n or any(not 1 <= n <= len(tasks) for n in a.n):
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {a.n}")
+    check_combinations(tasks, a.n, a.max_combinations)  # the Oracle and PoE score every one
+    check_trainings(tasks, a.n, a.methods, a.combos_per_n, a.max_trainings)
+    check_writable(a.out)  # before any training: the record of finished runs and the tables go there
     ablation = {}
     for item in a.ablation:
         name, sep, path = item.partition("=")

@@ -15,20 +15,25 @@ from PoE.cli.common import (
     LEARNING_RATE,
     NONNEG_INT,
     POSITIVE_INT,
+    SEED,
     TEMPERATURE,
     Help,
     Parser,
     common_arguments,
+    number,
     pick_device,
     run_main,
     tasks_epilog,
 )
+from PoE.datasets.folder import MAX_IMAGE_SIZE
 from PoE.errors import PoEError
 from PoE.profiles import PROFILES, STAGES
 
 if TYPE_CHECKING:
     from PoE.datasets import DatasetConfig
     from PoE.tasks import Hierarchy
+
+IMAGE_SIZE = number(int, 1, high=MAX_IMAGE_SIZE, high_ok=True)  # below a family's smallest side: refused later
 
 
 def per_profile(what: Callable[[object], object]) -> str:
@@ -80,8 +85,8 @@ def preprocessing_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", nargs="*", default=[], choices=STAGES, metavar="STAGE", help="retrain these stages "
                    "even if done")  # fmt: skip
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights, batch order and augmented views")
-    p.add_argument("--image_size", type=POSITIVE_INT, default=None, help="--dataset folder: the images' size in "
+    p.add_argument("--seed", type=SEED, default=0, help="seeds weights, batch order and augmented views")
+    p.add_argument("--image_size", type=IMAGE_SIZE, default=None, help="--dataset folder: the images' size in "
                    "pixels (default: the first training image's longer side, at most 224; up to 64 the WRN family, "
                    "beyond MobileNetV2: 96 or 128 train fast on a CPU)")  # fmt: skip
     p.add_argument("--library_from", default=None, metavar="DB", help="start the pool from the library of this pool "

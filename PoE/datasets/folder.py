@@ -17,9 +17,10 @@ and served without the images.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
-import json
 import os
+import stat
 import sys
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from PoE.errors import PoEError
+from PoE.jsonfile import file_kind, read_json
 
 if TYPE_CHECKING:  # PoE.data (torch) is imported where images are read: the registry (--help) needs neither
     from PoE.data import ImageSet
@@ -39,6 +41,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 SMALL = 64  # images up to this size get the WRN family; larger ones MobileNetV2
 LARGE_DEFAULT = 224  # the default size of larger images is their own, at most this
 LARGE_ORACLE, LARGE_LIBRARY = "mobilenet_v2", "mobilenet_v2-0.5"  # networks of larger images, trained here
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # --image_size and dataset.json: the networks' input side, in pixels
+DESCRIBED = 'expected a JSON object {"class_names": [2 or more names], "image_size": pixels}'
 LIMIT_VAR = "POE_MAX_DECODED_GB"  # overrides the default limit on one split's decoded images
 
 
@@ -53,10 +57,53 @@ def split_folder(root: Path, split: str) -> Path:
     raise PoEError(f"{root} has no {' or '.join(f'{n}/' for n in names)} folder; expected {LAYOUT}")
 
 
+def entries(d: Path, images: bool) -> tuple[list[Path], list[str]]:
+    """The sub-folders (``images``: the image files) of ``d``, sorted, and what stands where one could be but
+    cannot be read as one: a dangling or looping symbolic link, a FIFO (opening it would wait for a writer), a
+    device. Only these are named; anything else (a README beside the images, a hidden folder) is left out."""
+    try:
+        names = sorted(os.listdir(d))
+    except OSError as e:
+        raise PoEError(f"cannot list {d} ({e.strerror or e}); expected {LAYOUT}") from None
+    kept: list[Path] = []
+    odd: list[str] = []
+    for name in names:
+        path = d / name
+        if (path.suffix.lower() not in IMAGE_SUFFIXES) if images else name.startswith("."):
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            if path.is_symlink():
+                odd.append(
+                    f"{path} ({'a symbolic link loop' if e.errno == errno.ELOOP else 'a dangling symbolic link'})"
+                )
+            continue
+        if (stat.S_ISREG if images else stat.S_ISDIR)(mode):
+            kept.append(path)
+        elif images:
+            odd.append(f"{path} ({file_kind(mode)})")
+    return kept, odd
+
+
+_reported: set[str] = set()
+
+
+def report_skipped(odd: list[str]) -> None:
+    """One line on stderr naming what a scan skipped (once per process: a folder is listed more than once)."""
+    line = f"skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that cannot be read as an image or a folder: "
+    line += ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+    if odd and line not in _reported:
+        _reported.add(line)
+        print(line, file=sys.stderr)
+
+
 def class_folders(root: Path) -> list[str]:
     """The class names: the sub-folders of ``train/`` (of ``test/``/``val/`` when there is no ``train/``)."""
     base = split_folder(root, "train" if (root / "train").is_dir() else "test")
-    names = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders, odd = entries(base, images=False)
+    report_skipped(odd)
+    names = [d.name for d in folders]
     if len(names) < 2:
         raise PoEError(f"{base} has {len(names)} class folder(s); a dataset needs at least 2; expected {LAYOUT}")
     return names
@@ -65,32 +112,35 @@ def class_folders(root: Path) -> list[str]:
 def listing(root: Path, split: str, names: list[str], classes: list[int] | None = None) -> tuple[list[Path], list[int]]:
     """Image files and class ids of one split, for ``classes`` only (all when None)."""
     base = split_folder(root, split)
-    extra = sorted({d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")} - set(names))
+    folders, odd = entries(base, images=False)
+    extra = sorted({d.name for d in folders} - set(names))
     if extra:
         raise PoEError(f"{base / extra[0]} is not one of the {len(names)} classes of the training folder")
     files: list[Path] = []
     labels: list[int] = []
     for c in range(len(names)) if classes is None else sorted(classes):
         d = base / names[c]
-        found = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
+        found, skipped = entries(d, images=True) if d.is_dir() else ([], [])
+        odd += skipped
         if not found and split == "train":
             raise PoEError(f"no images in {d} (class {names[c]!r}); expected {LAYOUT}")
         files += found
         labels += [c] * len(found)
     if not files:
         raise PoEError(f"no {split} images of the asked classes under {base}; expected {LAYOUT}")
+    report_skipped(odd)
     return files, labels
 
 
 def default_size(root: Path, names: list[str]) -> int:
     """The first training image's size (its longer side), at most 224: small images keep theirs, large ones are
     not upscaled, photographs become ImageNet's 224."""
-    from PIL import Image
+    from PoE.data import opened_image
 
     files, _ = listing(root, "train" if (root / "train").is_dir() else "test", names, [0])
     for f in files:
         try:
-            with Image.open(f) as im:
+            with opened_image(f) as im:
                 side = max(im.size)
         except (OSError, ValueError):
             continue
@@ -136,11 +186,13 @@ def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tupl
     from PIL import Image
     from tqdm import tqdm
 
+    from PoE.data import opened_image
+
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     kept: list[int] = []
     for i, f in enumerate(tqdm(files, desc="decoding images", disable=None if progress else True, leave=False)):
         try:
-            with Image.open(f) as im:
+            with opened_image(f, size) as im:
                 im = im.convert("RGB")
                 if im.size != (size, size):
                     scale = size / min(im.size)
@@ -151,7 +203,7 @@ def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tupl
                 out[len(kept)] = np.asarray(im)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if not skip_bad:
-                raise PoEError(f"cannot read image {f} ({type(e).__name__}: {str(e)[:80]}); remove it, or pass "
+                raise PoEError(f"cannot read image {f} ({type(e).__name__}: {str(e)[:120]}); remove it, or pass "
                                "--skip_bad_images to skip unreadable images") from None  # fmt: skip
             print(f"skipped unreadable image {f} ({type(e).__name__})", file=sys.stderr)
             continue
@@ -210,14 +262,23 @@ def from_data(cfg: Any, data_root: Path, image_size: int | None, skip_bad: bool)
 def from_pool(cfg: Any, root: Path, skip_bad: bool = False) -> Any:
     """``cfg`` as the pool folder ``root`` records it (``dataset.json``), or None when it records nothing."""
     path = root / DESCRIPTION_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        desc = json.loads(path.read_text())
-        names, size = [str(n) for n in desc["class_names"]], int(desc["image_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PoEError(f"{path} is damaged ({type(e).__name__}); it should hold class_names and image_size") from None
+    names, size = described(read_json(path, "", DESCRIBED.removeprefix("expected ")), path)
     return dataclasses.replace(cfg, **settings(names, size, skip_bad))
+
+
+def described(desc: Any, path: Path) -> tuple[list[str], int]:
+    """The class names and image size ``dataset.json`` holds, checked: a pool is opened and served from them, so a
+    size out of range or a broken name list is one line here rather than a traceback in a network."""
+    names = desc.get("class_names") if isinstance(desc, dict) else None
+    size = desc.get("image_size") if isinstance(desc, dict) else None
+    bad_names = not isinstance(names, list) or len(names) < 2 or len(set(map(str, names))) != len(names)
+    if bad_names or not all(isinstance(n, str) and n for n in names):
+        raise PoEError(f"{path}: class_names must be a list of 2 or more different non-empty strings; {DESCRIBED}")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise PoEError(f"{path}: image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {size!r}")
+    return names, size
 
 
 SETTINGS = {

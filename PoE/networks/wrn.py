@@ -18,6 +18,8 @@ from torch import nn
 from PoE.networks.bank import BankLinear, grouped_on
 from PoE.precision import fp32_linear
 
+MAX_PARAMS = 200_000_000  # a WRN's size limit: its weights, gradients and momentum take 2.4 GB in fp32
+
 
 class BasicBlock(nn.Module):
     """Pre-activation basic block; the 1x1 shortcut (when widths differ) sees relu(bn1(x)). With ``groups`` G,
@@ -90,6 +92,17 @@ class WRNSpec:
             raise ValueError(f"WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...), got {self.depth}")
         if self.widen < 1:
             raise ValueError(f"WRN widen factor must be >= 1, got {self.widen}")
+        if self.approx_params > MAX_PARAMS:
+            raise ValueError(
+                f"{self.name} would hold about {self.approx_params / 1e6:,.0f}M parameters, over the limit of "
+                f"{MAX_PARAMS / 1e6:.0f}M (wrn-28-10 holds 37M): give a smaller depth or widen factor"
+            )
+
+    @property
+    def approx_params(self) -> int:
+        """Its 3x3 convolutions' weights, counted as if every one were full width (a few % above the true
+        count), known before anything is allocated."""
+        return 18 * self.blocks_per_group * sum(w * w for w in self.widths[1:])
 
     @property
     def blocks_per_group(self) -> int:
@@ -108,7 +121,11 @@ class WRNSpec:
     def parse(text: str, first_stride: int = 1) -> WRNSpec:
         """``'wrn-40-4'`` -> WRNSpec(40, 4)."""
         parts = text.lower().split("-")
-        if len(parts) != 3 or parts[0] != "wrn" or not parts[1].isdigit() or not parts[2].isdigit():
+        if (
+            len(parts) != 3
+            or parts[0] != "wrn"
+            or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts[1:])
+        ):
             raise ValueError(f"architecture must look like wrn-<depth>-<widen> (e.g. wrn-40-4), got {text!r}")
         return WRNSpec(int(parts[1]), int(parts[2]), first_stride)
 

@@ -33,6 +33,12 @@ MODEL_ID_DIGITS = 16  # hex digits of the content digest in a model id
 DECODE_INLINE = 1  # requests with more images decode on a thread: one 32x32 PNG takes ~0.2 ms, a hop ~0.04 ms
 
 
+def index_digits(n_tasks: int) -> int:
+    """Hex digits per task in a model id: two up to 256 tasks (the ids of earlier versions), more beyond, the
+    same for every task of a pool so that an id splits back into its tasks."""
+    return max(2, len(f"{max(n_tasks - 1, 0):x}"))
+
+
 class Batching(Protocol):
     """What the service needs of a batcher: the hand-written one (``Batcher``) or Ray Serve's."""
 
@@ -55,6 +61,7 @@ class View:
         # any worker (or replica) of the same pool derives the same id and reads the tasks back from it
         self.part_ids = {t: pool.part_id(t) for t in pool.experts} | {"": pool.part_id()}
         self.task_index = {t: i for i, t in enumerate(self.cfg.tasks)}
+        self.code_digits = index_digits(len(self.task_index))
         size = self.cfg.image_size
         with torch.no_grad():
             feature_shape = tuple(pool.library(torch.zeros(1, 3, size, size, device=pool.device)).shape[1:])
@@ -70,16 +77,18 @@ class View:
         return hashlib.sha256(f"{self.part_ids['']}|{parts}".encode()).hexdigest()[:MODEL_ID_DIGITS]
 
     def model_id(self, tasks: list[str]) -> str:
-        """``<digest>-<task indices, two hex digits each>``: the same on every worker of the same pool."""
-        return f"{self.digest(tasks)}-{''.join(f'{self.task_index[t]:02x}' for t in tasks)}"
+        """``<digest>-<task indices, code_digits hex digits each>``: the same on every worker of the same pool."""
+        return f"{self.digest(tasks)}-{''.join(f'{self.task_index[t]:0{self.code_digits}x}' for t in tasks)}"
 
     def tasks_of(self, model_id: str) -> list[str] | None:
         """The tasks a model id names, or None unless the id is exactly what ``model_id`` gives for them (an id of
         a pool before an add or a remove names the same model, or none)."""
-        codes = model_id.partition("-")[2]
+        codes, k = model_id.partition("-")[2], self.code_digits
         names = list(self.cfg.tasks)
+        if len(codes) % k or len(codes) > k * len(names):
+            return None
         try:
-            tasks = [names[int(codes[i : i + 2], 16)] for i in range(0, len(codes), 2)]
+            tasks = [names[int(codes[i : i + k], 16)] for i in range(0, len(codes), k)]
         except (ValueError, IndexError):
             return None
         if not tasks or any(t not in self.part_ids for t in tasks) or len(set(tasks)) != len(tasks):

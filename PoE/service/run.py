@@ -3,10 +3,15 @@ worker processes on that one port (``workers``), or Ray Serve replicas (``PoE.se
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,6 +25,9 @@ from PoE.service.batching import check_window
 from PoE.service.limits import one_line
 
 SETTINGS_ENV = "POE_SERVICE_SETTINGS"  # how the supervisor hands its settings to worker processes
+SUPERVISOR_ENV = "POE_SUPERVISOR_PID"  # and its process id: a worker whose parent is another has lost it
+PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent dies
+ORPHAN_POLL_S, ORPHAN_STOP_S = 0.5, 10.0  # how often a worker looks for its parent; how long it may take to stop
 WORKER_START_S = 300  # how long a worker may take to import torch and open the pool before uvicorn restarts it
 MAX_THREADS = 4  # intra-op threads beyond which a forward of a few 32x32 images only waits on its threads
 
@@ -97,7 +105,29 @@ def url_line(pool: Pool, host: str, port: int, how: str) -> str:
 
 def worker_app() -> FastAPI:
     """uvicorn's app factory in each worker process: the pool opened again from the supervisor's settings."""
+    follow_parent(int(os.environ.get(SUPERVISOR_ENV, os.getppid())))
     return Settings(**json.loads(os.environ[SETTINGS_ENV])).app()
+
+
+def follow_parent(parent: int) -> None:
+    """Stop this worker (SIGTERM: uvicorn closes the socket and stops) when the supervisor ``parent`` dies, even by
+    SIGKILL, which it cannot pass on: an orphaned worker kept the port, and a restart failed with "address already
+    in use". Linux signals it at once (PR_SET_PDEATHSIG); a thread watching the parent's id covers other systems
+    and a parent gone before this ran; a worker that has not stopped ``ORPHAN_STOP_S`` later exits."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl (e.g. a static build): the thread alone
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_STOP_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers: int | None = 1) -> int:
@@ -126,6 +156,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers
             del pool
             gc.collect()
             os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+            os.environ[SUPERVISOR_ENV] = str(os.getpid())
             # uvicorn kills a worker that does not answer its health check within the timeout, and a worker
             # answers only once torch is imported and the pool opened: 5 s (the default) on a busy machine
             # killed and restarted every worker forever
