@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 import threading
 import warnings
@@ -67,7 +68,7 @@ def first_line(e: BaseException, width: int = 100) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("The following operation failed in the TorchScript interpreter"):
         return lines[-1][:width]  # "RuntimeError: ..."
-    text = " ".join(lines)
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(lines))
     return f"{type(e).__name__}: {text[:width] if text else 'no message'}"
 
 
@@ -134,7 +135,7 @@ class ProgramOracle(nn.Module):
         except PoEError:
             raise
         except Exception as e:
-            raise PoEError(f"--oracle {self.path} failed on a batch of {n} images of {size} ({first_line(e, 80)}); "
+            raise PoEError(f"--oracle {self.path} failed on a batch of {n} images of {size} ({first_line(e, 120)}); "
                            f"it must take float RGB in [0, 1], N x {size} (the dataset's image size: --image_size "
                            "for a folder)") from None  # fmt: skip
         if isinstance(out, (tuple, list)):
