@@ -59,6 +59,7 @@ class Settings:
     compile: tuple[str, ...] = ()  # stages whose training step is torch.compile'd
     oracle_file: Path | None = None  # the user's Oracle program (PoE.oracle), used instead of training one
     oracle_classes: Path | None = None  # its class order, when it differs from the dataset's
+    trust_oracle_code: bool = False  # a .pt2 or TorchScript oracle_file is code: loaded only when this says so
     library_from: Path | None = None  # a pool whose library this pool copies (a new hierarchy on a built library)
     hierarchy: Hierarchy | None = None  # the tasks of cfg, recorded in the pool's manifest
     adding: bool = False  # --add_tasks: ``tasks`` are new ones, added to the pool in place (``PoE.edit``)

@@ -1,12 +1,13 @@
 """A folder of large images and an exported Oracle for it, from real data: Tiny-ImageNet validation images of a few
 classes upscaled to S pixels as a PNG image folder, and the original Tiny-ImageNet release's WRN-16-2 (its library
 and the classifier trained with it; it reads the images downscaled back to 64 pixels) restricted to those classes
-and saved with ``torch.export`` for S-pixel input. Used by tests/test_large_images.py and the run in
+and saved as ONNX and with ``torch.export`` for S-pixel input. Used by tests/test_large_images.py and the run in
 docs/large_images.md:
 
     python scripts/tiny_large_folder.py OUT --classes 10 --size 96 --train 40
 
-writes OUT/images/{train,val}/<class name>/*.png, OUT/tasks.json (one task per group of classes) and OUT/oracle.pt2.
+writes OUT/images/{train,val}/<class name>/*.png, OUT/tasks.json (one task per group of classes), OUT/oracle.onnx and
+the same network as OUT/oracle.pt2 (code: loaded only with --trust_oracle_code).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def write_folder(val: Path, out: Path, wnids: list[str], size: int, n_train: int
 
 
 def export_oracle(official: Path, folder_names: list[str], size: int, path: Path) -> None:
-    """The official WRN-16-2 scoring ``folder_names`` in folder order (sorted), exported for ``size`` pixels."""
+    """The official WRN-16-2 scoring ``folder_names`` in folder order (sorted), exported for ``size`` pixels: as
+    ONNX for a ``.onnx`` path, else as a ``torch.export`` program."""
     from PoE.networks import WideResNet, WRNSpec
     from PoE.store import load_checkpoint
 
@@ -77,9 +79,11 @@ def export_oracle(official: Path, folder_names: list[str], size: int, path: Path
     net.back.load_state_dict(load_checkpoint(official / "library_student_classifier_TinyImageNet.pt"))
     names = class_names()
     model = Restricted(net.eval(), [names.index(n) for n in sorted(folder_names)]).eval()
-    program = torch.export.export(model, (torch.rand(2, 3, size, size),),
-                                  dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))  # fmt: skip
-    torch.export.save(program, path)
+    x, batch = torch.rand(2, 3, size, size), ({0: torch.export.Dim("n", min=1, max=4096)},)
+    if path.suffix == ".onnx":  # the Oracle format --oracle loads without --trust_oracle_code
+        torch.onnx.export(model, (x,), dynamo=True, verbose=False, dynamic_shapes=batch).save(str(path))
+    else:
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=batch), path)
 
 
 def main() -> None:
@@ -95,9 +99,10 @@ def main() -> None:
     names = write_folder(a.shared / "data" / "tiny-imagenet-200" / "val", a.out / "images", wnids, a.size, a.train)
     groups = [names[i : i + a.task_size] for i in range(0, len(names), a.task_size)]
     (a.out / "tasks.json").write_text(json.dumps({f"group{i + 1}": g for i, g in enumerate(groups)}, indent=1))
-    export_oracle(a.shared / "official" / "tinyimagenet", names, a.size, a.out / "oracle.pt2")
+    for oracle in (a.out / "oracle.onnx", a.out / "oracle.pt2"):
+        export_oracle(a.shared / "official" / "tinyimagenet", names, a.size, oracle)
     print(f"wrote {a.out / 'images'} ({len(names)} classes at {a.size} px), {a.out / 'tasks.json'}, "
-          f"{a.out / 'oracle.pt2'}")  # fmt: skip
+          f"{a.out / 'oracle.onnx'}, {a.out / 'oracle.pt2'}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The data: Tiny-ImageNet validation images of four classes, upscaled to 96 pixels and written as a PNG image
 folder. The Oracle: the original Tiny-ImageNet release's WRN-16-2 (library + the classifier trained with it),
-which reads the images downscaled back to 64 pixels, exported with ``torch.export`` for 96-pixel input. Both are
+which reads the images downscaled back to 64 pixels, exported as ONNX for 96-pixel input. Both are
 made by scripts/tiny_large_folder.py.
 """
 
@@ -50,9 +50,9 @@ def large_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def oracle_file(tmp_path_factory, large_folder) -> Path:
-    """The stand-in Oracle exported for 96-pixel input (dynamic batch)."""
+    """The stand-in Oracle exported as ONNX for 96-pixel input (dynamic batch)."""
     official = need(shared_dir() / "official" / "tinyimagenet")
-    out = tmp_path_factory.mktemp("oracle") / "tiny4.pt2"
+    out = tmp_path_factory.mktemp("oracle") / "tiny4.onnx"
     maker().export_oracle(official, [d.name for d in (large_folder / "train").iterdir()], SIZE, out)
     return out
 

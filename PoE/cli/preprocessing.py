@@ -99,9 +99,13 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "repeat the pool's tasks, unchanged")  # fmt: skip
     p.add_argument("--remove_tasks", nargs="+", default=None, metavar="TASK", help="remove these tasks and their "
                    "experts from the pool at --db (the manifest first, then the files); no training")  # fmt: skip
-    p.add_argument("--oracle", default=None, metavar="FILE", help="your own Oracle instead of training one: a "
-                   "torch.export program (.pt2) or TorchScript file mapping float RGB in [0, 1], N x 3 x S x S, to "
-                   "logits over the dataset's classes (checked on a batch, scored on the test split)")  # fmt: skip
+    p.add_argument("--oracle", default=None, metavar="FILE", help="your own Oracle instead of training one: an "
+                   "ONNX model (.onnx) mapping float RGB in [0, 1], N x 3 x S x S, to logits over the dataset's "
+                   "classes (checked on a batch, scored on the test split); a torch.export program (.pt2) or "
+                   "TorchScript file only with --trust_oracle_code")  # fmt: skip
+    p.add_argument("--trust_oracle_code", action="store_true", help="load a .pt2 or TorchScript --oracle: such a "
+                   "file is a program, and loading or running it can do anything you can (read and write your "
+                   "files); give it only for a file you made or trust")  # fmt: skip
     p.add_argument("--oracle_classes", default=None, metavar="FILE", help="the --oracle's class order when it "
                    "differs from the dataset's: one class name per line, or a JSON list")  # fmt: skip
     for stage in STAGES:
@@ -200,6 +204,8 @@ def preprocessing_settings(a: argparse.Namespace):
             weight_decay=a.weight_decay,
         )
     stages["oracle"] = override(stages["oracle"], label_smoothing=a.label_smoothing)
+    if a.trust_oracle_code and not a.oracle:
+        raise PoEError("--trust_oracle_code lets an --oracle FILE run as a program; name the file too")
     if a.oracle_classes and not a.oracle:
         raise PoEError("--oracle_classes gives the class order of an --oracle FILE; name the file too")
     if a.oracle and a.oracle_arch:
@@ -257,6 +263,7 @@ def preprocessing_settings(a: argparse.Namespace):
         library_from=Path(a.library_from) if a.library_from else None,
         oracle_file=Path(a.oracle) if a.oracle else None,
         oracle_classes=Path(a.oracle_classes) if a.oracle_classes else None,
+        trust_oracle_code=a.trust_oracle_code,
     )
 
 
