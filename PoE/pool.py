@@ -216,10 +216,30 @@ class TaskModel:
         names = self.class_names
         return Prediction([self.classes[p] for p in pos], [names[p] for p in pos], probs, self.classes, names)
 
-    def export(self, path: str | Path, precision: str = "fp32") -> None:
-        """Write the model with ``torch.export`` (CPU, fp32 weights; ``bf16``: the graph runs under bfloat16
-        autocast). The program takes float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
+    def export(
+        self,
+        path: str | Path,
+        precision: str = "fp32",
+        quantize: str | None = None,
+        data_root: str | Path | None = None,
+        calibration: int | None = None,
+    ) -> None:
+        """Write the model, in the format ``path``'s extension names: ``.pt2``, a ``torch.export`` program (CPU, fp32
+        weights; ``bf16``: the graph runs under bfloat16 autocast), or ``.onnx`` (fp32; ``quantize="int8"``: int8,
+        calibrated on ``data_root``'s training images of the query's classes, see ``PoE.onnx_export``). Either takes
+        float RGB in [0, 1], N x 3 x S x S, and returns logits over ``classes``."""
         target = check_export_path(path)
+        if target.suffix.lower() == ".onnx":
+            from PoE import onnx_export
+
+            if precision != "fp32":
+                raise PoEError(f"{precision} is a .pt2 export precision; an .onnx file is fp32, or int8 with quantize")
+            n = onnx_export.CALIBRATION_IMAGES if calibration is None else calibration
+            data = onnx_export.onnx_bytes(self, quantize, data_root, n)
+            atomic_write(target, lambda f: f.write(data))
+            return
+        if quantize is not None:
+            raise PoEError(f"quantize={quantize!r} is for .onnx files; {target.name} is a .pt2 (torch.export) file")
         program = self.program(precision)
         atomic_write(target, lambda f: torch.export.save(program, f), buffered=True)
 
@@ -247,11 +267,22 @@ def private_copy(module: nn.Module, fold: bool, family: Family) -> nn.Module:
     return (family.fold(module) if fold else module).to(memory_format=torch.contiguous_format)
 
 
+EXPORT_FORMATS = (".pt2", ".onnx")
+
+
 def check_export_path(path: str | Path) -> Path:
-    """Refuse, before any work, a path that cannot be written: a folder, a missing or read-only parent."""
+    """Refuse, before any work, a path that cannot be written (a folder, a missing or read-only parent) or whose
+    extension names no format (``EXPORT_FORMATS``)."""
+    if not str(path).strip():
+        raise PoEError(f"--export needs a file name ending in {' or '.join(EXPORT_FORMATS)}, got an empty path")
     target = Path(path)
     if target.is_dir():
-        raise PoEError(f"--export {path} is a folder; give a file name such as model.pt2")
+        raise PoEError(f"--export {path} is a folder; give a file name such as model.pt2 or model.onnx")
+    if target.suffix.lower() not in EXPORT_FORMATS:
+        raise PoEError(
+            f"--export {path}: the extension names the format; accepted: FILE.pt2 (a torch.export "
+            "program) or FILE.onnx (ONNX)"
+        )
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise PoEError(f"cannot export to {path}: folder {parent} does not exist")

@@ -121,9 +121,10 @@ def test_page_picks_tasks_shows_the_model_and_predicts(driver, server, data_root
     assert float(value("build-ms")) > 0
     assert driver.find_element(By.ID, "params").text == f"{params:,}"
     assert driver.find_element(By.ID, "accuracy").text == f"{acc:.2f}%"
-    href = driver.find_element(By.ID, "download").get_attribute("href")
-    with urllib.request.urlopen(href, timeout=120) as r:
-        assert r.status == 200 and len(r.read()) > 10_000
+    for link in ("download", "download-onnx"):  # the .pt2 and the .onnx
+        href = driver.find_element(By.ID, link).get_attribute("href")
+        with urllib.request.urlopen(href, timeout=120) as r:
+            assert r.status == 200 and len(r.read()) > 10_000
 
     assert int(test.y[BICYCLE]) in model.classes  # a real test image of the query's classes, clearly a bicycle
     image = test.x[BICYCLE].permute(1, 2, 0).numpy()
@@ -161,9 +162,10 @@ def assert_no_model_shown(d) -> None:
     from selenium.webdriver.common.by import By
 
     assert d.find_element(By.ID, "model-empty").is_displayed()
-    for id_ in ("model", "download", "result-row", "preview", "prediction"):
+    for id_ in ("model", "download", "download-onnx", "result-row", "preview", "prediction"):
         assert not d.find_element(By.ID, id_).is_displayed(), f"#{id_} is shown with no task picked"
     assert d.find_element(By.ID, "download").get_attribute("href") is None
+    assert d.find_element(By.ID, "download-onnx").get_attribute("href") is None
 
 
 def test_api_docs_render_offline(driver, server):

@@ -36,9 +36,25 @@ def service_parser() -> argparse.ArgumentParser:
                    "built-in datasets' tasks are listed below; --list shows their classes)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the pool's tasks and their classes, then exit")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON object (last line)")
-    p.add_argument("--export", default=None, metavar="PATH", help="write the built model with torch.export (.pt2)")
-    p.add_argument("--export_precision", default="fp32", choices=("fp32", "bf16"), help="the exported graph's "
+    p.add_argument("--export", default=None, metavar="PATH", help="write the built model; the extension names the "
+                   "format: FILE.pt2 (torch.export) or FILE.onnx (ONNX: onnxruntime and other runtimes)")  # fmt: skip
+    p.add_argument("--export_precision", default="fp32", choices=("fp32", "bf16"), help="the exported .pt2 graph's "
                    "compute precision (weights stay fp32)")  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=("int8",),
+        help="with --export FILE.onnx: int8 weights and "
+        "activations (onnxruntime static quantization), calibrated on training images of the query's "
+        "classes under --data_root",
+    )
+    p.add_argument(
+        "--calibration_images",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="with --quantize: how many training images calibrate it (a seeded sample; default: 512)",
+    )
     p.add_argument("--no_eval", action="store_true", help="build (and export) only; skip the test-set accuracy")
     g = p.add_argument_group("HTTP service")
     g.add_argument("--serve", action="store_true", help="serve the pool over HTTP: API under /api, web page at /")
@@ -87,7 +103,6 @@ def list_pool(pool) -> int:
 
 def service_body(a: argparse.Namespace) -> int:
     from PoE.datasets import load_split
-    from PoE.pool import check_export_path
     from PoE.precision import resolve as resolve_precision
 
     device = pick_device(a.device)
@@ -111,8 +126,12 @@ def service_body(a: argparse.Namespace) -> int:
     if a.queriedTask is None:
         tasks = ", ".join(pool_tasks(a).tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")
-    if a.export:
-        check_export_path(a.export)  # before any work: a path that cannot be written fails at once
+    if (a.quantize or a.calibration_images) and a.export is None:
+        raise PoEError("--quantize and --calibration_images go with --export FILE.onnx")
+    if a.calibration_images and not a.quantize:
+        raise PoEError("--calibration_images goes with --quantize int8 (an fp32 export needs no calibration)")
+    if a.export is not None:
+        check_export(a)  # before any work: a path that cannot be written fails at once
     pool = open_pool(a, device, precision)
     cfg = pool.cfg
     model = pool.query(a.queriedTask)
@@ -135,8 +154,13 @@ def service_body(a: argparse.Namespace) -> int:
         test = load_split(cfg, a.data_root, "test", classes=model.classes)
         acc, n = model.accuracy(test, progress=True)
         result["accuracy"], result["n_test"] = round(acc, 2), n
-    if a.export:
-        model.export(a.export, a.export_precision)
+    if a.export is not None:
+        model.export(a.export, a.export_precision, a.quantize, a.data_root, a.calibration_images)
+        if a.export.lower().endswith(".onnx") and not a.no_eval:
+            from PoE.onnx_export import OnnxModel, onnx_accuracy
+
+            acc, n = onnx_accuracy(OnnxModel(a.export), test)
+            result["export_accuracy"] = round(acc, 2)
     names = ", ".join(f"{c} {n}" for c, n in zip(model.classes, model.class_names, strict=True))
     rows = [
         ("dataset / pool", f"{cfg.name} / {pool.root}"),
@@ -157,8 +181,10 @@ def service_body(a: argparse.Namespace) -> int:
             f"checking the pool took {pool.open_ms:.0f} ms)",
         ),
     ]
-    if a.export:
-        rows.append(("exported", f"{a.export} ({a.export_precision})"))
+    if a.export is not None:
+        rows.append(("exported", f"{a.export} ({exported_as(a)})"))
+    if "export_accuracy" in result:
+        rows.append(("its accuracy", f"{result['export_accuracy']:.2f}% on the same images (onnxruntime, CPU)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
@@ -167,6 +193,23 @@ def service_body(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(result))
     return 0
+
+
+def check_export(a: argparse.Namespace) -> None:
+    """The export flags agree with each other and the path can be written (PoEError otherwise)."""
+    from PoE.pool import check_export_path
+
+    onnx = check_export_path(a.export).suffix.lower() == ".onnx"
+    if onnx and a.export_precision != "fp32":
+        raise PoEError("--export_precision bf16 is for .pt2 files; an .onnx file is fp32, or int8 with --quantize")
+    if a.quantize and not onnx:
+        raise PoEError(f"--quantize {a.quantize} writes an ONNX file: give --export FILE.onnx (got {a.export})")
+
+
+def exported_as(a: argparse.Namespace) -> str:
+    if a.export.lower().endswith(".onnx"):
+        return "ONNX, " + (a.quantize or "fp32")
+    return f"torch.export, {a.export_precision}"
 
 
 def main_service(argv: Sequence[str] | None = None) -> int:

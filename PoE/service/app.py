@@ -55,7 +55,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
     app = FastAPIOffline(  # FastAPI whose /docs and /redoc serve their scripts from the package: no CDN needed
         title="Pool of Experts",
         description="Query a pool of experts in real time: pick primitive tasks, get a consolidated model "
-        "(its accuracy, size, cost and a torch.export download) and predictions, without training.",
+        "(its accuracy, size, cost and a torch.export or ONNX download) and predictions, without training.",
         lifespan=lifespan,
     )
     app.state.service = service
@@ -125,6 +125,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             "params": params,
             "build_ms": round(model.build_ms, 3),
             "model": f"/api/models/{key}.pt2",
+            "onnx": f"/api/models/{key}.onnx",
             "precision": view.pool.precision,
             "pool_digest": view.pool.digest,
         }
@@ -155,6 +156,25 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         check_count(len(images))
         data = [await f.read() for f in images]
         return JSONResponse(await service.predict(model, data, top, request.scope.get("poe.arrival")))
+
+    @app.get(
+        "/api/models/{key}.onnx",
+        summary="Download a queried model as an ONNX file (fp32; for onnxruntime and other runtimes)",
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}, **refusals(404, 503, 507)},
+    )
+    async def download_onnx(key: str) -> Response:
+        view = await service.current()
+        tasks = view.tasks_of(key) if MODEL_ID.fullmatch(f"{key}.pt2") else None  # the same ids as the .pt2's
+        if tasks is None:
+            raise ClientError(404, f"unknown model {key[:80]!r}.onnx; POST /api/query gives a model URL")
+        data = await service.run_slow(service.export, view, key, tasks, "onnx")
+        filename = f"poe_{'__'.join(tasks)[:120]}.onnx"
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"content-disposition": f'attachment; filename="{filename}"'},
+        )
 
     @app.get("/api/models/{name}", summary="Download a queried model as a torch.export program (.pt2)",
              response_class=Response, responses={200: {"content": {"application/octet-stream": {}}},

@@ -70,7 +70,7 @@ class View:
                             for t, e in pool.experts.items()}  # fmt: skip
         self.built: LRU = LRU(256)  # task list -> TaskModel (shares the pool's modules: a few objects each)
         self.accuracies: LRU = LRU(4096)  # model id -> (accuracy %, test images)
-        self.exports: LRU = LRU(MAX_EXPORT_BYTES, weigh=len)  # model id -> .pt2 bytes (in memory: no disk)
+        self.exports: LRU = LRU(MAX_EXPORT_BYTES, weigh=len)  # model id.format -> file bytes (in memory: no disk)
 
     def digest(self, tasks: list[str]) -> str:
         parts = "|".join(f"{t}:{self.part_ids[t]}" for t in tasks)
@@ -236,23 +236,28 @@ class Service:
             view.accuracies.put(key, hit)
         return hit
 
-    def export(self, view: View, key: str, tasks: list[str]) -> bytes:
-        """The model's ``.pt2`` bytes, exported on first request (on the slow thread, so exports never overlap
-        one another) and kept in memory: the service writes nothing to disk."""
-        data = view.exports.get(key)
+    def export(self, view: View, key: str, tasks: list[str], fmt: str = "pt2") -> bytes:
+        """The model's ``.pt2`` (``fmt`` "pt2") or ``.onnx`` (fp32) bytes, exported on first request (on the slow
+        thread, so exports never overlap one another) and kept in memory: the service writes nothing to disk."""
+        data = view.exports.get(f"{key}.{fmt}")
         if data is not None:
             return data
         model = view.pool.query(tasks)  # TaskModel.program traces a private copy of the shared modules
         buffer = io.BytesIO()
         try:
             with self.gate.export():
-                torch.export.save(model.program(), buffer)
+                if fmt == "onnx":
+                    from PoE.onnx_export import onnx_bytes
+
+                    buffer.write(onnx_bytes(model))
+                else:
+                    torch.export.save(model.program(), buffer)
         except OSError as e:  # torch may still use TMPDIR on the way: a full disk is the server's, not the client's
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ClientError(507, f"no space left to write the model ({one_line(e)}); retry later") from None
             raise ClientError(503, f"cannot write the model: {one_line(e)}") from None
         data = buffer.getvalue()
-        view.exports.put(key, data)
+        view.exports.put(f"{key}.{fmt}", data)
         return data
 
     async def predict(self, model: TaskModel, images: list[bytes], top: int, arrival: Any = None) -> dict[str, Any]:

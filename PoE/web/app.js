@@ -84,6 +84,7 @@ function clearModel() {
   show("n-test", "");
   $("classes").textContent = "";
   $("download").removeAttribute("href");
+  $("download-onnx").removeAttribute("href");
 }
 
 async function update() {
@@ -111,6 +112,7 @@ async function update() {
     show("build-ms", `${q.build_ms.toFixed(2)} ms`, q.build_ms);
     $("classes").textContent = q.classes.map((c) => c.name.replaceAll("_", " ")).join(", ");
     $("download").href = q.model;
+    $("download-onnx").href = q.onnx;
     show("accuracy", "evaluating…");
     show("n-test", "");
     const predicted = state.image ? predict() : Promise.resolve();
