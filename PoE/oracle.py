@@ -40,8 +40,10 @@ from PoE.tasks import class_index
 
 FORMATS = "an ONNX model (.onnx)"
 PROGRAMS = "a torch.export program (.pt2) or TorchScript file (.pt, .ts)"
-TRUST = (f"{PROGRAMS} is code and can do anything you can: give --trust_oracle_code to run it as yours, or export "
-         "the model as ONNX (torch.onnx.export(model, (x,), dynamo=True).save('oracle.onnx'))")  # fmt: skip
+TRUST = (
+    f"{PROGRAMS} is code and can do anything you can: give --trust_oracle_code to run it as yours, or export "
+    "the model as ONNX (torch.onnx.export(model, (x,), dynamo=True).save('oracle.onnx'))"
+)
 MAX_ONNX_BYTES = 1 << 30  # an Oracle's weights and graph; protobuf itself stops at 2 GB
 ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")  # the operator sets built into onnxruntime
 TIME_VAR = "POE_ORACLE_SECONDS"  # overrides the time one call into the Oracle may take per 8 images
@@ -87,7 +89,7 @@ class Watchdog:
     ends the process with ``message`` as its one-line error, exit 2."""
 
     def __init__(self, seconds: float, message: str, stop: Callable[[], None] | None = None) -> None:
-        self.message, self.fired = message, False
+        self.fired = False
         self.timers = [threading.Timer(2 * seconds if stop else seconds, hard_exit, (message,))]
         if stop is not None:
             self.timers.append(threading.Timer(seconds, self._fire, (stop,)))
@@ -123,8 +125,10 @@ class ProgramOracle(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, size = len(x), f"3 x {self.size} x {self.size}"
         seconds = self.seconds * max(1.0, n / 8)
-        late = (f"--oracle {self.path} did not finish a batch of {n} images in {seconds:.0f} s (an endless loop?); "
-                f"${TIME_VAR} sets the seconds it may take per 8 images (now {self.seconds:g})")  # fmt: skip
+        late = (
+            f"--oracle {self.path} did not finish a batch of {n} images in {seconds:g} s (an endless loop?); "
+            f"${TIME_VAR} sets the seconds it may take per 8 images (now {self.seconds:g})"
+        )
         x = (x.float() * self.std + self.mean).contiguous()
         try:
             if isinstance(self.program[0], OnnxProgram):
@@ -135,9 +139,11 @@ class ProgramOracle(nn.Module):
         except PoEError:
             raise
         except Exception as e:
-            raise PoEError(f"--oracle {self.path} failed on a batch of {n} images of {size} ({first_line(e, 120)}); "
-                           f"it must take float RGB in [0, 1], N x {size} (the dataset's image size: --image_size "
-                           "for a folder)") from None  # fmt: skip
+            raise PoEError(
+                f"--oracle {self.path} failed on a batch of {n} images of {size} ({first_line(e, 120)}); "
+                f"it must take float RGB in [0, 1], N x {size} (the dataset's image size: --image_size "
+                "for a folder)"
+            ) from None
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out if self.order is None else out[:, self.order.to(out.device)]
@@ -225,19 +231,27 @@ def check_onnx(path: Path, data: bytes) -> None:
     nodes, tensors = onnx_parts(model)
     external = next((t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL or t.external_data), None)
     if external is not None:
-        raise PoEError(f"--oracle {path}: tensor {external.name!r} keeps its data in another file, which is not "
-                       "read; save the model with its weights inside (onnx.save(model, f, "
-                       "save_as_external_data=False))")  # fmt: skip
+        raise PoEError(
+            f"--oracle {path}: tensor {external.name!r} keeps its data in another file, which is not "
+            "read; save the model with its weights inside (onnx.save(model, f, "
+            "save_as_external_data=False))"
+        )
     local = {f.domain for f in model.functions}
     foreign = sorted({n.domain for n in nodes if n.domain not in ONNX_DOMAINS and n.domain not in local})
     if foreign:
-        raise PoEError(f"--oracle {path}: uses operators of domain {foreign[0]!r}, which need a custom-op library "
-                       f"that is not loaded; use operators of {', '.join(repr(d) for d in ONNX_DOMAINS)}")  # fmt: skip
+        raise PoEError(
+            f"--oracle {path}: uses operators of domain {foreign[0]!r}, which need a custom-op library "
+            f"that is not loaded; use operators of {', '.join(repr(d) for d in ONNX_DOMAINS)}"
+        )
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise PoEError(f"--oracle {path}: takes {len(inputs)} inputs; the Oracle must take one float tensor "
-                       "(RGB in [0, 1], N x 3 x S x S) and return N x C logits")  # fmt: skip
+    floats = [i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in inputs]
+    if floats != [True]:
+        what = f"{len(inputs)} inputs" if len(inputs) != 1 else "an input that is not a float32 tensor"
+        raise PoEError(
+            f"--oracle {path}: takes {what}; the Oracle must take one float32 tensor (RGB in [0, 1], "
+            "N x 3 x S x S) and return N x C logits"
+        )
 
 
 def load_onnx(path: Path, device: torch.device, seconds: float) -> OnnxProgram:
@@ -245,8 +259,9 @@ def load_onnx(path: Path, device: torch.device, seconds: float) -> OnnxProgram:
     the CUDA provider for a CUDA device where onnxruntime has it, else the CPU."""
     size = path.stat().st_size
     if size > MAX_ONNX_BYTES:
-        raise PoEError(f"--oracle {path}: {size / 1e9:.1f} GB, over the limit of {MAX_ONNX_BYTES / 1e9:.1f} GB for "
-                       "an ONNX Oracle")  # fmt: skip
+        raise PoEError(
+            f"--oracle {path}: {size / 1e9:.1f} GB, over the limit of {MAX_ONNX_BYTES / 1e9:.1f} GB for an ONNX Oracle"
+        )
     with path.open("rb") as f:
         data = f.read(MAX_ONNX_BYTES + 1)
     if len(data) > MAX_ONNX_BYTES:
@@ -256,12 +271,13 @@ def load_onnx(path: Path, device: torch.device, seconds: float) -> OnnxProgram:
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    options.add_session_config_entry("session.load_model_format", "ONNX")  # the bytes inspected, never ORT format
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        with Watchdog(seconds, f"--oracle {path}: onnxruntime did not load it in {seconds:.0f} s"):
+        with Watchdog(seconds, f"--oracle {path}: onnxruntime did not load it in {seconds:g} s"):
             return OnnxProgram(ort.InferenceSession(data, sess_options=options, providers=providers))
     except Exception as e:
         raise PoEError(f"--oracle {path}: onnxruntime cannot load it ({first_line(e)})") from None

@@ -101,8 +101,10 @@ def main() -> None:
     (a.out / "tasks.json").write_text(json.dumps({f"group{i + 1}": g for i, g in enumerate(groups)}, indent=1))
     for oracle in (a.out / "oracle.onnx", a.out / "oracle.pt2"):
         export_oracle(a.shared / "official" / "tinyimagenet", names, a.size, oracle)
-    print(f"wrote {a.out / 'images'} ({len(names)} classes at {a.size} px), {a.out / 'tasks.json'}, "
-          f"{a.out / 'oracle.onnx'}, {a.out / 'oracle.pt2'}")  # fmt: skip
+    print(
+        f"wrote {a.out / 'images'} ({len(names)} classes at {a.size} px), {a.out / 'tasks.json'}, "
+        f"{a.out / 'oracle.onnx'}, {a.out / 'oracle.pt2'}"
+    )
 
 
 if __name__ == "__main__":

@@ -65,19 +65,25 @@ def cifar_six(net: nn.Module, order: list[int]) -> OnRgb:
 
 def to_onnx(model: nn.Module, size: int, path: Path) -> Path:
     """``model`` saved by torch's ONNX exporter (dynamo, through onnxscript) for any batch of ``size``-pixel RGB."""
-    program = torch.onnx.export(model.eval(), (torch.rand(2, 3, size, size),), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))  # fmt: skip
+    program = torch.onnx.export(
+        model.eval(),
+        (torch.rand(2, 3, size, size),),
+        dynamo=True,
+        verbose=False,
+        dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},),
+    )
     program.save(str(path))
     return path
 
 
-def hand_onnx(path: Path, nodes: list, initializers: tuple = (), opsets: tuple = (("", 17),)) -> Path:
+def hand_onnx(path: Path, nodes: list, initializers: tuple = (), opsets: tuple = (("", 17),), dtype: int = 1) -> Path:
     """A one-input ONNX model written byte for byte (``onnx.save`` would act on external data itself)."""
     from onnx import TensorProto, helper
 
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])
-    graph = helper.make_graph(nodes, "oracle", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              list(initializers))  # fmt: skip
+    x = helper.make_tensor_value_info("x", dtype, ["n", 3, 32, 32])
+    graph = helper.make_graph(
+        nodes, "oracle", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(initializers)
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
     path.write_bytes(model.SerializeToString())
     return path
@@ -97,16 +103,23 @@ def crafted_onnx(out: Path) -> None:
     custom = helper.make_node("Steal", ["x"], ["y"], domain="evil.ops")
     hand_onnx(out / "custom.onnx", [custom], opsets=(("", 17), ("evil.ops", 1)))
     body = helper.make_graph(
-        [helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Identity", ["v"], ["v_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])  # fmt: skip
+        [helper.make_node("Identity", ["c"], ["c_out"]), helper.make_node("Identity", ["v"], ["v_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
     trips = helper.make_tensor("trips", TensorProto.INT64, [], [2**62])
     always = helper.make_tensor("always", TensorProto.BOOL, [], [True])
     loop = helper.make_node("Loop", ["trips", "always", "x"], ["y"], body=body)
     hand_onnx(out / "endless.onnx", [loop], (trips, always))
+    hand_onnx(out / "integers.onnx", [helper.make_node("Flatten", ["x"], ["y"])], dtype=TensorProto.INT64)
     (out / "garbage.onnx").write_bytes(b"not a model")
 
 
@@ -114,8 +127,11 @@ def guarded_pt2(path: Path, marker: Path) -> None:
     """A valid torch.export program whose archive carries guard code that writes ``marker`` when it runs."""
     import zipfile
 
-    program = torch.export.export(nn.Sequential(nn.Flatten(), nn.Linear(3072, 6)).eval(), (torch.rand(2, 3, 32, 32),),
-                                  dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))  # fmt: skip
+    program = torch.export.export(
+        nn.Sequential(nn.Flatten(), nn.Linear(3072, 6)).eval(),
+        (torch.rand(2, 3, 32, 32),),
+        dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},),
+    )
     torch.export.save(program, path.with_suffix(".plain.pt2"))
     with zipfile.ZipFile(path.with_suffix(".plain.pt2")) as z:
         parts = [(info, z.read(info.filename)) for info in z.infolist()]
@@ -214,8 +230,17 @@ def test_folder_pool_with_an_onnx_oracle(cifar_folder, oracles, tmp_path, capsys
     assert result["class_names"] == ["castle", "dolphin", "tank"] and result["n_test"] == 60
 
     # the same Oracle as TorchScript (code: trusted) with its outputs reversed, and the file that says so
-    rc, _ = build(cifar_folder, tmp_path / "ts", "--oracle", str(oracles / "reversed.ts"), "--oracle_classes",
-                  str(oracles / "reversed.txt"), "--stages", "oracle", "--trust_oracle_code")  # fmt: skip
+    rc, _ = build(
+        cifar_folder,
+        tmp_path / "ts",
+        "--oracle",
+        str(oracles / "reversed.ts"),
+        "--oracle_classes",
+        str(oracles / "reversed.txt"),
+        "--stages",
+        "oracle",
+        "--trust_oracle_code",
+    )
     ts_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Oracle ("))
     assert rc == 0 and float(ts_row.split()[-3]) == pytest.approx(acc, abs=0.01)
 
@@ -260,6 +285,7 @@ def test_a_program_oracle_is_refused_before_anything_of_it_runs(cifar_folder, or
     [
         ("external.onnx", "tensor 'w' keeps its data in another file, which is not read"),
         ("custom.onnx", "uses operators of domain 'evil.ops', which need a custom-op library that is not loaded"),
+        ("integers.onnx", "takes an input that is not a float32 tensor; the Oracle must take one float32 tensor"),
     ],
 )
 def test_an_onnx_oracle_that_would_read_a_file_or_load_code_is_refused(
@@ -301,14 +327,30 @@ def test_the_shipped_oracle_as_onnx_scores_as_its_torch_export_program(data_root
 
     net = load_oracle(ROOT / "DB_pretrained", get_dataset("cifar100"), torch.device("cpu")).float().eval()
     onnx_file = to_onnx(OnRgb(net), 32, tmp_path / "shipped.onnx")
-    program = torch.export.export(OnRgb(net).eval(), (torch.rand(2, 3, 32, 32),),
-                                  dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))  # fmt: skip
+    program = torch.export.export(
+        OnRgb(net).eval(), (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},)
+    )
     torch.export.save(program, tmp_path / "shipped.pt2")
     accs = []
     for oracle, extra in ((onnx_file, []), (tmp_path / "shipped.pt2", ["--trust_oracle_code"])):
-        argv = ["--dataset", "cifar100", "--data_root", str(data_root), "--db", str(tmp_path / oracle.suffix / "db"),
-                "--pretrained", str(tmp_path / oracle.suffix / "pre"), "--stages", "oracle", "--oracle", str(oracle),
-                "--test_limit", "500", *FAST, *extra]  # fmt: skip
+        argv = [
+            "--dataset",
+            "cifar100",
+            "--data_root",
+            str(data_root),
+            "--db",
+            str(tmp_path / oracle.suffix / "db"),
+            "--pretrained",
+            str(tmp_path / oracle.suffix / "pre"),
+            "--stages",
+            "oracle",
+            "--oracle",
+            str(oracle),
+            "--test_limit",
+            "500",
+            *FAST,
+            *extra,
+        ]
         assert main_preprocessing(argv) == 0
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Oracle ("))
         assert row.split()[-2] == "500"

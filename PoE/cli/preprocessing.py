@@ -99,13 +99,20 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "repeat the pool's tasks, unchanged")  # fmt: skip
     p.add_argument("--remove_tasks", nargs="+", default=None, metavar="TASK", help="remove these tasks and their "
                    "experts from the pool at --db (the manifest first, then the files); no training")  # fmt: skip
-    p.add_argument("--oracle", default=None, metavar="FILE", help="your own Oracle instead of training one: an "
-                   "ONNX model (.onnx) mapping float RGB in [0, 1], N x 3 x S x S, to logits over the dataset's "
-                   "classes (checked on a batch, scored on the test split); a torch.export program (.pt2) or "
-                   "TorchScript file only with --trust_oracle_code")  # fmt: skip
-    p.add_argument("--trust_oracle_code", action="store_true", help="load a .pt2 or TorchScript --oracle: such a "
-                   "file is a program, and loading or running it can do anything you can (read and write your "
-                   "files); give it only for a file you made or trust")  # fmt: skip
+    p.add_argument(
+        "--oracle",
+        default=None,
+        metavar="FILE",
+        help="your own Oracle instead of training one: an ONNX model (.onnx) mapping float RGB in [0, 1], "
+        "N x 3 x S x S, to logits over the dataset's classes (checked on a batch, scored on the test split); "
+        "a torch.export program (.pt2) or TorchScript file only with --trust_oracle_code",
+    )
+    p.add_argument(
+        "--trust_oracle_code",
+        action="store_true",
+        help="load a .pt2 or TorchScript --oracle: such a file is a program, and loading or running it can do "
+        "anything you can (read and write your files); give it only for a file you made or trust",
+    )
     p.add_argument("--oracle_classes", default=None, metavar="FILE", help="the --oracle's class order when it "
                    "differs from the dataset's: one class name per line, or a JSON list")  # fmt: skip
     for stage in STAGES:
