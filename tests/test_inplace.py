@@ -315,3 +315,20 @@ def test_a_pinned_remove_changes_only_the_pinned_pool(built, pool_dir, capsys):
     assert f"not the pinned {other}" in capsys.readouterr().err and (pool_dir / "experts" / "expert_land.pt").exists()
     assert main_preprocessing(["--db", db, "--remove_tasks", "land", "--pool_digest", digest]) == 0
     assert Pool.open(pool_dir).digest != digest  # the edit made a new pool
+
+
+def test_an_add_killed_after_its_commit_is_finished_by_running_it_again(built, pool_dir, capsys, monkeypatch):
+    import PoE.preprocess
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the SIGKILL after the manifest, before hierarchy.json
+
+    monkeypatch.setattr(PoE.preprocess, "write_hierarchy_copy", killed)
+    assert main_preprocessing(add(built, pool_dir)) == 130
+    monkeypatch.undo()
+    pool = Pool.open(pool_dir)
+    assert "wheels" in pool.experts and any("hierarchy.json" in n for n in pool.notes)  # committed; the copy behind
+    capsys.readouterr()
+    assert main_preprocessing(add(built, pool_dir)) == 0  # run again: nothing to train, the edit finished
+    assert "nothing to add" in capsys.readouterr().out
+    assert Pool.open(pool_dir).notes == []

@@ -204,5 +204,14 @@ def test_the_root_digest_pins_the_pool(folder_build, folder_pool, capsys, offici
     refused(folder_pool, "folder", expected_digest=digest, match=(f"not the pinned {digest}", "--pool_digest"))
     one_line_refusal(capsys, main_service([*argv, "--pool_digest", digest]), "not the pinned")  # ... unless pinned
     one_line_refusal(capsys, main_service([*argv, "--pool_digest", "12ab"]), "expected the pool's 64 hex digits")
+    with TestClient(create_app(pool)) as client:  # a server opened before the change follows it ...
+        assert client.get("/api/pool").json()["pool_digest"] not in (digest, None)
+    served = folder_pool.parent.parent / "served"
+    shutil.copytree(folder_build["db"] / "folder", served / "folder")
+    with TestClient(create_app(Pool.open(served, "folder", expected_digest=digest))) as client:
+        assert client.get("/api/pool").json()["pool_digest"] == digest
+        rewrite_part(served / "folder" / "experts" / "expert_farm.pt", lambda obj: obj.update(test_acc=1.0))
+        assert Pool.open(served, "folder").digest != digest
+        assert client.get("/api/pool").json()["pool_digest"] == digest  # ... a pinned one keeps the pinned pool
     bare = Pool.open(official_cifar).digest  # a bare pool has a digest too: over its files' hashes
     assert len(bare) == 64 and Pool.open(official_cifar, expected_digest=bare).digest == bare

@@ -340,6 +340,9 @@ def build_body(a: argparse.Namespace) -> int:
 
     s = preprocessing_settings(a)
     if s.adding and not s.tasks:
+        from PoE.tasks import write_hierarchy_copy
+
+        write_hierarchy_copy(pool_folder(a), s.hierarchy, s.cfg)  # an add killed after its commit: this finishes it
         print(f"nothing to add: every task of {a.add_tasks} is in the pool {s.db / s.cfg.name} already")
         return 0
     s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process

@@ -101,6 +101,24 @@ def list_pool(pool) -> int:
     return 0
 
 
+def serve_body(a: argparse.Namespace, device: str, precision: str) -> int:
+    """``--serve``: one process, ``--workers N`` or Ray Serve replicas, each opening the pool (pinned with
+    ``--pool_digest``) itself."""
+    from PoE.service import Settings, serve
+
+    settings = Settings(a.db, a.dataset, device, precision, a.data_root, a.max_batch, a.batch_wait_ms, a.threads,
+                        a.pool_digest)  # fmt: skip
+    if a.ray:
+        if a.workers:
+            raise PoEError("--workers is for the server without Ray; with --ray use --replicas N")
+        from PoE.service.ray_serve import serve_ray
+
+        return serve_ray(settings, a.host, a.port, a.replicas or 1, a.ray_address)
+    if a.replicas or a.ray_address:
+        raise PoEError("--replicas and --ray_address go with --ray; several processes on this machine: --workers N")
+    return serve(settings, a.host, a.port, a.workers)
+
+
 def service_body(a: argparse.Namespace) -> int:
     from PoE.datasets import load_split
     from PoE.precision import resolve as resolve_precision
@@ -110,19 +128,7 @@ def service_body(a: argparse.Namespace) -> int:
     if a.list:
         return list_pool(open_pool(a, device, precision))
     if a.serve:
-        from PoE.service import Settings, serve
-
-        settings = Settings(a.db, a.dataset, str(device), precision, a.data_root, a.max_batch, a.batch_wait_ms,
-                            a.threads, a.pool_digest)  # fmt: skip
-        if a.ray:
-            if a.workers:
-                raise PoEError("--workers is for the server without Ray; with --ray use --replicas N")
-            from PoE.service.ray_serve import serve_ray
-
-            return serve_ray(settings, a.host, a.port, a.replicas or 1, a.ray_address)
-        if a.replicas or a.ray_address:
-            raise PoEError("--replicas and --ray_address go with --ray; several processes on this machine: --workers N")
-        return serve(settings, a.host, a.port, a.workers)
+        return serve_body(a, str(device), precision)
     if a.queriedTask is None:
         tasks = ", ".join(pool_tasks(a).tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")
