@@ -97,7 +97,7 @@ def test_zero_byte_expert_and_malformed_manifest(capsys, pool_copy):
     assert rc == 2 and "expert_vehicles_2.pt" in err and "empty (0 bytes)" in err
     (pool_copy / "cifar100" / "manifest.json").write_text("{not json")
     line = service_error(capsys, "--db", str(pool_copy), "--list")
-    assert "manifest.json is not valid JSON" in line
+    assert "manifest.json: not JSON (" in line
 
 
 def test_retraining_the_library_removes_its_old_experts(pool_copy, tiny_pool, data_root, capsys):

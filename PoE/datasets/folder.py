@@ -90,7 +90,8 @@ _reported: set[str] = set()
 
 
 def report_skipped(odd: list[str]) -> None:
-    """One line on stderr naming what a scan skipped (once per process: a folder is listed more than once)."""
+    """One line on stderr naming what a split's listing skipped (once per process: a split is listed more than
+    once)."""
     line = f"skipped {len(odd)} entr{'y' if len(odd) == 1 else 'ies'} that cannot be read as an image or a folder: "
     line += ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
     if odd and line not in _reported:
@@ -101,9 +102,7 @@ def report_skipped(odd: list[str]) -> None:
 def class_folders(root: Path) -> list[str]:
     """The class names: the sub-folders of ``train/`` (of ``test/``/``val/`` when there is no ``train/``)."""
     base = split_folder(root, "train" if (root / "train").is_dir() else "test")
-    folders, odd = entries(base, images=False)
-    report_skipped(odd)
-    names = [d.name for d in folders]
+    names = [d.name for d in entries(base, images=False)[0]]  # what it skips, the split's listing names
     if len(names) < 2:
         raise PoEError(f"{base} has {len(names)} class folder(s); a dataset needs at least 2; expected {LAYOUT}")
     return names
@@ -128,7 +127,8 @@ def listing(root: Path, split: str, names: list[str], classes: list[int] | None 
         labels += [c] * len(found)
     if not files:
         raise PoEError(f"no {split} images of the asked classes under {base}; expected {LAYOUT}")
-    report_skipped(odd)
+    if classes is None:  # the whole split: one line for all it skips
+        report_skipped(odd)
     return files, labels
 
 

@@ -64,10 +64,11 @@ class View:
         self.code_digits = index_digits(len(self.task_index))
         size = self.cfg.image_size
         with torch.no_grad():
-            feature_shape = tuple(pool.library(torch.zeros(1, 3, size, size, device=pool.device)).shape[1:])
+            self.feature_shape = tuple(pool.library(torch.zeros(1, 3, size, size, device=pool.device)).shape[1:])
         self.library_cost = (count_macs(pool.library, (3, size, size), pool.device), count_params(pool.library))
-        self.expert_cost = {t: (count_macs(e, feature_shape, pool.device), count_params(e))
-                            for t, e in pool.experts.items()}  # fmt: skip
+        # an expert's counts when a query first needs them: counting runs a forward, which for every expert of a
+        # pool of hundreds of tasks would hold up each start and each reload
+        self.expert_cost: dict[str, tuple[int, int]] = {}
         self.built: LRU = LRU(256)  # task list -> TaskModel (shares the pool's modules: a few objects each)
         self.accuracies: LRU = LRU(4096)  # model id -> (accuracy %, test images)
         self.exports: LRU = LRU(MAX_EXPORT_BYTES, weigh=len)  # model id.format -> file bytes (in memory: no disk)
@@ -116,6 +117,9 @@ class View:
         """(multiply-adds, parameters): ``TaskModel.cost()``'s numbers, from the per-part counts."""
         macs, params = self.library_cost
         for t in model.tasks:
+            if t not in self.expert_cost:
+                e = self.pool.experts[t]
+                self.expert_cost[t] = (count_macs(e, self.feature_shape, self.pool.device), count_params(e))
             macs, params = macs + self.expert_cost[t][0], params + self.expert_cost[t][1]
         return macs, params
 
