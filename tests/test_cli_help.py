@@ -69,7 +69,7 @@ def test_paper_profile_on_a_cpu_warns_at_start(tmp_path, capsys):
             "--pretrained", str(tmp_path / "pre"), "--no_progress"]  # fmt: skip
     assert main_preprocessing(argv) == 2
     out, err = capsys.readouterr()
-    warning = out.splitlines()[1]  # under the run's first line
+    warning = out.splitlines()[0]  # before anything else (the run's first line comes when a part is made)
     assert warning.startswith("warning: the paper profile (the default) would run for days on a CPU")
     assert "--profile cpu" in warning and err.startswith("error: no Tiny-ImageNet folder") and err.count("\n") == 1
     assert main_preprocessing([*argv, "--profile", "cpu"]) == 2

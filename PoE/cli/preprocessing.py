@@ -320,19 +320,27 @@ def build_body(a: argparse.Namespace) -> int:
         return 0
     s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
     main, procs = distributed.is_main(), distributed.world()
+    s.banner = (
+        f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
+        f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
+        f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
+        f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}"
+    )
+    if main and s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
+        print(f"warning: {PAPER_ON_CPU}")
     try:
-        if main:
-            print(f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
-                  f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
-                  f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
-                  f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}")  # fmt: skip
-            if s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
-                print(f"warning: {PAPER_ON_CPU}")
         report = stages.run(s)
         distributed.finish()
     finally:
         distributed.destroy()
     if not main:  # rank 0 reports
+        return 0
+    if not report.made:
+        print(
+            f"nothing trained: every part asked for is already in {s.db / s.cfg.name} and {s.pretrained / s.cfg.name}"
+            f", and nothing was written; to build another pool give a new --db and --pretrained, or --retrain "
+            "STAGE to train a stage again"
+        )
         return 0
     print()
     print(report.table())
