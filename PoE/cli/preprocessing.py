@@ -127,14 +127,14 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         "--train_limit",
         type=POSITIVE_INT,
         default=None,
-        help="train on a random subset of this many images (smoke tests)",
+        help="train on a random subset of this many images (default: the profile's; all but in the smoke profile)",
     )
     p.add_argument(
         "--test_limit",
         type=POSITIVE_INT,
         default=None,
-        help="score every part on a random subset of this many test images (smoke tests; each stored accuracy "
-        "records its image count)",
+        help="score every part on a random subset of this many test images (default: the profile's; all but in the "
+        "smoke profile; each stored accuracy records its image count)",
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "off", *STAGES),
@@ -237,8 +237,8 @@ def preprocessing_settings(a: argparse.Namespace):
         stages=("experts",) if a.add_tasks else tuple(s for s in STAGES if s in a.stages),
         adding=bool(a.add_tasks),
         retrain=tuple(a.retrain),
-        train_limit=a.train_limit,
-        test_limit=a.test_limit,
+        train_limit=a.train_limit or prof.train_limit,
+        test_limit=a.test_limit or prof.test_limit,
         soft=a.loss in ("both", "soft"),
         scale=a.loss in ("both", "scale"),
         progress=not a.no_progress,
