@@ -43,6 +43,9 @@ def tasks_epilog(default_tasks: bool = False) -> str:
     """The primitive tasks of every built-in dataset (and, with ``default_tasks``, the defaults), for --help."""
     lines = []
     for name, cfg in DATASETS.items():
+        if not cfg.tasks:  # a folder of images: its tasks come with it
+            lines.append(f"{name} tasks: yours, from --hierarchy FILE (the pool keeps them)")
+            continue
         lines.append(f"{name} tasks ({len(cfg.tasks)}): {', '.join(cfg.tasks)}")
         if default_tasks:
             lines.append(f"{name} default tasks: {' '.join(cfg.default_tasks)}")
