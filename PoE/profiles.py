@@ -86,18 +86,6 @@ PROFILES: dict[str, Profile] = {
         experts=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
         teacher_views=1,
     ),
-    "smoke": Profile(
-        name="smoke",
-        description="a smoke run, to check the whole pipeline in minutes, not to get a useful pool: WRN-10-1 "
-        "Oracle, one epoch per stage on 2,500 training images, every part scored on 2,000 test images",
-        oracle_arch="wrn-10-1",
-        oracle=StageConfig(epochs=1, lr=0.1, batch_size=128, schedule="onecycle", warmup=0.3),
-        library=StageConfig(epochs=1, lr=0.1, batch_size=128, schedule="onecycle", warmup=0.3),
-        experts=StageConfig(epochs=1, lr=0.1, batch_size=128, schedule="onecycle", warmup=0.3),
-        teacher_views=1,
-        train_limit=2500,
-        test_limit=2000,
-    ),
     "gpu": Profile(
         name="gpu",
         description="sized for one H100 (under 8 minutes for all three stages): the paper's WRN-40-4 Oracle "
@@ -120,6 +108,18 @@ PROFILES: dict[str, Profile] = {
         library=StageConfig(epochs=60, lr=0.2, batch_size=256, schedule="onecycle", nesterov=True),
         experts=StageConfig(epochs=40, lr=0.1, batch_size=256, schedule="onecycle", nesterov=True),
         teacher_views=6,
+    ),
+    "smoke": Profile(
+        name="smoke",
+        description="a smoke run, to check the whole pipeline in minutes, not to get a useful pool: WRN-10-1 "
+        "Oracle, one epoch per stage on 2,500 training images, every part scored on 2,000 test images",
+        oracle_arch="wrn-10-1",
+        oracle=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        library=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        experts=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        teacher_views=1,
+        train_limit=2500,
+        test_limit=2000,
     ),
 }
 

@@ -52,7 +52,7 @@ def test_help_shows_the_defaults(helps):
     assert "epochs of every stage (default: the profile's: paper 200 / 200 / 100, quick 1, gpu 80 / 40 / 15" in pre
     assert "distillation temperature (default: the profile's: 4.0 in every profile)" in pre
     assert "weight of L_scale (default: the profile's: 0.3 in every profile)" in pre
-    assert "batch size of every stage (default: the profile's: paper 512, quick 256, gpu 512, cpu 256)" in pre
+    assert "batch size of every stage (default: the profile's: paper 512, quick 256, gpu 512, cpu 256, smoke" in pre
     assert "would run for days on a CPU" in pre and "use --profile cpu" in pre
     base = " ".join(helps["help"]["Run_Baselines.py"].split())
     for shown in ("(default: 4.0)", "(default: 0.3)", "batch size (default: 512)", "200 for scratch, sd, uhc"):

@@ -79,6 +79,23 @@ def test_the_readme_build_command_on_the_shipped_pool_trains_and_writes_nothing(
     assert file_digests(db, pre) == before
 
 
+def test_the_smoke_profile_trains_one_epoch_on_a_subset_and_flags_still_override(tmp_path):
+    from PoE.cli.preprocessing import preprocessing_parser, preprocessing_settings
+
+    def settings(*argv: str):
+        a = preprocessing_parser().parse_args([*argv, "--device", "cpu", "--db", str(tmp_path / "db")])
+        a.argv = []
+        return preprocessing_settings(a)
+
+    s = settings("--profile", "smoke")
+    assert (s.train_limit, s.test_limit, s.oracle.epochs, s.library.epochs, s.experts.epochs) == (2500, 2000, 1, 1, 1)
+    assert s.oracle_arch == "wrn-10-1" and len(s.tasks) == 20  # every stage and every task: the whole pipeline
+    given = settings("--profile", "smoke", "--train_limit", "100", "--test_limit", "500")
+    assert (given.train_limit, given.test_limit) == (100, 500)
+    cpu = settings("--profile", "cpu")
+    assert cpu.train_limit is None and cpu.test_limit is None
+
+
 def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, capsys):
     rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(tmp_path / "db"),
                              "--pretrained", str(tmp_path / "pre"), "--stages", "experts"])  # fmt: skip
