@@ -53,7 +53,7 @@ def commands(page: Path) -> list[str]:
 
 
 def is_template(cmd: str) -> bool:
-    return bool(PLACEHOLDER.search(re.sub(r"^([A-Z_]+=\S+ )+", "", cmd)))
+    return bool(PLACEHOLDER.search(re.sub(r"\b[A-Z_]+=", "", cmd)))  # an environment variable's value counts
 
 
 class Parsed(BaseException):
@@ -176,3 +176,24 @@ def test_the_readme_query_runs_as_written_with_no_data_root(data_root) -> None:
     r = run_script(*shlex.split(query)[1:])
     assert r.returncode == 0, r.stderr
     assert "73.00% on 1500 test images" in r.stdout
+
+
+@pytest.mark.parametrize("script", ["preprocess.sh", "service.sh", "evaluate.sh"])
+def test_the_imagenet_scripts_read_the_default_data_folder_unless_data_root_is_given(script, tmp_path) -> None:
+    import os
+    import subprocess
+
+    fake = tmp_path / "python"  # stands in for the interpreter: prints the arguments the script passes, one a line
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "DATA_ROOT"}
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+
+    def passed(env: dict[str, str]) -> list[str]:
+        r = subprocess.run(["bash", f"ImageNet/{script}", "x"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    assert "--data_root" not in passed(env)  # the entry script's default: the one data folder
+    given = passed({**env, "DATA_ROOT": "/some where"})
+    assert given[given.index("--data_root") + 1] == "/some where"
