@@ -197,3 +197,20 @@ def test_the_imagenet_scripts_read_the_default_data_folder_unless_data_root_is_g
     assert "--data_root" not in passed(env)  # the entry script's default: the one data folder
     given = passed({**env, "DATA_ROOT": "/some where"})
     assert given[given.index("--data_root") + 1] == "/some where"
+
+
+def test_the_comparisons_write_to_an_untracked_folder_unless_told_otherwise() -> None:
+    """Run_Experiments.py and Run_Evaluation.py never rewrite the shipped tables (addImg/, results/) by default."""
+    import shutil
+    import subprocess
+
+    from PoE.cli.evaluation import evaluation_parser
+    from PoE.cli.experiments import experiments_parser
+
+    assert evaluation_parser().get_default("out") is None  # writes only with --out
+    out = experiments_parser().get_default("out")
+    assert not out.startswith(("addImg", "results"))
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "-q", f"{out}/composite_tasks.md"], cwd=ROOT)
+    assert r.returncode == 0, f"{out}/ is not ignored by git"
