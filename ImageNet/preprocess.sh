@@ -3,4 +3,4 @@
 # DATA_ROOT holds imagenet/{train,val}/<wnid>/; extra arguments go to Run_preprocessing.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python Run_preprocessing.py --dataset imagenet --data_root "${DATA_ROOT:-data}" "$@"
+exec python Run_preprocessing.py --dataset imagenet ${DATA_ROOT:+--data_root "$DATA_ROOT"} "$@"

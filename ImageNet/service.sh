@@ -3,4 +3,4 @@
 # DATA_ROOT holds imagenet/val/<wnid>/ (only the query's classes are read).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python Run_Service.py --dataset imagenet --data_root "${DATA_ROOT:-data}" --queriedTask "$@"
+exec python Run_Service.py --dataset imagenet ${DATA_ROOT:+--data_root "$DATA_ROOT"} --queriedTask "$@"

@@ -63,6 +63,7 @@ class Settings:
     library_from: Path | None = None  # a pool whose library this pool copies (a new hierarchy on a built library)
     hierarchy: Hierarchy | None = None  # the tasks of cfg, recorded in the pool's manifest
     adding: bool = False  # --add_tasks: ``tasks`` are new ones, added to the pool in place (``PoE.edit``)
+    banner: str = ""  # printed before the first part is made (a run that only loads parts prints none)
 
     def stage_seed(self, stage: str) -> int:
         """Seeds a stage's weights and batch order (augmented views are seeded by ``seed`` alone)."""
@@ -94,6 +95,7 @@ class Report:
     stages: dict[str, StageRecord] = field(default_factory=dict)  # by stage name, as far as this run got
     teacher_cache_seconds: float = 0.0
     wall_seconds: float = 0.0
+    made: list[str] = field(default_factory=list)  # parts this run trained or rewrote (none: every one was loaded)
 
     def add(self, part: str, scope: str, meta: dict[str, Any]) -> None:
         self.rows.append((part, scope, meta["test_acc"], meta["test_n"], meta["train_seconds"]))
@@ -241,6 +243,12 @@ class Preprocessor:
     def say(self, text: str) -> None:
         if distributed.is_main():
             print(text)
+
+    def making(self, parts: list[str]) -> None:
+        """Record that ``parts`` are made (trained or rewritten) by this run; the first time, print the banner."""
+        if not self.report.made and self.s.banner:
+            self.say(self.s.banner)
+        self.report.made.extend(parts)
 
     def replace_library(self, meta: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
         """Write a new library without ever showing a mixed pool: the experts of any other library go first

@@ -63,6 +63,8 @@ class Profile:
     alpha: float = KD_ALPHA
     teacher_views: int = 0  # distinct augmented views whose Oracle logits are cached (0: one per epoch)
     compile: tuple[str, ...] = ()  # stages whose training step is torch.compile'd on CUDA (slower on CPU)
+    train_limit: int | None = None  # train on a seeded random subset of this many images (None: all of them)
+    test_limit: int | None = None  # score on a seeded random subset of this many test images (None: all of them)
 
 
 PROFILES: dict[str, Profile] = {
@@ -105,6 +107,18 @@ PROFILES: dict[str, Profile] = {
         library=StageConfig(epochs=60, lr=0.2, batch_size=256, schedule="onecycle", nesterov=True),
         experts=StageConfig(epochs=40, lr=0.1, batch_size=256, schedule="onecycle", nesterov=True),
         teacher_views=6,
+    ),
+    "smoke": Profile(
+        name="smoke",
+        description="a smoke run, to check the whole pipeline in minutes, not to get a useful pool: WRN-10-1 "
+        "Oracle, one epoch per stage on 2,500 training images, every part scored on 2,000 test images",
+        oracle_arch="wrn-10-1",
+        oracle=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        library=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        experts=StageConfig(epochs=1, lr=0.1, batch_size=256, schedule="onecycle", warmup=0.3),
+        teacher_views=1,
+        train_limit=2500,
+        test_limit=2000,
     ),
 }
 

@@ -19,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PoE.datasets import load_split
 from PoE.networks.wrn import WRNExpert
+from PoE.paths import DATA_ROOT_HELP, default_data_root
 from PoE.pool import Pool
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--last_layer", choices=("fp32", "bf16"), default="fp32", help="precision of the experts' fc")
-    p.add_argument("--data_root", default="data", help="folder holding cifar100/ (default: data)")
+    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
     p.add_argument("--db", default="DB_PoE", help="pool root (default: DB_PoE)")
     a = p.parse_args()
     if a.last_layer == "bf16":  # the expert as it was before fp32_linear: fc under autocast like the rest

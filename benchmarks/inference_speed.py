@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PoE.datasets import load_split
+from PoE.paths import DATA_ROOT_HELP, default_data_root
 from PoE.pool import Pool
 from PoE.precision import cpu_model
 
@@ -85,7 +86,7 @@ def timed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", default="DB_PoE")
-    p.add_argument("--data_root", default="data")
+    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--n", nargs="+", type=int, default=[1, 3, 5, 20], choices=[1, 3, 5, 20])

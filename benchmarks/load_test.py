@@ -35,6 +35,9 @@ from pathlib import Path
 import httpx
 from load_clients import FIXED, Phase, client_init, run_phase
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from PoE.paths import DATA_ROOT_HELP, default_data_root
+
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENTS = ("nice", "taskset", "same")  # clients niced / on cores of their own / beside the server as equals
 
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", default="DB_PoE")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the server's device")
-    p.add_argument("--data_root", default="data")
+    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
     p.add_argument("--configs", nargs="+", default=["workers:1", "workers:1:taskset", "workers:2", "ray:1", "ray:2"],
                    help="workers:N or ray:N (replicas), then optionally :nice, :taskset or :same (where the clients "
                    "run; default --placement); workers:1 is the single-process server")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Lay out what the tests and the README's reproductions read, for a machine that has none of it:
+"""Lay out the data the entry scripts, the examples and the tests read, for a machine that has none of it:
 
     <to>/data/cifar100/{train,test}.npz     CIFAR-100 (torchvision's download, converted: x uint8 N x 32 x 32 x 3, y)
     <to>/official/cifar100/...              the original code's released CIFAR-100 pool
@@ -7,11 +7,12 @@
 
 The released pools come from the original authors' public repository, PoE-code/Pool-of-Experts-code, at a
 pinned commit, and every file is checked against its SHA-256 before it is written. Files already in place
-(with the right hash) are kept; a failed download leaves no file and no empty folder behind. The tests look
-in ``../shared`` beside the checkout, or where $POE_SHARED points:
+(with the right hash) are kept; a failed download leaves no file and no empty folder behind. The entry
+scripts (``--data_root``'s default) and the tests read ``../shared`` beside the checkout, or where $POE_SHARED
+points (``PoE/paths.py``):
 
     python scripts/get_test_data.py                 # writes ../shared
-    python scripts/get_test_data.py --to ~/poe-data --tiny && export POE_SHARED=~/poe-data
+    export POE_SHARED=~/poe-data && python scripts/get_test_data.py --tiny   # writes ~/poe-data
     python scripts/get_test_data.py --manual        # without network: which files to put where, by hand
 """
 
@@ -30,6 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from PoE.paths import SHARED_ENV, shared_root
 
 REPO = "https://raw.githubusercontent.com/PoE-code/Pool-of-Experts-code/dd309cf0b72f45b45d65f9e1014b94257292f31f"
 REPO_PAGE = "https://github.com/PoE-code/Pool-of-Experts-code/tree/dd309cf0b72f45b45d65f9e1014b94257292f31f"
@@ -184,8 +188,12 @@ def get_tiny(to: Path, url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--to", default=str(Path(__file__).resolve().parents[1].parent / "shared"),
-                   help="where to lay it out (default: ../shared beside the checkout)")  # fmt: skip
+    p.add_argument(
+        "--to",
+        default=str(shared_root()),
+        help=f"where to lay it out (default: ${SHARED_ENV}, else "
+        "../shared beside the checkout: %(default)s; the entry scripts and the tests read it there)",
+    )
     p.add_argument("--tiny", action="store_true", help="also Tiny-ImageNet's validation split (237 MB download)")
     p.add_argument("--no_cifar", action="store_true", help="only the released pools (and --tiny)")
     p.add_argument("--source", default=REPO, help="base URL of the original repository's files (a mirror)")
@@ -211,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    print(f"done; the tests read {to} (set POE_SHARED={to} if it is not ../shared beside the checkout)")
+    where = "" if to.resolve() == shared_root().resolve() else f" once you set {SHARED_ENV}={to}"
+    print(f"done; the entry scripts and the tests read {to}{where}")
     return 0
 
 

@@ -21,6 +21,7 @@ from PoE.datasets import get_dataset, load_split
 from PoE.errors import PoEError
 from PoE.evaluate import expert_outputs
 from PoE.experiments import write_text
+from PoE.paths import DATA_ROOT_HELP, default_data_root
 from PoE.pool import Pool
 
 
@@ -51,7 +52,7 @@ def table(dbs: list[str], data_root: str, tasks: list[str] | None) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", nargs="+", default=["DB_PoE"], help="pool roots; each pool is <db>/cifar100/")
-    p.add_argument("--data_root", default="data", help="folder holding cifar100/ (default: data)")
+    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="the experts to compare (default: the "
                    "six default tasks)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the table to this markdown file")

@@ -44,8 +44,11 @@ def pytest_configure(config) -> None:
 
 
 def shared_dir() -> Path:
-    """``$POE_SHARED`` or ``../shared`` next to the checkout (real CIFAR-100, the original release)."""
-    return Path(os.environ.get("POE_SHARED", ROOT.parent / "shared"))
+    """``$POE_SHARED`` or ``../shared`` next to the checkout (real CIFAR-100, the original release): the folder the
+    entry scripts read by default too (``PoE.paths``)."""
+    from PoE.paths import shared_root
+
+    return shared_root()
 
 
 def need(path: Path) -> Path:

@@ -52,7 +52,7 @@ def test_help_shows_the_defaults(helps):
     assert "epochs of every stage (default: the profile's: paper 200 / 200 / 100, quick 1, gpu 80 / 40 / 15" in pre
     assert "distillation temperature (default: the profile's: 4.0 in every profile)" in pre
     assert "weight of L_scale (default: the profile's: 0.3 in every profile)" in pre
-    assert "batch size of every stage (default: the profile's: paper 512, quick 256, gpu 512, cpu 256)" in pre
+    assert "batch size of every stage (default: the profile's: paper 512, quick 256, gpu 512, cpu 256, smoke" in pre
     assert "would run for days on a CPU" in pre and "use --profile cpu" in pre
     base = " ".join(helps["help"]["Run_Baselines.py"].split())
     for shown in ("(default: 4.0)", "(default: 0.3)", "batch size (default: 512)", "200 for scratch, sd, uhc"):
@@ -69,7 +69,7 @@ def test_paper_profile_on_a_cpu_warns_at_start(tmp_path, capsys):
             "--pretrained", str(tmp_path / "pre"), "--no_progress"]  # fmt: skip
     assert main_preprocessing(argv) == 2
     out, err = capsys.readouterr()
-    warning = out.splitlines()[1]  # under the run's first line
+    warning = out.splitlines()[0]  # before anything else (the run's first line comes when a part is made)
     assert warning.startswith("warning: the paper profile (the default) would run for days on a CPU")
     assert "--profile cpu" in warning and err.startswith("error: no Tiny-ImageNet folder") and err.count("\n") == 1
     assert main_preprocessing([*argv, "--profile", "cpu"]) == 2

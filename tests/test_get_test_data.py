@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,27 @@ def test_no_network_leaves_no_empty_folder_and_says_how_to_supply_the_files(tmp_
     for here, there, digest in g.RELEASE:  # every file: where it goes, where it comes from, its SHA-256
         assert f"{out / 'official' / here}\n      <- {there}\n      sha256 {digest}" in text
     assert "cifar-100-python.tar.gz" in text and str(out / "data" / "cifar100") in text
+
+
+def test_one_data_folder_for_the_entry_scripts_the_tests_and_this_script(tmp_path, monkeypatch, capsys):
+    """--data_root's default is where this script lays the data out and where the tests read it; POE_SHARED moves
+    all three together."""
+    from PoE.cli.baselines import baselines_parser
+    from PoE.cli.evaluation import evaluation_parser
+    from PoE.cli.experiments import experiments_parser
+    from PoE.cli.preprocessing import preprocessing_parser
+    from PoE.cli.service import service_parser
+
+    from .conftest import shared_dir
+
+    parsers = (service_parser, preprocessing_parser, evaluation_parser, baselines_parser, experiments_parser)
+    for env in (None, tmp_path / "elsewhere"):
+        if env is None:
+            monkeypatch.delenv("POE_SHARED", raising=False)
+        else:
+            monkeypatch.setenv("POE_SHARED", str(env))
+        shared = shared_dir()
+        assert shared == (env or ROOT.parent / "shared")
+        assert {Path(p().get_default("data_root")) for p in parsers} == {shared / "data"}
+        assert load_script().main(["--manual"]) == 0
+        assert str(shared / "data" / "cifar100") in capsys.readouterr().out  # the script's default --to

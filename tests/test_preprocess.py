@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from PoE.store import load_checkpoint, save_checkpoint, state_id
 from PoE.teacher import TeacherOutputs
 from PoE.train import train_stage
 
-from .conftest import TINY, fake_cifar, install_stand_in_oracle
+from .conftest import ROOT, TINY, fake_cifar, install_stand_in_oracle
 
 
 def stopping_at(epoch: int, batches):
@@ -56,16 +58,53 @@ def test_tiny_run_builds_a_pool_the_service_loads(tiny_pool, data_root, capsys):
     assert r["n_test"] == 1000 and 0.0 <= r["accuracy"] <= 100.0
 
 
-def test_second_run_loads_instead_of_training(tiny_pool, data_root, capsys):
+def file_digests(*folders: Path) -> dict[Path, str]:
+    """SHA-256 of every file under ``folders``."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def test_second_run_loads_instead_of_training_and_writes_nothing(tiny_pool, data_root, capsys):
     capsys.readouterr()
-    argv = [*TINY, "--data_root", str(data_root), "--db", str(tiny_pool["db"]),
-            "--pretrained", str(tiny_pool["pretrained"])]  # fmt: skip
-    before = (tiny_pool["pool"] / "experts" / "expert_people.pt").stat().st_mtime_ns
+    argv = [*TINY, "--data_root", str(data_root), "--db", str(tiny_pool["db"]), "--pretrained"]
+    argv.append(str(tiny_pool["pretrained"]))
+    before = file_digests(tiny_pool["db"], tiny_pool["pretrained"])
     assert main_preprocessing(argv) == 0
     out = capsys.readouterr().out
-    assert "epoch" not in out  # nothing trained
-    assert "Oracle (wrn-10-1)" in out and "expert vehicles_2" in out and "library student" in out
-    assert (tiny_pool["pool"] / "experts" / "expert_people.pt").stat().st_mtime_ns == before
+    assert out.count("\n") == 1 and out.startswith("nothing trained: every part asked for is already in ")
+    assert "--retrain" in out and "new --db and --pretrained" in out
+    assert file_digests(tiny_pool["db"], tiny_pool["pretrained"]) == before  # the manifest too
+
+
+def test_the_readme_build_command_on_the_shipped_pool_trains_and_writes_nothing(tmp_path, data_root, capsys):
+    """``--profile cpu --device cpu`` over (copies of) the shipped pool and Oracle: every stage is there."""
+    db, pre = tmp_path / "DB_PoE", tmp_path / "DB_pretrained"
+    shutil.copytree(ROOT / "DB_PoE", db)
+    shutil.copytree(ROOT / "DB_pretrained", pre)
+    before = file_digests(db, pre)
+    capsys.readouterr()
+    argv = ["--profile", "cpu", "--device", "cpu", "--data_root", str(data_root), "--db", str(db)]
+    argv += ["--pretrained", str(pre)]
+    assert main_preprocessing(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("nothing trained"), out
+    assert file_digests(db, pre) == before
+
+
+def test_the_smoke_profile_trains_one_epoch_on_a_subset_and_flags_still_override(tmp_path):
+    from PoE.cli.preprocessing import preprocessing_parser, preprocessing_settings
+
+    def settings(*argv: str):
+        a = preprocessing_parser().parse_args([*argv, "--device", "cpu", "--db", str(tmp_path / "db")])
+        a.argv = []
+        return preprocessing_settings(a)
+
+    s = settings("--profile", "smoke")
+    assert (s.train_limit, s.test_limit, s.oracle.epochs, s.library.epochs, s.experts.epochs) == (2500, 2000, 1, 1, 1)
+    assert s.oracle_arch == "wrn-10-1" and len(s.tasks) == 20  # every stage and every task: the whole pipeline
+    given = settings("--profile", "smoke", "--train_limit", "100", "--test_limit", "500")
+    assert (given.train_limit, given.test_limit) == (100, 500)
+    cpu = settings("--profile", "cpu")
+    assert cpu.train_limit is None and cpu.test_limit is None
 
 
 def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, capsys):

@@ -103,6 +103,18 @@ def test_healthz_pool_page_and_docs(client, pool):
     assert {"/api/pool", "/api/query", "/api/predict", "/api/predict/upload", "/api/models/{name}"} <= set(paths)
 
 
+def test_docs_give_the_packages_version_and_the_page_its_icon(client):
+    import tomllib
+
+    import PoE
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]
+    assert project["version"] == {"attr": "PoE.__version__"}  # the package's version is written once
+    assert client.get("/openapi.json").json()["info"]["version"] == PoE.__version__ != "0.1.0"
+    icon = re.search(r'<link rel="icon" href="([^"]+)"', client.get("/").text)
+    assert icon and client.get(icon.group(1)).status_code == 200
+
+
 def test_query_with_evaluation_equals_the_cli(client, pool, data_root, capsys):
     r = client.post("/api/query", json={"tasks": QUERY, "evaluate": True})
     assert r.status_code == 200, r.text

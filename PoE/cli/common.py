@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from PoE.datasets import DATASETS, DatasetConfig
 from PoE.errors import PoEError
+from PoE.paths import DATA_ROOT_HELP, default_data_root
 from PoE.profiles import PRECISIONS
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ def tasks_epilog(default_tasks: bool = False) -> str:
     """The primitive tasks of every built-in dataset (and, with ``default_tasks``, the defaults), for --help."""
     lines = []
     for name, cfg in DATASETS.items():
+        if not cfg.tasks:  # a folder of images: its tasks come with it
+            lines.append(f"{name} tasks: yours, from --hierarchy FILE (the pool keeps them)")
+            continue
         lines.append(f"{name} tasks ({len(cfg.tasks)}): {', '.join(cfg.tasks)}")
         if default_tasks:
             lines.append(f"{name} default tasks: {' '.join(cfg.default_tasks)}")
@@ -137,8 +141,9 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     """Flags of every command. ``precision``: the default of --precision (fp32 for the commands that only
     score, so their accuracies are exact and the same on every machine)."""
     p.add_argument("--dataset", default="cifar100", choices=list(DATASETS), help="dataset of the pool")
-    p.add_argument("--data_root", default="data", help="folder holding <dataset>/ (default: data); with --dataset "
-                   "folder, the image folder itself")  # fmt: skip
+    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding <dataset>/ ({DATA_ROOT_HELP}"
+                   ": %(default)s; scripts/get_test_data.py fills it); with --dataset folder, the image folder "
+                   "itself")  # fmt: skip
     p.add_argument("--db", default="DB_PoE", help="pool root; the pool is <db>/<dataset>/ (default: DB_PoE)")
     p.add_argument("--hierarchy", default=None, metavar="FILE", help="the primitive tasks as a JSON file {\"task\": "
                    "[\"class name\", ...]} (default: the one the pool stores, else the dataset's built-in tasks); "

@@ -46,7 +46,8 @@ def experiments_parser() -> argparse.ArgumentParser:
                    "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
     p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
                    "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
-    p.add_argument("--out", default="addImg", metavar="FOLDER", help="folder for the tables and plots, and "
+    p.add_argument("--out", default="runs/experiments", metavar="FOLDER", help="folder for the tables and plots (the "
+                   "shipped ones in addImg/ were written with --out addImg), and "
                    "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
                    "interrupted comparison continues; delete the file to train them again)")  # fmt: skip
     combinations_argument(p)

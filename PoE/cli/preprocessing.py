@@ -143,14 +143,14 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         "--train_limit",
         type=POSITIVE_INT,
         default=None,
-        help="train on a random subset of this many images (smoke tests)",
+        help="train on a random subset of this many images (default: the profile's; all but in the smoke profile)",
     )
     p.add_argument(
         "--test_limit",
         type=POSITIVE_INT,
         default=None,
-        help="score every part on a random subset of this many test images (smoke tests; each stored accuracy "
-        "records its image count)",
+        help="score every part on a random subset of this many test images (default: the profile's; all but in the "
+        "smoke profile; each stored accuracy records its image count)",
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "off", *STAGES),
@@ -255,8 +255,8 @@ def preprocessing_settings(a: argparse.Namespace):
         stages=("experts",) if a.add_tasks else tuple(s for s in STAGES if s in a.stages),
         adding=bool(a.add_tasks),
         retrain=tuple(a.retrain),
-        train_limit=a.train_limit,
-        test_limit=a.test_limit,
+        train_limit=a.train_limit or prof.train_limit,
+        test_limit=a.test_limit or prof.test_limit,
         soft=a.loss in ("both", "soft"),
         scale=a.loss in ("both", "scale"),
         progress=not a.no_progress,
@@ -347,19 +347,27 @@ def build_body(a: argparse.Namespace) -> int:
         return 0
     s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
     main, procs = distributed.is_main(), distributed.world()
+    s.banner = (
+        f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
+        f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
+        f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
+        f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}"
+    )
+    if main and s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
+        print(f"warning: {PAPER_ON_CPU}")
     try:
-        if main:
-            print(f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
-                  f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
-                  f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
-                  f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}")  # fmt: skip
-            if s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr
-                print(f"warning: {PAPER_ON_CPU}")
         report = stages.run(s)
         distributed.finish()
     finally:
         distributed.destroy()
     if not main:  # rank 0 reports
+        return 0
+    if not report.made:
+        print(
+            f"nothing trained: every part asked for is already in {s.db / s.cfg.name} and {s.pretrained / s.cfg.name}"
+            f", and nothing was written; to build another pool give a new --db and --pretrained, or --retrain "
+            "STAGE to train a stage again"
+        )
         return 0
     print()
     print(report.table())

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
+from PoE import __version__
 from PoE.errors import PoEError
 from PoE.pool import Pool
 from PoE.service.batching import Arrivals
@@ -54,6 +55,7 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
 
     app = FastAPIOffline(  # FastAPI whose /docs and /redoc serve their scripts from the package: no CDN needed
         title="Pool of Experts",
+        version=__version__,
         description="Query a pool of experts in real time: pick primitive tasks, get a consolidated model "
         "(its accuracy, size, cost and a torch.export or ONNX download) and predictions, without training.",
         lifespan=lifespan,

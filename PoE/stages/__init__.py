@@ -54,7 +54,7 @@ def run(s: Settings) -> Report:
                                f"the pool's is {prep.listing.library.get('id')}: give the --pretrained folder the "
                                "pool was built with")  # fmt: skip
             Experts(prep, teacher, library).run()
-        if distributed.is_main():
+        if distributed.is_main() and prep.report.made:  # every part loaded: the pool's record stays as it is
             prep.write_manifest()
     prep.report.teacher_cache_seconds = teacher.seconds
     prep.report.wall_seconds = time.perf_counter() - t0

@@ -75,6 +75,7 @@ class Stage:
         if todo and self.name not in self.s.stages:
             raise self.missing(todo)
         if todo:
+            self.prep.making(todo)
             parts.update(self.make(todo))
             self.drop_progress()  # only now: killed before its outputs were saved, a rerun resumes, not retrains
         for key, part in parts.items():

@@ -54,6 +54,7 @@ class Library(Stage):
         pool_file = self.target(key)
         lib_sd, lib_meta = unwrap(load_checkpoint(pool_file), pool_file, "library")
         if not self.prep.adopt(pool_file, {**lib_meta, "state_dict": lib_sd}, "library"):
+            self.prep.making([self.name])
             self.prep.replace_library(meta, student.front.state_dict())  # the student's front, as when it was made
         return Part(student.front.to(self.s.device).eval(), meta)
 
