@@ -18,7 +18,7 @@ from PoE.errors import PoEError
 
 MAX_JSON_BYTES = 32 * 2**20  # a manifest takes under 1 KB per task: tens of thousands of tasks fit
 MAX_JSON_DEPTH = 64  # the project's files nest 5 levels at most
-STRING = re.compile(r'"(?:[^"\\]+|\\.)*"')
+STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"')  # possessive: no backtracking on an unclosed string
 BRACKETS = str.maketrans("[]{}", "()()")
 KINDS = (
     (stat.S_ISDIR, "a folder"),

@@ -90,6 +90,9 @@ def test_the_json_reader_counts_brackets_outside_strings_only(tmp_path):
     path.write_text("[" + deepest + "]")
     with pytest.raises(PoEError, match="nested deeper than 64 levels"):
         read_json(path)
+    path.write_text('["' + "a" * 10**6)  # an unclosed string: matched without backtracking (2^n tries)
+    with pytest.raises(PoEError, match="not JSON"):
+        read_json(path)
 
 
 def returns_within(call, fifo: Path, seconds: float = 30):
