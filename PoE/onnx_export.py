@@ -149,7 +149,7 @@ def calibration_images(
     return (train.x[pick].float() / 255).numpy()
 
 
-def quantize_int8(proto: Any, images: np.ndarray, batch: int = 64) -> Any:
+def quantize_int8(proto: Any, images: np.ndarray, batch: int = 64, reduce_range: bool = True) -> Any:
     """onnxruntime static quantization of ``proto``'s convolutions (where the multiply-adds are): QDQ, per-channel
     int8 weights, uint8 activations whose ranges are calibrated (min / max) on ``images``. ``reduce_range`` keeps
     weights to 7 bits: x86 AVX2 int8 kernels (u8 x s8 pairs summed in int16) saturate with 8, which costs accuracy
@@ -181,7 +181,7 @@ def quantize_int8(proto: Any, images: np.ndarray, batch: int = 64) -> Any:
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                reduce_range=True,
+                reduce_range=reduce_range,
                 op_types_to_quantize=["Conv"],
             )
             return onnx.load(out)

@@ -34,8 +34,8 @@ def session_accuracy(data: bytes, x: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float((out.argmax(1) == labels).mean())
 
 
-def int8_bytes(proto, images: np.ndarray) -> bytes:
-    q = E.quantize_int8(proto, images)
+def int8_bytes(proto, images: np.ndarray, reduce_range: bool = True) -> bytes:
+    q = E.quantize_int8(proto, images, reduce_range=reduce_range)
     E.compact(q)
     return q.SerializeToString()
 
@@ -59,6 +59,8 @@ def sweep(pool: Pool, test, data_root: str, counts: list[int], seeds: list[int])
     for n in counts:
         accs = [session_accuracy(int8_bytes(proto, E.calibration_images(model, data_root, n, s)), x, y) for s in seeds]
         print(f"| {n} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {np.mean(accs):.2f} |", flush=True)
+    full = session_accuracy(int8_bytes(proto, E.calibration_images(model, data_root), reduce_range=False), x, y)
+    print(f"\n8-bit weights (reduce_range off), {E.CALIBRATION_IMAGES} images, seed {E.CALIBRATION_SEED}: {full:.2f}%")
 
 
 def combinations(pool: Pool, test, data_root: str) -> None:

@@ -73,6 +73,8 @@ def shipped(tmp_path_factory, data_root) -> dict:
         argv = [
             "--queriedTask",
             *QUERY,
+            "--db",
+            str(ROOT / "DB_PoE"),
             "--data_root",
             str(data_root),
             "--export",
