@@ -96,6 +96,7 @@ class Report:
     teacher_cache_seconds: float = 0.0
     wall_seconds: float = 0.0
     made: list[str] = field(default_factory=list)  # parts this run trained or rewrote (none: every one was loaded)
+    evaluated: int = 0  # parts scored by this run (made ones, and an --oracle file, which is scored every run)
 
     def add(self, part: str, scope: str, meta: dict[str, Any]) -> None:
         self.rows.append((part, scope, meta["test_acc"], meta["test_n"], meta["train_seconds"]))
@@ -214,6 +215,7 @@ class Preprocessor:
     def evaluate(self, model: nn.Module, classes: list[int] | None, restrict: bool = False) -> tuple[float, int]:
         """Test accuracy (%) and image count. Several ranks each score every world-th test image and add up
         their counts, so all of them get the single-process numbers in a fraction of the time."""
+        self.report.evaluated += 1
         rank, world, test = distributed.rank(), distributed.world(), self.test_set
         if world > 1:
             test = test.subset(torch.arange(rank, len(test), world))

@@ -362,7 +362,7 @@ def build_body(a: argparse.Namespace) -> int:
         distributed.destroy()
     if not main:  # rank 0 reports
         return 0
-    if not report.made:
+    if not report.made and not report.evaluated:  # every part loaded as it was: nothing new to show
         print(
             f"nothing trained: every part asked for is already in {s.db / s.cfg.name} and {s.pretrained / s.cfg.name}"
             f", and nothing was written; to build another pool give a new --db and --pretrained, or --retrain "
