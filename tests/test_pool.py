@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from PoE import precision
 from PoE.cli import main_preprocessing, main_service
 from PoE.datasets import load_split
 from PoE.errors import PoEError
 from PoE.pool import Pool
+from PoE.precision import cpu_bf16_supported, cpu_model
 from PoE.store import load_checkpoint, tensors_id
 
 from .conftest import ROOT, TINY, relist, rewrite_part
@@ -211,6 +213,7 @@ def test_exported_model_states_its_input_contract(tmp_path, official_cifar):
                 program(bad)
 
 
+@pytest.mark.skipif(not cpu_bf16_supported(), reason=f"the CPU {cpu_model()} has no bfloat16 support")
 @pytest.mark.parametrize("tasks", [["people"], ["people", "vehicles_1", "vehicles_2"]])  # the README's query
 def test_bf16_answers_like_fp32_on_the_shipped_pool(tmp_path, data_root, tasks):
     """bf16 (eager and exported) predicts the fp32 class on at least 99% of the query's real test images; the
@@ -227,6 +230,27 @@ def test_bf16_answers_like_fp32_on_the_shipped_pool(tmp_path, data_root, tasks):
     assert torch.equal(exported["fp32"], want)
     for got in (bf16.logits(x).argmax(1), exported["bf16"]):
         assert (got == want).float().mean() >= 0.99, (got == want).float().mean()
+
+
+def test_fp32_export_answers_as_eager_on_the_shipped_pool(tmp_path, data_root):
+    """On every CPU (also one without bf16): the README query's fp32 export predicts exactly as eager fp32."""
+    test = load_split("cifar100", data_root, "test", progress=False)
+    model = Pool.open(ROOT / "DB_PoE").query(["people", "vehicles_1", "vehicles_2"])
+    x = test.x[torch.isin(test.y, torch.tensor(model.classes))].float() / 255
+    model.export(tmp_path / "fp32.pt2")
+    with torch.no_grad():
+        got = torch.export.load(str(tmp_path / "fp32.pt2")).module()(x).argmax(1)
+        assert torch.equal(got, model.logits(x).argmax(1))
+
+
+def test_bf16_on_a_cpu_without_it_is_refused_in_one_line(monkeypatch):
+    """Where the CPU cannot run bf16 (AVX2 only), asking for it is an error naming the CPU and what runs; auto
+    falls back to fp32."""
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_fast", lambda: False)
+    with pytest.raises(PoEError, match=r"^--precision bf16: the CPU .* has no bfloat16 support; use --precision fp32"):
+        Pool.open(ROOT / "DB_PoE", precision="bf16")
+    assert Pool.open(ROOT / "DB_PoE", precision="auto").precision == "fp32"
 
 
 def test_preprocessing_never_adopts_a_part_the_manifest_does_not_list(pool_copy, tiny_pool, data_root, capsys):
