@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,13 +139,20 @@ TINY = [
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
     """A pool made by a real (tiny) preprocessing run on real CIFAR-100: 1024 images, 2 epochs per stage, every part
-    scored on 1,000 of the 10,000 test images."""
+    scored on 1,000 of the 10,000 test images. Made once per ``pytest`` run: the test processes of one run share a
+    folder (the first to ask builds it under a lock, the others wait and read it), so it is read-only to tests."""
     from PoE.cli import main_preprocessing
 
-    base = tmp_path_factory.mktemp("tiny")
-    db, pre = base / "DB_PoE", base / "DB_pretrained"
-    rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(db), "--pretrained", str(pre)])
-    assert rc == 0
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, shared by its workers
+    db, pre = root / "tiny" / "DB_PoE", root / "tiny" / "DB_pretrained"
+    with open(root / "tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "tiny" / "done").exists():
+            shutil.rmtree(root / "tiny", ignore_errors=True)  # what a failed build left
+            rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(db), "--pretrained", str(pre)])
+            assert rc == 0
+            (root / "tiny" / "done").touch()
     return {"db": db, "pretrained": pre, "pool": db / "cifar100"}
 
 

@@ -25,6 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Server:
     """``Run_Service.py --serve`` in a subprocess, stopped with Ctrl-C (SIGINT) as a user stops it. Started at once,
     as a script's ``cmd &`` starts it: with SIGINT ignored, which Python then never turns into KeyboardInterrupt
@@ -58,6 +68,19 @@ class Server:
 
         with httpx.Client(timeout=START_S) as c:  # a new connection: any worker may take it
             return c.get(self.url + path, **kw)
+
+    def pids(self, n: int) -> set[int]:
+        """The process ids of ``n`` workers, asked on new connections until each has answered. A poll, not a busy
+        loop: a loop of requests took a core from the workers still starting."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + START_S
+        while len(seen) < n and time.monotonic() < deadline:
+            health = self.get("/healthz")
+            if health.status_code == 200:
+                seen.add(health.json()["pid"])
+            if len(seen) < n:
+                time.sleep(0.05)
+        return seen
 
     def stop(self, sig: int = signal.SIGINT) -> int:
         if self.proc.poll() is None:

@@ -1,7 +1,7 @@
 """Input made to break the commands: JSON files nested past Python's recursion limit or that never end, image
 folders with FIFOs, symbolic link loops and images that decode into gigabytes, a dataset.json out of range,
-pools of more than 256 tasks, a killed supervisor, and combination counts, seeds and networks out of all
-proportion. Each is one line (or a named skip) and no traceback, no hang, nothing left holding a port."""
+pools of more than 256 tasks, and combination counts, seeds and networks out of all proportion. Each is one
+line (or a named skip) and no traceback, no hang. (A killed supervisor: tests/test_scale_out.py.)"""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ import json
 import os
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,6 @@ from PoE.pool import Pool
 from PoE.service import create_app
 
 from .conftest import ROOT
-from .servers import START_S, Server, free_port
 from .test_server import TestClient
 
 SHIPPED = ROOT / "DB_PoE"
@@ -286,41 +282,6 @@ def test_a_pool_of_more_than_256_tasks_serves_the_model_urls_it_gives(data_root)
         r = client.get(url)
         assert r.status_code == 200 and 'filename="poe_t256__t001.pt2"' in r.headers["content-disposition"]
         assert client.get(url.replace("-100001", "-1000")).status_code == 404
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def test_workers_stop_when_their_supervisor_is_killed(data_root, tmp_path):
-    """SIGKILL of the supervisor of --workers 2 left both workers serving the port: a restart failed with
-    "address already in use". Now they stop within seconds, and the port takes a new server."""
-    port = free_port()
-    server = Server("--port", str(port), "--workers", "2", data_root=data_root, logs=tmp_path).ready()
-    pids: set[int] = set()
-    try:
-        deadline = time.monotonic() + START_S
-        while len(pids) < 2 and time.monotonic() < deadline:  # both workers up
-            pids.add(server.get("/healthz").json()["pid"])
-        assert len(pids) == 2, pids
-        server.proc.kill()
-        server.proc.wait()
-        deadline = time.monotonic() + 20
-        while not port_is_free(port) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert port_is_free(port), f"the workers {pids} still hold port {port}"
-    finally:
-        for pid in pids:  # what a failure left: only this test's workers, by their ids
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_combinations_beyond_the_bound_are_refused_before_any_work(capsys, monkeypatch):

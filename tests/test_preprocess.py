@@ -214,14 +214,15 @@ def test_cached_teacher_logits_equal_running_the_oracle(tmp_path):
 def test_ckd_extracts_an_accurate_expert_from_real_features(tmp_path, official_cifar, data_root, capsys):
     """Teacher = the original release's WRN-16-1 (its library + head), library = its front, frozen.
 
-    Our expert stage, on 8,000 real training images (all classes) for 2 epochs from one cached view of the Oracle's
-    logits, must give an expert for vehicles_2 far above the 20% chance level of a 5-class task (69.8% here).
+    Our expert stage, on 6,000 real training images (all classes) for 2 epochs from one cached view of the Oracle's
+    logits, must give an expert for vehicles_2 far above the 20% chance level of a 5-class task (65.6% here; 69.8%
+    on 8,000 images, 52.0% on 4,000).
     """
     install_stand_in_oracle(official_cifar, tmp_path / "pre", tmp_path / "db")
     db = tmp_path / "db" / "cifar100"
     rc = main_preprocessing(["--data_root", str(data_root), "--db", str(tmp_path / "db"), "--pretrained",
                              str(tmp_path / "pre"), "--oracle_arch", "wrn-16-1", "--stages", "experts", "--tasks",
-                             "vehicles_2", "--train_limit", "8000", "--expert_epochs", "2", "--teacher_views", "1",
+                             "vehicles_2", "--train_limit", "6000", "--expert_epochs", "2", "--teacher_views", "1",
                              "--expert_batch_size", "128",
                              "--profile", "quick", "--no_progress", "--device", "cpu"])  # fmt: skip
     assert rc == 0

@@ -4,7 +4,9 @@ is started exactly as a user starts it (``Run_Service.py --serve ...``) in a sub
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import signal
 import time
 import zipfile
@@ -18,7 +20,7 @@ from PoE.pool import Pool
 from PoE.service import create_app
 
 from .conftest import ROOT
-from .servers import RAY, START_S, Server, free_port
+from .servers import RAY, START_S, Server, free_port, port_is_free
 from .test_server import QUERY, TestClient, b64, encode, same_predictions
 
 
@@ -97,20 +99,30 @@ def check_server(server: Server, reference, pool, images, tmp_path, workers: int
     assert len(pids) <= workers
 
 
-def test_two_workers_answer_as_one_process(servers, reference, pool, images, tmp_path):
+def test_two_workers_answer_as_one_process_and_stop_with_their_supervisor(servers, reference, pool, images, tmp_path):
+    """Then a SIGKILL of the supervisor: both workers stop within seconds and free the port (they went on serving
+    it, and a restart failed with "address already in use"). ``tests/test_inplace.py`` stops a workers server with
+    Ctrl-C and asserts its exit code 0."""
     server = servers["workers"]
+    pids: set[int] = set()
     try:
-        server.ready()
-        deadline = time.monotonic() + START_S
-        pids: set[int] = set()
-        while len(pids) < 2 and time.monotonic() < deadline:  # both workers up and taking connections
-            pids.add(server.get("/healthz").json()["pid"])
+        pids = server.ready().pids(2)  # both workers up and taking connections
         assert len(pids) == 2, pids
         check_server(server, reference, pool, images, tmp_path, workers=2)
         stats = server.get("/api/stats").json()
         assert {w["pid"] for w in stats["workers"]} == pids and stats["workers_private_bytes"] > 0
+        port = int(server.url.rsplit(":", 1)[1])
+        server.proc.kill()
+        server.proc.wait()
+        deadline = time.monotonic() + 20
+        while not port_is_free(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert port_is_free(port), f"the workers {pids} still hold port {port}"
     finally:
-        assert server.stop() == 0
+        for pid in pids:  # what a failure left: only this test's workers, by their ids
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
 
 
 @pytest.mark.skipif(not RAY, reason="Ray Serve not installed (requirements-ray.txt)")
