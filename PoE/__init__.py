@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
     """``PoE.Pool`` on first use: importing the package (as every entry script does) must not import torch,
     or ``--help`` would wait seconds for it."""
     if name == "Pool":
-        from PoE.pool import Pool
+        from PoE.query.pool import Pool
 
         return Pool
     raise AttributeError(f"module 'PoE' has no attribute {name!r}")

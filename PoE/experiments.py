@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from PoE.baselines import METHODS, BaselineRunner
-from PoE.baselines import method as baseline_method
-from PoE.data import ImageSet, Normalizer
-from PoE.datasets import DatasetConfig
-from PoE.errors import PoEError
-from PoE.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
-from PoE.jsonfile import parse_json, read_text
-from PoE.pool import Pool
-from PoE.query import make_query
-from PoE.store import atomic_write
+from PoE.build.baselines import METHODS, BaselineRunner
+from PoE.build.baselines import method as baseline_method
+from PoE.core.data import ImageSet, Normalizer
+from PoE.core.datasets import DatasetConfig
+from PoE.core.errors import PoEError
+from PoE.core.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
+from PoE.core.jsonfile import parse_json, read_text
+from PoE.core.query import make_query
+from PoE.core.store import atomic_write
+from PoE.query.pool import Pool
 
 
 @dataclass

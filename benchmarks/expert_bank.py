@@ -26,15 +26,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import PoE.networks.bank as bank_module
-from PoE.consolidate import merge
-from PoE.losses import ckd_loss
-from PoE.networks import bank_of, family_of
-from PoE.pool import Pool
-from PoE.precision import autocast, cpu_model, resolve
-from PoE.profiles import PROFILES
-from PoE.store import atomic_write
-from PoE.train import make_optimizer
+import PoE.core.networks.bank as bank_module
+from PoE.build.losses import ckd_loss
+from PoE.build.profiles import PROFILES
+from PoE.build.train import make_optimizer
+from PoE.core.consolidate import merge
+from PoE.core.networks import bank_of, family_of
+from PoE.core.precision import autocast, cpu_model, resolve
+from PoE.core.store import atomic_write
+from PoE.query.pool import Pool
 
 QUERIES = {1: ["people"], 3: ["people", "vehicles_1", "vehicles_2"],
            5: ["people", "vehicles_1", "vehicles_2", "small_mammals", "medium-sized_mammals"]}  # fmt: skip

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.datasets import load_split
-from PoE.networks.wrn import WRNExpert
-from PoE.paths import DATA_ROOT_HELP, default_data_root
-from PoE.pool import Pool
+from PoE.core.datasets import load_split
+from PoE.core.networks.wrn import WRNExpert
+from PoE.core.paths import DATA_ROOT_HELP, default_data_root
+from PoE.query.pool import Pool
 
 
 def main() -> None:

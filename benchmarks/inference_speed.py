@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.datasets import load_split
-from PoE.paths import DATA_ROOT_HELP, default_data_root
-from PoE.pool import Pool
-from PoE.precision import cpu_model
+from PoE.core.datasets import load_split
+from PoE.core.paths import DATA_ROOT_HELP, default_data_root
+from PoE.core.precision import cpu_model
+from PoE.query.pool import Pool
 
 QUERIES = {
     1: ["people"],
@@ -63,7 +63,7 @@ def reference(pool: Pool, tasks: list[str]) -> Callable[[torch.Tensor], torch.Te
 
 def direct(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """A TaskModel's own path (channels_last, its precision's autocast) without the input checks of predict."""
-    from PoE.precision import autocast
+    from PoE.core.precision import autocast
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x = ((x - model.mean) / model.std).contiguous(memory_format=torch.channels_last)

@@ -36,7 +36,7 @@ import httpx
 from load_clients import FIXED, Phase, client_init, run_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from PoE.paths import DATA_ROOT_HELP, default_data_root
+from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEMENTS = ("nice", "taskset", "same")  # clients niced / on cores of their own / beside the server as equals

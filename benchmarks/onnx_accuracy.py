@@ -5,8 +5,8 @@
 1. The README query (people, vehicles_1, vehicles_2): int8 accuracy by number of calibration images (seeded
    samples of its classes' training images, several seeds each), against fp32 ONNX and PyTorch.
 2. Every combination of n = 2 .. 5 of the six default tasks (Run_Evaluation.py's default: 15 + 20 + 15 + 6 = 56), at
-   the default calibration (``PoE.onnx_export.CALIBRATION_IMAGES``, seed 0): PyTorch, fp32 ONNX, int8 ONNX and file
-   sizes, per n and over all 56. Prints markdown tables (docs/onnx.md).
+   the default calibration (``PoE.query.onnx_export.CALIBRATION_IMAGES``, seed 0): PyTorch, fp32 ONNX, int8 ONNX and
+   file sizes, per n and over all 56. Prints markdown tables (docs/onnx.md).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE import onnx_export as E
-from PoE.datasets import load_split
-from PoE.datasets.cifar100 import DEFAULT_TASKS
-from PoE.pool import Pool
+from PoE.core.datasets import load_split
+from PoE.core.datasets.cifar100 import DEFAULT_TASKS
+from PoE.query import onnx_export as E
+from PoE.query.pool import Pool
 
 
 def session_accuracy(data: bytes, x: np.ndarray, labels: np.ndarray) -> float:

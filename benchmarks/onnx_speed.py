@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.datasets import load_split
-from PoE.onnx_export import INPUT
-from PoE.pool import Pool, TaskModel
-from PoE.precision import cpu_model
+from PoE.core.datasets import load_split
+from PoE.core.precision import cpu_model
+from PoE.query.onnx_export import INPUT
+from PoE.query.pool import Pool, TaskModel
 
 QUERIES = {1: ["people"], 3: ["people", "vehicles_1", "vehicles_2"]}
 VARIANTS = ["PyTorch eager", ".pt2", "ONNX fp32", "ONNX int8"]

@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PoE.build.preprocess import STAGES
+from PoE.build.profiles import PROFILES
 from PoE.cli import main_preprocessing
-from PoE.preprocess import STAGES
-from PoE.profiles import PROFILES
 
 FULL = 50_000  # CIFAR-100 training images
 

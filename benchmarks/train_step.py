@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.networks import WideResNet, WRNSpec
-from PoE.precision import PRECISIONS, autocast, resolve
+from PoE.core.networks import WideResNet, WRNSpec
+from PoE.core.precision import PRECISIONS, autocast, resolve
 
 
 def main() -> None:

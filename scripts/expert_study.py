@@ -27,16 +27,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
-from PoE.datasets import get_dataset, load_split
-from PoE.errors import PoEError
-from PoE.evaluate import batched_logits
-from PoE.losses import ckd_loss
-from PoE.networks import build_network, family_of
-from PoE.pool import Pool
-from PoE.profiles import PROFILES, STAGES, StageConfig
-from PoE.store import load_checkpoint, load_into, save_checkpoint
-from PoE.train import seed_everything, train_stage
+from PoE.build.losses import ckd_loss
+from PoE.build.profiles import PROFILES, STAGES, StageConfig
+from PoE.build.train import seed_everything, train_stage
+from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.errors import PoEError
+from PoE.core.evaluate import batched_logits
+from PoE.core.networks import build_network, family_of
+from PoE.core.store import load_checkpoint, load_into, save_checkpoint
+from PoE.query.pool import Pool
 
 SEED = 0  # the pool's --seed: views are seeded by it, the experts stage's weights and batch order by SEED*100+2
 KEYS = {"epochs": int, "lr": float, "batch_size": int, "schedule": str, "nesterov": lambda v: v == "1", "T": float,

@@ -9,7 +9,7 @@ The released pools come from the original authors' public repository, PoE-code/P
 pinned commit, and every file is checked against its SHA-256 before it is written. Files already in place
 (with the right hash) are kept; a failed download leaves no file and no empty folder behind. The entry
 scripts (``--data_root``'s default) and the tests read ``../shared`` beside the checkout, or where $POE_SHARED
-points (``PoE/paths.py``):
+points (``PoE/core/paths.py``):
 
     python scripts/get_test_data.py                 # writes ../shared
     export POE_SHARED=~/poe-data && python scripts/get_test_data.py --tiny   # writes ~/poe-data
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from PoE.paths import SHARED_ENV, shared_root
+from PoE.core.paths import SHARED_ENV, shared_root
 
 REPO = "https://raw.githubusercontent.com/PoE-code/Pool-of-Experts-code/dd309cf0b72f45b45d65f9e1014b94257292f31f"
 REPO_PAGE = "https://github.com/PoE-code/Pool-of-Experts-code/tree/dd309cf0b72f45b45d65f9e1014b94257292f31f"

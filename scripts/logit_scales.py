@@ -16,13 +16,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.data import ImageSet, Normalizer
-from PoE.datasets import get_dataset, load_split
-from PoE.errors import PoEError
-from PoE.evaluate import expert_outputs
+from PoE.core.data import ImageSet, Normalizer
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.errors import PoEError
+from PoE.core.evaluate import expert_outputs
+from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.experiments import write_text
-from PoE.paths import DATA_ROOT_HELP, default_data_root
-from PoE.pool import Pool
+from PoE.query.pool import Pool
 
 
 def table(dbs: list[str], data_root: str, tasks: list[str] | None) -> str:

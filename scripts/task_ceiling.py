@@ -18,13 +18,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.data import ImageSet, Normalizer
-from PoE.datasets import get_dataset, load_split
-from PoE.errors import PoEError
-from PoE.evaluate import batched_logits
-from PoE.networks import WideResNet, WRNSpec, build_network
-from PoE.pool import Pool
-from PoE.store import load_checkpoint, load_into
+from PoE.core.data import ImageSet, Normalizer
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.errors import PoEError
+from PoE.core.evaluate import batched_logits
+from PoE.core.networks import WideResNet, WRNSpec, build_network
+from PoE.core.store import load_checkpoint, load_into
+from PoE.query.pool import Pool
 
 
 def logits_of(model: nn.Module, images: ImageSet, norm: Normalizer) -> torch.Tensor:

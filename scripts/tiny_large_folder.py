@@ -25,8 +25,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from PoE.datasets import get_dataset  # noqa: E402
-from PoE.datasets.tinyimagenet import class_names as read_names  # noqa: E402
+from PoE.core.datasets import get_dataset  # noqa: E402
+from PoE.core.datasets.tinyimagenet import class_names as read_names  # noqa: E402
 
 class_names = functools.cache(read_names)  # read once: timm's metadata takes seconds
 
@@ -71,8 +71,8 @@ def write_folder(val: Path, out: Path, wnids: list[str], size: int, n_train: int
 def export_oracle(official: Path, folder_names: list[str], size: int, path: Path) -> None:
     """The official WRN-16-2 scoring ``folder_names`` in folder order (sorted), exported for ``size`` pixels: as
     ONNX for a ``.onnx`` path, else as a ``torch.export`` program."""
-    from PoE.networks import WideResNet, WRNSpec
-    from PoE.store import load_checkpoint
+    from PoE.core.networks import WideResNet, WRNSpec
+    from PoE.core.store import load_checkpoint
 
     net = WideResNet(WRNSpec(16, 2, first_stride=2), 200)
     net.front.load_state_dict(load_checkpoint(official / "library_TinyImageNet.pt"))

@@ -18,7 +18,8 @@ MAX_WORKERS = 4  # each worker holds its own decoded data, tiny pool and models:
 
 
 def usable_cpus() -> int:
-    """As ``PoE.service.run.cpus``, which imports torch: the xdist controller, which asks this, never needs torch."""
+    """As ``PoE.query.service.run.cpus``, which imports torch: the xdist controller, which asks this, never needs
+    torch."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -47,8 +48,8 @@ def pytest_configure(config) -> None:
 
 def shared_dir() -> Path:
     """``$POE_SHARED`` or ``../shared`` next to the checkout (real CIFAR-100, the original release): the folder the
-    entry scripts read by default too (``PoE.paths``)."""
-    from PoE.paths import shared_root
+    entry scripts read by default too (``PoE.core.paths``)."""
+    from PoE.core.paths import shared_root
 
     return shared_root()
 
@@ -80,7 +81,7 @@ def decode_shared_data_once():
     """Dozens of in-process runs read the same read-only real CIFAR-100 files; decoding the training split takes
     about 1.3 s here. Decode each file once per session and give every caller copies of its own, so that no caller
     can change the images another one reads. Files anywhere else (the corrupted copies of the tests) load as ever."""
-    import PoE.data as data
+    import PoE.core.data as data
 
     real, memo, shared = data.load_npz, {}, shared_dir().resolve()
 
@@ -158,8 +159,8 @@ def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
 
 def official_student(official_cifar: Path):
     """The original release's full WRN-16-1 (its library + the head trained with it), for use as a teacher."""
-    from PoE.networks import WideResNet, WRNSpec
-    from PoE.store import load_checkpoint
+    from PoE.core.networks import WideResNet, WRNSpec
+    from PoE.core.store import load_checkpoint
 
     net = WideResNet(WRNSpec(16, 1), 100)
     net.front.load_state_dict(load_checkpoint(official_cifar / "library_cifar100.pt"))
@@ -170,7 +171,7 @@ def official_student(official_cifar: Path):
 def install_stand_in_oracle(official_cifar: Path, pretrained: Path, db: Path | None = None) -> str:
     """Write the original release's WRN-16-1 as ``pretrained/cifar100/oracle.pt`` (and, with ``db``, its
     library as a pool library distilled from it); returns the Oracle's id."""
-    from PoE.store import save_checkpoint, state_id
+    from PoE.core.store import save_checkpoint, state_id
 
     net = official_student(official_cifar)
     tid = state_id(net)
@@ -205,7 +206,7 @@ def rewrite_part(path: Path, change) -> None:
     recomputed and the pool's manifest lists the new one, so only the checks beneath the manifest can object."""
     import json
 
-    from PoE.store import file_record, load_checkpoint, part_digest, save_checkpoint, seal
+    from PoE.core.store import file_record, load_checkpoint, part_digest, save_checkpoint, seal
 
     obj = load_checkpoint(path)
     change(obj)
@@ -224,7 +225,7 @@ def relist(path: Path) -> None:
     passes the check before reading, and what is tested is how its content is refused once read."""
     import json
 
-    from PoE.store import file_record
+    from PoE.core.store import file_record
 
     root = path.parent.parent if path.parent.name == "experts" else path.parent
     manifest = json.loads((root / "manifest.json").read_text())
@@ -234,8 +235,8 @@ def relist(path: Path) -> None:
 
 def consolidated(library, experts, query):
     """The consolidated network of separate experts (the pool builds it from its cached bank instead)."""
-    from PoE.consolidate import ConsolidatedNet
-    from PoE.networks import bank_of
+    from PoE.core.consolidate import ConsolidatedNet
+    from PoE.core.networks import bank_of
 
     return ConsolidatedNet(library, bank_of(experts), query)
 

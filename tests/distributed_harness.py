@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from PoE import distributed
-from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
-from PoE.profiles import StageConfig
-from PoE.train import train_stage
+from PoE.build import distributed
+from PoE.build.profiles import StageConfig
+from PoE.build.train import train_stage
+from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 
 
 def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
@@ -87,9 +87,9 @@ def finish_worker(index: int, port: int, out: str) -> None:
 
 
 def main(out: Path, argv: list[str]) -> int:
-    import PoE.stages.base as stages
+    import PoE.build.stages.base as stages
     from PoE.cli import main_preprocessing
-    from PoE.store import state_id
+    from PoE.core.store import state_id
 
     ids: dict[str, dict[str, str]] = {}
 

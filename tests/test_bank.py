@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-import PoE.networks.bank as bank_module
-from PoE.data import Normalizer
-from PoE.datasets import load_split
-from PoE.losses import ckd_loss
-from PoE.networks import MobileNetLibrary, WRNLibrary, WRNSpec, bank_of, mobilenetv2, unbank, wrn
-from PoE.pool import Pool
+import PoE.core.networks.bank as bank_module
+from PoE.build.losses import ckd_loss
+from PoE.core.data import Normalizer
+from PoE.core.datasets import load_split
+from PoE.core.networks import MobileNetLibrary, WRNLibrary, WRNSpec, bank_of, mobilenetv2, unbank, wrn
+from PoE.query.pool import Pool
 
 from .conftest import ROOT, need, shared_dir
 

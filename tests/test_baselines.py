@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from PoE import SHIPPED_POOL
-from PoE.baselines import METHODS, BaselineRunner
-from PoE.datasets import get_dataset, load_split
-from PoE.errors import PoEError
-from PoE.losses import padded_kd, restricted_kd
-from PoE.pool import Pool
-from PoE.profiles import StageConfig
+from PoE.build.baselines import METHODS, BaselineRunner
+from PoE.build.losses import padded_kd, restricted_kd
+from PoE.build.profiles import StageConfig
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.errors import PoEError
+from PoE.query.pool import Pool
 
 from .conftest import official_student
 
@@ -112,15 +112,15 @@ def test_ckd_from_cached_oracle_views(runner):
 
 
 def test_a_new_method_is_one_module_and_one_registry_line(runner, monkeypatch):
-    """A module of PoE.baselines with ``build(name)`` and its line in ``METHODS`` is all a method needs: the
+    """A module of PoE.build.baselines with ``build(name)`` and its line in ``METHODS`` is all a method needs: the
     runner trains it, and the comparisons' record keys and tables know it."""
     import sys
     import types
 
     import torch.nn.functional as F
 
-    from PoE import baselines
-    from PoE.baselines.base import Loss, Method
+    from PoE.build import baselines
+    from PoE.build.baselines.base import Loss, Method
     from PoE.experiments import record_key
 
     class Smoothed(Method):
@@ -130,9 +130,9 @@ def test_a_new_method_is_one_module_and_one_registry_line(runner, monkeypatch):
         def loss(self, ctx):
             return Loss(lambda out, b: F.cross_entropy(out, b.y, label_smoothing=0.1))
 
-    module = types.ModuleType("PoE.baselines.smoothed")
+    module = types.ModuleType("PoE.build.baselines.smoothed")
     module.build = lambda name: Smoothed()
-    monkeypatch.setitem(sys.modules, "PoE.baselines.smoothed", module)
+    monkeypatch.setitem(sys.modules, "PoE.build.baselines.smoothed", module)
     monkeypatch.setitem(baselines.METHODS, "smoothed", "smoothed")
     result = runner.run("smoothed", TASKS)
     assert result.method == "smoothed" and result.epochs == 1 and result.n_test == 1000
@@ -142,7 +142,7 @@ def test_a_new_method_is_one_module_and_one_registry_line(runner, monkeypatch):
 
 
 def test_an_unknown_method_is_one_line():
-    from PoE.baselines import method
+    from PoE.build.baselines import method
 
     with pytest.raises(PoEError, match="unknown method 'distill'; known methods: scratch, transfer, ckd"):
         method("distill")

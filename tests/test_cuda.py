@@ -11,18 +11,18 @@ import pytest
 import torch
 from torch import nn
 
+from PoE.build.profiles import StageConfig
+from PoE.build.teacher import TeacherOutputs
+from PoE.build.train import compiled, train_stage
 from PoE.cli import main_preprocessing, main_service
-from PoE.data import ImageSet, Normalizer, TensorLoader
-from PoE.datasets import get_dataset, load_split
-from PoE.evaluate import predict
-from PoE.networks import WideResNet, WRNSpec
-from PoE.pool import Pool
-from PoE.precision import resolve
-from PoE.profiles import StageConfig
-from PoE.query import make_query
-from PoE.store import state_id
-from PoE.teacher import TeacherOutputs
-from PoE.train import compiled, train_stage
+from PoE.core.data import ImageSet, Normalizer, TensorLoader
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.evaluate import predict
+from PoE.core.networks import WideResNet, WRNSpec
+from PoE.core.precision import resolve
+from PoE.core.query import make_query
+from PoE.core.store import state_id
+from PoE.query.pool import Pool
 
 from .conftest import fake_cifar
 

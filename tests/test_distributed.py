@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from PoE.data import ImageSet, Normalizer, TensorLoader
-from PoE.datasets import get_dataset, load_split
-from PoE.errors import PoEError
-from PoE.evaluate import accuracy
-from PoE.networks import build_network
-from PoE.pool import Pool
-from PoE.preprocess import subset_index
-from PoE.store import load_checkpoint, load_into, state_id
+from PoE.build.preprocess import subset_index
+from PoE.core.data import ImageSet, Normalizer, TensorLoader
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.errors import PoEError
+from PoE.core.evaluate import accuracy
+from PoE.core.networks import build_network
+from PoE.core.store import load_checkpoint, load_into, state_id
+from PoE.query.pool import Pool
 
 from .conftest import ROOT
 from .distributed_harness import finish_worker, toy_training, toy_worker

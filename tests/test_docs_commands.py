@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from PoE.paths import shared_root
+from PoE.core.paths import shared_root
 
 from .conftest import ROOT, run_script
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from PoE.cli import main_evaluation
-from PoE.evaluate import score_composite
-from PoE.query import Query
+from PoE.core.evaluate import score_composite
+from PoE.core.query import Query
 
 
 def test_combinations_reproduce_the_original_release(capsys, tmp_path, official_cifar, data_root):
@@ -75,8 +75,8 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     # use it; a rerun with nothing changed is the special case of this one); one with other settings trains again
     record = out / "baseline_runs.jsonl"
     assert len(record.read_text().splitlines()) == 1
-    from PoE.baselines import BaselineRunner
-    from PoE.store import load_checkpoint, save_checkpoint
+    from PoE.build.baselines import BaselineRunner
+    from PoE.core.store import load_checkpoint, save_checkpoint
 
     trained = []
     real_run = BaselineRunner.run
@@ -104,7 +104,7 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
 def test_record_key_names_the_parts_each_method_uses():
     """A recorded baseline run is reused only while the parts it trained from are unchanged: the library for
     Transfer, CKD and SD/UHC-CKD, the Oracle for CKD, the query's experts for SD/UHC-CKD, none for Scratch."""
-    from PoE.baselines import METHODS
+    from PoE.build.baselines import METHODS
     from PoE.experiments import record_key
 
     class Parts:

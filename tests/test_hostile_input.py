@@ -20,11 +20,11 @@ import pytest
 
 from PoE.cli import main_evaluation, main_experiments, main_preprocessing, main_service
 from PoE.cli.experiments import experiments_parser
-from PoE.datasets import get_dataset
-from PoE.datasets.cifar100 import CLASSES as CIFAR_NAMES
-from PoE.errors import PoEError
-from PoE.pool import Pool
-from PoE.service import create_app
+from PoE.core.datasets import get_dataset
+from PoE.core.datasets.cifar100 import CLASSES as CIFAR_NAMES
+from PoE.core.errors import PoEError
+from PoE.query.pool import Pool
+from PoE.query.service import create_app
 
 from .conftest import ROOT
 from .test_server import TestClient
@@ -75,7 +75,7 @@ def test_json_nested_past_the_recursion_limit_is_one_line_wherever_it_is_read(tm
 
 
 def test_the_json_reader_counts_brackets_outside_strings_only(tmp_path):
-    from PoE.jsonfile import MAX_JSON_DEPTH, read_json
+    from PoE.core.jsonfile import MAX_JSON_DEPTH, read_json
 
     path = tmp_path / "x.json"
     deepest = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
@@ -215,7 +215,7 @@ def test_images_that_decode_into_gigabytes_are_refused_from_their_header(two_cla
 def test_pils_decompression_bomb_limit_is_an_image_error_not_a_warning(tmp_path, monkeypatch):
     from PIL import Image
 
-    from PoE.data import ImageTooLarge, opened_image
+    from PoE.core.data import ImageTooLarge, opened_image
 
     Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: PIL's warning (over 1x, under 2x)
@@ -269,7 +269,7 @@ def many_tasks(n: int) -> Pool:
 def test_a_pool_of_more_than_256_tasks_serves_the_model_urls_it_gives(data_root):
     """Task 256 on was written with three hex digits in a model id read two at a time: /api/query gave a URL
     that answered 404."""
-    from PoE.service.core import View, index_digits
+    from PoE.query.service.core import View, index_digits
 
     assert [index_digits(n) for n in (1, 20, 256, 257, 4096, 4097)] == [2, 2, 2, 3, 3, 4]
     pool = many_tasks(257)

@@ -16,9 +16,9 @@ import torchvision
 from PIL import Image
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.datasets import get_dataset, load_split
-from PoE.errors import PoEError
-from PoE.networks import MobileNetExpert, MobileNetLibrary
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.errors import PoEError
+from PoE.core.networks import MobileNetExpert, MobileNetLibrary
 
 CFG = get_dataset("imagenet")
 WNIDS = [f"n{i:08d}" for i in range(1000)]  # sorted order = class id
@@ -131,10 +131,10 @@ def test_end_to_end_tiny_pool_and_service(tmp_path, imagenet_root, stand_in_weig
 
 
 def test_paper_schedule_and_model_cost():
-    from PoE.evaluate import count_params
-    from PoE.networks.mobilenetv2 import new_expert
-    from PoE.profiles import for_dataset, get_profile
-    from PoE.query import make_query
+    from PoE.build.profiles import for_dataset, get_profile
+    from PoE.core.evaluate import count_params
+    from PoE.core.networks.mobilenetv2 import new_expert
+    from PoE.core.query import make_query
 
     from .conftest import consolidated
 

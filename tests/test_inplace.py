@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.pool import Pool
+from PoE.query.pool import Pool
 
 from .conftest import ROOT, TINY, install_stand_in_oracle
 
@@ -27,7 +27,7 @@ MORE = {"wheels": ["bicycle", "motorcycle", "pickup_truck"]}
 # a real SIGKILL at a point the test chooses: the add's first manifest write is its commit (nothing before it)
 KILL = """
 import os, signal, sys
-from PoE import manifest
+from PoE.core import manifest
 when, argv, write = sys.argv[1], sys.argv[2:], manifest.write
 def killed(listing, run):
     if when == "before":
@@ -249,8 +249,8 @@ def test_a_remove_never_deletes_a_file_its_name_leads_to_outside_the_pool(built,
 
 
 def test_a_pool_path_is_made_only_of_a_task_name_and_stays_in_the_pool(tmp_path):
-    from PoE.errors import PoEError
-    from PoE.store import PoolPaths
+    from PoE.core.errors import PoEError
+    from PoE.core.store import PoolPaths
 
     paths = PoolPaths(tmp_path / "pool", "cifar100")
     assert paths.expert("vehicles_1") == tmp_path / "pool" / "experts" / "expert_vehicles_1.pt"
@@ -267,7 +267,7 @@ def test_a_pool_path_is_made_only_of_a_task_name_and_stays_in_the_pool(tmp_path)
 def test_a_retrain_beside_another_writer_is_refused_at_once(built, pool_dir, capsys):
     """Every command that writes a pool takes its lock: a retrain beside an add (which holds it) rewrote the
     manifest from what it read at its start, and the added tasks vanished."""
-    from PoE.edit import editing
+    from PoE.build.edit import editing
 
     before = files(pool_dir)
     retrain = [*built["argv"], "--db", str(pool_dir.parent), "--stages", "experts", "--retrain", "experts"]
@@ -275,7 +275,7 @@ def test_a_retrain_beside_another_writer_is_refused_at_once(built, pool_dir, cap
         assert main_preprocessing(retrain) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "another command is writing the pool" in err
-        from PoE.migrate import main as migrate
+        from PoE.build.migrate import main as migrate
 
         assert migrate([str(pool_dir)]) == 2
         assert "another command is writing the pool" in capsys.readouterr().err
@@ -285,13 +285,13 @@ def test_a_retrain_beside_another_writer_is_refused_at_once(built, pool_dir, cap
 def test_a_remove_killed_after_deleting_is_finished_by_running_it_again(built, pool_dir, capsys, monkeypatch):
     """The state a kill leaves after the commit and the deletion, before ``hierarchy.json``: the note says to run the
     command again, and running it again finishes the edit (it was refused: the task was no longer in the pool)."""
-    import PoE.edit
+    import PoE.build.edit
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for the SIGKILL: nothing after this point runs
 
     db = str(pool_dir.parent)
-    monkeypatch.setattr(PoE.edit, "write_hierarchy_copy", killed)
+    monkeypatch.setattr(PoE.build.edit, "write_hierarchy_copy", killed)
     assert main_preprocessing(["--db", db, "--remove_tasks", "land"]) == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -318,12 +318,12 @@ def test_a_pinned_remove_changes_only_the_pinned_pool(built, pool_dir, capsys):
 
 
 def test_an_add_killed_after_its_commit_is_finished_by_running_it_again(built, pool_dir, capsys, monkeypatch):
-    import PoE.preprocess
+    import PoE.build.preprocess
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for the SIGKILL after the manifest, before hierarchy.json
 
-    monkeypatch.setattr(PoE.preprocess, "write_hierarchy_copy", killed)
+    monkeypatch.setattr(PoE.build.preprocess, "write_hierarchy_copy", killed)
     assert main_preprocessing(add(built, pool_dir)) == 130
     monkeypatch.undo()
     pool = Pool.open(pool_dir)

@@ -1,6 +1,6 @@
 """The manifest as the pool's table of contents: a part of another pool (with or without its metadata), a bit
 flipped in stored metadata, a file added or removed behind the manifest's back, are each refused in one line
-naming the file; a pool of an earlier version is upgraded by ``python -m PoE.migrate`` only when its files
+naming the file; a pool of an earlier version is upgraded by ``python -m PoE.build.migrate`` only when its files
 agree with what its old manifest recorded. Everything here runs on copies of the shipped pools (no training)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from PoE.cli import main_service
-from PoE.errors import PoEError
-from PoE.pool import Pool
-from PoE.store import load_checkpoint, save_checkpoint
+from PoE.core.errors import PoEError
+from PoE.core.store import load_checkpoint, save_checkpoint
+from PoE.query.pool import Pool
 
 from .conftest import ROOT, rewrite_part
 
@@ -113,10 +113,10 @@ def downgrade(pool) -> None:
 
 
 def test_migration_upgrades_an_earlier_pool_only_when_its_files_agree(shipped, capsys):
-    from PoE.migrate import main as migrate
+    from PoE.build.migrate import main as migrate
 
     downgrade(shipped)
-    refused(shipped, "lists no part digests", f"python -m PoE.migrate {shipped}")
+    refused(shipped, "lists no part digests", f"python -m PoE.build.migrate {shipped}")
     path = shipped / "experts" / "expert_vehicles_1.pt"
     good = path.read_bytes()
     save_checkpoint(path, {**load_checkpoint(path), "test_acc": 99.0})  # changed before the upgrade
@@ -162,7 +162,7 @@ def test_a_test_split_without_the_querys_classes_is_refused(tmp_path, capsys, sh
     """It printed 'nan%' with exit 0 and --json printed NaN; a split with one label raised IndexError."""
     import numpy as np
 
-    from PoE.data import ImageSet
+    from PoE.core.data import ImageSet
 
     (tmp_path / "cifar100").mkdir()
     np.savez(tmp_path / "cifar100" / "test.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4, np.int64))
@@ -189,7 +189,7 @@ def test_a_data_file_whose_header_claims_a_billion_images_is_one_line(tmp_path):
 
     import numpy as np
 
-    from PoE.datasets import load_split
+    from PoE.core.datasets import load_split
 
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
@@ -277,7 +277,7 @@ def test_training_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full
 
 
 def test_a_checkpoint_whose_index_fails_leaves_none_of_its_shards(tmp_path, monkeypatch):
-    import PoE.store as store
+    import PoE.core.store as store
 
     real = store.atomic_write
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from PoE.cli import main_evaluation, main_preprocessing, main_service
-from PoE.datasets import get_dataset
+from PoE.core.datasets import get_dataset
 
 from .conftest import ROOT, need, shared_dir
 
@@ -122,9 +122,9 @@ def test_a_split_over_the_decoded_size_limit_is_refused_before_decoding(large_fo
 
 
 def test_large_folders_get_the_mobilenet_family(large_folder):
-    from PoE.datasets import described_by_data
-    from PoE.networks import build_network, family_of
-    from PoE.networks.mobilenetv2 import library_from_state
+    from PoE.core.datasets import described_by_data
+    from PoE.core.networks import build_network, family_of
+    from PoE.core.networks.mobilenetv2 import library_from_state
 
     cfg = described_by_data(get_dataset("folder"), large_folder, None, False, [])
     assert cfg.image_size == SIZE and cfg.num_classes == 4  # the images' own size: not upscaled to 224

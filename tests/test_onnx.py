@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 
 from PoE.cli import main_service
-from PoE.datasets import load_split
-from PoE.errors import PoEError
-from PoE.onnx_export import OnnxModel
-from PoE.pool import Pool
-from PoE.service import create_app
+from PoE.core.datasets import load_split
+from PoE.core.errors import PoEError
+from PoE.query.onnx_export import OnnxModel
+from PoE.query.pool import Pool
+from PoE.query.service import create_app
 
 from .conftest import ROOT
 from .test_large_images import build, large_folder, oracle_file  # noqa: F401 - fixtures used below

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.datasets import get_dataset
-from PoE.datasets.cifar100 import CLASSES as CIFAR_NAMES
-from PoE.datasets.tinyimagenet import class_names as tiny_names
+from PoE.core.datasets import get_dataset
+from PoE.core.datasets.cifar100 import CLASSES as CIFAR_NAMES
+from PoE.core.datasets.tinyimagenet import class_names as tiny_names
 
 from .conftest import ROOT, need, official_student, run_script, shared_dir
 
@@ -323,7 +323,7 @@ def test_an_endless_trusted_program_ends_the_run_in_one_line(cifar_folder, oracl
 
 
 def test_the_shipped_oracle_as_onnx_scores_as_its_torch_export_program(data_root, tmp_path, capsys):
-    from PoE.baselines import load_oracle
+    from PoE.build.baselines import load_oracle
 
     net = load_oracle(ROOT / "DB_pretrained", get_dataset("cifar100"), torch.device("cpu")).float().eval()
     onnx_file = to_onnx(OnRgb(net), 32, tmp_path / "shipped.onnx")

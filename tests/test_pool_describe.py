@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from PoE.pool import Pool
+from PoE.query.pool import Pool
 
 from .conftest import ROOT
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
+from PoE.build.profiles import StageConfig
+from PoE.build.teacher import TeacherOutputs
+from PoE.build.train import train_stage
 from PoE.cli import main_preprocessing, main_service
-from PoE.data import Batch, ImageSet, Normalizer, TensorLoader
-from PoE.datasets import load_split
-from PoE.errors import PoEError
-from PoE.networks import WideResNet, WRNSpec
-from PoE.profiles import StageConfig
-from PoE.store import load_checkpoint, save_checkpoint, state_id
-from PoE.teacher import TeacherOutputs
-from PoE.train import train_stage
+from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.core.datasets import load_split
+from PoE.core.errors import PoEError
+from PoE.core.networks import WideResNet, WRNSpec
+from PoE.core.store import load_checkpoint, save_checkpoint, state_id
 
 from .conftest import ROOT, TINY, fake_cifar, install_stand_in_oracle
 
@@ -281,18 +281,18 @@ def stopping_in_second_epoch(train_stage_fn, stage: str):
 def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypatch, capsys):
     """A run interrupted in the library's second epoch and run again: the manifest lists both sittings of the
     library (epochs, machine, precision) and names it among the resumed stages; the other stages ran once."""
-    import PoE.stages
+    import PoE.build.stages
 
     root = fake_cifar(tmp_path / "data", 128, 100)
     args = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--oracle_arch",
             "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
             "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
-    real = PoE.stages.base.train_stage
+    real = PoE.build.stages.base.train_stage
     interrupted = stopping_in_second_epoch(real, "library")
 
-    monkeypatch.setattr(PoE.stages.base, "train_stage", interrupted)
+    monkeypatch.setattr(PoE.build.stages.base, "train_stage", interrupted)
     assert main_preprocessing(args) != 0
-    monkeypatch.setattr(PoE.stages.base, "train_stage", real)
+    monkeypatch.setattr(PoE.build.stages.base, "train_stage", real)
     assert main_preprocessing(args) == 0, capsys.readouterr().err
     manifest = json.loads((tmp_path / "db" / "cifar100" / "manifest.json").read_text())
     sittings = manifest["stage_sittings"]
@@ -305,14 +305,14 @@ def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypat
 def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeypatch, capsys):
     """An ablation pool stopped in its experts' second epoch leaves its progress in its own folder; a second pool
     over the same DB_pretrained trains its experts meanwhile, and the first then resumes to the end."""
-    import PoE.stages
+    import PoE.build.stages
 
     root = fake_cifar(tmp_path / "data", 128, 100)
     base = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--oracle_arch",
             "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
             "--data_root", str(root), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
     assert main_preprocessing([*base, "--db", str(tmp_path / "db")]) == 0, capsys.readouterr().err
-    real = PoE.stages.base.train_stage
+    real = PoE.build.stages.base.train_stage
     interrupted = stopping_in_second_epoch(real, "experts")
 
     soft = [*base, "--stages", "experts", "--loss", "soft", "--db", str(tmp_path / "soft")]
@@ -320,10 +320,10 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
     for pool in ("soft", "scale"):
         (tmp_path / pool / "cifar100").mkdir(parents=True)
         shutil.copy(tmp_path / "db" / "cifar100" / "library_cifar100.pt", tmp_path / pool / "cifar100")
-    monkeypatch.setattr(PoE.stages.base, "train_stage", interrupted)
+    monkeypatch.setattr(PoE.build.stages.base, "train_stage", interrupted)
     assert main_preprocessing(soft) != 0
     assert (tmp_path / "soft" / "cifar100" / "resume" / "experts.pt").is_file()
-    monkeypatch.setattr(PoE.stages.base, "train_stage", real)
+    monkeypatch.setattr(PoE.build.stages.base, "train_stage", real)
     assert main_preprocessing(scale) == 0, capsys.readouterr().err
     assert not (tmp_path / "scale" / "cifar100" / "resume").exists()
     assert main_preprocessing(soft) == 0, capsys.readouterr().err
@@ -336,7 +336,7 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
 def test_a_run_killed_after_a_stages_last_epoch_resumes_instead_of_retraining(tmp_path, monkeypatch, capsys):
     """Killed while the Oracle's outputs were being evaluated (after its last epoch): its resume file used to
     be gone already, and the rerun trained the Oracle again from epoch 1."""
-    from PoE.preprocess import Preprocessor
+    from PoE.build.preprocess import Preprocessor
 
     root = fake_cifar(tmp_path / "data", 128, 100)
     args = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "1", "--oracle_arch",

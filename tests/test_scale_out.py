@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from PoE.pool import Pool
-from PoE.service import create_app
+from PoE.query.pool import Pool
+from PoE.query.service import create_app
 
 from .conftest import ROOT
 from .servers import RAY, START_S, Server, free_port, port_is_free

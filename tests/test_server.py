@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from PoE.cli import main_service
-from PoE.pool import Pool
-from PoE.service import MAX_IMAGES, create_app
+from PoE.query.pool import Pool
+from PoE.query.service import MAX_IMAGES, create_app
 
 from .conftest import ROOT
 

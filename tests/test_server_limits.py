@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from PoE.errors import PoEError
-from PoE.pool import Pool
-from PoE.service import create_app
+from PoE.core.errors import PoEError
+from PoE.query.pool import Pool
+from PoE.query.service import create_app
 
 from .conftest import ROOT
 from .test_server import QUERY, TestClient, b64, encode, still_answers
@@ -158,7 +158,7 @@ def test_predictions_of_many_images_decode_off_the_event_loop_and_match(pool, im
 )  # fmt: skip
 def test_workers_and_threads_follow_the_cores(workers, threads, cpus, want):
     """One worker per two cores; a worker's forwards get its share of the cores less one, 1 to 4 threads."""
-    from PoE.service.run import plan
+    from PoE.query.service.run import plan
 
     assert plan(workers, threads, cpus) == want
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from PoE.cli import main_service
-from PoE.datasets import get_dataset
-from PoE.pool import Pool
+from PoE.core.datasets import get_dataset
+from PoE.query.pool import Pool
 
 from .conftest import run_script
 

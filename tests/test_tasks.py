@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from PoE.cli import main_evaluation, main_preprocessing, main_service
-from PoE.datasets import get_dataset
-from PoE.errors import PoEError
-from PoE.pool import Pool
-from PoE.store import load_checkpoint
-from PoE.tasks import builtin_hierarchy, parse_hierarchy, read_hierarchy
+from PoE.core.datasets import get_dataset
+from PoE.core.errors import PoEError
+from PoE.core.store import load_checkpoint
+from PoE.core.tasks import builtin_hierarchy, parse_hierarchy, read_hierarchy
+from PoE.query.pool import Pool
 
 from .conftest import ROOT, TINY, install_stand_in_oracle
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from PoE import SHIPPED_POOL
-from PoE.pool import Pool
-from PoE.precision import ieee_fp32, ieee_scope, resolve
+from PoE.core.precision import ieee_fp32, ieee_scope, resolve
+from PoE.query.pool import Pool
 
 TASKS = ["people", "vehicles_1"]
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from PoE.cli import main_preprocessing, main_service
-from PoE.datasets import get_dataset, load_split
-from PoE.errors import PoEError
+from PoE.core.datasets import get_dataset, load_split
+from PoE.core.errors import PoEError
 
 from .conftest import need, shared_dir
 

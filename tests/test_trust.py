@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from PoE.build.migrate import main as migrate
 from PoE.cli import main_preprocessing, main_service
-from PoE.errors import PoEError
-from PoE.migrate import main as migrate
-from PoE.pool import Pool
-from PoE.service import create_app
+from PoE.core.errors import PoEError
+from PoE.query.pool import Pool
+from PoE.query.service import create_app
 
 from .conftest import ROOT, rewrite_part
 
@@ -90,14 +90,14 @@ def apples(folder_build) -> list[np.ndarray]:
 def test_a_hierarchy_file_beside_a_bare_pool_is_refused_unless_named(tmp_path, official_cifar, capsys):
     """The original release with a hierarchy.json that swaps people's and vehicles_1's classes answered the README
     query at 30.6% instead of 76.13%, and `people` with bicycle..train, exit 0."""
-    from PoE.datasets import get_dataset
+    from PoE.core.datasets import get_dataset
 
     pool = tmp_path / "official"
     shutil.copytree(official_cifar, pool)
     cifar = get_dataset("cifar100")
     names = {t: [cifar.class_name(c) for c in cls] for t, cls in cifar.tasks.items()}
     names["people"], names["vehicles_1"] = names["vehicles_1"], names["people"]
-    from PoE.tasks import Hierarchy, parse_hierarchy
+    from PoE.core.tasks import Hierarchy, parse_hierarchy
 
     swapped: Hierarchy = parse_hierarchy(names, cifar, "swapped")
     (pool / "hierarchy.json").write_text(json.dumps({"dataset": "cifar100", **swapped.record(cifar)}))
@@ -137,7 +137,7 @@ def test_a_folder_pool_of_the_previous_format_is_upgraded_to_cover_dataset_json(
     assert manifest["manifest_format"] == 4 and "dataset.json" in manifest["files"]
     old = {k: v for k, v in manifest.items() if k != "files"} | {"manifest_format": 3}
     (folder_pool / "manifest.json").write_text(json.dumps(old))
-    refused(folder_pool, "folder", match=("does not cover", "dataset.json", "python -m PoE.migrate"))
+    refused(folder_pool, "folder", match=("does not cover", "dataset.json", "python -m PoE.build.migrate"))
     assert migrate([str(folder_pool), "--dataset", "folder"]) == 0
     assert "dataset.json recorded as it is now" in capsys.readouterr().out
     assert Pool.open(folder_pool, "folder").digest == Pool.open(folder_build["db"], "folder").digest

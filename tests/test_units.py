@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from PoE.data import ImageSet, crop_flip, view_params
-from PoE.datasets import DATASETS, cifar100, tinyimagenet
-from PoE.errors import PoEError
-from PoE.evaluate import count_macs, count_params, cross_expert_share
-from PoE.losses import ckd_loss, kd_loss, scale_loss
-from PoE.networks import WideResNet, WRNLibrary, WRNSpec
-from PoE.networks.wrn import expert_from_state, new_expert
-from PoE.profiles import StageConfig
-from PoE.query import make_query
-from PoE.store import atomic_write, load_checkpoint, load_into, save_checkpoint
+from PoE.build.losses import ckd_loss, kd_loss, scale_loss
+from PoE.build.profiles import StageConfig
+from PoE.core.data import ImageSet, crop_flip, view_params
+from PoE.core.datasets import DATASETS, cifar100, tinyimagenet
+from PoE.core.errors import PoEError
+from PoE.core.evaluate import count_macs, count_params, cross_expert_share
+from PoE.core.networks import WideResNet, WRNLibrary, WRNSpec
+from PoE.core.networks.wrn import expert_from_state, new_expert
+from PoE.core.query import make_query
+from PoE.core.store import atomic_write, load_checkpoint, load_into, save_checkpoint
 
 from .conftest import check_disjoint, consolidated
 
@@ -76,7 +76,7 @@ def test_wrn_spec_parse_and_validation():
 
 
 def test_official_checkpoints_load_with_inferred_shapes(official_cifar):
-    from PoE.networks.wrn import library_spec_from_state
+    from PoE.core.networks.wrn import library_spec_from_state
 
     sd = load_checkpoint(official_cifar / "library_cifar100.pt")
     spec = library_spec_from_state(sd, 1)
@@ -271,7 +271,7 @@ def test_cifar100_is_fetched_through_torchvision_once_and_cached(tmp_path, monke
     import numpy as np
     import torchvision
 
-    from PoE.datasets import load_split
+    from PoE.core.datasets import load_split
 
     class FakeCIFAR100:  # what torchvision's dataset exposes after a download
         def __init__(self, root, train, download):
@@ -304,7 +304,7 @@ def test_a_short_junk_file_is_refused_as_a_checkpoint_in_one_line(tmp_path):
 
 
 def test_more_workers_than_four_per_cpu_are_refused():
-    from PoE.service.run import plan
+    from PoE.query.service.run import plan
 
     assert plan(8, None, n_cpus=2) == (8, 1)
     with pytest.raises(PoEError, match="more than 4 per CPU"):

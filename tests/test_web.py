@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from PoE.data import Normalizer
-from PoE.datasets import load_split
-from PoE.evaluate import accuracy
-from PoE.pool import Pool
+from PoE.core.data import Normalizer
+from PoE.core.datasets import load_split
+from PoE.core.evaluate import accuracy
+from PoE.query.pool import Pool
 
 from .conftest import ROOT
 
@@ -143,7 +143,7 @@ def test_page_picks_tasks_shows_the_model_and_predicts(driver, server, data_root
     assert want[0]["name"].replace("_", " ") in first and f"{100 * want[0]['probability']:.2f}%" in first
 
     if os.environ.get("POE_SCREENSHOT"):
-        from PoE.store import atomic_write
+        from PoE.core.store import atomic_write
 
         driver.execute_script("window.scrollTo(0, 0)")
         png = driver.get_screenshot_as_png()

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PoE.baselines import METHODS
+from PoE.build.baselines import METHODS
+from PoE.build.profiles import KD_ALPHA, KD_T, PAPER_LR
 from PoE.cli.common import (
     ALPHA,
     BUDGET,
@@ -27,15 +28,14 @@ from PoE.cli.common import (
     run_main,
     tasks_epilog,
 )
-from PoE.datasets import DatasetConfig
-from PoE.errors import PoEError
-from PoE.profiles import KD_ALPHA, KD_T, PAPER_LR
+from PoE.core.datasets import DatasetConfig
+from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:
     import torch
 
-    from PoE.baselines import BaselineRunner
-    from PoE.data import ImageSet
+    from PoE.build.baselines import BaselineRunner
+    from PoE.core.data import ImageSet
 
 
 def baselines_parser() -> argparse.ArgumentParser:
@@ -87,8 +87,8 @@ def runners(
     alpha: float = KD_ALPHA,
 ) -> Callable[[str], BaselineRunner]:
     """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images)."""
-    from PoE.baselines import BaselineConfig, baseline_runner
-    from PoE.precision import resolve as resolve_precision
+    from PoE.build.baselines import BaselineConfig, baseline_runner
+    from PoE.core.precision import resolve as resolve_precision
 
     how = BaselineConfig(pretrained=Path(a.pretrained), epochs=a.epochs, budget=a.budget, lr=a.lr,
                          batch_size=a.batch_size, schedule=a.schedule, T=T, alpha=alpha, seed=a.seed,
@@ -98,10 +98,10 @@ def runners(
 
 
 def baselines_body(a: argparse.Namespace) -> int:
-    from PoE.baselines import poe_row, result_row
-    from PoE.datasets import load_split
+    from PoE.build.baselines import poe_row, result_row
+    from PoE.core.datasets import load_split
+    from PoE.core.query import make_query
     from PoE.experiments import markdown_table
-    from PoE.query import make_query
 
     cfg = pool_tasks(a)
     query = make_query(a.queriedTask, cfg.tasks, cfg.name)

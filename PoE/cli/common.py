@@ -10,10 +10,10 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from PoE.datasets import DATASETS, DatasetConfig
-from PoE.errors import PoEError
-from PoE.paths import DATA_ROOT_HELP, default_data_root
-from PoE.profiles import PRECISIONS
+from PoE.core.choices import PRECISIONS
+from PoE.core.datasets import DATASETS, DatasetConfig
+from PoE.core.errors import PoEError
+from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 
 if TYPE_CHECKING:
     import torch
@@ -161,15 +161,15 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
 
 
 def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp32"):
-    from PoE.pool import Pool
+    from PoE.query.pool import Pool
 
     return Pool.open(a.db, a.dataset, device, precision, a.hierarchy, a.skip_bad_images, a.pool_digest)
 
 
 def pool_tasks(a: argparse.Namespace) -> DatasetConfig:
     """The dataset with the tasks of the pool at ``--db`` (its stored hierarchy, checked against --hierarchy)."""
-    from PoE.datasets import get_dataset
-    from PoE.tasks import pool_config
+    from PoE.core.datasets import get_dataset
+    from PoE.core.tasks import pool_config
 
     return pool_config(get_dataset(a.dataset), a.db, a.hierarchy, a.skip_bad_images)
 
@@ -205,7 +205,7 @@ def check_combinations(tasks: list[str], ns: list[int], limit: int) -> int:
 
 def chosen_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, list[str]]:
     """The dataset and its tasks to combine (``--tasks``, default: the dataset's default tasks), checked."""
-    from PoE.query import make_query
+    from PoE.core.query import make_query
 
     cfg = pool_tasks(a)
     tasks = a.tasks or cfg.default_tasks

@@ -20,7 +20,7 @@ from PoE.cli.common import (
     run_main,
     tasks_epilog,
 )
-from PoE.errors import PoEError
+from PoE.core.errors import PoEError
 
 
 def evaluation_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,9 @@ def evaluation_parser() -> argparse.ArgumentParser:
 
 
 def evaluation_body(a: argparse.Namespace) -> int:
-    from PoE.datasets import load_split
+    from PoE.core.datasets import load_split
+    from PoE.core.precision import resolve as resolve_precision
+    from PoE.core.query import make_query
     from PoE.experiments import (
         SUMMARY_COLUMNS,
         combination_rows,
@@ -56,8 +58,6 @@ def evaluation_body(a: argparse.Namespace) -> int:
         write_csv,
         write_table,
     )
-    from PoE.precision import resolve as resolve_precision
-    from PoE.query import make_query
 
     cfg, tasks = chosen_tasks(a)
     ns = a.n or list(range(2, len(tasks)))

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from PoE.baselines import METHODS
+from PoE.build.baselines import METHODS
 from PoE.cli.baselines import baseline_arguments, runners
 from PoE.cli.common import (
     NONNEG_INT,
@@ -23,7 +23,7 @@ from PoE.cli.common import (
     run_main,
     tasks_epilog,
 )
-from PoE.errors import PoEError
+from PoE.core.errors import PoEError
 
 
 def experiments_parser() -> argparse.ArgumentParser:
@@ -84,11 +84,24 @@ def check_trainings(tasks: list[str], ns: list[int], methods: list[str], k: int,
     )
 
 
+def ablation_pools(items: list[str]) -> dict[str, str]:
+    """``--ablation NAME=DB ...`` as {name: pool folder}."""
+    ablation = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise PoEError(f"--ablation takes NAME=DB pairs (e.g. soft=DB_soft), got {item!r}")
+        ablation[name] = path
+    return ablation
+
+
 def experiments_body(a: argparse.Namespace) -> int:
     from functools import cache
 
-    from PoE.baselines import load_oracle, oracle_files
-    from PoE.datasets import load_split
+    from PoE.build.baselines import load_oracle, oracle_files
+    from PoE.core.datasets import load_split
+    from PoE.core.precision import resolve as resolve_precision
+    from PoE.core.store import check_writable, files_id
     from PoE.experiments import (
         METHOD_COLUMNS,
         compare,
@@ -100,9 +113,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         write_csv,
         write_table,
     )
-    from PoE.pool import Pool
-    from PoE.precision import resolve as resolve_precision
-    from PoE.store import check_writable, files_id
+    from PoE.query.pool import Pool
 
     cfg, tasks = chosen_tasks(a)
     if not a.n or any(not 1 <= n <= len(tasks) for n in a.n):
@@ -110,12 +121,7 @@ def experiments_body(a: argparse.Namespace) -> int:
     check_combinations(tasks, a.n, a.max_combinations)  # the Oracle and PoE score every one
     check_trainings(tasks, a.n, a.methods, a.combos_per_n, a.max_trainings)
     check_writable(a.out)  # before any training: the record of finished runs and the tables go there
-    ablation = {}
-    for item in a.ablation:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise PoEError(f"--ablation takes NAME=DB pairs (e.g. soft=DB_soft), got {item!r}")
-        ablation[name] = path
+    ablation = ablation_pools(a.ablation)
     if ablation and "poe" not in a.methods:
         raise PoEError("--ablation compares pools with PoE's cross-expert errors: add poe to --methods")
     device = pick_device(a.device)

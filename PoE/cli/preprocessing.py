@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PoE.build.profiles import PROFILES, STAGES
 from PoE.cli.common import (
     ALPHA,
     FRACTION,
@@ -25,13 +26,13 @@ from PoE.cli.common import (
     run_main,
     tasks_epilog,
 )
-from PoE.datasets.folder import MAX_IMAGE_SIZE
-from PoE.errors import PoEError
-from PoE.profiles import PROFILES, STAGES
+from PoE.core.datasets.folder import MAX_IMAGE_SIZE
+from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:
-    from PoE.datasets import DatasetConfig
-    from PoE.tasks import Hierarchy
+    from PoE.build.profiles import Profile, StageConfig
+    from PoE.core.datasets import DatasetConfig
+    from PoE.core.tasks import Hierarchy
 
 IMAGE_SIZE = number(int, 1, high=MAX_IMAGE_SIZE, high_ok=True)  # below a family's smallest side: refused later
 
@@ -72,6 +73,15 @@ def preprocessing_parser() -> argparse.ArgumentParser:
     common_arguments(p)
     p.add_argument("--profile", default="paper", choices=list(PROFILES), help="schedule preset: " + "; ".join(
         f"{k}: {v.description}" for k, v in PROFILES.items()) + f". Note: {PAPER_ON_CPU}")  # fmt: skip
+    pool_flags(p)
+    oracle_file_flags(p)
+    schedule_flags(p)
+    pretrained_flags(p)
+    return p
+
+
+def pool_flags(p: argparse.ArgumentParser) -> None:
+    """Which pool: its stages, tasks, folders, seed, and the in-place edits."""
     p.add_argument(
         "--stages",
         nargs="+",
@@ -99,6 +109,10 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "repeat the pool's tasks, unchanged")  # fmt: skip
     p.add_argument("--remove_tasks", nargs="+", default=None, metavar="TASK", help="remove these tasks and their "
                    "experts from the pool at --db (the manifest first, then the files); no training")  # fmt: skip
+
+
+def oracle_file_flags(p: argparse.ArgumentParser) -> None:
+    """Your own Oracle file instead of a trained one."""
     p.add_argument(
         "--oracle",
         default=None,
@@ -115,6 +129,10 @@ def preprocessing_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--oracle_classes", default=None, metavar="FILE", help="the --oracle's class order when it "
                    "differs from the dataset's: one class name per line, or a JSON list")  # fmt: skip
+
+
+def schedule_flags(p: argparse.ArgumentParser) -> None:
+    """The training schedule, per stage or for all (default: the profile's)."""
     for stage in STAGES:
         g = p.add_argument_group(f"{stage} stage (default: the profile's)")
         name = stage.rstrip("s")
@@ -156,6 +174,10 @@ def preprocessing_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "off", *STAGES),
                    metavar="WHICH", help="torch.compile the training steps of these stages (on: all, off: none; "
                    "auto: the profile's, on CUDA only)")  # fmt: skip
+
+
+def pretrained_flags(p: argparse.ArgumentParser) -> None:
+    """Pretrained networks for ImageNet and large images."""
     g = p.add_argument_group("pretrained Oracle and library (ImageNet)")
     g.add_argument("--oracle_weights", default=None, help="the Oracle's state dict file (default: torchvision's "
                    "ImageNet weights in the torch hub cache); for a folder of large images, a whole torchvision "
@@ -165,70 +187,18 @@ def preprocessing_parser() -> argparse.ArgumentParser:
                    "of large images, the start of a width-1 library student, then distilled")  # fmt: skip
     g.add_argument("--workers", type=NONNEG_INT, default=None, help="DataLoader workers decoding images (default: one "
                    "per core, at most 8)")  # fmt: skip
-    return p
 
 
 def preprocessing_settings(a: argparse.Namespace):
-    from PoE.datasets import described_by_data, get_dataset
-    from PoE.networks import check_arch, family_of
-    from PoE.precision import resolve as resolve_precision
-    from PoE.preprocess import STAGES, Settings
-    from PoE.profiles import for_dataset, get_profile, override
-    from PoE.query import make_query
-    from PoE.tasks import build_hierarchy, given_hierarchy
+    """The run's Settings from the parsed flags: every check that needs no data or training runs here."""
+    from PoE.build.preprocess import Settings
+    from PoE.build.profiles import for_dataset, get_profile
+    from PoE.core.precision import resolve as resolve_precision
 
-    cfg = get_dataset(a.dataset)
-    folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
-    cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
-    smallest = family_of(cfg).min_input
-    if cfg.image_size < smallest:
-        raise PoEError(f"{cfg.name} at {cfg.image_size} pixels is below the {cfg.family} networks' smallest image side "
-                       f"({smallest}): give --image_size {smallest} or more (images are resized to it)")  # fmt: skip
-    if a.add_tasks:
-        hierarchy, tasks = addition(a, cfg)
-        cfg = hierarchy.apply(cfg)
-    else:
-        hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
-        cfg = hierarchy.apply(cfg)
-        tasks = list(cfg.tasks) if a.tasks is None else a.tasks
-        make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
-    if a.library_weights and not cfg.pretrained:  # a folder of large images: a width-1 student, started from them
-        if cfg.family != "mobilenetv2":
-            raise PoEError(f"--library_weights starts a MobileNetV2 library student (a folder of images over 64 "
-                           f"pixels) from a whole torchvision mobilenet_v2's weights; {cfg.name} at {cfg.image_size} "
-                           f"pixels distills a {cfg.library_arch}: leave --library_weights out")  # fmt: skip
-        cfg = dataclasses.replace(cfg, library_arch="mobilenet_v2")
+    cfg, hierarchy, tasks = dataset_and_tasks(a)
     prof = for_dataset(get_profile(a.profile), cfg)
-    stages = {}
-    for stage in STAGES:
-        name = stage.rstrip("s")
-        stages[stage] = override(
-            getattr(prof, stage),
-            epochs=getattr(a, f"{name}_epochs") or a.epochs,
-            lr=getattr(a, f"{name}_lr"),
-            batch_size=getattr(a, f"{name}_batch_size") or a.batch_size,
-            schedule=getattr(a, f"{name}_schedule"),
-            weight_decay=a.weight_decay,
-        )
-    stages["oracle"] = override(stages["oracle"], label_smoothing=a.label_smoothing)
-    if a.trust_oracle_code and not a.oracle:
-        raise PoEError("--trust_oracle_code lets an --oracle FILE run as a program; name the file too")
-    if a.oracle_classes and not a.oracle:
-        raise PoEError("--oracle_classes gives the class order of an --oracle FILE; name the file too")
-    if a.oracle and a.oracle_arch:
-        raise PoEError("--oracle FILE is the Oracle; --oracle_arch names one to train: give one of them")
-    oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.oracle_arch
-    try:
-        check_arch(oracle_arch, cfg)
-    except ValueError as e:
-        raise PoEError(f"--oracle_arch: {e}") from None
-    if a.oracle_weights and not cfg.pretrained and (a.oracle or oracle_arch.lower() != "mobilenet_v2"):
-        what = f"your --oracle {a.oracle}" if a.oracle else oracle_arch
-        raise PoEError(f"--oracle_weights starts an Oracle trained here from a whole torchvision mobilenet_v2's "
-                       f"weights; this run's Oracle is {what}: give --oracle_arch mobilenet_v2 (the default over "
-                       "64 pixels), or leave --oracle_weights out")  # fmt: skip
-    if a.oracle:
-        oracle_arch = f"{Path(a.oracle).name} (yours)"
+    stages = stage_configs(a, prof)
+    oracle_arch = oracle_choice(a, prof, cfg)
     views = prof.teacher_views if a.teacher_views is None else a.teacher_views
     if cfg.pretrained and views:
         raise PoEError(f"--teacher_views must be 0 for {cfg.name}: its images are streamed, the Oracle sees each batch")
@@ -274,13 +244,89 @@ def preprocessing_settings(a: argparse.Namespace):
     )
 
 
+def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, list[str]]:
+    """The dataset (described by its data for a folder), its hierarchy and the tasks to build."""
+    from PoE.core.datasets import described_by_data, get_dataset
+    from PoE.core.networks import family_of
+    from PoE.core.query import make_query
+    from PoE.core.tasks import build_hierarchy, given_hierarchy
+
+    cfg = get_dataset(a.dataset)
+    folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
+    cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
+    smallest = family_of(cfg).min_input
+    if cfg.image_size < smallest:
+        raise PoEError(f"{cfg.name} at {cfg.image_size} pixels is below the {cfg.family} networks' smallest image side "
+                       f"({smallest}): give --image_size {smallest} or more (images are resized to it)")  # fmt: skip
+    if a.add_tasks:
+        hierarchy, tasks = addition(a, cfg)
+        cfg = hierarchy.apply(cfg)
+    else:
+        hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
+        cfg = hierarchy.apply(cfg)
+        tasks = list(cfg.tasks) if a.tasks is None else a.tasks
+        make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
+    if a.library_weights and not cfg.pretrained:  # a folder of large images: a width-1 student, started from them
+        if cfg.family != "mobilenetv2":
+            raise PoEError(f"--library_weights starts a MobileNetV2 library student (a folder of images over 64 "
+                           f"pixels) from a whole torchvision mobilenet_v2's weights; {cfg.name} at {cfg.image_size} "
+                           f"pixels distills a {cfg.library_arch}: leave --library_weights out")  # fmt: skip
+        cfg = dataclasses.replace(cfg, library_arch="mobilenet_v2")
+    return cfg, hierarchy, tasks
+
+
+def stage_configs(a: argparse.Namespace, prof: Profile) -> dict[str, StageConfig]:
+    """Each stage's schedule: the profile's, with the flags that override it."""
+    from PoE.build.preprocess import STAGES
+    from PoE.build.profiles import override
+
+    stages = {}
+    for stage in STAGES:
+        name = stage.rstrip("s")
+        stages[stage] = override(
+            getattr(prof, stage),
+            epochs=getattr(a, f"{name}_epochs") or a.epochs,
+            lr=getattr(a, f"{name}_lr"),
+            batch_size=getattr(a, f"{name}_batch_size") or a.batch_size,
+            schedule=getattr(a, f"{name}_schedule"),
+            weight_decay=a.weight_decay,
+        )
+    stages["oracle"] = override(stages["oracle"], label_smoothing=a.label_smoothing)
+    return stages
+
+
+def oracle_choice(a: argparse.Namespace, prof: Profile, cfg: DatasetConfig) -> str:
+    """The Oracle's architecture (or the user's file), with the flags that contradict it refused."""
+    from PoE.core.networks import check_arch
+
+    if a.trust_oracle_code and not a.oracle:
+        raise PoEError("--trust_oracle_code lets an --oracle FILE run as a program; name the file too")
+    if a.oracle_classes and not a.oracle:
+        raise PoEError("--oracle_classes gives the class order of an --oracle FILE; name the file too")
+    if a.oracle and a.oracle_arch:
+        raise PoEError("--oracle FILE is the Oracle; --oracle_arch names one to train: give one of them")
+    oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.oracle_arch
+    try:
+        check_arch(oracle_arch, cfg)
+    except ValueError as e:
+        raise PoEError(f"--oracle_arch: {e}") from None
+    if a.oracle_weights and not cfg.pretrained and (a.oracle or oracle_arch.lower() != "mobilenet_v2"):
+        what = f"your --oracle {a.oracle}" if a.oracle else oracle_arch
+        raise PoEError(f"--oracle_weights starts an Oracle trained here from a whole torchvision mobilenet_v2's "
+                       f"weights; this run's Oracle is {what}: give --oracle_arch mobilenet_v2 (the default over "
+                       "64 pixels), or leave --oracle_weights out")  # fmt: skip
+    if a.oracle:
+        oracle_arch = f"{Path(a.oracle).name} (yours)"
+    return oracle_arch
+
+
 def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list[str]]:
     """``--add_tasks``: the pool's hierarchy with the file's new tasks, and the new tasks (checked against the
     pool, which is opened and checked first)."""
-    from PoE.edit import plan_addition
-    from PoE.pool import Pool
-    from PoE.preprocess import STAGES
-    from PoE.tasks import read_hierarchy
+    from PoE.build.edit import plan_addition
+    from PoE.build.preprocess import STAGES
+    from PoE.core.tasks import read_hierarchy
+    from PoE.query.pool import Pool
 
     given = [f for f, v in (("--hierarchy", a.hierarchy), ("--tasks", a.tasks), ("--library_from", a.library_from),
                             ("--retrain", a.retrain)) if v]  # fmt: skip
@@ -295,8 +341,8 @@ def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list
 
 def remove_body(a: argparse.Namespace) -> int:
     """``--remove_tasks``: the manifest without the tasks, then their files (nothing trained, no data read)."""
-    from PoE.edit import editing, remove_tasks
-    from PoE.pool import Pool
+    from PoE.build.edit import editing, remove_tasks
+    from PoE.query.pool import Pool
 
     if a.add_tasks:
         raise PoEError("--remove_tasks and --add_tasks: give one per command (remove first, then add)")
@@ -311,8 +357,8 @@ def remove_body(a: argparse.Namespace) -> int:
 
 def pool_folder(a: argparse.Namespace) -> Path:
     """The folder of the built pool at --db (a missing one is refused in one line)."""
-    from PoE.datasets import get_dataset
-    from PoE.store import resolve_pool
+    from PoE.core.datasets import get_dataset
+    from PoE.core.store import resolve_pool
 
     cfg = get_dataset(a.dataset)
     return resolve_pool(a.db, cfg.name, cfg.tag).root
@@ -325,8 +371,8 @@ def preprocessing_body(a: argparse.Namespace) -> int:
         raise PoEError("--pool_digest pins the pool a command reads; with Run_preprocessing.py it goes with "
                        "--add_tasks or --remove_tasks (the pool they change must be that one)")  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 holds the lock for all
-        from PoE.datasets import get_dataset
-        from PoE.edit import editing
+        from PoE.build.edit import editing
+        from PoE.core.datasets import get_dataset
 
         folder = pool_folder(a) if a.add_tasks else Path(a.db) / get_dataset(a.dataset).name
         with editing(folder, create=not a.add_tasks):  # one writer of a pool at a time
@@ -335,12 +381,12 @@ def preprocessing_body(a: argparse.Namespace) -> int:
 
 
 def build_body(a: argparse.Namespace) -> int:
-    from PoE import distributed, stages
-    from PoE.precision import describe
+    from PoE.build import distributed, stages
+    from PoE.core.precision import describe
 
     s = preprocessing_settings(a)
     if s.adding and not s.tasks:
-        from PoE.tasks import write_hierarchy_copy
+        from PoE.core.tasks import write_hierarchy_copy
 
         write_hierarchy_copy(pool_folder(a), s.hierarchy, s.cfg)  # an add killed after its commit: this finishes it
         print(f"nothing to add: every task of {a.add_tasks} is in the pool {s.db / s.cfg.name} already")

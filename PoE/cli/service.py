@@ -19,7 +19,7 @@ from PoE.cli.common import (
     run_main,
     tasks_epilog,
 )
-from PoE.errors import PoEError
+from PoE.core.errors import PoEError
 
 
 def service_parser() -> argparse.ArgumentParser:
@@ -104,14 +104,14 @@ def list_pool(pool) -> int:
 def serve_body(a: argparse.Namespace, device: str, precision: str) -> int:
     """``--serve``: one process, ``--workers N`` or Ray Serve replicas, each opening the pool (pinned with
     ``--pool_digest``) itself."""
-    from PoE.service import Settings, serve
+    from PoE.query.service import Settings, serve
 
     settings = Settings(a.db, a.dataset, device, precision, a.data_root, a.max_batch, a.batch_wait_ms, a.threads,
                         a.pool_digest)  # fmt: skip
     if a.ray:
         if a.workers:
             raise PoEError("--workers is for the server without Ray; with --ray use --replicas N")
-        from PoE.service.ray_serve import serve_ray
+        from PoE.query.service.ray_serve import serve_ray
 
         return serve_ray(settings, a.host, a.port, a.replicas or 1, a.ray_address)
     if a.replicas or a.ray_address:
@@ -120,8 +120,8 @@ def serve_body(a: argparse.Namespace, device: str, precision: str) -> int:
 
 
 def service_body(a: argparse.Namespace) -> int:
-    from PoE.datasets import load_split
-    from PoE.precision import resolve as resolve_precision
+    from PoE.core.datasets import load_split
+    from PoE.core.precision import resolve as resolve_precision
 
     device = pick_device(a.device)
     precision = resolve_precision(a.precision, device)
@@ -163,7 +163,7 @@ def service_body(a: argparse.Namespace) -> int:
     if a.export is not None:
         model.export(a.export, a.export_precision, a.quantize, a.data_root, a.calibration_images)
         if a.export.lower().endswith(".onnx") and not a.no_eval:
-            from PoE.onnx_export import OnnxModel, onnx_accuracy
+            from PoE.query.onnx_export import OnnxModel, onnx_accuracy
 
             acc, n = onnx_accuracy(OnnxModel(a.export), test)
             result["export_accuracy"] = round(acc, 2)
@@ -203,7 +203,7 @@ def service_body(a: argparse.Namespace) -> int:
 
 def check_export(a: argparse.Namespace) -> None:
     """The export flags agree with each other and the path can be written (PoEError otherwise)."""
-    from PoE.pool import check_export_path
+    from PoE.query.pool import check_export_path
 
     onnx = check_export_path(a.export).suffix.lower() == ".onnx"
     if onnx and a.export_precision != "fp32":

@@ -1,0 +1,434 @@
+"""Images as tensors, whatever the dataset: the pieces every dataset's reader and every stage share.
+
+An ``ImageSet`` holds uint8 images in memory; npz files (``x``: uint8 N x H x W x 3, ``y``: int64) store them,
+and JPEG folders are decoded once into npz caches (``cache_root``). ``TensorLoader`` serves an in-memory set as
+normalised, augmented batches: a training "view" is one random crop+flip of every image drawn from a seed, so
+a view can be recomputed exactly, which lets teacher outputs be cached per view and shared by later stages.
+``FolderLoader`` serves image files decoded per batch (data too big for memory). ``image_batch`` checks user
+images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import stat
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from PoE.core.errors import PoEError
+from PoE.core.store import atomic_write
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8, N x 3 x H x W) and labels (int64, N)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.x[index], self.y[index])
+
+    def with_classes(self, classes: list[int]) -> tuple[ImageSet, torch.Tensor]:
+        """Images whose label is in ``classes``, and their labels remapped to positions in ``classes``."""
+        top = max([int(self.y.max()) if len(self.y) else -1, *classes]) + 1  # classes the split lacks too
+        lookup = torch.full((top,), -1, dtype=torch.long)
+        lookup[torch.tensor(classes)] = torch.arange(len(classes))
+        mapped = lookup[self.y]
+        keep = (mapped >= 0).nonzero().flatten()
+        return self.subset(keep), mapped[keep]
+
+
+def save_npz_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Write an (x, y) npz so that a crash never leaves a truncated file at ``path``."""
+    atomic_write(path, lambda f: np.savez(f, x=x, y=y))
+
+
+def check_npz_sizes(path: Path) -> None:
+    """Raise unless every array's header agrees with the bytes the file holds for it: numpy allocates what a
+    header claims before reading, so a 1.5 KB file claiming 10^9 images would end in a MemoryError."""
+    if not zipfile.is_zipfile(path):
+        return  # np.load says what it is
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read:
+                    raise PoEError(f"{path}: array {info.filename} has .npy format {version}; 1.0 and 2.0 are read")
+                shape, _, dtype = read[version](f)
+                header = f.tell()
+            if dtype.hasobject:
+                continue  # np.load refuses pickled arrays itself
+            claimed = math.prod(shape) * dtype.itemsize
+            inflated = info.compress_type != zipfile.ZIP_STORED and info.file_size > 1100 * info.compress_size + 4096
+            if claimed + header != info.file_size or inflated:
+                raise PoEError(
+                    f"{path}: array {info.filename[:-4]} claims {shape} {dtype} ({claimed:,} bytes), but the file "
+                    f"holds {max(info.file_size - header, 0):,} bytes for it ({info.compress_size:,} stored): "
+                    "damaged or not an image file; rewrite it"
+                )
+
+
+def load_npz(path: Path, size: int | None = None, num_classes: int | None = None) -> ImageSet:
+    """An (x, y) npz as an ImageSet; anything but N >= 1 uint8 RGB images of ``size`` with labels in
+    0..num_classes-1 is a one-line error naming the file."""
+    try:
+        check_npz_sizes(path)
+        with np.load(path) as z:
+            x, y = z["x"], z["y"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        why = "the file is empty (0 bytes)" if path.is_file() and path.stat().st_size == 0 else type(e).__name__
+        raise PoEError(f"{path} is not a readable npz with arrays x and y ({why})") from None
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y):
+        raise PoEError(f"{path}: expected x uint8 N x H x W x 3 and y of length N, got x {x.shape} {x.dtype}, "
+                       f"y {y.shape}")  # fmt: skip
+    if len(x) == 0:
+        raise PoEError(f"{path} holds no images")
+    if size is not None and x.shape[1:3] != (size, size):
+        raise PoEError(f"{path}: images are {x.shape[2]}x{x.shape[1]}, this dataset's are {size}x{size}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise PoEError(f"{path}: labels y must be integers, got {y.dtype}")
+    if num_classes is not None and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise PoEError(f"{path}: labels must be 0..{num_classes - 1}, found {int(y.min())}..{int(y.max())}")
+    return ImageSet(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
+
+
+def cache_root() -> Path:
+    """Where decoded image folders are cached (``$POE_CACHE``, default ``~/.cache/PoE``): never in the data."""
+    return Path(os.environ.get("POE_CACHE") or Path.home() / ".cache" / "PoE")
+
+
+MAX_IMAGE_PIXELS = 50_000_000  # per image file, and once its shorter side is resized: 150 MB of RGB
+
+
+class ImageTooLarge(ValueError):
+    """An image over ``MAX_IMAGE_PIXELS``, found from its header before any pixel is decoded."""
+
+
+@contextmanager
+def opened_image(path: str | Path, side: int | None = None) -> Iterator[Image.Image]:
+    """The image file ``path`` opened by PIL, its header read and no pixel decoded yet, once it is known to fit:
+    a regular file (opened without blocking: a FIFO is refused, not waited on) of at most ``MAX_IMAGE_PIXELS``
+    pixels, and as many once its shorter side is resized to ``side`` (a 2 KB PNG of 1 x 1,000,000 pixels
+    resized to 32 would be 32 x 32,000,000). Raises OSError or ValueError (``ImageTooLarge``) otherwise, as
+    PIL does for a broken file, so callers name the file in one line or skip it."""
+    import warnings
+
+    from PIL import Image
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(f)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise ImageTooLarge(f"over PIL's limit of {Image.MAX_IMAGE_PIXELS:,} pixels") from None
+        with im:
+            w, h = im.size
+            resized = side * side * max(w, h) / max(min(w, h), 1) if side else 0
+            if w * h > MAX_IMAGE_PIXELS or resized > MAX_IMAGE_PIXELS:
+                resize = f" once its shorter side is resized to {side}" if resized > MAX_IMAGE_PIXELS else ""
+                raise ImageTooLarge(f"{w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} read per image{resize}")
+            yield im
+
+
+def decode_images(files: list[Path], size: int, progress: bool = True) -> np.ndarray:
+    """JPEGs -> uint8 N x size x size x 3 (grayscale converted to RGB, as PIL's convert does)."""
+    from tqdm import tqdm
+
+    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    # tqdm's disable=None: a bar on terminals only, so logs and captured output stay clean
+    for i, f in enumerate(tqdm(files, desc="decoding images", disable=None if progress else True, leave=False)):
+        try:
+            with opened_image(f) as im:
+                if im.size != (size, size):  # before decoding
+                    raise PoEError(f"{f} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
+                img = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise PoEError(f"cannot read image {f} ({e})") from None
+        if img.shape != (size, size, 3):
+            raise PoEError(f"{f} is {img.shape[1]}x{img.shape[0]}, expected {size}x{size}")
+        out[i] = img
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (the manifest records the training images' file by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Normalizer:
+    """Images -> float, standardised per channel: uint8 ones (0..255) scaled to [0, 1] first, float ones taken as
+    [0, 1] already."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu") -> None:
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+
+def view_params(n: int, pad: int, seed: int, view: int) -> torch.Tensor:
+    """Crop offsets (dy, dx in [0, 2*pad]) and flip bit for every image of one view (int64, n x 3)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + view)
+    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
+    flip = torch.randint(0, 2, (n, 1), generator=g)
+    return torch.cat([off, flip], 1)
+
+
+def crop_flip(x: torch.Tensor, params: torch.Tensor, pad: int) -> torch.Tensor:
+    """Random-crop (zero padding of ``pad``) and horizontal flip of a batch, as torchvision does per image."""
+    if pad == 0 and not bool(params[:, 2].any()):
+        return x
+    b, _, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    params = params.to(x.device)
+    rows = params[:, 0:1] + torch.arange(h, device=x.device)  # b x h
+    cols = params[:, 1:2] + torch.arange(w, device=x.device)  # b x w
+    cols = torch.where(params[:, 2:3].bool(), cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1)
+    out = xp.permute(0, 2, 3, 1)[bi, rows.unsqueeze(2), cols.unsqueeze(1)]  # b x h x w x c
+    return out.permute(0, 3, 1, 2)
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # normalised float images on the device
+    y: torch.Tensor  # labels on the device
+    index: torch.Tensor  # rows of the dataset (on the device holding it), to look up cached teacher outputs
+    view: int  # which augmented view the images come from (-1: no augmentation)
+
+
+class TensorLoader:
+    """Shuffled, augmented batches of an in-memory ImageSet, reproducible from (seed, epoch, view)."""
+
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        normalize: Normalizer,
+        pad: int,
+        device: torch.device | str,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        view_seed: int | None = None,
+    ) -> None:
+        """``seed`` fixes the batch order of each epoch, ``view_seed`` (default ``seed``) the augmented views.
+
+        With ``world`` > 1 processes, ``batch_size`` is the global batch: every rank draws the same batches and
+        keeps rows ``rank::world`` of each (``batch_size / world`` images), so the ranks together see exactly
+        the batches of one process and a schedule per step means the same at any process count.
+        """
+        if batch_size % world:
+            raise PoEError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple")
+        self.device, self.seed = torch.device(device), seed
+        self.view_seed = seed if view_seed is None else view_seed
+        if self.device.type == "cuda":  # a whole in-memory dataset fits on the GPU: no per-batch copies
+            data = ImageSet(data.x.to(self.device), data.y.to(self.device))
+        self.data, self.batch_size, self.normalize, self.pad = data, batch_size, normalize, pad
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return max(1, len(self.data) // self.batch_size)  # the last partial batch is dropped
+
+    def epoch(self, epoch: int, view: int | None = None) -> Iterator[Batch]:
+        """Batches of one epoch; images come from augmented ``view`` (default: the epoch number)."""
+        view = epoch if view is None else view
+        n = len(self.data)
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        # drawn on the CPU (the same batches on every device), then moved once: no copies per batch
+        perm = torch.randperm(n, generator=g).to(self.data.x.device)
+        params = view_params(n, self.pad, self.view_seed, view).to(self.data.x.device)
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]  # this rank's shard
+            yield self.make_batch(idx, params[idx], view)
+
+    def ordered(self, view: int | None, batch_size: int | None = None) -> Iterator[Batch]:
+        """All images in dataset order, from ``view`` (None: un-augmented)."""
+        n = len(self.data)
+        params = view_params(n, self.pad, self.view_seed, view).to(self.data.x.device) if view is not None else None
+        bs = batch_size or self.batch_size
+        for s in range(0, n, bs):
+            idx = torch.arange(s, min(s + bs, n), device=self.data.x.device)
+            yield self.make_batch(idx, None if params is None else params[idx], -1 if view is None else view)
+
+    def make_batch(self, idx: torch.Tensor, params: torch.Tensor | None, view: int) -> Batch:
+        rows = idx.to(self.data.x.device)
+        x = self.data.x[rows].to(self.device, non_blocking=True)
+        if params is not None:
+            x = crop_flip(x, params, self.pad)
+        x = self.normalize(x).contiguous(memory_format=torch.channels_last)
+        return Batch(x, self.data.y[rows].to(self.device, non_blocking=True), idx, view)
+
+
+def default_workers() -> int:
+    """DataLoader workers when not given: one per core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Decodes one image per item (PIL, RGB) through ``transform``; items are (uint8 3 x S x S, label, index)."""
+
+    def __init__(self, files: list[Path], labels: list[int], transform: object, side: int | None = None) -> None:
+        self.files, self.labels, self.transform, self.side = files, labels, transform, side
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        try:
+            with opened_image(self.files[i], self.side) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise PoEError(f"cannot read image {self.files[i]} ({e})") from None
+        return self.transform(img), self.labels[i], i
+
+
+def folder_transform(size: int, train: bool) -> object:
+    """Random resized crop + flip (training) or resize to size*256/224 + centre crop (test), as uint8 tensors."""
+    from torchvision import transforms as T
+
+    if train:
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+class FolderLoader:
+    """Batches decoded from disk by DataLoader workers: TensorLoader's interface for data that does not fit in
+    memory. Batch order follows (seed, epoch); augmentation is drawn in the workers, so views are not cached
+    (every Batch has view -1 and the teacher runs on it)."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        labels: list[int],
+        batch_size: int,
+        normalize: Normalizer,
+        size: int,
+        device: torch.device | str,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        view_seed: int | None = None,
+    ) -> None:
+        if batch_size % world:
+            raise PoEError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple")
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        side = round(size * 256 / 224)  # the test transform's resize: the most pixels either transform makes
+        self.train_images = FolderImages(files, labels, folder_transform(size, train=True), side)
+        self.test_images = FolderImages(files, labels, folder_transform(size, train=False), side)
+        self.batch_size, self.normalize, self.device = batch_size, normalize, torch.device(device)
+        self.seed, self.rank, self.world, self.workers = seed, rank, world, workers
+        self.view_seed = seed if view_seed is None else view_seed
+
+    def __len__(self) -> int:
+        return max(1, len(self.labels) // self.batch_size)  # the last partial batch is dropped
+
+    def epoch(self, epoch: int, view: int | None = None) -> Iterator[Batch]:
+        """Shuffled, augmented batches of one epoch (``view`` is ignored: each epoch draws fresh crops)."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        perm = torch.randperm(len(self.labels), generator=g)
+        index = [
+            perm[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world].tolist()
+            for i in range(len(self))
+        ]
+        crop_seed = (self.view_seed * 1_000_003 + epoch) * 64 + self.rank
+        yield from self.stream(self.train_images, index, crop_seed)
+
+    def ordered(self, view: int | None = None, batch_size: int | None = None) -> Iterator[Batch]:
+        """All images in listing order, resized and centre-cropped (``view`` is ignored)."""
+        bs, n = batch_size or self.batch_size, len(self.labels)
+        yield from self.stream(self.test_images, [list(range(s, min(s + bs, n))) for s in range(0, n, bs)], 0)
+
+    def stream(self, images: FolderImages, index: list[list[int]], seed: int) -> Iterator[Batch]:
+        loader = torch.utils.data.DataLoader(
+            images,
+            batch_sampler=index,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),  # seeds the workers' crops
+        )
+        try:
+            for x, y, idx in loader:
+                x = self.normalize(x.to(self.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+                yield Batch(x, y.to(self.device, non_blocking=True), idx, -1)
+        except PoEError as e:  # raised in a worker: keep the original one-line message, not the traceback
+            raise PoEError(str(e).strip().splitlines()[-1].removeprefix("PoE.core.errors.PoEError: ")) from None
+
+
+IMAGE_INPUTS = (
+    "uint8 arrays H x W x 3 (or a stack N x H x W x 3), PIL images, uint8 tensors 3 x H x W (or N x 3 x H x W) "
+    "of 0..255 pixels, or float tensors of the same shapes in [0, 1]"
+)
+
+
+def image_batch(images: object, size: int) -> torch.Tensor:
+    """User images as float32 RGB in [0, 1], N x 3 x ``size`` x ``size``; anything else is a one-line error
+    naming what is accepted (a wrong scale would not fail later: it would answer wrong)."""
+    if isinstance(images, list | tuple):
+        if not images:
+            raise PoEError(f"no images given; accepted: {IMAGE_INPUTS}")
+        parts = [image_batch(im, size) for im in images]
+        return torch.cat(parts)
+    if type(images).__module__.startswith("PIL."):
+        images = np.asarray(images.convert("RGB"))
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise PoEError(f"numpy images must be uint8 (0..255), got {images.dtype}; accepted: {IMAGE_INPUTS}")
+        arr = images[None] if images.ndim == 3 else images
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise PoEError(f"numpy images must be H x W x 3 or N x H x W x 3, got {images.shape}")
+        images = torch.from_numpy(np.array(arr)).permute(0, 3, 1, 2)  # a copy: PIL's arrays are read-only
+    if not isinstance(images, torch.Tensor):
+        raise PoEError(f"cannot read images of type {type(images).__name__}; accepted: {IMAGE_INPUTS}")
+    x = images[None] if images.ndim == 3 else images
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise PoEError(f"image tensors must be 3 x H x W or N x 3 x H x W (RGB), got {tuple(images.shape)}")
+    if len(x) == 0:
+        raise PoEError(f"no images given (an empty batch, shape {tuple(images.shape)}); accepted: {IMAGE_INPUTS}")
+    if tuple(x.shape[2:]) != (size, size):
+        raise PoEError(f"images are {x.shape[3]}x{x.shape[2]}, this pool takes {size}x{size} RGB images")
+    if x.dtype == torch.uint8:
+        return x.float().div_(255)
+    if not x.is_floating_point():
+        raise PoEError(f"image tensors must be uint8 or float, got {x.dtype}; accepted: {IMAGE_INPUTS}")
+    x = x.float()
+    if not bool(torch.isfinite(x).all()):  # NaN compares as in range, and a NaN image was predicted as a class
+        raise PoEError("float images hold NaN or inf values; accepted: finite values in [0, 1]")
+    if float(x.min()) < 0.0 or float(x.max()) > 1.0:
+        raise PoEError(
+            f"float images must be in [0, 1], got values from {float(x.min()):.3g} to {float(x.max()):.3g}; "
+            "divide 0..255 pixels by 255 (or pass them as uint8)"
+        )
+    return x

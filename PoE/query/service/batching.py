@@ -1,0 +1,303 @@
+"""Dynamic batching: one worker thread answers every waiting prediction request from one library forward.
+
+Every query shares the pool's library, which is most of a composite model's cost, so the worker runs the
+library once on the images of every request waiting, then each expert those requests queried once, on the rows
+of the requests that queried it (on a GPU: one bank of their union, cached by the pool, on every row), and
+merges each request's experts by the consolidated model's own rule (``PoE.core.consolidate.merge``). It waits (a few
+ms at most) only while other prediction requests are still being received, so a lone request is never delayed.
+The event loop never runs a forward; it only awaits futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from PoE.core.consolidate import merge
+from PoE.core.data import Normalizer
+from PoE.core.errors import PoEError
+from PoE.core.networks.bank import grouped_on
+from PoE.core.precision import autocast
+from PoE.query.pool import Pool, Prediction, TaskModel
+from PoE.query.service.limits import one_line
+
+log = logging.getLogger("PoE.query.service")
+
+
+@dataclass
+class Job:
+    """One request's images (float RGB in [0, 1], N x 3 x S x S) for one consolidated model, and how many
+    classes to show per image. ``loop``/``future``: where the answer goes (None under Ray Serve's batching)."""
+
+    model: TaskModel
+    x: torch.Tensor
+    top: int = 5
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future | None = None
+
+
+MAX_WAIT_MS = 1000.0  # the longest batching window accepted: a request may wait this long for others
+
+
+def check_window(max_batch: int, max_wait_ms: float) -> None:
+    """Refuse a batching window that could hold a request forever (``inf``, ``nan``) or is absurd."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise PoEError(f"max_batch must be a whole number of images, 1 or more; got {max_batch!r}")
+    if not (isinstance(max_wait_ms, int | float) and math.isfinite(max_wait_ms) and 0 <= max_wait_ms <= MAX_WAIT_MS):
+        raise PoEError(f"batch wait must be a number of milliseconds from 0 to {MAX_WAIT_MS:g}; got {max_wait_ms!r}")
+
+
+@dataclass
+class BatchStats:
+    forwards: int = 0  # library forwards (one per batch)
+    requests: int = 0
+    images: int = 0
+    largest_batch_requests: int = 0
+    largest_batch_images: int = 0
+    last_batch_requests: list[int] = field(default_factory=list)  # requests per batch, last 64 batches
+
+    def add(self, requests: int, images: int) -> None:
+        self.forwards += 1
+        self.requests += requests
+        self.images += images
+        self.largest_batch_requests = max(self.largest_batch_requests, requests)
+        self.largest_batch_images = max(self.largest_batch_images, images)
+        self.last_batch_requests = [*self.last_batch_requests[-63:], requests]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["mean_requests_per_forward"] = round(self.requests / self.forwards, 3) if self.forwards else 0.0
+        return d
+
+
+class Batcher:
+    """One worker thread runs every forward: it takes the first waiting job and every job already queued,
+    waits (at most ``max_wait_ms``, up to ``max_batch`` images) only while other prediction requests are still
+    arriving (being received or decoded), and answers all of them from one library forward. So a lone
+    request never waits, and concurrent ones share a forward."""
+
+    def __init__(self, gate: ExportGate, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
+        check_window(max_batch, max_wait_ms)
+        self.gate, self.max_batch, self.max_wait = gate, max_batch, max_wait_ms / 1e3
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.arriving = 0  # prediction requests received but not yet submitted (see Arrivals)
+        self.arriving_lock = threading.Lock()
+        self.stats = BatchStats()
+        self.thread = threading.Thread(target=self.run, name="poe-batcher", daemon=True)
+        self.thread.start()
+
+    async def submit(self, model: TaskModel, x: torch.Tensor, top: int) -> list[dict[str, Any]]:
+        """The answer rows of ``x`` (see ``answer``), from a forward shared with the other waiting requests."""
+        loop = asyncio.get_running_loop()
+        job = Job(model, x, top, loop, loop.create_future())
+        self.jobs.put(job)
+        return await job.future
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def arrive(self, n: int) -> None:
+        with self.arriving_lock:
+            self.arriving += n
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=10)
+
+    def collect(self, first: Job) -> list[Job]:
+        batch, rows = [first], len(first.x)
+        deadline = time.perf_counter() + self.max_wait
+        while rows < self.max_batch:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                if self.arriving <= 0 or time.perf_counter() >= deadline:
+                    break
+                try:
+                    job = self.jobs.get(timeout=min(deadline - time.perf_counter(), 0.0005))
+                except (queue.Empty, ValueError):  # ValueError: the deadline passed meanwhile
+                    continue
+            if job is None:  # closing: answer what was collected, then stop
+                self.jobs.put(None)
+                break
+            batch.append(job)
+            rows += len(job.x)
+        return batch
+
+    def run(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch = self.collect(first)
+            try:
+                with self.gate.forward():
+                    preds = forward_all(batch)
+                self.stats.add(len(batch), sum(len(j.x) for j in batch))
+                results: list[Any] = [answer(p, j.top) for p, j in zip(preds, batch, strict=True)]
+            except Exception as e:  # answer every waiting request; the worker keeps serving
+                log.exception("batch forward failed")
+                results = [RuntimeError(f"prediction failed: {one_line(e)}")] * len(batch)
+            for job, result in zip(batch, results, strict=True):
+                job.loop.call_soon_threadsafe(settle, job.future, result)
+
+
+def forward_all(batch: list[Job]) -> list[Prediction]:
+    """``forward`` per pool: a model is answered by the pool it was built from, so requests taken before a swap
+    (``PoE.query.service.core.Service.current``) are answered by the previous pool, later ones by the new one."""
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(batch):
+        groups.setdefault(id(job.model.pool), []).append(i)
+    preds: list[Prediction | None] = [None] * len(batch)
+    for rows in groups.values():
+        for i, p in zip(rows, forward(batch[rows[0]].model.pool, [batch[i] for i in rows]), strict=True):
+            preds[i] = p
+    return preds  # type: ignore[return-value]
+
+
+@torch.inference_mode()  # no autograd bookkeeping at all: 3-5% less CPU than no_grad (docs/service.md)
+def forward(pool: Pool, batch: list[Job]) -> list[Prediction]:
+    """The library once on every row, then the experts; each request takes its experts' logits and merges them by
+    the consolidated model's own rule (``merge``). Used by the hand-written batcher and by Ray Serve's
+    ``@serve.batch`` alike."""
+    x = torch.cat([j.x for j in batch]).to(pool.device)
+    x = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
+    with autocast(pool.device, pool.precision):
+        features = pool.library(x)
+        parts = experts_banked(pool, batch, features) if grouped_on(x.device) else experts_apart(pool, batch, features)
+    return [job.model.prediction(merge(p, job.model.module.order)) for job, p in zip(batch, parts, strict=True)]
+
+
+def experts_apart(pool: Pool, batch: list[Job], features: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per request, its experts' logits: each expert run once, on the rows of the requests that queried it only
+    (where banks run expert by expert, as on a CPU, the union bank would run every expert on every row: with
+    mixed queries several times the work)."""
+    sizes = [len(j.x) for j in batch]
+    queried: dict[str, list[int]] = {}  # per expert: the requests that queried it, in batch order
+    for k, job in enumerate(batch):
+        for t in job.model.tasks:
+            queried.setdefault(t, []).append(k)
+    out: dict[str, torch.Tensor] = {}
+    first: list[dict[str, int]] = [{} for _ in batch]  # per request: its first row in each of its experts' outputs
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    for t, ks in queried.items():
+        rows = features
+        if len(ks) < len(batch):
+            index = [r for k in ks for r in range(starts[k], starts[k + 1])]
+            rows = features.index_select(0, torch.tensor(index, device=features.device))
+        out[t] = pool.experts[t](rows).float()
+        at = 0
+        for k in ks:
+            first[k][t], at = at, at + sizes[k]
+    return [[out[t][f[t] : f[t] + n] for t in job.model.tasks] for job, f, n in zip(batch, first, sizes, strict=True)]
+
+
+def experts_banked(pool: Pool, batch: list[Job], features: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per request, its experts' logits from one bank of every expert the batch queried (their union, cached by
+    the pool), run on every row: on a GPU one grouped kernel per layer beats a kernel per expert."""
+    union = sorted({t for job in batch for t in job.model.tasks})
+    out = pool.bank(union, cached=True)(features).float()
+    ends = dict(zip(union, torch.tensor([pool.experts[t].num_classes for t in union]).cumsum(0).tolist(), strict=True))
+    parts, row = [], 0
+    for job in batch:
+        n = len(job.x)
+        parts.append([out[row : row + n, ends[t] - pool.experts[t].num_classes : ends[t]] for t in job.model.tasks])
+        row += n
+    return parts
+
+
+def answer(pred: Prediction, top: int) -> list[dict[str, Any]]:
+    """Per image: the predicted class and the ``top`` most probable ones, one top-k over the whole request
+    (``Prediction.top``'s numbers, without a tensor operation per image)."""
+    p, idx = pred.probabilities.topk(min(top, pred.probabilities.shape[1]), dim=1)
+    classes, names = pred.classes, pred.names
+    return [
+        {"class_id": c, "class_name": n,
+         "top": [{"id": classes[j], "name": names[j], "probability": round(q, 6)} for q, j in zip(ps, js, strict=True)]}
+        for c, n, ps, js in zip(pred.class_ids, pred.class_names, p.tolist(), idx.tolist(), strict=True)
+    ]  # fmt: skip
+
+
+def settle(future: asyncio.Future, result: Any) -> None:
+    if future.done():  # the client went away
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class ExportGate:
+    """Forwards may overlap one another; ``torch.export`` may not overlap anything (it pushes process-global
+    tracing state; two exports at once fail with "Trying to pop empty mode stack"), so it waits for the
+    running forwards, holds new ones back, and runs alone."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.running, self.exporting, self.waiting = 0, False, 0
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        with self.cond:
+            self.cond.wait_for(lambda: not self.exporting and not self.waiting)
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.running -= 1
+                self.cond.notify_all()
+
+    @contextmanager
+    def export(self) -> Iterator[None]:
+        with self.cond:
+            self.waiting += 1
+            self.cond.wait_for(lambda: not self.exporting and not self.running)
+            self.waiting -= 1
+            self.exporting = True
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.exporting = False
+                self.cond.notify_all()
+
+
+class Arrival:
+    """One prediction request counted as arriving until it submits its images or ends (whichever first)."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher, self.open = batcher, True
+        batcher.arrive(1)
+
+    def done(self) -> None:
+        if self.open:
+            self.open = False
+            self.batcher.arrive(-1)
+
+
+class Arrivals:
+    """ASGI middleware: counts prediction requests from their first byte, so the batcher knows that more
+    images are on their way while bodies are still being received, parsed and decoded."""
+
+    def __init__(self, app: Any, batcher: Batcher) -> None:
+        self.app, self.batcher = app, batcher
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/api/predict"):
+            return await self.app(scope, receive, send)
+        arrival = scope["poe.arrival"] = Arrival(self.batcher)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            arrival.done()
