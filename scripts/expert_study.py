@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PoE.build.losses import ckd_loss
 from PoE.build.profiles import PROFILES, STAGES, StageConfig
 from PoE.build.train import seed_everything, train_stage
+from PoE.cli.common import run_main
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import batched_logits
 from PoE.core.networks import build_network, family_of
+from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.core.store import load_checkpoint, load_into, save_checkpoint
 from PoE.query.pool import Pool
 
@@ -143,7 +145,7 @@ def main() -> int:
     p.add_argument("--task", default="people", help="a CIFAR-100 superclass (default: people)")
     p.add_argument("--pretrained", type=Path, required=True, help="holds cifar100/oracle.pt, the teacher (read only)")
     p.add_argument("--work", type=Path, required=True, help="folder for features, resume files, experts, results")
-    p.add_argument("--data_root", default="data", help="folder holding cifar100/ (default: data)")
+    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
     p.add_argument("--runs", nargs="+", required=True, metavar="NAME:KEY=VALUE,...",
                    help=f"runs in order; keys {', '.join(KEYS)} (default: the cpu profile's experts stage, "
                    "T 4, alpha 0.3, 6 views, library DB_PoE)")  # fmt: skip
@@ -151,38 +153,37 @@ def main() -> int:
                    "random (default 0: every training image)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU, two threads "
                    "wait on each other)")  # fmt: skip
-    a = p.parse_args()
+    return run_main(body, p, None)
+
+
+def body(a: argparse.Namespace) -> int:
     torch.set_num_threads(a.threads)
-    try:
-        runs = [parse_run(r) for r in a.runs]
-        cfg = get_dataset("cifar100")
-        a.work.mkdir(parents=True, exist_ok=True)
-        train, test = load_split("cifar100", a.data_root, "train", False), load_split("cifar100", a.data_root, "test",
-                                                                                       False)  # fmt: skip
-        cols = torch.tensor(cfg.tasks[a.task])
-        keep, keep_tr = torch.isin(test.y, cols), torch.isin(train.y, cols)
-        ck = load_checkpoint(a.pretrained / "cifar100" / "oracle.pt")
-        oracle = load_into(build_network(ck["arch"], cfg), ck["state_dict"], a.pretrained, "Oracle").float().eval()
-        used = torch.arange(len(train.y))
-        if a.others:
-            others = torch.nonzero(~keep_tr).flatten()
-            pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(SEED))[: a.others]
-            used = torch.cat([torch.nonzero(keep_tr).flatten(), others[pick]]).sort().values
-        ctx = {"cfg": cfg, "work": a.work, "task": a.task, "train": ImageSet(train.x[used], train.y[used]),
-               "norm": Normalizer(cfg.mean, cfg.std), "test": ImageSet(test.x[keep], test.y[keep]),
-               "train_task": ImageSet(train.x[keep_tr], train.y[keep_tr]), "oracle": oracle, "oracle_id": ck["id"],
-               "pools": {}, "caches": {}}  # fmt: skip
-        for name, opts in runs:
-            res = a.work / f"result_{name}.json"
-            if res.exists():
-                print(res.read_text().strip())
-                continue
-            out = run_one(name, opts, ctx)
-            res.write_text(json.dumps(out) + "\n")
-            print(json.dumps(out), flush=True)
-    except PoEError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    runs = [parse_run(r) for r in a.runs]
+    cfg = get_dataset("cifar100")
+    a.work.mkdir(parents=True, exist_ok=True)
+    train, test = load_split("cifar100", a.data_root, "train", False), load_split("cifar100", a.data_root, "test",
+                                                                                   False)  # fmt: skip
+    cols = torch.tensor(cfg.tasks[a.task])
+    keep, keep_tr = torch.isin(test.y, cols), torch.isin(train.y, cols)
+    ck = load_checkpoint(a.pretrained / "cifar100" / "oracle.pt")
+    oracle = load_into(build_network(ck["arch"], cfg), ck["state_dict"], a.pretrained, "Oracle").float().eval()
+    used = torch.arange(len(train.y))
+    if a.others:
+        others = torch.nonzero(~keep_tr).flatten()
+        pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(SEED))[: a.others]
+        used = torch.cat([torch.nonzero(keep_tr).flatten(), others[pick]]).sort().values
+    ctx = {"cfg": cfg, "work": a.work, "task": a.task, "train": ImageSet(train.x[used], train.y[used]),
+           "norm": Normalizer(cfg.mean, cfg.std), "test": ImageSet(test.x[keep], test.y[keep]),
+           "train_task": ImageSet(train.x[keep_tr], train.y[keep_tr]), "oracle": oracle, "oracle_id": ck["id"],
+           "pools": {}, "caches": {}}  # fmt: skip
+    for name, opts in runs:
+        res = a.work / f"result_{name}.json"
+        if res.exists():
+            print(res.read_text().strip())
+            continue
+        out = run_one(name, opts, ctx)
+        res.write_text(json.dumps(out) + "\n")
+        print(json.dumps(out), flush=True)
     return 0
 
 

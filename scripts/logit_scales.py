@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PoE.cli.common import run_main
 from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import get_dataset, load_split
-from PoE.core.errors import PoEError
 from PoE.core.evaluate import expert_outputs
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.experiments import write_text
@@ -56,15 +56,14 @@ def main() -> int:
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="the experts to compare (default: the "
                    "six default tasks)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
-    a = p.parse_args()
-    try:
-        text = table(a.db, a.data_root, a.tasks)
-        print(text, end="")
-        if a.out:
-            write_text(a.out, text)
-    except PoEError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_main(body, p, None)
+
+
+def body(a: argparse.Namespace) -> int:
+    text = table(a.db, a.data_root, a.tasks)
+    print(text, end="")
+    if a.out:
+        write_text(a.out, text)
     return 0
 
 

@@ -18,11 +18,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PoE.cli.common import run_main
 from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import batched_logits
 from PoE.core.networks import WideResNet, WRNSpec, build_network
+from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.core.store import load_checkpoint, load_into
 from PoE.query.pool import Pool
 
@@ -94,14 +96,13 @@ def main() -> int:
                    "cifar100/library_student.pt (default: DB_pretrained)")  # fmt: skip
     p.add_argument("--official", type=Path, default=None, help="the original release's cifar100 folder: adds its "
                    "library student (library + released head)")  # fmt: skip
-    p.add_argument("--data_root", default="data", help="folder holding cifar100/ (default: data)")
+    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
     p.add_argument("--split", choices=("test", "train"), default="test", help="images scored (default: test)")
-    a = p.parse_args()
-    try:
-        print(table(a.task, a.data_root, a.db, a.pretrained, a.official, a.split), end="")
-    except PoEError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_main(body, p, None)
+
+
+def body(a: argparse.Namespace) -> int:
+    print(table(a.task, a.data_root, a.db, a.pretrained, a.official, a.split), end="")
     return 0
 
 
