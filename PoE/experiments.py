@@ -57,8 +57,15 @@ def pool_combinations(
     classes = sorted(c for t in tasks for c in cfg.tasks[t])
     check_covered(test.y, classes, cfg.class_name)
     subset, _ = test.with_classes(classes)
-    logits = expert_outputs(pool.library, experts, subset, Normalizer(cfg.mean, cfg.std, device), device,
-                            precision=pool.precision, progress=progress)  # fmt: skip
+    logits = expert_outputs(
+        pool.library,
+        experts,
+        subset,
+        Normalizer(cfg.mean, cfg.std, device),
+        device,
+        precision=pool.precision,
+        progress=progress,
+    )
     shape = (3, cfg.image_size, cfg.image_size)
     lib_macs, lib_params = count_macs(pool.library, shape, device), count_params(pool.library)
     with torch.no_grad():
@@ -100,9 +107,19 @@ def summarize(results: list[ComboResult]) -> list[dict]:
 
 def combination_rows(results: list[ComboResult]) -> list[dict]:
     """One row per combination."""
-    return [{"n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy, "n_test": r.n_test,
-             "cross_expert_errors": r.cross_errors, "errors": r.errors, "macs": r.macs, "params": r.params}
-            for r in results]  # fmt: skip
+    return [
+        {
+            "n": len(r.tasks),
+            "tasks": " ".join(r.tasks),
+            "accuracy": r.accuracy,
+            "n_test": r.n_test,
+            "cross_expert_errors": r.cross_errors,
+            "errors": r.errors,
+            "macs": r.macs,
+            "params": r.params,
+        }
+        for r in results
+    ]
 
 
 def compare(
@@ -136,9 +153,18 @@ def compare(
     poe = pool_combinations(pool, tasks, ns, test, progress=progress) if "poe" in methods else []
     if poe:
         for r in poe:
-            rows.append({"method": "poe", "n": len(r.tasks), "tasks": " ".join(r.tasks), "accuracy": r.accuracy,
-                         "n_test": r.n_test, "macs": r.macs, "params": r.params,
-                         "seconds": pool.query(list(r.tasks)).build_ms / 1e3})  # fmt: skip
+            rows.append(
+                {
+                    "method": "poe",
+                    "n": len(r.tasks),
+                    "tasks": " ".join(r.tasks),
+                    "accuracy": r.accuracy,
+                    "n_test": r.n_test,
+                    "macs": r.macs,
+                    "params": r.params,
+                    "seconds": pool.query(list(r.tasks)).build_ms / 1e3,
+                }
+            )
     for method in [m for m in methods if m in METHODS]:
         runner = baseline(method)
         for n in ns:
@@ -146,9 +172,17 @@ def compare(
                 key = record_key(method, combo, runner.fingerprint(), pool, oracle_id)
                 if key not in recorded:
                     r = runner.run(method, list(combo))
-                    recorded[key] = {"method": method, "n": n, "tasks": " ".join(combo), "accuracy": r.accuracy,
-                                     "n_test": r.n_test, "macs": r.macs, "params": r.params, "seconds": r.seconds,
-                                     "teacher_seconds": r.teacher_seconds}  # fmt: skip
+                    recorded[key] = {
+                        "method": method,
+                        "n": n,
+                        "tasks": " ".join(combo),
+                        "accuracy": r.accuracy,
+                        "n_test": r.n_test,
+                        "macs": r.macs,
+                        "params": r.params,
+                        "seconds": r.seconds,
+                        "teacher_seconds": r.teacher_seconds,
+                    }
                     append_record(record, key, recorded[key])
                 rows.append(recorded[key])
     return rows, poe
@@ -197,8 +231,14 @@ def cross_expert_rows(
     for name, pool in pools.items():
         results = both if name == "both" else pool_combinations(pool, tasks, ns, test)
         for r in summarize(results):
-            rows.append({"experts trained with": name, "n": r["n"], "accuracy": r["acc_mean"],
-                         "cross-expert errors / errors (%)": r["cross_expert_error_share"]})  # fmt: skip
+            rows.append(
+                {
+                    "experts trained with": name,
+                    "n": r["n"],
+                    "accuracy": r["acc_mean"],
+                    "cross-expert errors / errors (%)": r["cross_expert_error_share"],
+                }
+            )
     return rows
 
 
@@ -213,9 +253,16 @@ SUMMARY_COLUMNS = [
     ("macs", "multiply-adds"),
     ("params", "parameters"),
 ]
-METHOD_COLUMNS = [("method", "method"), ("n", "n"), ("combinations", "combinations"), ("acc_mean", "accuracy (%)"),
-                  ("acc_std", "std"), ("macs", "multiply-adds"), ("params", "parameters"),
-                  ("seconds_per_query", "time per query (s)")]  # fmt: skip
+METHOD_COLUMNS = [
+    ("method", "method"),
+    ("n", "n"),
+    ("combinations", "combinations"),
+    ("acc_mean", "accuracy (%)"),
+    ("acc_std", "std"),
+    ("macs", "multiply-adds"),
+    ("params", "parameters"),
+    ("seconds_per_query", "time per query (s)"),
+]
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -282,8 +329,18 @@ def oracle_combinations(
     for combo in combos:
         query = make_query(combo, cfg.tasks)
         acc, n_test, _, _ = score_composite(query, [full[:, cfg.tasks[t]] for t in combo], subset.y)
-        rows.append({"method": "oracle", "n": len(combo), "tasks": " ".join(combo), "accuracy": acc,
-                     "n_test": n_test, "macs": macs, "params": params, "seconds": 0.0})  # fmt: skip
+        rows.append(
+            {
+                "method": "oracle",
+                "n": len(combo),
+                "tasks": " ".join(combo),
+                "accuracy": acc,
+                "n_test": n_test,
+                "macs": macs,
+                "params": params,
+                "seconds": 0.0,
+            }
+        )
     return rows
 
 
@@ -344,14 +401,26 @@ def plot_results(summary: list[dict], out_dir: Path, title: str, paired: list[di
     for i, m in enumerate(methods):
         rs = [r for r in summary if r["method"] == m]
         shift = (i - (len(methods) - 1) / 2) * 0.04  # side by side, so error bars do not hide each other
-        ax.errorbar([r["n"] + shift for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
-                    marker="o", capsize=3, label=m)  # fmt: skip
+        ax.errorbar(
+            [r["n"] + shift for r in rs],
+            [r["acc_mean"] for r in rs],
+            yerr=[r["acc_std"] for r in rs],
+            marker="o",
+            capsize=3,
+            label=m,
+        )
     sampled = [r for r in paired or [] if "poe" in r]
     if sampled:
         cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         color = cycle[methods.index("poe") % len(cycle)] if "poe" in methods else None
-        ax.plot([r["n"] for r in sampled], [r["poe"] for r in sampled], linestyle="--", marker="x", color=color,
-                label="poe, the baselines' combinations")  # fmt: skip
+        ax.plot(
+            [r["n"] for r in sampled],
+            [r["poe"] for r in sampled],
+            linestyle="--",
+            marker="x",
+            color=color,
+            label="poe, the baselines' combinations",
+        )
     ax.set_xticks(ns)  # n is a count of tasks: whole numbers only
     ax.set_xlabel("primitive tasks in the query (n)")
     ax.set_ylabel("accuracy on the composite task (%)")
@@ -365,17 +434,28 @@ def plot_results(summary: list[dict], out_dir: Path, title: str, paired: list[di
     timed = {m for m in methods if any(r["method"] == m and r["seconds_per_query"] > 0 for r in summary)}
     for i, m in enumerate(methods):
         for r in (r for r in summary if r["method"] == m and r["seconds_per_query"] > 0):
-            ax.scatter(r["seconds_per_query"], r["acc_mean"], color=colors[i % len(colors)], marker=markers[r["n"]],
-                       s=36)  # fmt: skip
+            ax.scatter(
+                r["seconds_per_query"], r["acc_mean"], color=colors[i % len(colors)], marker=markers[r["n"]], s=36
+            )
     from matplotlib.lines import Line2D
 
     # the legend names what is drawn: the Oracle is not built per query (time 0), which a log axis cannot show
-    handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", linestyle="", label=m)
-               for i, m in enumerate(methods) if m in timed]  # fmt: skip
+    handles = [
+        Line2D([], [], color=colors[i % len(colors)], marker="o", linestyle="", label=m)
+        for i, m in enumerate(methods)
+        if m in timed
+    ]
     untimed = [m for m in methods if m not in timed]
     if untimed:
-        ax.text(0.0, -0.2, f"not drawn (no model built per query, time 0): {', '.join(untimed)}",
-                transform=ax.transAxes, fontsize=7, color="gray", va="top")  # fmt: skip
+        ax.text(
+            0.0,
+            -0.2,
+            f"not drawn (no model built per query, time 0): {', '.join(untimed)}",
+            transform=ax.transAxes,
+            fontsize=7,
+            color="gray",
+            va="top",
+        )
     handles += [Line2D([], [], color="gray", marker=markers[n], linestyle="", label=f"n = {n}") for n in ns]
     ax.set_xscale("log")
     ax.set_xlabel("time to produce the model for a query (s, log scale)")
@@ -397,8 +477,10 @@ def replot(out_dir: Path, title: str) -> list[Path]:
         if not path.is_file():
             return []
         with open(path, newline="") as f:
-            return [{k: v if k in ("method", "tasks") else int(v) if k == "n" else float(v) for k, v in r.items()}
-                    for r in csv.DictReader(f)]  # fmt: skip
+            return [
+                {k: v if k in ("method", "tasks") else int(v) if k == "n" else float(v) for k, v in r.items()}
+                for r in csv.DictReader(f)
+            ]
 
     return plot_results(rows("composite_tasks.csv"), out_dir, title, rows("same_combinations.csv"))
 

@@ -36,8 +36,11 @@ from PoE.core.precision import autocast, cpu_model, resolve
 from PoE.core.store import atomic_write
 from PoE.query.pool import Pool
 
-QUERIES = {1: ["people"], 3: ["people", "vehicles_1", "vehicles_2"],
-           5: ["people", "vehicles_1", "vehicles_2", "small_mammals", "medium-sized_mammals"]}  # fmt: skip
+QUERIES = {
+    1: ["people"],
+    3: ["people", "vehicles_1", "vehicles_2"],
+    5: ["people", "vehicles_1", "vehicles_2", "small_mammals", "medium-sized_mammals"],
+}
 
 
 class LoopNet(nn.Module):
@@ -187,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = Pool.open(a.db, "cifar100", device=device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    head = (f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load} at the "
-            f"start; medians of {a.rounds} interleaved rounds")  # fmt: skip
+    head = (
+        f"{where}, torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load} at the "
+        f"start; medians of {a.rounds} interleaved rounds"
+    )
     print(head)
     stage = [
         "| experts | precision | ms per step | s per epoch (50,000 images) | speed-up |",
@@ -200,9 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     inf += inference_rows(pool, device, a.precision, a.batch, a.rounds)
     print("\n".join(inf))
     command = "python benchmarks/expert_bank.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = (f"# Expert bank against the per-expert loop\n\n{head}.\n\nExperts stage, all {len(pool.experts)} experts, "
-            f"batch {a.train_batch}:\n\n" + "\n".join(stage) + f"\n\nInference, batch {a.batch}:\n\n" + "\n".join(inf)
-            + f"\n\n`{command}`\n")  # fmt: skip
+    text = (
+        f"# Expert bank against the per-expert loop\n\n{head}.\n\nExperts stage, all {len(pool.experts)} experts, "
+        f"batch {a.train_batch}:\n\n"
+        + "\n".join(stage)
+        + f"\n\nInference, batch {a.batch}:\n\n"
+        + "\n".join(inf)
+        + f"\n\n`{command}`\n"
+    )
     if a.out:
         atomic_write(a.out, lambda f: f.write(text.encode()))
     return 0

@@ -132,10 +132,13 @@ def main() -> None:
         best = max(r[k] for k in names[1:])
         agree = ", ".join(f"{k} {r[f'{k} agrees']:.2f}" for k in names[1:])
         speed = f"{r['export'] / r['reference']:.2f}x / {best / r['reference']:.2f}x"
-        lines.append(f"| {r['n']} | {r['images']} | " + " | ".join(f"{r[k]:,.0f}" for k in names)
-                     + f" | {speed} | {agree} |")  # fmt: skip
-    table = f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, " \
-            f"median of {args.repeats} passes\n\n" + "\n".join(lines)  # fmt: skip
+        lines.append(
+            f"| {r['n']} | {r['images']} | " + " | ".join(f"{r[k]:,.0f}" for k in names) + f" | {speed} | {agree} |"
+        )
+    table = (
+        f"CPU: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"median of {args.repeats} passes\n\n" + "\n".join(lines)
+    )
     print("\n" + table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

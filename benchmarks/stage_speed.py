@@ -49,9 +49,29 @@ def measure(profile: str, precision: str, compile_: str, stages: list[str], args
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root / "data", n, args.test_images)
-        argv = ["--profile", profile, "--epochs", "2", "--teacher_views", str(views), "--precision", precision,
-                "--compile", compile_, "--device", args.device, "--no_progress", "--stages", *stages, "--data_root",
-                str(root / "data"), "--db", str(root / "db"), "--pretrained", str(root / "pre")]  # fmt: skip
+        argv = [
+            "--profile",
+            profile,
+            "--epochs",
+            "2",
+            "--teacher_views",
+            str(views),
+            "--precision",
+            precision,
+            "--compile",
+            compile_,
+            "--device",
+            args.device,
+            "--no_progress",
+            "--stages",
+            *stages,
+            "--data_root",
+            str(root / "data"),
+            "--db",
+            str(root / "db"),
+            "--pretrained",
+            str(root / "pre"),
+        ]
         out = io.StringIO()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(out):

@@ -41,8 +41,18 @@ from PoE.core.store import load_checkpoint, load_into, save_checkpoint
 from PoE.query.pool import Pool
 
 SEED = 0  # the pool's --seed: views are seeded by it, the experts stage's weights and batch order by SEED*100+2
-KEYS = {"epochs": int, "lr": float, "batch_size": int, "schedule": str, "nesterov": lambda v: v == "1", "T": float,
-        "alpha": float, "views": int, "db": str, "seed": int}  # fmt: skip
+KEYS = {
+    "epochs": int,
+    "lr": float,
+    "batch_size": int,
+    "schedule": str,
+    "nesterov": lambda v: v == "1",
+    "T": float,
+    "alpha": float,
+    "views": int,
+    "db": str,
+    "seed": int,
+}
 
 
 def parse_run(text: str) -> tuple[str, dict]:
@@ -109,8 +119,10 @@ def run_one(name: str, opts: dict, ctx: dict) -> dict:
     library = ctx["pools"][db].library.eval()
     for p in library.parameters():
         p.requires_grad_(False)
-    conf: StageConfig = replace(PROFILES["cpu"].experts, **{k: opts[k] for k in ("epochs", "lr", "batch_size",
-                                "schedule", "nesterov") if k in opts})  # fmt: skip
+    conf: StageConfig = replace(
+        PROFILES["cpu"].experts,
+        **{k: opts[k] for k in ("epochs", "lr", "batch_size", "schedule", "nesterov") if k in opts},
+    )
     T, alpha, views = opts.get("T", 4.0), opts.get("alpha", 0.3), opts.get("views", 6)
     seed = (SEED + opts.get("seed", 0)) * 100 + STAGES.index("experts")  # weights and batch order; views stay
     loader = TensorLoader(ctx["train"], conf.batch_size, ctx["norm"], cfg.crop_pad, "cpu", seed, view_seed=SEED)
@@ -127,15 +139,40 @@ def run_one(name: str, opts: dict, ctx: dict) -> dict:
     def loss_fn(b: Batch) -> torch.Tensor:
         return ckd_loss(expert(b.x), teacher.view(b.view)[b.index][:, cols].float(), T, alpha)
 
-    fp = {"run": name, **opts, "lib": lib_id, "oracle": ctx["oracle_id"], "task": task, "config": repr(conf),
-          "n": len(loader.data)}  # fmt: skip
-    hist = train_stage(f"expert {name}", {"expert": expert}, loss_fn, batches(loader, feats, views, seed,
-                       conf.batch_size), len(loader), conf, work / f"resume_{name}.pt", fp, progress=False)  # fmt: skip
+    fp = {
+        "run": name,
+        **opts,
+        "lib": lib_id,
+        "oracle": ctx["oracle_id"],
+        "task": task,
+        "config": repr(conf),
+        "n": len(loader.data),
+    }
+    hist = train_stage(
+        f"expert {name}",
+        {"expert": expert},
+        loss_fn,
+        batches(loader, feats, views, seed, conf.batch_size),
+        len(loader),
+        conf,
+        work / f"resume_{name}.pt",
+        fp,
+        progress=False,
+    )
     net = nn.Sequential(library, expert)
-    out = {"run": name, **opts, "epochs": conf.epochs, "config": repr(conf), "T": T, "alpha": alpha, "views": views,
-           "train_images": len(loader.data), "test_acc": score(net, ctx["test"], cols, ctx["norm"]),
-           "train_acc": score(net, ctx["train_task"], cols, ctx["norm"]),
-           "train_seconds": round(hist["seconds"], 1)}  # fmt: skip
+    out = {
+        "run": name,
+        **opts,
+        "epochs": conf.epochs,
+        "config": repr(conf),
+        "T": T,
+        "alpha": alpha,
+        "views": views,
+        "train_images": len(loader.data),
+        "test_acc": score(net, ctx["test"], cols, ctx["norm"]),
+        "train_acc": score(net, ctx["train_task"], cols, ctx["norm"]),
+        "train_seconds": round(hist["seconds"], 1),
+    }
     save_checkpoint(work / f"expert_{name}.pt", {"state_dict": expert.state_dict(), **out})
     return out
 
@@ -146,13 +183,26 @@ def main() -> int:
     p.add_argument("--pretrained", type=Path, required=True, help="holds cifar100/oracle.pt, the teacher (read only)")
     p.add_argument("--work", type=Path, required=True, help="folder for features, resume files, experts, results")
     p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
-    p.add_argument("--runs", nargs="+", required=True, metavar="NAME:KEY=VALUE,...",
-                   help=f"runs in order; keys {', '.join(KEYS)} (default: the cpu profile's experts stage, "
-                   "T 4, alpha 0.3, 6 views, library DB_PoE)")  # fmt: skip
-    p.add_argument("--others", type=int, default=0, help="train on the task's images plus this many others drawn at "
-                   "random (default 0: every training image)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared CPU, two threads "
-                   "wait on each other)")  # fmt: skip
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        metavar="NAME:KEY=VALUE,...",
+        help=f"runs in order; keys {', '.join(KEYS)} (default: the cpu profile's experts stage, "
+        "T 4, alpha 0.3, 6 views, library DB_PoE)",
+    )
+    p.add_argument(
+        "--others",
+        type=int,
+        default=0,
+        help="train on the task's images plus this many others drawn at random (default 0: every training image)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared CPU, two threads wait on each other)",
+    )
     return run_main(body, p, None)
 
 
@@ -161,8 +211,10 @@ def body(a: argparse.Namespace) -> int:
     runs = [parse_run(r) for r in a.runs]
     cfg = get_dataset("cifar100")
     a.work.mkdir(parents=True, exist_ok=True)
-    train, test = load_split("cifar100", a.data_root, "train", False), load_split("cifar100", a.data_root, "test",
-                                                                                   False)  # fmt: skip
+    train, test = (
+        load_split("cifar100", a.data_root, "train", False),
+        load_split("cifar100", a.data_root, "test", False),
+    )
     cols = torch.tensor(cfg.tasks[a.task])
     keep, keep_tr = torch.isin(test.y, cols), torch.isin(train.y, cols)
     ck = load_checkpoint(a.pretrained / "cifar100" / "oracle.pt")
@@ -172,10 +224,19 @@ def body(a: argparse.Namespace) -> int:
         others = torch.nonzero(~keep_tr).flatten()
         pick = torch.randperm(len(others), generator=torch.Generator().manual_seed(SEED))[: a.others]
         used = torch.cat([torch.nonzero(keep_tr).flatten(), others[pick]]).sort().values
-    ctx = {"cfg": cfg, "work": a.work, "task": a.task, "train": ImageSet(train.x[used], train.y[used]),
-           "norm": Normalizer(cfg.mean, cfg.std), "test": ImageSet(test.x[keep], test.y[keep]),
-           "train_task": ImageSet(train.x[keep_tr], train.y[keep_tr]), "oracle": oracle, "oracle_id": ck["id"],
-           "pools": {}, "caches": {}}  # fmt: skip
+    ctx = {
+        "cfg": cfg,
+        "work": a.work,
+        "task": a.task,
+        "train": ImageSet(train.x[used], train.y[used]),
+        "norm": Normalizer(cfg.mean, cfg.std),
+        "test": ImageSet(test.x[keep], test.y[keep]),
+        "train_task": ImageSet(train.x[keep_tr], train.y[keep_tr]),
+        "oracle": oracle,
+        "oracle_id": ck["id"],
+        "pools": {},
+        "caches": {},
+    }
     for name, opts in runs:
         res = a.work / f"result_{name}.json"
         if res.exists():

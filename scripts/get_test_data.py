@@ -41,34 +41,49 @@ TINY_ZIP = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 CIFAR_TAR = "cifar-100-python.tar.gz"  # torchvision's download, used as it is when placed in <to>/data/cifar100/
 # (file here, path in the original repository, sha256)
 RELEASE = [
-    ("cifar100/library_cifar100.pt", "CIFAR100/PoE/DB_Pool of Experts/Library/library_cifar100.pt",
-     "b45ae238ab766e92db4e762b87f6a9199323cdce79890632caeabc53c4c0e9a9"),
-    ("cifar100/library_student_classifier_cifar100.pt",
-     "CIFAR100/PoE/DB_pretrained/student for library/classifier_cifar100.pt",
-     "e27460e1f21f8482accd7918015906509ab7baac3550f20d790226bdc1db4bf9"),
-    *[(f"cifar100/experts/expert_{t}.pt", f"CIFAR100/PoE/DB_Pool of Experts/Experts/expert_{t}.pt", h) for t, h in [
-        ("large_omnivores_and_herbivores", "bb4c141b83c49b4877391482c5d1ec7483f0467b0fcf000e192de7d944a069e8"),
-        ("medium-sized_mammals", "64e6a039c7db0f277ced8112bffb87667d37995cb38f64ad703fea7bb874ba91"),
-        ("people", "a6453390f3712fab90ada08eae676f3d5556f6029ee82acbbb844d0c0c06b566"),
-        ("small_mammals", "dea7c69b5c60ffc25e3aab6d4eeb2727060a5c6b4a9414c0dc7925b915ac1d01"),
-        ("vehicles_1", "d96f07883590c4774847e769932da557b8a551f1af75a5af0bcd8718450145bc"),
-        ("vehicles_2", "8b26d3e04d0e5620091ffbb3a79051e024a1769beb9e8dd25513474182404457"),
-    ]],
-    ("tinyimagenet/library_TinyImageNet.pt", "TinyImageNet/PoE/DB_Pool of Experts/Library/library_TinyImageNet.pt",
-     "fd1cd8a2b4f01c448e0dda7cc2ebfcfa0fd4ca3a97676eb06146004504769f34"),
-    ("tinyimagenet/library_student_classifier_TinyImageNet.pt",
-     "TinyImageNet/PoE/DB_pretrained/student for library/classifier_TinyImageNet.pt",
-     "11c74e44d06139312f3d94f7f28d595bf58f86d9a7552f5a84261f1f7e68bc87"),
-    *[(f"tinyimagenet/experts/expert_{t}.pt", f"TinyImageNet/PoE/DB_Pool of Experts/Experts/expert_{t}.pt", h)
-      for t, h in [
-        ("arachnid", "048b2eea4c241820862131ec115da22d1dc9024d93630da86bde6620387a6925"),
-        ("bird", "002ba546c7134708dcc3d8389984d03689a59ffb75f6fe3550510a7f28981bde"),
-        ("canine", "9c363fdf80150ff2ae8a0e8e274b0001d57e89468ee9c0cc565309d850f53727"),
-        ("feline", "d147ea763539e136caa679bc54812bd8cc733477d1d7605e21c40efaf36fdba1"),
-        ("ungulate", "bc842e259e628c509ecef834710850ed036183fe5471ffe984a14400514a0159"),
-        ("vertebrate_etc", "1aecdc7434cd4e0781c13b321bbd9cdc4b267a17dec28bb3e43f7653dde41adf"),
-    ]],
-]  # fmt: skip
+    (
+        "cifar100/library_cifar100.pt",
+        "CIFAR100/PoE/DB_Pool of Experts/Library/library_cifar100.pt",
+        "b45ae238ab766e92db4e762b87f6a9199323cdce79890632caeabc53c4c0e9a9",
+    ),
+    (
+        "cifar100/library_student_classifier_cifar100.pt",
+        "CIFAR100/PoE/DB_pretrained/student for library/classifier_cifar100.pt",
+        "e27460e1f21f8482accd7918015906509ab7baac3550f20d790226bdc1db4bf9",
+    ),
+    *[
+        (f"cifar100/experts/expert_{t}.pt", f"CIFAR100/PoE/DB_Pool of Experts/Experts/expert_{t}.pt", h)
+        for t, h in [
+            ("large_omnivores_and_herbivores", "bb4c141b83c49b4877391482c5d1ec7483f0467b0fcf000e192de7d944a069e8"),
+            ("medium-sized_mammals", "64e6a039c7db0f277ced8112bffb87667d37995cb38f64ad703fea7bb874ba91"),
+            ("people", "a6453390f3712fab90ada08eae676f3d5556f6029ee82acbbb844d0c0c06b566"),
+            ("small_mammals", "dea7c69b5c60ffc25e3aab6d4eeb2727060a5c6b4a9414c0dc7925b915ac1d01"),
+            ("vehicles_1", "d96f07883590c4774847e769932da557b8a551f1af75a5af0bcd8718450145bc"),
+            ("vehicles_2", "8b26d3e04d0e5620091ffbb3a79051e024a1769beb9e8dd25513474182404457"),
+        ]
+    ],
+    (
+        "tinyimagenet/library_TinyImageNet.pt",
+        "TinyImageNet/PoE/DB_Pool of Experts/Library/library_TinyImageNet.pt",
+        "fd1cd8a2b4f01c448e0dda7cc2ebfcfa0fd4ca3a97676eb06146004504769f34",
+    ),
+    (
+        "tinyimagenet/library_student_classifier_TinyImageNet.pt",
+        "TinyImageNet/PoE/DB_pretrained/student for library/classifier_TinyImageNet.pt",
+        "11c74e44d06139312f3d94f7f28d595bf58f86d9a7552f5a84261f1f7e68bc87",
+    ),
+    *[
+        (f"tinyimagenet/experts/expert_{t}.pt", f"TinyImageNet/PoE/DB_Pool of Experts/Experts/expert_{t}.pt", h)
+        for t, h in [
+            ("arachnid", "048b2eea4c241820862131ec115da22d1dc9024d93630da86bde6620387a6925"),
+            ("bird", "002ba546c7134708dcc3d8389984d03689a59ffb75f6fe3550510a7f28981bde"),
+            ("canine", "9c363fdf80150ff2ae8a0e8e274b0001d57e89468ee9c0cc565309d850f53727"),
+            ("feline", "d147ea763539e136caa679bc54812bd8cc733477d1d7605e21c40efaf36fdba1"),
+            ("ungulate", "bc842e259e628c509ecef834710850ed036183fe5471ffe984a14400514a0159"),
+            ("vertebrate_etc", "1aecdc7434cd4e0781c13b321bbd9cdc4b267a17dec28bb3e43f7653dde41adf"),
+        ]
+    ],
+]
 
 
 class Failed(Exception):

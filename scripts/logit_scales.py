@@ -34,8 +34,10 @@ def table(dbs: list[str], data_root: str, tasks: list[str] | None) -> str:
     test = load_split("cifar100", data_root, "test", progress=False)
     keep = torch.isin(test.y, torch.tensor(classes))
     images = ImageSet(test.x[keep], test.y[keep])
-    rows = ["| pool | expert | task accuracy (%) | mean max logit, own images | mean max logit, other tasks' images |",
-            "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [
+        "| pool | expert | task accuracy (%) | mean max logit, own images | mean max logit, other tasks' images |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for db, pool in zip(dbs, pools, strict=True):
         pool.make_query(tasks)
         experts = {t: pool.experts[t] for t in tasks}
@@ -53,8 +55,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", nargs="+", default=["DB_PoE"], help="pool roots; each pool is <db>/cifar100/")
     p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
-    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="the experts to compare (default: the "
-                   "six default tasks)")  # fmt: skip
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="the experts to compare (default: the six default tasks)",
+    )
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     return run_main(body, p, None)
 

@@ -71,16 +71,31 @@ def table(task: str, data_root: str, dbs: list[str], pretrained: Path, official:
     oracle = logits_of(oracle_of(pretrained, cfg), images, norm)
     ref = oracle[:, cols].argmax(1)
     all_acc = 100 * (oracle.argmax(1) == images.y).float().mean()
-    rows = [f"{task}: {len(images)} {split} images of classes {cols.tolist()}; Oracle over all 100 classes: "
-            f"{all_acc:.1f}%", "",
-            "| model | accuracy over the task's classes (%) | agrees with the Oracle (%) | mean max logit | "
-            "mean logit std |", "| --- | --- | --- | --- | --- |",
-            row(f"Oracle ({pretrained}), argmax over the task's classes", oracle, cols, images.y, None),
-            row("library student (ours), restricted", logits_of(student_of(pretrained, None, cfg), images, norm),
-                cols, images.y, ref)]  # fmt: skip
+    rows = [
+        f"{task}: {len(images)} {split} images of classes {cols.tolist()}; Oracle over all 100 classes: {all_acc:.1f}%",
+        "",
+        "| model | accuracy over the task's classes (%) | agrees with the Oracle (%) | mean max logit | "
+        "mean logit std |",
+        "| --- | --- | --- | --- | --- |",
+        row(f"Oracle ({pretrained}), argmax over the task's classes", oracle, cols, images.y, None),
+        row(
+            "library student (ours), restricted",
+            logits_of(student_of(pretrained, None, cfg), images, norm),
+            cols,
+            images.y,
+            ref,
+        ),
+    ]
     if official is not None:
-        rows.append(row("library student (original release), restricted",
-                        logits_of(student_of(None, official, cfg), images, norm), cols, images.y, ref))  # fmt: skip
+        rows.append(
+            row(
+                "library student (original release), restricted",
+                logits_of(student_of(None, official, cfg), images, norm),
+                cols,
+                images.y,
+                ref,
+            )
+        )
     for db in dbs:
         pool = Pool.open(db)
         net = nn.Sequential(pool.library, pool.experts[task])
@@ -92,10 +107,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="people", help="a CIFAR-100 superclass (default: people)")
     p.add_argument("--db", nargs="+", default=["DB_PoE"], help="pools whose expert of the task is scored")
-    p.add_argument("--pretrained", type=Path, default=Path("DB_pretrained"), help="holds cifar100/oracle.pt and "
-                   "cifar100/library_student.pt (default: DB_pretrained)")  # fmt: skip
-    p.add_argument("--official", type=Path, default=None, help="the original release's cifar100 folder: adds its "
-                   "library student (library + released head)")  # fmt: skip
+    p.add_argument(
+        "--pretrained",
+        type=Path,
+        default=Path("DB_pretrained"),
+        help="holds cifar100/oracle.pt and cifar100/library_student.pt (default: DB_pretrained)",
+    )
+    p.add_argument(
+        "--official",
+        type=Path,
+        default=None,
+        help="the original release's cifar100 folder: adds its library student (library + released head)",
+    )
     p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
     p.add_argument("--split", choices=("test", "train"), default="test", help="images scored (default: test)")
     return run_main(body, p, None)

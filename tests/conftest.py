@@ -131,10 +131,28 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 
 TINY = [
-    "--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "1024", "--epochs", "2",
-    "--teacher_views", "2", "--tasks", "people", "vehicles_1", "vehicles_2", "--no_progress", "--device", "cpu",
-    "--precision", "fp32", "--test_limit", "1000",
-]  # fmt: skip
+    "--profile",
+    "quick",
+    "--oracle_arch",
+    "wrn-10-1",
+    "--train_limit",
+    "1024",
+    "--epochs",
+    "2",
+    "--teacher_views",
+    "2",
+    "--tasks",
+    "people",
+    "vehicles_1",
+    "vehicles_2",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+    "--test_limit",
+    "1000",
+]
 
 
 @pytest.fixture(scope="session")
@@ -175,16 +193,28 @@ def install_stand_in_oracle(official_cifar: Path, pretrained: Path, db: Path | N
 
     net = official_student(official_cifar)
     tid = state_id(net)
-    meta = {"poe_format": 1, "dataset": "cifar100", "arch": "wrn-16-1", "epochs": 200, "config": "original release",
-            "test_acc": 0.0, "test_n": 0, "train_seconds": 0.0}  # fmt: skip
-    save_checkpoint(pretrained / "cifar100" / "oracle.pt", {**meta, "kind": "oracle", "id": tid,
-                                                             "state_dict": net.state_dict()})  # fmt: skip
+    meta = {
+        "poe_format": 1,
+        "dataset": "cifar100",
+        "arch": "wrn-16-1",
+        "epochs": 200,
+        "config": "original release",
+        "test_acc": 0.0,
+        "test_n": 0,
+        "train_seconds": 0.0,
+    }
+    save_checkpoint(
+        pretrained / "cifar100" / "oracle.pt", {**meta, "kind": "oracle", "id": tid, "state_dict": net.state_dict()}
+    )
     if db is not None:
         lib = {**meta, "oracle_id": tid, "id": state_id(net.front)}
-        save_checkpoint(pretrained / "cifar100" / "library_student.pt", {**lib, "kind": "library_student",
-                                                                         "state_dict": net.state_dict()})  # fmt: skip
-        save_checkpoint(db / "cifar100" / "library_cifar100.pt", {**lib, "kind": "library",
-                                                                   "state_dict": net.front.state_dict()})  # fmt: skip
+        save_checkpoint(
+            pretrained / "cifar100" / "library_student.pt",
+            {**lib, "kind": "library_student", "state_dict": net.state_dict()},
+        )
+        save_checkpoint(
+            db / "cifar100" / "library_cifar100.pt", {**lib, "kind": "library", "state_dict": net.front.state_dict()}
+        )
     return tid
 
 

@@ -43,15 +43,15 @@ def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
         return loader.epoch(epoch)
 
     stage = StageConfig(epochs=3, lr=0.1, schedule="onecycle")
-    train_stage("toy", {"m": model}, loss_fn, batches, len(loader), stage, resume, {"toy": 1},
-                progress=False)  # fmt: skip
+    train_stage("toy", {"m": model}, loss_fn, batches, len(loader), stage, resume, {"toy": 1}, progress=False)
     return model
 
 
 def toy_worker(index: int, port: int, out: str) -> None:
     """One of two ranks: a straight run, then a run stopped before epoch 3 and resumed; saves both weights."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
-                      WORLD_SIZE="2")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE="2"
+    )
     distributed.setup(torch.device("cpu"))
     try:
         folder = Path(out)
@@ -73,8 +73,9 @@ def finish_worker(index: int, port: int, out: str) -> None:
     import time
     from datetime import timedelta
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
-                      WORLD_SIZE="2")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE="2"
+    )
     distributed.setup(torch.device("cpu"))
     distributed.barrier()  # the last collective both ranks reach
     if index == 0:

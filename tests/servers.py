@@ -46,8 +46,14 @@ class Server:
         cmd = [sys.executable, "Run_Service.py", "--serve", "--device", "cpu", "--data_root", str(data_root), *args]
         self.out, self.err = logs / "stdout.txt", logs / "stderr.txt"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
-                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+                text=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+            )
         self.url = ""
 
     def ready(self) -> Server:

@@ -35,8 +35,17 @@ def runner(official_cifar, data_root, tmp_path_factory):
         return pool.library if task is None else pool.experts[task]
 
     stage = StageConfig(epochs=1, lr=0.05, batch_size=128)
-    return BaselineRunner(cfg, train, test, torch.device("cpu"), stage, oracle=oracle, pool_part=pool_part,
-                          teacher_dir=tmp_path_factory.mktemp("teachers"), progress=False)  # fmt: skip
+    return BaselineRunner(
+        cfg,
+        train,
+        test,
+        torch.device("cpu"),
+        stage,
+        oracle=oracle,
+        pool_part=pool_part,
+        teacher_dir=tmp_path_factory.mktemp("teachers"),
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -87,9 +96,27 @@ def test_baselines_command_prints_methods_beside_poe(capsys, official_cifar, few
 
     from PoE.cli import main_baselines
 
-    rc = main_baselines(["--queriedTask", "people", "vehicles_1", "--method", "transfer", "--epochs", "1",
-                         "--batch_size", "256", "--db", str(official_cifar), "--data_root", str(few_train_root),
-                         "--no_progress", "--device", "cpu", "--json"])  # fmt: skip
+    rc = main_baselines(
+        [
+            "--queriedTask",
+            "people",
+            "vehicles_1",
+            "--method",
+            "transfer",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "256",
+            "--db",
+            str(official_cifar),
+            "--data_root",
+            str(few_train_root),
+            "--no_progress",
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
     assert rc == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["method"] for r in rows] == ["transfer", "poe"]

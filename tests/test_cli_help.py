@@ -65,8 +65,19 @@ def test_paper_profile_on_a_cpu_warns_at_start(tmp_path, capsys):
     from PoE.cli import main_preprocessing
 
     # no data there: the run stops at once, after the warning
-    argv = ["--dataset", "tinyimagenet", "--device", "cpu", "--data_root", str(tmp_path), "--db", str(tmp_path / "db"),
-            "--pretrained", str(tmp_path / "pre"), "--no_progress"]  # fmt: skip
+    argv = [
+        "--dataset",
+        "tinyimagenet",
+        "--device",
+        "cpu",
+        "--data_root",
+        str(tmp_path),
+        "--db",
+        str(tmp_path / "db"),
+        "--pretrained",
+        str(tmp_path / "pre"),
+        "--no_progress",
+    ]
     assert main_preprocessing(argv) == 2
     out, err = capsys.readouterr()
     warning = out.splitlines()[0]  # before anything else (the run's first line comes when a part is made)

@@ -36,8 +36,10 @@ NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 def random_images(n: int, classes: int = 10, seed: int = 0) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                    torch.randint(0, classes, (n,), generator=g))  # fmt: skip
+    return ImageSet(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, classes, (n,), generator=g),
+    )
 
 
 def test_auto_precision_is_bf16_on_the_gpu():
@@ -81,8 +83,18 @@ def test_training_steps_do_not_wait_for_the_gpu(precision):
         stage = StageConfig(epochs=1, lr=0.05)
 
         def epoch(loader=loader, model=model, loss_fn=loss_fn, stage=stage) -> None:
-            train_stage("toy", {"m": model}, loss_fn, loader.epoch, len(loader), stage, None, {}, progress=False,
-                        precision=precision)  # fmt: skip
+            train_stage(
+                "toy",
+                {"m": model},
+                loss_fn,
+                loader.epoch,
+                len(loader),
+                stage,
+                None,
+                {},
+                progress=False,
+                precision=precision,
+            )
 
         epoch()  # warm-up: cuDNN plans, the allocator
         syncs[steps] = count_syncs(epoch)
@@ -102,8 +114,18 @@ def test_bf16_training_learns_like_fp32():
             return nn.functional.cross_entropy(model(b.x).float(), b.y)
 
         stage = StageConfig(epochs=30, lr=0.1, schedule="onecycle")
-        hist = train_stage("toy", {"m": model}, loss_fn, loader.epoch, len(loader), stage, None, {}, progress=False,
-                           precision=precision)  # fmt: skip
+        hist = train_stage(
+            "toy",
+            {"m": model},
+            loss_fn,
+            loader.epoch,
+            len(loader),
+            stage,
+            None,
+            {},
+            progress=False,
+            precision=precision,
+        )
         losses[precision] = hist["loss"][-1]
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert losses["fp32"] < 0.5 and losses["bf16"] < 0.5, losses
@@ -152,16 +174,52 @@ def test_tiny_preprocessing_and_service_on_the_gpu(tmp_path, capsys):
     """Every stage on CUDA with bf16 and torch.compile, on a generated CIFAR-shaped data folder."""
     fake_cifar(tmp_path / "data", 1024, 500)
     db, pre = tmp_path / "db", tmp_path / "pre"
-    rc = main_preprocessing(["--profile", "quick", "--oracle_arch", "wrn-10-1", "--epochs", "2", "--batch_size",
-                             "128", "--teacher_views", "2", "--tasks", "people", "vehicles_1", "--no_progress",
-                             "--device", "cuda", "--precision", "bf16", "--data_root",
-                             str(tmp_path / "data"), "--db", str(db), "--pretrained", str(pre)])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--profile",
+            "quick",
+            "--oracle_arch",
+            "wrn-10-1",
+            "--epochs",
+            "2",
+            "--batch_size",
+            "128",
+            "--teacher_views",
+            "2",
+            "--tasks",
+            "people",
+            "vehicles_1",
+            "--no_progress",
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--data_root",
+            str(tmp_path / "data"),
+            "--db",
+            str(db),
+            "--pretrained",
+            str(pre),
+        ]
+    )
     assert rc == 0
     manifest = json.loads((db / "cifar100" / "manifest.json").read_text())
     assert manifest["precision"] == "bf16" and manifest["machine"]["gpu"]
     capsys.readouterr()
-    rc = main_service(["--db", str(db), "--data_root", str(tmp_path / "data"), "--queriedTask", "people",
-                       "vehicles_1", "--json", "--device", "cuda"])  # fmt: skip
+    rc = main_service(
+        [
+            "--db",
+            str(db),
+            "--data_root",
+            str(tmp_path / "data"),
+            "--queriedTask",
+            "people",
+            "vehicles_1",
+            "--json",
+            "--device",
+            "cuda",
+        ]
+    )
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_test"] == 50
 
@@ -188,9 +246,25 @@ def test_a_query_on_the_gpu_exports_after_gpu_work(tmp_path, data_root, precisio
     model = Pool.open(ROOT / "DB_PoE", device=CUDA, precision=precision).query(["people", "vehicles_1"])
     model.accuracy(test)
     model.export(tmp_path / "api.pt2", precision=precision)
-    rc = main_service(["--db", str(ROOT / "DB_PoE"), "--data_root", str(data_root), "--queriedTask", "people",
-                       "vehicles_1", "--device", "cuda", "--precision", precision,
-                       "--export", str(tmp_path / "cli.pt2"), "--export_precision", precision])  # fmt: skip
+    rc = main_service(
+        [
+            "--db",
+            str(ROOT / "DB_PoE"),
+            "--data_root",
+            str(data_root),
+            "--queriedTask",
+            "people",
+            "vehicles_1",
+            "--device",
+            "cuda",
+            "--precision",
+            precision,
+            "--export",
+            str(tmp_path / "cli.pt2"),
+            "--export_precision",
+            precision,
+        ]
+    )
     assert rc == 0
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     expected = model.logits(x)

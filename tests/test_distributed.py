@@ -60,13 +60,48 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, few_train_root
     data_root = few_train_root
     db, pre, out = tmp_path / "db", tmp_path / "pre", tmp_path / "out"
     out.mkdir()
-    argv = ["--profile", "quick", "--oracle_arch", "wrn-10-1", "--train_limit", "512", "--batch_size", "64",
-            "--epochs", "1", "--teacher_views", "1", "--tasks", "people", "vehicles_1", "--no_progress",
-            "--test_limit", "2000", "--device", "cpu", "--precision", "fp32", "--data_root", str(data_root),
-            "--db", str(db), "--pretrained", str(pre)]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(ROOT / "tests" / "distributed_harness.py"), str(out), *argv]  # fmt: skip
+    argv = [
+        "--profile",
+        "quick",
+        "--oracle_arch",
+        "wrn-10-1",
+        "--train_limit",
+        "512",
+        "--batch_size",
+        "64",
+        "--epochs",
+        "1",
+        "--teacher_views",
+        "1",
+        "--tasks",
+        "people",
+        "vehicles_1",
+        "--no_progress",
+        "--test_limit",
+        "2000",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--data_root",
+        str(data_root),
+        "--db",
+        str(db),
+        "--pretrained",
+        str(pre),
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(ROOT / "tests" / "distributed_harness.py"),
+        str(out),
+        *argv,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -29,8 +29,18 @@ from .conftest import ROOT, run_script
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "ImageNet" / "README.md"]
 STARTS = ("python", "curl", "pip", "bash", "torchrun", "ImageNet/")
 PLACEHOLDER = re.compile(r"(?<![\w/.-])[A-Z][A-Z0-9_]*(?![\w.])|<[^>]*>|\[|\.\.\.|\bmy_\w+|\$\w+|\$\(")
-READS = ("--db", "--hierarchy", "--add_tasks", "--oracle", "--oracle_classes", "--library_from", "--data_root",
-         "--oracle_weights", "--library_weights", "--ablation")  # fmt: skip
+READS = (
+    "--db",
+    "--hierarchy",
+    "--add_tasks",
+    "--oracle",
+    "--oracle_classes",
+    "--library_from",
+    "--data_root",
+    "--oracle_weights",
+    "--library_weights",
+    "--ablation",
+)
 WRITES = ("--db", "--pretrained", "--out", "--to")
 
 

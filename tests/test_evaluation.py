@@ -14,8 +14,9 @@ from PoE.core.query import Query
 
 def test_combinations_reproduce_the_original_release(capsys, tmp_path, official_cifar, data_root):
     out = tmp_path / "combos"
-    rc = main_evaluation(["--db", str(official_cifar), "--data_root", str(data_root), "--device", "cpu",
-                          "--out", str(out), "--json"])  # fmt: skip
+    rc = main_evaluation(
+        ["--db", str(official_cifar), "--data_root", str(data_root), "--device", "cpu", "--out", str(out), "--json"]
+    )
     assert rc == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["n"] for r in rows] == [2, 3, 4, 5]
@@ -54,9 +55,25 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
 
     install_stand_in_oracle(official_cifar, tmp_path / "pre")
     out = tmp_path / "addImg"
-    common = ["--db", str(official_cifar), "--data_root", str(few_train_root), "--pretrained", str(tmp_path / "pre"),
-              "--device", "cpu", "--n", "2", "--epochs", "1", "--combos_per_n", "1", "--out", str(out),
-              "--no_progress"]  # fmt: skip
+    common = [
+        "--db",
+        str(official_cifar),
+        "--data_root",
+        str(few_train_root),
+        "--pretrained",
+        str(tmp_path / "pre"),
+        "--device",
+        "cpu",
+        "--n",
+        "2",
+        "--epochs",
+        "1",
+        "--combos_per_n",
+        "1",
+        "--out",
+        str(out),
+        "--no_progress",
+    ]
     rc = main_experiments([*common, "--methods", "oracle", "poe", "transfer", "--ablation", f"copy={official_cifar}"])
     assert rc == 0, capsys.readouterr().err
     table = (out / "composite_tasks.md").read_text()
@@ -116,14 +133,28 @@ def test_record_key_names_the_parts_each_method_uses():
 
     combo = ("people", "vehicles_1")
     base = Parts(library="L0")
-    changed = {"library": (Parts(library="L1"), "O0"), "experts": (Parts(library="L0", people="e1"), "O0"),
-               "oracle": (base, "O1")}  # fmt: skip
-    uses = {m: {part for part, (pool, oid) in changed.items()
-                if record_key(m, combo, "fp", pool, oid) != record_key(m, combo, "fp", base, "O0")}
-            for m in METHODS}  # fmt: skip
-    assert uses == {"scratch": set(), "sd_scratch": set(), "uhc_scratch": set(), "transfer": {"library"},
-                    "ckd": {"library", "oracle"}, "sd_ckd": {"library", "experts"},
-                    "uhc_ckd": {"library", "experts"}}  # fmt: skip
+    changed = {
+        "library": (Parts(library="L1"), "O0"),
+        "experts": (Parts(library="L0", people="e1"), "O0"),
+        "oracle": (base, "O1"),
+    }
+    uses = {
+        m: {
+            part
+            for part, (pool, oid) in changed.items()
+            if record_key(m, combo, "fp", pool, oid) != record_key(m, combo, "fp", base, "O0")
+        }
+        for m in METHODS
+    }
+    assert uses == {
+        "scratch": set(),
+        "sd_scratch": set(),
+        "uhc_scratch": set(),
+        "transfer": {"library"},
+        "ckd": {"library", "oracle"},
+        "sd_ckd": {"library", "experts"},
+        "uhc_ckd": {"library", "experts"},
+    }
     assert record_key("ckd", combo, "fp", base, "O0") != record_key("ckd", combo, "fp2", base, "O0")
 
 

@@ -75,8 +75,11 @@ def test_errors_name_the_path_and_layout(tmp_path):
     val = tmp_path / "imagenet" / "val"
     val.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(val / "ILSVRC2012_val_00000001.JPEG")  # the raw, unsorted validation layout
-    with pytest.raises(PoEError, match=r"val has 0 class folders, expected 1000 \(it holds images such as "
-                       r"ILSVRC2012_val_00000001.JPEG directly: sort them into class folders\); expected"):  # fmt: skip
+    with pytest.raises(
+        PoEError,
+        match=r"val has 0 class folders, expected 1000 \(it holds images such as "
+        r"ILSVRC2012_val_00000001.JPEG directly: sort them into class folders\); expected",
+    ):
         load_split("imagenet", tmp_path, "test", classes=[10])
     for w in WNIDS:
         (val / w).mkdir()
@@ -87,8 +90,21 @@ def test_errors_name_the_path_and_layout(tmp_path):
 def test_preprocessing_errors_are_one_line(tmp_path, capsys, stand_in_weights, monkeypatch):
     root = tmp_path / "data"
     (root / "imagenet" / "val").mkdir(parents=True)
-    base = ["--dataset", "imagenet", "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained",
-            str(tmp_path / "pre"), "--tasks", "bird_etc1", "--no_progress", "--device", "cpu"]  # fmt: skip
+    base = [
+        "--dataset",
+        "imagenet",
+        "--data_root",
+        str(root),
+        "--db",
+        str(tmp_path / "db"),
+        "--pretrained",
+        str(tmp_path / "pre"),
+        "--tasks",
+        "bird_etc1",
+        "--no_progress",
+        "--device",
+        "cpu",
+    ]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
     assert main_preprocessing(base) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -104,11 +120,37 @@ def test_preprocessing_errors_are_one_line(tmp_path, capsys, stand_in_weights, m
 
 def test_end_to_end_tiny_pool_and_service(tmp_path, imagenet_root, stand_in_weights, capsys):
     db, pre = tmp_path / "DB_PoE", tmp_path / "DB_pretrained"
-    rc = main_preprocessing(["--dataset", "imagenet", "--data_root", str(imagenet_root), "--profile", "quick",
-                             "--oracle_arch", "resnet18", "--oracle_weights", str(stand_in_weights["oracle"]),
-                             "--library_weights", str(stand_in_weights["library"]), "--epochs", "1",
-                             "--batch_size", "8", "--workers", "2", "--tasks", *TASKS, "--db", str(db),
-                             "--pretrained", str(pre), "--no_progress", "--device", "cpu"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--dataset",
+            "imagenet",
+            "--data_root",
+            str(imagenet_root),
+            "--profile",
+            "quick",
+            "--oracle_arch",
+            "resnet18",
+            "--oracle_weights",
+            str(stand_in_weights["oracle"]),
+            "--library_weights",
+            str(stand_in_weights["library"]),
+            "--epochs",
+            "1",
+            "--batch_size",
+            "8",
+            "--workers",
+            "2",
+            "--tasks",
+            *TASKS,
+            "--db",
+            str(db),
+            "--pretrained",
+            str(pre),
+            "--no_progress",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "Oracle (resnet18, pretrained)" in out and "[experts] epoch 1/1" in out
@@ -120,8 +162,24 @@ def test_end_to_end_tiny_pool_and_service(tmp_path, imagenet_root, stand_in_weig
     manifest = json.loads((pool / "manifest.json").read_text())
     assert set(manifest["experts"]) == set(TASKS) and manifest["experts"]["bird_etc1"]["test_n"] == 10
 
-    assert main_service(["--dataset", "imagenet", "--db", str(db), "--data_root", str(imagenet_root),
-                         "--queriedTask", *TASKS, "--json", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main_service(
+            [
+                "--dataset",
+                "imagenet",
+                "--db",
+                str(db),
+                "--data_root",
+                str(imagenet_root),
+                "--queriedTask",
+                *TASKS,
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["n_test"] == 21 and 0.0 <= r["accuracy"] <= 100.0
     library = sum(p.numel() for p in MobileNetLibrary().parameters())

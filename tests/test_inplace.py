@@ -42,8 +42,11 @@ sys.exit(main_preprocessing(argv))
 
 def files(root: Path) -> dict[str, str]:
     """Every file under ``root`` (relative path) -> its sha256."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,9 @@ def logits(root: Path, tasks: list[str]) -> torch.Tensor:
 
 
 def killed(when: str, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", KILL, when, *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", KILL, when, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_add_trains_only_the_new_expert_and_leaves_every_other_file(built, pool_dir, capsys):
@@ -220,8 +224,13 @@ def test_a_running_server_picks_up_added_and_removed_experts(built, pool_dir, da
         with httpx.Client(timeout=60) as c:
             r = c.post(server.url + "/api/query", json={"tasks": ["wheels", "land"]})
             assert r.status_code == 200, r.text
-            assert [k["name"] for k in r.json()["classes"]] == ["bear", "bicycle", "camel", "motorcycle",
-                                                                "pickup_truck"]  # fmt: skip
+            assert [k["name"] for k in r.json()["classes"]] == [
+                "bear",
+                "bicycle",
+                "camel",
+                "motorcycle",
+                "pickup_truck",
+            ]
         assert main_preprocessing(["--db", str(pool_dir.parent), "--remove_tasks", "land", "ghost"]) == 0
         every_worker("/api/pool", lambda info: names(info) == ["aquatic", "wheels"] and not info["notes"])
         with httpx.Client(timeout=60) as c:

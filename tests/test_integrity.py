@@ -52,8 +52,9 @@ def test_an_ablation_expert_with_its_metadata_is_refused(shipped, capsys, data_r
     """Same library (so its library_id matches): it answered 68.47% instead of 73.00%, exit 0, no note."""
     shutil.copy(ROOT / "DB_ablation" / "soft" / "cifar100" / "experts" / "expert_people.pt", shipped / "experts")
     refused(shipped, "expert_people.pt differs from the part manifest.json lists")
-    rc = main_service(["--db", str(shipped.parent), "--data_root", str(data_root), "--queriedTask", *QUERY,
-                       "--device", "cpu"])  # fmt: skip
+    rc = main_service(
+        ["--db", str(shipped.parent), "--data_root", str(data_root), "--queriedTask", *QUERY, "--device", "cpu"]
+    )
     out = capsys.readouterr()
     assert rc == 2 and "68.47" not in out.out and out.err.count("\n") == 1 and out.err.startswith("error: ")
 
@@ -143,7 +144,7 @@ def test_migration_upgrades_an_earlier_pool_only_when_its_files_agree(shipped, c
         ("baselines", ["--budget", "1e300"], "argument --budget: must be a number > 0 and <= 100"),
         ("experiments", ["--lr", "inf"], "argument --lr: must be a number > 0 and <= 10, got inf"),
     ],
-)  # fmt: skip
+)
 def test_non_finite_and_absurd_float_flags_are_refused_at_parsing(capsys, main, argv, message):
     import PoE.cli
 
@@ -166,15 +167,27 @@ def test_a_test_split_without_the_querys_classes_is_refused(tmp_path, capsys, sh
 
     (tmp_path / "cifar100").mkdir()
     np.savez(tmp_path / "cifar100" / "test.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4, np.int64))
-    rc = main_service(["--db", str(ROOT / "DB_PoE"), "--data_root", str(tmp_path), "--queriedTask", *QUERY,
-                       "--json", "--device", "cpu"])  # fmt: skip
+    rc = main_service(
+        [
+            "--db",
+            str(ROOT / "DB_PoE"),
+            "--data_root",
+            str(tmp_path),
+            "--queriedTask",
+            *QUERY,
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 2 and "nan" not in out.out.lower() and len(out.err.strip().splitlines()) == 1
     assert "the test split has no images of 15 of the query's 15 classes (2 baby, 8 bicycle, 11 boy" in out.err
     from PoE.cli import main_evaluation
 
-    rc = main_evaluation(["--db", str(ROOT / "DB_PoE"), "--data_root", str(tmp_path), "--tasks", *QUERY, "--json",
-                          "--device", "cpu"])  # fmt: skip
+    rc = main_evaluation(
+        ["--db", str(ROOT / "DB_PoE"), "--data_root", str(tmp_path), "--tasks", *QUERY, "--json", "--device", "cpu"]
+    )
     out = capsys.readouterr()
     assert rc == 2 and "nan" not in out.out.lower() and "no images of 15 of the query's 15 classes" in out.err
     half = ImageSet(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([2, 8]))  # 2 of the 15 classes
@@ -192,8 +205,7 @@ def test_a_data_file_whose_header_claims_a_billion_images_is_one_line(tmp_path):
     from PoE.core.datasets import load_split
 
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
-                                                  "shape": (10**9, 32, 32, 3)})  # fmt: skip
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 32, 32, 3)})
     labels = io.BytesIO()
     np.save(labels, np.zeros(4, np.int64))
     (tmp_path / "cifar100").mkdir()
@@ -215,7 +227,7 @@ def test_a_data_file_whose_header_claims_a_billion_images_is_one_line(tmp_path):
         (lambda m: m.predict(torch.rand(2, 3, 32, 32)).top(0, k=-1), "k must be an integer >= 1"),
         (lambda m: m.predict(torch.rand(2, 3, 32, 32)).top(5), "i must be an image index, 0..1"),
     ],
-)  # fmt: skip
+)
 def test_the_python_api_refuses_what_it_cannot_answer(shipped_model, call, message):
     """An all-NaN image was predicted (as 'baby'); the others raised raw exceptions."""
     with pytest.raises(PoEError, match=re.escape(message)):
@@ -254,8 +266,22 @@ def one_line_error(capsys) -> str:
 def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(full_disk, capsys):
     """It ended in SIGABRT (exit 134): torch.export.save's writer aborts when the disk refuses."""
     target = full_disk / "model.pt2"
-    assert main_service(["--db", str(ROOT / "DB_PoE"), "--queriedTask", "people", "--no_eval", "--export",
-                         str(target), "--device", "cpu"]) == 2  # fmt: skip
+    assert (
+        main_service(
+            [
+                "--db",
+                str(ROOT / "DB_PoE"),
+                "--queriedTask",
+                "people",
+                "--no_eval",
+                "--export",
+                str(target),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert f"cannot write {target}: No space left on device" in one_line_error(capsys)
     assert list(full_disk.iterdir()) == []
 
@@ -267,10 +293,31 @@ def test_training_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full
     from .conftest import fake_cifar
 
     root = fake_cifar(tmp_path / "data", 128, 100)
-    rc = main_preprocessing(["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "1",
-                             "--oracle_arch", "wrn-10-1", "--batch_size", "128", "--stages", "oracle", "--no_progress",
-                             "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained",
-                             str(full_disk)])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--profile",
+            "quick",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--epochs",
+            "1",
+            "--oracle_arch",
+            "wrn-10-1",
+            "--batch_size",
+            "128",
+            "--stages",
+            "oracle",
+            "--no_progress",
+            "--data_root",
+            str(root),
+            "--db",
+            str(tmp_path / "db"),
+            "--pretrained",
+            str(full_disk),
+        ]
+    )
     line = one_line_error(capsys)
     assert rc == 2 and f"cannot write {full_disk / 'cifar100' / 'resume' / 'oracle.pt'}: No space left" in line
     assert [p for p in full_disk.rglob("*") if p.is_file()] == []

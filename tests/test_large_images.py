@@ -24,8 +24,21 @@ from .conftest import ROOT, need, shared_dir
 WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]  # goldfish, fire salamander, bullfrog, tailed frog
 SIZE = 96
 TASKS = {"fish": ["goldfish"], "frogs": ["bullfrog", "tailed frog"], "salamander": ["European fire salamander"]}
-FAST = ["--profile", "quick", "--epochs", "1", "--teacher_views", "1", "--batch_size", "40", "--no_progress",
-        "--device", "cpu", "--precision", "fp32"]  # fmt: skip
+FAST = [
+    "--profile",
+    "quick",
+    "--epochs",
+    "1",
+    "--teacher_views",
+    "1",
+    "--batch_size",
+    "40",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+]
 
 
 def maker():
@@ -58,8 +71,20 @@ def oracle_file(tmp_path_factory, large_folder) -> Path:
 
 
 def build(folder: Path, tmp: Path, *extra: str) -> int:
-    argv = ["--dataset", "folder", "--data_root", str(folder), "--db", str(tmp / "db"), "--pretrained",
-            str(tmp / "pre"), "--hierarchy", str(folder / "tasks.json"), *FAST, *extra]  # fmt: skip
+    argv = [
+        "--dataset",
+        "folder",
+        "--data_root",
+        str(folder),
+        "--db",
+        str(tmp / "db"),
+        "--pretrained",
+        str(tmp / "pre"),
+        "--hierarchy",
+        str(folder / "tasks.json"),
+        *FAST,
+        *extra,
+    ]
     return main_preprocessing(argv)
 
 
@@ -77,8 +102,22 @@ def test_large_image_pool_with_an_exported_oracle(large_folder, oracle_file, tmp
     assert lib["family"] == "mobilenetv2" and lib["state_dict"]["features.0.0.weight"].shape[0] == 16  # width 0.5
 
     # the pool answers queries on the folder's 96-pixel images, and Run_Evaluation runs over it
-    argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(large_folder), "--json",
-            "--queriedTask", "fish", "frogs", "--device", "cpu", "--export", str(tmp_path / "model.pt2")]  # fmt: skip
+    argv = [
+        "--dataset",
+        "folder",
+        "--db",
+        str(tmp_path / "db"),
+        "--data_root",
+        str(large_folder),
+        "--json",
+        "--queriedTask",
+        "fish",
+        "frogs",
+        "--device",
+        "cpu",
+        "--export",
+        str(tmp_path / "model.pt2"),
+    ]
     assert main_service(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["class_names"] == ["bullfrog", "goldfish", "tailed frog"] and result["n_test"] == 30
@@ -93,8 +132,20 @@ def test_large_image_pool_with_an_exported_oracle(large_folder, oracle_file, tmp
     program = torch.export.load(str(tmp_path / "model.pt2")).module()
     acc = 100.0 * float((program(torch.stack(x)).argmax(1) == torch.tensor(y)).float().mean())
     assert acc == pytest.approx(result["accuracy"], abs=0.01)  # the service rounds to 2 decimals
-    argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(large_folder), "--device",
-            "cpu", "--n", "2", "--out", str(tmp_path / "eval")]  # fmt: skip
+    argv = [
+        "--dataset",
+        "folder",
+        "--db",
+        str(tmp_path / "db"),
+        "--data_root",
+        str(large_folder),
+        "--device",
+        "cpu",
+        "--n",
+        "2",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert main_evaluation(argv) == 0
     assert "fish" in capsys.readouterr().out
 
@@ -144,8 +195,19 @@ def test_oracle_and_library_trained_here_can_start_from_local_mobilenet_weights(
     full = torchvision.models.mobilenet_v2(weights=None).state_dict()  # stands in for ImageNet's (not fetched)
     torch.save(full, tmp_path / "mobilenet_v2.pth")
     start = str(tmp_path / "mobilenet_v2.pth")
-    rc = build(large_folder, tmp_path, "--stages", "oracle", "library", "--oracle_weights", start, "--library_weights",
-               start, "--train_limit", "40")  # fmt: skip
+    rc = build(
+        large_folder,
+        tmp_path,
+        "--stages",
+        "oracle",
+        "library",
+        "--oracle_weights",
+        start,
+        "--library_weights",
+        start,
+        "--train_limit",
+        "40",
+    )
     assert rc == 0, capsys.readouterr().err
     assert "library student (mobilenet_v2)" in capsys.readouterr().out
     pre = tmp_path / "pre" / "folder"
@@ -164,15 +226,23 @@ def test_oracle_and_library_trained_here_can_start_from_local_mobilenet_weights(
     assert "was built from 4 classes at 96 pixels" in capsys.readouterr().err
 
     torch.save(torchvision.models.mobilenet_v2(weights=None, width_mult=0.5).state_dict(), tmp_path / "half.pth")
-    for i, (extra, message) in enumerate([
-        (["--oracle_weights", str(tmp_path / "half.pth")],
-         "not the weights of a whole MobileNetV2 of width 1.0 (front.features.0.0.weight: (16, 3, 3, 3)"),
-        (["--oracle_weights", start, "--oracle_arch", "wrn-10-1"],
-         "this run's Oracle is wrn-10-1: give --oracle_arch mobilenet_v2"),
-        (["--library_weights", start, "--image_size", "64"], "folder at 64 pixels distills a wrn-16-2"),
-        (["--image_size", "7"], "folder at 7 pixels is below the wrn networks' smallest image side (8): give "
-         "--image_size 8 or more"),
-    ]):  # fmt: skip
+    for i, (extra, message) in enumerate(
+        [
+            (
+                ["--oracle_weights", str(tmp_path / "half.pth")],
+                "not the weights of a whole MobileNetV2 of width 1.0 (front.features.0.0.weight: (16, 3, 3, 3)",
+            ),
+            (
+                ["--oracle_weights", start, "--oracle_arch", "wrn-10-1"],
+                "this run's Oracle is wrn-10-1: give --oracle_arch mobilenet_v2",
+            ),
+            (["--library_weights", start, "--image_size", "64"], "folder at 64 pixels distills a wrn-16-2"),
+            (
+                ["--image_size", "7"],
+                "folder at 7 pixels is below the wrn networks' smallest image side (8): give --image_size 8 or more",
+            ),
+        ]
+    ):
         assert build(large_folder, tmp_path / f"bad{i}", "--stages", "oracle", *extra) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -21,8 +21,19 @@ from .conftest import ROOT, need, official_student, run_script, shared_dir
 
 CLASSES = [0, 8, 17, 30, 48, 85]  # apple, bicycle, castle, dolphin, motorcycle, tank: folder ids 0..5
 OWN = {"fruit_and_wheels": ["apple", "bicycle", "motorcycle"], "big": ["castle", "tank"], "sea": ["dolphin"]}
-FAST = ["--profile", "quick", "--epochs", "1", "--teacher_views", "1", "--no_progress", "--device", "cpu",
-        "--precision", "fp32"]  # fmt: skip
+FAST = [
+    "--profile",
+    "quick",
+    "--epochs",
+    "1",
+    "--teacher_views",
+    "1",
+    "--no_progress",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +192,11 @@ def oracles(tmp_path_factory, official_cifar) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("oracles")
     net = official_student(official_cifar)
     to_onnx(cifar_six(net, list(range(6))), 32, out / "oracle.onnx")
-    program = torch.export.export(cifar_six(net, list(range(6))).eval(), (torch.rand(2, 3, 32, 32),),
-                                  dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},))  # fmt: skip
+    program = torch.export.export(
+        cifar_six(net, list(range(6))).eval(),
+        (torch.rand(2, 3, 32, 32),),
+        dynamic_shapes=({0: torch.export.Dim("n", min=1, max=4096)},),
+    )
     torch.export.save(program, out / "oracle.pt2")
     reverse = list(reversed(range(6)))
     torch.jit.trace(cifar_six(net, reverse).eval(), torch.rand(2, 3, 32, 32)).save(str(out / "reversed.ts"))
@@ -201,8 +215,20 @@ def oracles(tmp_path_factory, official_cifar) -> dict[str, Path]:
 
 
 def args(folder: Path, tmp: Path, *extra: str) -> list[str]:
-    return ["--dataset", "folder", "--data_root", str(folder), "--db", str(tmp / "db"), "--pretrained",
-            str(tmp / "pre"), "--hierarchy", str(folder / "tasks.json"), *FAST, *extra]  # fmt: skip
+    return [
+        "--dataset",
+        "folder",
+        "--data_root",
+        str(folder),
+        "--db",
+        str(tmp / "db"),
+        "--pretrained",
+        str(tmp / "pre"),
+        "--hierarchy",
+        str(folder / "tasks.json"),
+        *FAST,
+        *extra,
+    ]
 
 
 def build(folder: Path, tmp: Path, *extra: str) -> tuple[int, list[str]]:
@@ -223,8 +249,20 @@ def test_folder_pool_with_an_onnx_oracle(cifar_folder, oracles, tmp_path, capsys
     # the pool opens and lists without the images; queries read the folder's test images
     assert main_service(["--dataset", "folder", "--db", str(tmp_path / "db"), "--list"]) == 0
     assert "4 motorcycle" in capsys.readouterr().out
-    argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(cifar_folder), "--json",
-            "--queriedTask", "sea", "big", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--dataset",
+        "folder",
+        "--db",
+        str(tmp_path / "db"),
+        "--data_root",
+        str(cifar_folder),
+        "--json",
+        "--queriedTask",
+        "sea",
+        "big",
+        "--device",
+        "cpu",
+    ]
     assert main_service(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["class_names"] == ["castle", "dolphin", "tank"] and result["n_test"] == 60
@@ -365,13 +403,23 @@ def test_unreadable_images_are_named_and_skipped_only_when_asked(cifar_folder, t
     shutil.copytree(cifar_folder, folder)
     bad = folder / "test" / "tank" / "broken.png"
     bad.write_bytes(b"\x89PNG truncated")
-    argv = ["--dataset", "folder", "--db", str(tmp_path / "db"), "--data_root", str(folder), "--device", "cpu",
-            "--no_eval"]  # fmt: skip
+    argv = [
+        "--dataset",
+        "folder",
+        "--db",
+        str(tmp_path / "db"),
+        "--data_root",
+        str(folder),
+        "--device",
+        "cpu",
+        "--no_eval",
+    ]
     rc, _ = build(folder, tmp_path, "--stages", "oracle", "--oracle_arch", "wrn-10-1", "--train_limit", "64")
     err = capsys.readouterr().err
     assert rc == 2 and f"cannot read image {bad}" in err and "--skip_bad_images" in err
-    rc, _ = build(folder, tmp_path, "--stages", "oracle", "--oracle_arch", "wrn-10-1", "--train_limit", "64",
-                  "--skip_bad_images")  # fmt: skip
+    rc, _ = build(
+        folder, tmp_path, "--stages", "oracle", "--oracle_arch", "wrn-10-1", "--train_limit", "64", "--skip_bad_images"
+    )
     captured = capsys.readouterr()
     assert rc == 0 and f"skipped unreadable image {bad}" in captured.err
     row = next(line for line in captured.out.splitlines() if line.startswith("Oracle ("))

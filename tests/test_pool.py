@@ -105,8 +105,23 @@ def test_zero_byte_expert_and_malformed_manifest(capsys, pool_copy):
 def test_retraining_the_library_removes_its_old_experts(pool_copy, tiny_pool, data_root, capsys):
     pre = pool_copy.parent / "pre"
     shutil.copytree(tiny_pool["pretrained"], pre)
-    rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(pool_copy), "--pretrained", str(pre),
-                             "--stages", "library", "--retrain", "library", "--seed", "1"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            *TINY,
+            "--data_root",
+            str(data_root),
+            "--db",
+            str(pool_copy),
+            "--pretrained",
+            str(pre),
+            "--stages",
+            "library",
+            "--retrain",
+            "library",
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     pool = pool_copy / "cifar100"
     assert list((pool / "experts").glob("*.pt")) == []
@@ -123,13 +138,23 @@ def test_the_original_release_loads_with_a_note(capsys, official_cifar):
 
 
 def test_unwritable_outputs_fail_before_any_work(capsys, tmp_path, data_root):
-    rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", "/proc/poe_db", "--pretrained",
-                             str(tmp_path / "pre")])  # fmt: skip
+    rc = main_preprocessing(
+        [*TINY, "--data_root", str(data_root), "--db", "/proc/poe_db", "--pretrained", str(tmp_path / "pre")]
+    )
     err = capsys.readouterr()
     assert rc == 2 and "cannot write into /proc/poe_db" in err.err and "epoch" not in err.out
     assert not (tmp_path / "pre").exists()
-    line = service_error(capsys, "--db", str(ROOT / "DB_PoE"), "--data_root", str(data_root), "--queriedTask",
-                         "people", "--export", "/proc/model.pt2")  # fmt: skip
+    line = service_error(
+        capsys,
+        "--db",
+        str(ROOT / "DB_PoE"),
+        "--data_root",
+        str(data_root),
+        "--queriedTask",
+        "people",
+        "--export",
+        "/proc/model.pt2",
+    )
     assert "cannot export to /proc/model.pt2" in line
 
 
@@ -139,12 +164,16 @@ def test_unwritable_outputs_fail_before_any_work(capsys, tmp_path, data_root):
         (lambda d: d.write_bytes(b""), "is not a readable npz with arrays x and y (the file is empty (0 bytes))"),
         (lambda d: d.write_bytes(d.read_bytes()[:5000]), "is not a readable npz with arrays x and y"),
         (lambda d: np.savez(d, x=np.zeros((0, 32, 32, 3), np.uint8), y=np.zeros(0, np.int64)), "holds no images"),
-        (lambda d: np.savez(d, x=np.zeros((4, 28, 28, 3), np.uint8), y=np.zeros(4, np.int64)),
-         "images are 28x28, this dataset's are 32x32"),
-        (lambda d: np.savez(d, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 2, 100])),
-         "labels must be 0..99, found 0..100"),
+        (
+            lambda d: np.savez(d, x=np.zeros((4, 28, 28, 3), np.uint8), y=np.zeros(4, np.int64)),
+            "images are 28x28, this dataset's are 32x32",
+        ),
+        (
+            lambda d: np.savez(d, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 2, 100])),
+            "labels must be 0..99, found 0..100",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_data_files_are_one_line_errors(tmp_path, data_root, change, message):
     folder = tmp_path / "cifar100"
     folder.mkdir()
@@ -193,9 +222,12 @@ def test_predict_takes_arrays_pil_and_tensors_alike(official_cifar, data_root):
         torch.testing.assert_close(got.probabilities, want.probabilities)
     top = want.top(0, 2)
     assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"] and top[0]["id"] in model.classes
-    for bad, message in ((test.x[:2].float(), "float images must be in [0, 1]"),
-                         (np.zeros((2, 64, 64, 3), np.uint8), "images are 64x64, this pool takes 32x32"),
-                         (hwc.astype(np.float32), "numpy images must be uint8"), ([], "no images given")):  # fmt: skip
+    for bad, message in (
+        (test.x[:2].float(), "float images must be in [0, 1]"),
+        (np.zeros((2, 64, 64, 3), np.uint8), "images are 64x64, this pool takes 32x32"),
+        (hwc.astype(np.float32), "numpy images must be uint8"),
+        ([], "no images given"),
+    ):
         with pytest.raises(PoEError, match=re.escape(message)):
             model.predict(bad)
 
@@ -211,8 +243,11 @@ def test_exported_model_states_its_input_contract(tmp_path, data_root):
     with torch.no_grad():
         assert torch.equal(program(x).argmax(1), model.logits(x).argmax(1))
         torch.testing.assert_close(program(x[:2]), model.logits(x[:2]), rtol=1e-5, atol=1e-5)
-        for bad, message in ((x * 255, r"float RGB in \[0, 1\]"), ((x * 255).to(torch.uint8), r"float RGB in \[0, 1\]"),
-                             (torch.rand(2, 3, 64, 64), "N x 3 x 32 x 32")):  # fmt: skip
+        for bad, message in (
+            (x * 255, r"float RGB in \[0, 1\]"),
+            ((x * 255).to(torch.uint8), r"float RGB in \[0, 1\]"),
+            (torch.rand(2, 3, 64, 64), "N x 3 x 32 x 32"),
+        ):
             with pytest.raises(RuntimeError, match=message):
                 program(bad)
 
@@ -256,8 +291,9 @@ def test_preprocessing_never_adopts_a_part_the_manifest_does_not_list(pool_copy,
     rewrite_part(pool / "experts" / "expert_people.pt", lambda obj: obj.update(test_acc=99.0))
     (pool / "manifest.json").write_text(manifest)
     capsys.readouterr()
-    rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(pool_copy), "--pretrained", str(pre),
-                             "--stages", "experts"])  # fmt: skip
+    rc = main_preprocessing(
+        [*TINY, "--data_root", str(data_root), "--db", str(pool_copy), "--pretrained", str(pre), "--stages", "experts"]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "expert_people.pt is not the part manifest.json lists: making it again" in out
     assert load_checkpoint(pool / "experts" / "expert_people.pt")["test_acc"] != 99.0

@@ -51,8 +51,20 @@ def test_tiny_run_builds_a_pool_the_service_loads(tiny_pool, data_root, capsys):
     assert expert["kind"] == "expert" and expert["classes"] == [2, 11, 35, 46, 98]
     assert not (tiny_pool["pretrained"] / "cifar100" / "resume" / "oracle.pt").exists()
     capsys.readouterr()
-    rc = main_service(["--db", str(tiny_pool["db"]), "--data_root", str(data_root), "--queriedTask", "people",
-                       "vehicles_2", "--json", "--device", "cpu"])  # fmt: skip
+    rc = main_service(
+        [
+            "--db",
+            str(tiny_pool["db"]),
+            "--data_root",
+            str(data_root),
+            "--queriedTask",
+            "people",
+            "vehicles_2",
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["n_test"] == 1000 and 0.0 <= r["accuracy"] <= 100.0
@@ -108,8 +120,19 @@ def test_the_smoke_profile_trains_one_epoch_on_a_subset_and_flags_still_override
 
 
 def test_stage_alone_without_its_inputs_says_what_to_run(tmp_path, data_root, capsys):
-    rc = main_preprocessing([*TINY, "--data_root", str(data_root), "--db", str(tmp_path / "db"),
-                             "--pretrained", str(tmp_path / "pre"), "--stages", "experts"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            *TINY,
+            "--data_root",
+            str(data_root),
+            "--db",
+            str(tmp_path / "db"),
+            "--pretrained",
+            str(tmp_path / "pre"),
+            "--stages",
+            "experts",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "oracle.pt" in err and "--stages oracle" in err
     assert not (tmp_path / "db").exists()
@@ -174,8 +197,17 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     resumed, batches, loss_fn = toy_problem()
 
     with pytest.raises(KeyboardInterrupt):
-        train_stage("toy", {"m": resumed}, loss_fn, stopping_at(2, batches), 4, stage, tmp_path / "b.pt", {"k": 1},
-                    progress=False)  # fmt: skip
+        train_stage(
+            "toy",
+            {"m": resumed},
+            loss_fn,
+            stopping_at(2, batches),
+            4,
+            stage,
+            tmp_path / "b.pt",
+            {"k": 1},
+            progress=False,
+        )
     assert load_checkpoint(tmp_path / "b.pt")["history"]["epochs_done"] == 2
     fresh, batches, loss_fn = toy_problem(seed=123)  # different init: everything must come from the checkpoint
     hist = train_stage("toy", {"m": fresh}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1}, progress=False)
@@ -220,11 +252,35 @@ def test_ckd_extracts_an_accurate_expert_from_real_features(tmp_path, official_c
     """
     install_stand_in_oracle(official_cifar, tmp_path / "pre", tmp_path / "db")
     db = tmp_path / "db" / "cifar100"
-    rc = main_preprocessing(["--data_root", str(data_root), "--db", str(tmp_path / "db"), "--pretrained",
-                             str(tmp_path / "pre"), "--oracle_arch", "wrn-16-1", "--stages", "experts", "--tasks",
-                             "vehicles_2", "--train_limit", "6000", "--expert_epochs", "2", "--teacher_views", "1",
-                             "--expert_batch_size", "128",
-                             "--profile", "quick", "--no_progress", "--device", "cpu"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--data_root",
+            str(data_root),
+            "--db",
+            str(tmp_path / "db"),
+            "--pretrained",
+            str(tmp_path / "pre"),
+            "--oracle_arch",
+            "wrn-16-1",
+            "--stages",
+            "experts",
+            "--tasks",
+            "vehicles_2",
+            "--train_limit",
+            "6000",
+            "--expert_epochs",
+            "2",
+            "--teacher_views",
+            "1",
+            "--expert_batch_size",
+            "128",
+            "--profile",
+            "quick",
+            "--no_progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     expert = load_checkpoint(db / "experts" / "expert_vehicles_2.pt")
     assert expert["test_n"] == 500
@@ -234,11 +290,35 @@ def test_ckd_extracts_an_accurate_expert_from_real_features(tmp_path, official_c
 def test_a_test_limit_that_leaves_a_task_without_images_is_one_line(tmp_path, official_cifar, data_root, capsys):
     """--test_limit 3 keeps no image of most 5-class tasks: an expert's accuracy over none would be nan%."""
     install_stand_in_oracle(official_cifar, tmp_path / "pre", tmp_path / "db")
-    rc = main_preprocessing(["--data_root", str(data_root), "--db", str(tmp_path / "db"), "--pretrained",
-                             str(tmp_path / "pre"), "--oracle_arch", "wrn-16-1", "--stages", "experts", "--tasks",
-                             "vehicles_2", "--train_limit", "256", "--epochs", "1", "--teacher_views", "1",
-                             "--test_limit", "3", "--profile", "quick", "--no_progress",
-                             "--device", "cpu"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--data_root",
+            str(data_root),
+            "--db",
+            str(tmp_path / "db"),
+            "--pretrained",
+            str(tmp_path / "pre"),
+            "--oracle_arch",
+            "wrn-16-1",
+            "--stages",
+            "experts",
+            "--tasks",
+            "vehicles_2",
+            "--train_limit",
+            "256",
+            "--epochs",
+            "1",
+            "--teacher_views",
+            "1",
+            "--test_limit",
+            "3",
+            "--profile",
+            "quick",
+            "--no_progress",
+            "--device",
+            "cpu",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 2 and err.count("\n") == 1 and "--test_limit 3 keeps no test image of classes" in err
     assert "epoch" not in out  # refused before any training
@@ -255,10 +335,32 @@ def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
     """--profile gpu (the paper's WRN-40-4 Oracle, WRN-16-1 library, 16-wide experts, cached views) end to end
     with --device cpu on a generated data folder, one epoch per stage: the profile's plumbing, not its speed."""
     root = fake_cifar(tmp_path / "data", 64, 100)
-    rc = main_preprocessing(["--profile", "gpu", "--device", "cpu", "--epochs", "1", "--batch_size", "64",
-                             "--teacher_views", "1", "--tasks", "people", "vehicles_2", "--no_progress",
-                             "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained",
-                             str(tmp_path / "pre"), "--test_limit", "1000"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--profile",
+            "gpu",
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "64",
+            "--teacher_views",
+            "1",
+            "--tasks",
+            "people",
+            "vehicles_2",
+            "--no_progress",
+            "--data_root",
+            str(root),
+            "--db",
+            str(tmp_path / "db"),
+            "--pretrained",
+            str(tmp_path / "pre"),
+            "--test_limit",
+            "1000",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "note: --test_limit 1000 is not below the 100 test images this run reads: all are used" in out.out
@@ -284,9 +386,31 @@ def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypat
     import PoE.build.stages
 
     root = fake_cifar(tmp_path / "data", 128, 100)
-    args = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--oracle_arch",
-            "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
-            "--data_root", str(root), "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
+    args = [
+        "--profile",
+        "quick",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--epochs",
+        "2",
+        "--oracle_arch",
+        "wrn-10-1",
+        "--batch_size",
+        "128",
+        "--teacher_views",
+        "1",
+        "--tasks",
+        "people",
+        "--no_progress",
+        "--data_root",
+        str(root),
+        "--db",
+        str(tmp_path / "db"),
+        "--pretrained",
+        str(tmp_path / "pre"),
+    ]
     real = PoE.build.stages.base.train_stage
     interrupted = stopping_in_second_epoch(real, "library")
 
@@ -308,9 +432,29 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
     import PoE.build.stages
 
     root = fake_cifar(tmp_path / "data", 128, 100)
-    base = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--oracle_arch",
-            "wrn-10-1", "--batch_size", "128", "--teacher_views", "1", "--tasks", "people", "--no_progress",
-            "--data_root", str(root), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
+    base = [
+        "--profile",
+        "quick",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--epochs",
+        "2",
+        "--oracle_arch",
+        "wrn-10-1",
+        "--batch_size",
+        "128",
+        "--teacher_views",
+        "1",
+        "--tasks",
+        "people",
+        "--no_progress",
+        "--data_root",
+        str(root),
+        "--pretrained",
+        str(tmp_path / "pre"),
+    ]
     assert main_preprocessing([*base, "--db", str(tmp_path / "db")]) == 0, capsys.readouterr().err
     real = PoE.build.stages.base.train_stage
     interrupted = stopping_in_second_epoch(real, "experts")
@@ -339,9 +483,29 @@ def test_a_run_killed_after_a_stages_last_epoch_resumes_instead_of_retraining(tm
     from PoE.build.preprocess import Preprocessor
 
     root = fake_cifar(tmp_path / "data", 128, 100)
-    args = ["--profile", "quick", "--device", "cpu", "--precision", "fp32", "--epochs", "1", "--oracle_arch",
-            "wrn-10-1", "--batch_size", "128", "--stages", "oracle", "--no_progress", "--data_root", str(root),
-            "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre")]  # fmt: skip
+    args = [
+        "--profile",
+        "quick",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--epochs",
+        "1",
+        "--oracle_arch",
+        "wrn-10-1",
+        "--batch_size",
+        "128",
+        "--stages",
+        "oracle",
+        "--no_progress",
+        "--data_root",
+        str(root),
+        "--db",
+        str(tmp_path / "db"),
+        "--pretrained",
+        str(tmp_path / "pre"),
+    ]
     real = Preprocessor.evaluate
 
     def killed(self, *a, **k):

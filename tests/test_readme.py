@@ -22,9 +22,13 @@ def readme_python_example() -> str:
 def test_readme_python_example_runs_verbatim_from_another_folder(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # as `pip install -e .` would make it importable
     r = subprocess.run(
-        [sys.executable, "-c", readme_python_example()], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", readme_python_example()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
     assert first.startswith("['baby', 'bicycle'] [{'id': 8, 'name': 'bicycle'"), r.stdout  # both samples right

@@ -143,23 +143,49 @@ def test_ray_that_does_not_start_is_one_line_and_leaves_the_signals_as_they_were
     from PoE.cli import main_service
 
     def timed_out(**kwargs):
-        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
-                        "failed to startup or the GCS has become overloaded.")  # fmt: skip
+        raise Exception(
+            "The current node timed out during startup. This could happen because some of the raylet "
+            "failed to startup or the GCS has become overloaded."
+        )
 
     shut: list[bool] = []
     monkeypatch.setattr(ray, "init", timed_out)
     monkeypatch.setattr(ray, "shutdown", lambda: shut.append(True))
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    rc = main_service(["--serve", "--ray", "--port", "8000", "--device", "cpu", "--db", str(ROOT / "DB_PoE"),
-                       "--data_root", str(data_root)])  # fmt: skip
+    rc = main_service(
+        [
+            "--serve",
+            "--ray",
+            "--port",
+            "8000",
+            "--device",
+            "cpu",
+            "--db",
+            str(ROOT / "DB_PoE"),
+            "--data_root",
+            str(data_root),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("error: Ray did not start on this machine: The current node timed out during startup.")
     assert shut == [True] and {s: signal.getsignal(s) for s in before} == before
 
     # nothing answers at the cluster's address: one line at once (ray.init retried it for minutes, deaf to signals)
-    rc = main_service(["--serve", "--ray", "--ray_address", "127.0.0.1:1", "--port", "8000", "--device", "cpu",
-                       "--db", str(ROOT / "DB_PoE")])  # fmt: skip
+    rc = main_service(
+        [
+            "--serve",
+            "--ray",
+            "--ray_address",
+            "127.0.0.1:1",
+            "--port",
+            "8000",
+            "--device",
+            "cpu",
+            "--db",
+            str(ROOT / "DB_PoE"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: no Ray cluster answers at 127.0.0.1:1 ("), err
     assert {s: signal.getsignal(s) for s in before} == before

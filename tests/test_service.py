@@ -42,8 +42,9 @@ def test_reproduces_the_original_code_on_its_released_pool(capsys, official_cifa
 
 
 def test_two_task_query_on_released_pool(capsys, official_cifar, data_root):
-    r = service_json(capsys, "--db", str(official_cifar), "--data_root", str(data_root), "--queriedTask", "people",
-                     "small_mammals")  # fmt: skip
+    r = service_json(
+        capsys, "--db", str(official_cifar), "--data_root", str(data_root), "--queriedTask", "people", "small_mammals"
+    )
     assert r["n_test"] == 1000
     assert 60.0 < r["accuracy"] < 100.0
 
@@ -57,8 +58,22 @@ def test_list_shows_tasks_and_presence(capsys, official_cifar):
 
 def test_export_round_trip(tmp_path, capsys, official_cifar):
     path = tmp_path / "model.pt2"
-    assert main_service(["--db", str(official_cifar), "--queriedTask", *QUERY, "--export", str(path),
-                         "--no_eval", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main_service(
+            [
+                "--db",
+                str(official_cifar),
+                "--queriedTask",
+                *QUERY,
+                "--export",
+                str(path),
+                "--no_eval",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     cfg = get_dataset("cifar100")
     model = Pool.open(official_cifar).query(QUERY).module
@@ -134,11 +149,20 @@ def test_expert_of_wrong_size_names_file(capsys, pool_copy):
 
 
 def test_unwritable_export_paths_leave_nothing(capsys, tmp_path, official_cifar):
-    line = service_error(capsys, "--db", str(official_cifar), "--queriedTask", "people", "--no_eval",
-                         "--export", str(tmp_path / "no" / "such" / "dir" / "m.pt2"))  # fmt: skip
+    line = service_error(
+        capsys,
+        "--db",
+        str(official_cifar),
+        "--queriedTask",
+        "people",
+        "--no_eval",
+        "--export",
+        str(tmp_path / "no" / "such" / "dir" / "m.pt2"),
+    )
     assert "does not exist" in line
-    line = service_error(capsys, "--db", str(official_cifar), "--queriedTask", "people", "--no_eval",
-                         "--export", str(tmp_path))  # fmt: skip
+    line = service_error(
+        capsys, "--db", str(official_cifar), "--queriedTask", "people", "--no_eval", "--export", str(tmp_path)
+    )
     assert "is a folder" in line
     assert list(tmp_path.iterdir()) == []
 

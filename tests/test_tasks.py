@@ -19,8 +19,11 @@ from .conftest import ROOT, TINY, install_stand_in_oracle
 
 SHIPPED = ROOT / "DB_PoE"
 # not the superclasses: classes grouped by their id's position, one task mixing superclasses, one pair
-OWN = {"first": ["apple", "aquarium_fish", "baby", "bear", "beaver"], "mixed": ["rocket", "rose", "whale"],
-       "pair": ["tank", "tiger"]}  # fmt: skip
+OWN = {
+    "first": ["apple", "aquarium_fish", "baby", "bear", "beaver"],
+    "mixed": ["rocket", "rose", "whale"],
+    "pair": ["tank", "tiger"],
+}
 
 
 def write(tmp_path: Path, content: object, name: str = "h.json") -> Path:
@@ -89,8 +92,20 @@ def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(official_c
     install_stand_in_oracle(official_cifar, pre, src)  # an Oracle, its library student and a pool's library
     source_files = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
     argv = [a for a in TINY if a not in ("--tasks", "people", "vehicles_1", "vehicles_2")]
-    argv += ["--data_root", str(data_root), "--pretrained", str(pre), "--train_limit", "512", "--epochs", "1",
-             "--library_from", str(src), "--stages", "experts"]  # fmt: skip
+    argv += [
+        "--data_root",
+        str(data_root),
+        "--pretrained",
+        str(pre),
+        "--train_limit",
+        "512",
+        "--epochs",
+        "1",
+        "--library_from",
+        str(src),
+        "--stages",
+        "experts",
+    ]
     first = write(tmp_path, {"aquatic": ["beaver", "dolphin"], "land": ["bear"]}, "first.json")
     assert main_preprocessing([*argv, "--db", str(tmp_path / "first"), "--hierarchy", str(first)]) == 0
     cache = pre / "cifar100" / "cache"
@@ -103,8 +118,11 @@ def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(official_c
     assert "expert first" in out and "expert pair" in out and "teacher logits computed: 0s" in out
     assert "[experts] epoch 1/1" in out and "[library]" not in out and "[oracle]" not in out  # only experts train
     pool = db / "cifar100"
-    assert sorted(p.name for p in (pool / "experts").iterdir()) == ["expert_first.pt", "expert_mixed.pt",
-                                                                   "expert_pair.pt"]  # fmt: skip
+    assert sorted(p.name for p in (pool / "experts").iterdir()) == [
+        "expert_first.pt",
+        "expert_mixed.pt",
+        "expert_pair.pt",
+    ]
     stored = json.loads((pool / "hierarchy.json").read_text())
     assert stored["tasks"]["pair"] == ["tank", "tiger"]
     assert stored["id"] == read_hierarchy(own, get_dataset("cifar100")).id
@@ -131,7 +149,10 @@ def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(official_c
 
     # the Python API: the stored hierarchy, or a matching mapping; the shipped tasks are not this pool's
     p = Pool.open(db, "cifar100", hierarchy=OWN)
-    assert list(p.cfg.tasks) == ["first", "mixed", "pair"] and p.query(["mixed"]).class_names == ["rocket", "rose",
-                                                                                                  "whale"]  # fmt: skip
+    assert list(p.cfg.tasks) == ["first", "mixed", "pair"] and p.query(["mixed"]).class_names == [
+        "rocket",
+        "rose",
+        "whale",
+    ]
     with pytest.raises(PoEError, match="is another"):
         Pool.open(db, "cifar100", hierarchy={"pair": ["tank", "tiger"]})

@@ -81,9 +81,23 @@ def test_folder_without_train_serves_evaluation_only(tmp_path, capsys):
 
     shutil.rmtree(root / "tiny-imagenet-200" / "train")
     assert len(load_split("tinyimagenet", root, "test")) == 200
-    rc = main_preprocessing(["--dataset", "tinyimagenet", "--data_root", str(root), "--profile", "quick",
-                             "--db", str(tmp_path / "db"), "--pretrained", str(tmp_path / "pre"), "--no_progress",
-                             "--device", "cpu"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--dataset",
+            "tinyimagenet",
+            "--data_root",
+            str(root),
+            "--profile",
+            "quick",
+            "--db",
+            str(tmp_path / "db"),
+            "--pretrained",
+            str(tmp_path / "pre"),
+            "--no_progress",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "no Tiny-ImageNet training images" in err[0] and "serves evaluation only" in err[0]
@@ -92,9 +106,30 @@ def test_folder_without_train_serves_evaluation_only(tmp_path, capsys):
 
 def test_end_to_end_tiny_pool_and_service(tmp_path, tiny_root, capsys):
     db, pre = tmp_path / "DB_PoE", tmp_path / "DB_pretrained"
-    rc = main_preprocessing(["--dataset", "tinyimagenet", "--data_root", str(tiny_root), "--profile", "quick",
-                             "--epochs", "1", "--batch_size", "64", "--tasks", "arachnid", "canine", "--db", str(db),
-                             "--pretrained", str(pre), "--no_progress", "--device", "cpu"])  # fmt: skip
+    rc = main_preprocessing(
+        [
+            "--dataset",
+            "tinyimagenet",
+            "--data_root",
+            str(tiny_root),
+            "--profile",
+            "quick",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "64",
+            "--tasks",
+            "arachnid",
+            "canine",
+            "--db",
+            str(db),
+            "--pretrained",
+            str(pre),
+            "--no_progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     pool = db / "tinyimagenet"
     assert (pool / "library_TinyImageNet.pt").is_file()
@@ -102,8 +137,25 @@ def test_end_to_end_tiny_pool_and_service(tmp_path, tiny_root, capsys):
     manifest = json.loads((pool / "manifest.json").read_text())
     assert manifest["dataset"] == "tinyimagenet" and len(manifest["train_data_sha256"]) == 64
     capsys.readouterr()
-    assert main_service(["--dataset", "tinyimagenet", "--db", str(db), "--data_root", str(tiny_root), "--queriedTask",
-                         "canine", "arachnid", "--json", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main_service(
+            [
+                "--dataset",
+                "tinyimagenet",
+                "--db",
+                str(db),
+                "--data_root",
+                str(tiny_root),
+                "--queriedTask",
+                "canine",
+                "arachnid",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["n_test"] == 20  # 10 classes x 2 validation images
     assert 0.0 <= r["accuracy"] <= 100.0
@@ -117,8 +169,21 @@ def real_val() -> Path:
 
 def test_reproduces_the_original_release_on_real_validation(capsys, real_val):
     official = need(shared_dir() / "official" / "tinyimagenet")
-    argv = ["--dataset", "tinyimagenet", "--db", str(official), "--data_root", str(real_val), "--queriedTask",
-            "arachnid", "canine", "feline", "--json", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--dataset",
+        "tinyimagenet",
+        "--db",
+        str(official),
+        "--data_root",
+        str(real_val),
+        "--queriedTask",
+        "arachnid",
+        "canine",
+        "feline",
+        "--json",
+        "--device",
+        "cpu",
+    ]
     assert main_service(argv) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["n_test"] == 750

@@ -66,10 +66,31 @@ def folder_build(tmp_path_factory, data_root) -> dict[str, Path]:
             for i in part:
                 Image.fromarray(x[i]).save(images / split / name / f"{i}.png")
     (base / "tasks.json").write_text(json.dumps(TASKS))
-    argv = ["--dataset", "folder", "--data_root", str(images), "--db", str(base / "db"), "--pretrained",
-            str(base / "pre"), "--hierarchy", str(base / "tasks.json"), "--profile", "quick", "--oracle_arch",
-            "wrn-10-1", "--epochs", "1", "--teacher_views", "1", "--no_progress", "--device", "cpu", "--precision",
-            "fp32"]  # fmt: skip
+    argv = [
+        "--dataset",
+        "folder",
+        "--data_root",
+        str(images),
+        "--db",
+        str(base / "db"),
+        "--pretrained",
+        str(base / "pre"),
+        "--hierarchy",
+        str(base / "tasks.json"),
+        "--profile",
+        "quick",
+        "--oracle_arch",
+        "wrn-10-1",
+        "--epochs",
+        "1",
+        "--teacher_views",
+        "1",
+        "--no_progress",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
     assert main_preprocessing(argv) == 0
     return {"db": base / "db", "images": images}
 

@@ -51,10 +51,24 @@ def browser() -> tuple[str, str]:
 def server(data_root):
     """``Run_Service.py --serve --port 0`` in a subprocess; yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "Run_Service.py", "--serve", "--port", "0", "--device", "cpu", "--db", str(ROOT / "DB_PoE"),
-         "--data_root", str(data_root)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "Run_Service.py",
+            "--serve",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--db",
+            str(ROOT / "DB_PoE"),
+            "--data_root",
+            str(data_root),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     watchdog = threading.Timer(120, proc.kill)  # a server that never says its URL must not hang the suite
     watchdog.start()
     try:
@@ -133,8 +147,9 @@ def test_page_picks_tasks_shows_the_model_and_predicts(driver, server, data_root
     driver.find_element(By.ID, "file").send_keys(str(path))
     wait_for(driver, "document.body.dataset.predict === 'ready'")
     rows = driver.find_elements(By.CSS_SELECTOR, "#prediction tbody tr")
-    shown = [(int(r.get_attribute("data-id")), r.get_attribute("data-name"), float(r.get_attribute("data-p")))
-             for r in rows]  # fmt: skip
+    shown = [
+        (int(r.get_attribute("data-id")), r.get_attribute("data-name"), float(r.get_attribute("data-p"))) for r in rows
+    ]
     want = model.predict(image).top(0, 5)
     assert [(s[0], s[1]) for s in shown] == [(w["id"], w["name"]) for w in want]
     for s, w in zip(shown, want, strict=True):

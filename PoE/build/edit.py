@@ -44,8 +44,10 @@ def editing(root: Path, create: bool = False) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PoEError(f"another command is writing the pool {root} (a build, retrain, add, remove or migration); "
-                           "wait for it to finish, then run this one again") from None  # fmt: skip
+            raise PoEError(
+                f"another command is writing the pool {root} (a build, retrain, add, remove or migration); "
+                "wait for it to finish, then run this one again"
+            ) from None
         yield
     finally:
         if fd is not None:
@@ -70,22 +72,28 @@ def plan_addition(pool: Pool, added: Hierarchy, flag: str = "--add_tasks") -> Ad
     refused in one line saying how to remove that task."""
     cfg, src = pool.cfg, f"{flag} {added.source}"
     if not pool.paths.manifest.is_file():
-        raise PoEError(f"{flag}: the pool {pool.root} has no manifest.json (the original release's format), so "
-                       "nothing would record the new tasks; add tasks to a pool this project built")  # fmt: skip
+        raise PoEError(
+            f"{flag}: the pool {pool.root} has no manifest.json (the original release's format), so "
+            "nothing would record the new tasks; add tasks to a pool this project built"
+        )
     owner = {c: t for t, classes in cfg.tasks.items() for c in classes}
     new = []
     for task, classes in added.tasks.items():
         if task in cfg.tasks:
             if sorted(cfg.tasks[task]) != classes:
                 have = ", ".join(cfg.class_name(c) for c in cfg.tasks[task])
-                raise PoEError(f"{src}: task {task!r} is in the pool {pool.root} with other classes ({have}); to "
-                               f"change it, remove it first with --remove_tasks {task}, then add it")  # fmt: skip
+                raise PoEError(
+                    f"{src}: task {task!r} is in the pool {pool.root} with other classes ({have}); to "
+                    f"change it, remove it first with --remove_tasks {task}, then add it"
+                )
             continue
         for c in classes:
             if c in owner:
-                raise PoEError(f"{src}: class {cfg.class_name(c)!r} of task {task!r} is in the pool's task "
-                               f"{owner[c]!r}; tasks must be disjoint (remove that task first with --remove_tasks "
-                               f"{owner[c]})")  # fmt: skip
+                raise PoEError(
+                    f"{src}: class {cfg.class_name(c)!r} of task {task!r} is in the pool's task "
+                    f"{owner[c]!r}; tasks must be disjoint (remove that task first with --remove_tasks "
+                    f"{owner[c]})"
+                )
         new.append(task)
     tasks = {**{t: sorted(c) for t, c in cfg.tasks.items()}, **{t: added.tasks[t] for t in new}}
     return Addition(tasks_hierarchy(cfg, tasks, str(added.source)), new)
@@ -106,8 +114,10 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
     left (a remove stopped before the deletion): that file is deleted. Returns what was done, a line each."""
     cfg, paths = pool.cfg, pool.paths
     if not paths.manifest.is_file():
-        raise PoEError(f"--remove_tasks: the pool {pool.root} has no manifest.json (the original release's format), "
-                       "so nothing would record the change; remove the files by hand")  # fmt: skip
+        raise PoEError(
+            f"--remove_tasks: the pool {pool.root} has no manifest.json (the original release's format), "
+            "so nothing would record the change; remove the files by hand"
+        )
     names = list(dict.fromkeys(names))
     for t in names:  # before any path is made of it: a name is a plain word, never a path
         if not valid_task_name(t):
@@ -121,8 +131,9 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
         raise PoEError(f"--remove_tasks: {unknown[0]!r} is not a task of the pool {pool.root} ({hint})")
     gone = [t for t in names if t in cfg.tasks]
     if gone and len(gone) == len(cfg.tasks):
-        raise PoEError(f"--remove_tasks would leave the pool {pool.root} without tasks; keep at least one (or delete "
-                       "the folder)")  # fmt: skip
+        raise PoEError(
+            f"--remove_tasks would leave the pool {pool.root} without tasks; keep at least one (or delete the folder)"
+        )
     h = tasks_hierarchy(cfg, {t: c for t, c in cfg.tasks.items() if t not in gone}, str(paths.root / HIERARCHY_FILE))
     if gone:
         listing = manifest.Listing.read(paths)
@@ -141,8 +152,11 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
             lines.append(f"deleted {path}, left by an interrupted remove (or add) of {task!r}")
         else:
             lines.append(f"removed task {task!r}" + (f" and its expert {path}" if there else " (it had no expert)"))
-    lines += [f"task {t!r} was removed already (by the command that was interrupted); nothing left of it"
-              for t in names if t in done and t not in gone and t not in leftover]  # fmt: skip
+    lines += [
+        f"task {t!r} was removed already (by the command that was interrupted); nothing left of it"
+        for t in names
+        if t in done and t not in gone and t not in leftover
+    ]
     write_hierarchy_copy(paths.root, h, cfg)
     kept = [t for t in pool.experts if t not in gone]
     lines.append(f"pool {paths.root}: {len(h.tasks)} task(s), {len(kept)} expert(s)")

@@ -42,8 +42,10 @@ def agree(path: Path, meta: dict[str, Any], recorded: dict[str, Any] | None, fie
 def upgrade(paths: PoolPaths, dataset: str) -> str:
     """Upgrade one pool folder; what was done, in one line."""
     if not paths.manifest.is_file():
-        raise PoEError(f"{paths.root} has no manifest.json: nothing records what its files should be (a pool of "
-                       "bare files, the original release's format, loads as it is)")  # fmt: skip
+        raise PoEError(
+            f"{paths.root} has no manifest.json: nothing records what its files should be (a pool of "
+            "bare files, the original release's format, loads as it is)"
+        )
     old = paths.read_manifest()
     base = described_by_pool(get_dataset(dataset), paths.root)
     if old.get("manifest_format") == MANIFEST_FORMAT:

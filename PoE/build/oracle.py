@@ -154,13 +154,17 @@ def check_archive(path: Path) -> None:
             names = z.namelist()
             configs = [n for n in names if n.endswith(("_weights_config.json", "_constants_config.json"))]
             if not configs or not any(n.endswith("/archive_format") for n in names):
-                raise PoEError(f"--oracle {path}: not a torch.export archive of this PyTorch's format (no weights "
-                               "config); save it with torch.export.save")  # fmt: skip
+                raise PoEError(
+                    f"--oracle {path}: not a torch.export archive of this PyTorch's format (no weights "
+                    "config); save it with torch.export.save"
+                )
             for name in configs:
                 for fqn, meta in json.loads(z.read(name))["config"].items():
                     if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
-                        raise PoEError(f"--oracle {path}: {fqn} is stored as a pickled object, which is not loaded; "
-                                       "export plain tensors")  # fmt: skip
+                        raise PoEError(
+                            f"--oracle {path}: {fqn} is stored as a pickled object, which is not loaded; "
+                            "export plain tensors"
+                        )
             for name in names:
                 if "/sample_inputs/" in name:
                     torch.load(io.BytesIO(z.read(name)), weights_only=True)  # raises if only pickle could load it
@@ -329,8 +333,10 @@ def class_order(path: Path, cfg: DatasetConfig) -> list[int]:
         raise PoEError(f"--oracle_classes {path}: {unknown[0]!r} is not a {cfg.name} class")
     ids = [index[n][0] for n in names]
     if len(ids) != cfg.num_classes or len(set(ids)) != cfg.num_classes:
-        raise PoEError(f"--oracle_classes {path}: lists {len(set(ids))} distinct classes of {len(ids)} lines; the "
-                       f"Oracle must score each of {cfg.name}'s {cfg.num_classes} classes once")  # fmt: skip
+        raise PoEError(
+            f"--oracle_classes {path}: lists {len(set(ids))} distinct classes of {len(ids)} lines; the "
+            f"Oracle must score each of {cfg.name}'s {cfg.num_classes} classes once"
+        )
     where = {c: j for j, c in enumerate(ids)}
     return [where[c] for c in range(cfg.num_classes)]
 
@@ -341,7 +347,9 @@ def check_program(model: nn.Module, x: torch.Tensor, cfg: DatasetConfig, path: P
         out = model(x)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), cfg.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise PoEError(f"--oracle {path} returned {got} for {len(x)} images; expected logits of shape "
-                       f"({len(x)}, {cfg.num_classes}), one per {cfg.name} class")  # fmt: skip
+        raise PoEError(
+            f"--oracle {path} returned {got} for {len(x)} images; expected logits of shape "
+            f"({len(x)}, {cfg.num_classes}), one per {cfg.name} class"
+        )
     if not bool(torch.isfinite(out).all()):
         raise PoEError(f"--oracle {path} returned NaN or infinite logits on {len(x)} test images")

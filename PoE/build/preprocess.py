@@ -84,8 +84,13 @@ class StageRecord:
 
     @classmethod
     def of(cls, meta: dict[str, Any], **extra: Any) -> StageRecord:
-        return cls(summary(meta) | extra, float(meta.get("train_seconds", 0.0)), meta.get("teacher_seconds"),
-                   list(meta.get("epoch_seconds", [])), list(meta.get("sittings", [])))  # fmt: skip
+        return cls(
+            summary(meta) | extra,
+            float(meta.get("train_seconds", 0.0)),
+            meta.get("teacher_seconds"),
+            list(meta.get("epoch_seconds", [])),
+            list(meta.get("sittings", [])),
+        )
 
 
 @dataclass
@@ -117,8 +122,18 @@ class Report:
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records of the Oracle's or the library's metadata."""
-    keys = ("arch", "epochs", "config", "test_acc", "test_n", "train_seconds", "epoch_seconds", "teacher_seconds",
-            "sittings", "stored_as")  # fmt: skip
+    keys = (
+        "arch",
+        "epochs",
+        "config",
+        "test_acc",
+        "test_n",
+        "train_seconds",
+        "epoch_seconds",
+        "teacher_seconds",
+        "sittings",
+        "stored_as",
+    )
     return {k: meta[k] for k in keys if k in meta}
 
 
@@ -175,8 +190,10 @@ class Preprocessor:
         labels = set(self.test_set.y.tolist())
         for task in self.s.tasks:
             if not labels & set(self.cfg.tasks[task]):
-                raise PoEError(f"--test_limit {self.s.test_limit} keeps no test image of classes "
-                               f"{list(self.cfg.tasks[task])} (task {task!r}): raise it")  # fmt: skip
+                raise PoEError(
+                    f"--test_limit {self.s.test_limit} keeps no test image of classes "
+                    f"{list(self.cfg.tasks[task])} (task {task!r}): raise it"
+                )
 
     def limit(self, n: int, keep: int | None, salt: int = 0) -> torch.Tensor | None:
         """What ``--train_limit`` (salt 0) or ``--test_limit`` (salt 1) keeps of ``n`` images (``subset_index``); a
@@ -207,10 +224,20 @@ class Preprocessor:
             if keep is not None:
                 files, labels = [files[i] for i in keep.tolist()], [labels[i] for i in keep.tolist()]
             workers = default_workers() if self.s.workers is None else self.s.workers
-            return FolderLoader(files, labels, conf.batch_size, self.normalize, self.cfg.image_size, self.s.device,
-                                seed, workers=workers, **shards)  # fmt: skip
-        return TensorLoader(self.train_set, conf.batch_size, self.normalize, self.cfg.crop_pad, self.s.device, seed,
-                            **shards)  # fmt: skip
+            return FolderLoader(
+                files,
+                labels,
+                conf.batch_size,
+                self.normalize,
+                self.cfg.image_size,
+                self.s.device,
+                seed,
+                workers=workers,
+                **shards,
+            )
+        return TensorLoader(
+            self.train_set, conf.batch_size, self.normalize, self.cfg.crop_pad, self.s.device, seed, **shards
+        )
 
     # ---------------------------------------------------------------- evaluation and output
     def evaluate(self, model: nn.Module, classes: list[int] | None, restrict: bool = False) -> tuple[float, int]:
@@ -257,8 +284,10 @@ class Preprocessor:
         """Write a new library without ever showing a mixed pool: the experts of any other library go first
         (the manifest without them, then their files), then the library file, then a manifest of what is left."""
         if self.s.adding:  # an add changes nothing of what the pool holds; its library was checked when it opened
-            raise PoEError(f"--add_tasks would replace the library of {self.pool.root}; check --pretrained (the "
-                           "folder the pool was built with)")  # fmt: skip
+            raise PoEError(
+                f"--add_tasks would replace the library of {self.pool.root}; check --pretrained (the "
+                "folder the pool was built with)"
+            )
         if distributed.is_main():
             old = [t for t, e in self.listing.experts.items() if e.get("library_id") != meta["id"]]
             for task in old:

@@ -108,8 +108,15 @@ def train_stage(
                 print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
                 if resume_path is not None:
                     state = {k: m.state_dict() for k, m in modules.items()}
-                    save_checkpoint(resume_path, {"fingerprint": fingerprint, "modules": state,
-                                                  "optimizer": opt.state_dict(), "history": history})  # fmt: skip
+                    save_checkpoint(
+                        resume_path,
+                        {
+                            "fingerprint": fingerprint,
+                            "modules": state,
+                            "optimizer": opt.state_dict(),
+                            "history": history,
+                        },
+                    )
     for m in modules.values():
         distributed.broadcast_state(m)
     return history
@@ -117,9 +124,14 @@ def train_stage(
 
 def new_sitting(history: dict[str, Any], epochs: int, precision: str, device: torch.device) -> dict[str, Any]:
     """This call's record in the history (which epochs it ran, when, where, at what precision), if any is left."""
-    sitting: dict[str, Any] = {"first_epoch": history["epochs_done"] + 1, "epochs": 0, "seconds": 0.0,
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "precision": precision,
-                               **machine_info(device)}  # fmt: skip
+    sitting: dict[str, Any] = {
+        "first_epoch": history["epochs_done"] + 1,
+        "epochs": 0,
+        "seconds": 0.0,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "precision": precision,
+        **machine_info(device),
+    }
     if history["epochs_done"] < epochs:
         history.setdefault("sittings", []).append(sitting)
     return sitting

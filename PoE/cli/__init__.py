@@ -11,5 +11,15 @@ from PoE.cli.experiments import main_experiments
 from PoE.cli.preprocessing import main_preprocessing
 from PoE.cli.service import main_service
 
-__all__ = ["Help", "Parser", "main_baselines", "main_evaluation", "main_experiments", "main_preprocessing",
-           "main_service", "number", "pick_device", "run_main"]  # fmt: skip
+__all__ = [
+    "Help",
+    "Parser",
+    "main_baselines",
+    "main_evaluation",
+    "main_experiments",
+    "main_preprocessing",
+    "main_service",
+    "number",
+    "pick_device",
+    "run_main",
+]

@@ -48,8 +48,9 @@ def baselines_parser() -> argparse.ArgumentParser:
     )
     common_arguments(p)
     p.add_argument("--queriedTask", nargs="+", required=True, metavar="TASK", help="primitive tasks of the query")
-    p.add_argument("--method", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
-                   help=f"of {', '.join(METHODS)}")  # fmt: skip
+    p.add_argument(
+        "--method", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD", help=f"of {', '.join(METHODS)}"
+    )
     p.add_argument("--T", type=TEMPERATURE, default=KD_T, help="distillation temperature")
     p.add_argument("--alpha", type=ALPHA, default=KD_ALPHA, help="weight of the L1 term of CKD")
     p.add_argument("--json", action="store_true", help="also print the rows as one JSON list (last line)")
@@ -60,20 +61,43 @@ def baselines_parser() -> argparse.ArgumentParser:
 def baseline_arguments(p: argparse.ArgumentParser) -> None:
     """How the baselines train: the flags Run_Baselines.py and Run_Experiments.py share (see BaselineConfig)."""
     g = p.add_argument_group("baselines' training")
-    g.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle (ckd's teacher, the Oracle's "
-                   "row); the per-task Scratch teachers of sd_scratch and uhc_scratch are cached under it")  # fmt: skip
-    g.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every method (default: the "
-                   "paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
-    g.add_argument("--budget", type=BUDGET, default=1.0, help="without --epochs: this fraction of the paper's "
-                   "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)")  # fmt: skip
+    g.add_argument(
+        "--pretrained",
+        default="DB_pretrained",
+        help="folder of the Oracle (ckd's teacher, the Oracle's "
+        "row); the per-task Scratch teachers of sd_scratch and uhc_scratch are cached under it",
+    )
+    g.add_argument(
+        "--epochs",
+        type=POSITIVE_INT,
+        default=None,
+        help="epochs of every method (default: the paper's: 200 for scratch, sd, uhc; 100 for transfer, ckd)",
+    )
+    g.add_argument(
+        "--budget",
+        type=BUDGET,
+        default=1.0,
+        help="without --epochs: this fraction of the paper's "
+        "schedule for each method (200 epochs for scratch, sd, uhc; 100 for transfer, ckd)",
+    )
     g.add_argument("--lr", type=LEARNING_RATE, default=PAPER_LR, help="peak learning rate")
     g.add_argument("--batch_size", type=POSITIVE_INT, default=512, help="batch size")
-    g.add_argument("--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and "
-                   "80%%) or onecycle")  # fmt: skip
-    g.add_argument("--seed", type=SEED, default=0, help="seeds weights and batch order (and Run_Experiments' "
-                   "sample of combinations)")  # fmt: skip
-    g.add_argument("--ckd_views", type=NONNEG_INT, default=0, help="ckd: cache the Oracle's logits for this many "
-                   "augmented views of the query's images (0: the Oracle on every batch, as the paper)")  # fmt: skip
+    g.add_argument(
+        "--schedule", default="step", choices=("step", "onecycle"), help="step (x0.1 at 40%% and 80%%) or onecycle"
+    )
+    g.add_argument(
+        "--seed",
+        type=SEED,
+        default=0,
+        help="seeds weights and batch order (and Run_Experiments' sample of combinations)",
+    )
+    g.add_argument(
+        "--ckd_views",
+        type=NONNEG_INT,
+        default=0,
+        help="ckd: cache the Oracle's logits for this many "
+        "augmented views of the query's images (0: the Oracle on every batch, as the paper)",
+    )
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
@@ -90,10 +114,20 @@ def runners(
     from PoE.build.baselines import BaselineConfig, baseline_runner
     from PoE.core.precision import resolve as resolve_precision
 
-    how = BaselineConfig(pretrained=Path(a.pretrained), epochs=a.epochs, budget=a.budget, lr=a.lr,
-                         batch_size=a.batch_size, schedule=a.schedule, T=T, alpha=alpha, seed=a.seed,
-                         precision=resolve_precision(a.precision, device), ckd_views=a.ckd_views,
-                         progress=not a.no_progress)  # fmt: skip
+    how = BaselineConfig(
+        pretrained=Path(a.pretrained),
+        epochs=a.epochs,
+        budget=a.budget,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        schedule=a.schedule,
+        T=T,
+        alpha=alpha,
+        seed=a.seed,
+        precision=resolve_precision(a.precision, device),
+        ckd_views=a.ckd_views,
+        progress=not a.no_progress,
+    )
     return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device), how)
 
 
@@ -114,9 +148,16 @@ def baselines_body(a: argparse.Namespace) -> int:
         rows.append(poe_row(open_pool(a, device), query, test))
     except PoEError as e:
         print(f"(no PoE row: {e})")
-    cols = [("method", "method"), ("accuracy", "accuracy (%)"), ("n_test", "test images"), ("macs", "multiply-adds"),
-            ("params", "parameters"), ("epochs", "epochs"), ("seconds", "time to produce (s)"),
-            ("teacher_seconds", "+ teachers (s)")]  # fmt: skip
+    cols = [
+        ("method", "method"),
+        ("accuracy", "accuracy (%)"),
+        ("n_test", "test images"),
+        ("macs", "multiply-adds"),
+        ("params", "parameters"),
+        ("epochs", "epochs"),
+        ("seconds", "time to produce (s)"),
+        ("teacher_seconds", "+ teachers (s)"),
+    ]
     print(f"query: {', '.join(query.tasks)} ({query.num_classes} classes); device {device}")
     print(markdown_table(rows, cols))
     if a.json:

@@ -34,9 +34,17 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         of several lines (the tasks) hangs."""
         lines = text.splitlines()
         hang = indent + ("  " if len(lines) > 1 else "")
-        fill = lambda line: textwrap.fill(line, width, initial_indent=indent, subsequent_indent=hang,  # noqa: E731
-                                          break_on_hyphens=False, break_long_words=False)  # fmt: skip
-        return "\n".join(map(fill, lines))
+        return "\n".join(
+            textwrap.fill(
+                line,
+                width,
+                initial_indent=indent,
+                subsequent_indent=hang,
+                break_on_hyphens=False,
+                break_long_words=False,
+            )
+            for line in lines
+        )
 
 
 def tasks_epilog(default_tasks: bool = False) -> str:
@@ -141,23 +149,45 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     """Flags of every command. ``precision``: the default of --precision (fp32 for the commands that only
     score, so their accuracies are exact and the same on every machine)."""
     p.add_argument("--dataset", default="cifar100", choices=list(DATASETS), help="dataset of the pool")
-    p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding <dataset>/ ({DATA_ROOT_HELP}"
-                   ": %(default)s; scripts/get_test_data.py fills it); with --dataset folder, the image folder "
-                   "itself")  # fmt: skip
+    p.add_argument(
+        "--data_root",
+        default=str(default_data_root()),
+        help=f"folder holding <dataset>/ ({DATA_ROOT_HELP}"
+        ": %(default)s; scripts/get_test_data.py fills it); with --dataset folder, the image folder "
+        "itself",
+    )
     p.add_argument("--db", default="DB_PoE", help="pool root; the pool is <db>/<dataset>/ (default: DB_PoE)")
-    p.add_argument("--hierarchy", default=None, metavar="FILE", help="the primitive tasks as a JSON file {\"task\": "
-                   "[\"class name\", ...]} (default: the one the pool stores, else the dataset's built-in tasks); "
-                   "a pool keeps the hierarchy it was built with and refuses another")  # fmt: skip
-    p.add_argument("--pool_digest", default=None, metavar="DIGEST", help="refuse any pool whose root digest (64 hex "
-                   "digits: Run_Service.py --list shows it) is not this one: the pool checked by its manifest is then "
-                   "also the one you meant")  # fmt: skip
-    p.add_argument("--skip_bad_images", action="store_true", help="--dataset folder: skip unreadable images (each is "
-                   "named on stderr) instead of stopping at the first")  # fmt: skip
+    p.add_argument(
+        "--hierarchy",
+        default=None,
+        metavar="FILE",
+        help='the primitive tasks as a JSON file {"task": '
+        '["class name", ...]} (default: the one the pool stores, else the dataset\'s built-in tasks); '
+        "a pool keeps the hierarchy it was built with and refuses another",
+    )
+    p.add_argument(
+        "--pool_digest",
+        default=None,
+        metavar="DIGEST",
+        help="refuse any pool whose root digest (64 hex "
+        "digits: Run_Service.py --list shows it) is not this one: the pool checked by its manifest is then "
+        "also the one you meant",
+    )
+    p.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="--dataset folder: skip unreadable images (each is named on stderr) instead of stopping at the first",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--precision", default=precision, choices=PRECISIONS, help="bf16: bfloat16 autocast (weights, "
-                   "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
-                   "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; fp32 is IEEE fp32 on a GPU too (TF32 off), so "
-                   "it scores as on a CPU")  # fmt: skip
+    p.add_argument(
+        "--precision",
+        default=precision,
+        choices=PRECISIONS,
+        help="bf16: bfloat16 autocast (weights, "
+        "optimizer state, BatchNorm statistics and losses stay fp32); auto: bf16 on a CUDA GPU or a CPU "
+        "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; fp32 is IEEE fp32 on a GPU too (TF32 off), so "
+        "it scores as on a CPU",
+    )
 
 
 def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp32"):

@@ -33,13 +33,22 @@ def evaluation_parser() -> argparse.ArgumentParser:
         formatter_class=Help,
     )
     common_arguments(p, precision="fp32")
-    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="tasks to combine (default: the "
-                   "dataset's six default tasks; with a hierarchy file, its first six)")  # fmt: skip
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="tasks to combine (default: the dataset's six default tasks; with a hierarchy file, its first six)",
+    )
     p.add_argument(
         "--n", nargs="+", type=POSITIVE_INT, default=None, help="combination sizes (default: 2 .. len(tasks)-1)"
     )
-    p.add_argument("--out", default=None, metavar="FOLDER", help="also write FOLDER/combinations.md and .csv (per n) "
-                   "and FOLDER/combinations_all.csv (per combination)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FOLDER",
+        help="also write FOLDER/combinations.md and .csv (per n) and FOLDER/combinations_all.csv (per combination)",
+    )
     p.add_argument("--json", action="store_true", help="also print the per-n rows as one JSON list (last line)")
     combinations_argument(p)
     return p

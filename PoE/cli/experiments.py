@@ -39,17 +39,37 @@ def experiments_parser() -> argparse.ArgumentParser:
     common_arguments(p)
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="default: the dataset's six")
     p.add_argument("--n", nargs="+", type=POSITIVE_INT, default=[2, 3, 4, 5], help="combination sizes")
-    p.add_argument("--methods", nargs="+", default=["oracle", "poe", *METHODS], choices=["oracle", "poe", *METHODS],
-                   metavar="METHOD", help="oracle (restricted to each composite's classes), poe, and the baselines "
-                   f"{', '.join(METHODS)}")  # fmt: skip
-    p.add_argument("--combos_per_n", type=NONNEG_INT, default=2, help="baselines: a fixed seeded sample of this many "
-                   "combinations per n (0: all); the Oracle and PoE are always scored on all")  # fmt: skip
-    p.add_argument("--ablation", nargs="*", default=[], metavar="NAME=DB", help="pools for the cross-expert "
-                   "table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')")  # fmt: skip
-    p.add_argument("--out", default="runs/experiments", metavar="FOLDER", help="folder for the tables and plots (the "
-                   "shipped ones in addImg/ were written with --out addImg), and "
-                   "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
-                   "interrupted comparison continues; delete the file to train them again)")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["oracle", "poe", *METHODS],
+        choices=["oracle", "poe", *METHODS],
+        metavar="METHOD",
+        help=f"oracle (restricted to each composite's classes), poe, and the baselines {', '.join(METHODS)}",
+    )
+    p.add_argument(
+        "--combos_per_n",
+        type=NONNEG_INT,
+        default=2,
+        help="baselines: a fixed seeded sample of this many "
+        "combinations per n (0: all); the Oracle and PoE are always scored on all",
+    )
+    p.add_argument(
+        "--ablation",
+        nargs="*",
+        default=[],
+        metavar="NAME=DB",
+        help="pools for the cross-expert table, e.g. soft=DB_soft scale=DB_scale (the --db pool is 'both')",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/experiments",
+        metavar="FOLDER",
+        help="folder for the tables and plots (the "
+        "shipped ones in addImg/ were written with --out addImg), and "
+        "baseline_runs.jsonl: each finished baseline run, reused by a rerun with the same settings (an "
+        "interrupted comparison continues; delete the file to train them again)",
+    )
     combinations_argument(p)
     p.add_argument(
         "--max_trainings",
@@ -128,10 +148,20 @@ def experiments_body(a: argparse.Namespace) -> int:
     pool = open_pool(a, device)
     test = load_split(cfg, a.data_root, "test")
     train = cache(lambda: load_split(cfg, a.data_root, "train"))
-    rows, poe = compare(pool, tasks, a.n, a.methods, test, oracle=lambda: load_oracle(a.pretrained, cfg, device),
-                        baseline=runners(a, cfg, device, train, test), combos_per_n=a.combos_per_n, seed=a.seed,
-                        progress=not a.no_progress, record=Path(a.out) / "baseline_runs.jsonl",
-                        oracle_id=files_id(oracle_files(a.pretrained, cfg)))  # fmt: skip
+    rows, poe = compare(
+        pool,
+        tasks,
+        a.n,
+        a.methods,
+        test,
+        oracle=lambda: load_oracle(a.pretrained, cfg, device),
+        baseline=runners(a, cfg, device, train, test),
+        combos_per_n=a.combos_per_n,
+        seed=a.seed,
+        progress=not a.no_progress,
+        record=Path(a.out) / "baseline_runs.jsonl",
+        oracle_id=files_id(oracle_files(a.pretrained, cfg)),
+    )
     schedule_note = ""
     epochs_text = a.epochs or ("the paper's" if a.budget == 1 else f"{a.budget:g} x the paper's")
     if any(m in METHODS for m in a.methods):
@@ -143,10 +173,14 @@ def experiments_body(a: argparse.Namespace) -> int:
         )
     summary = summarize_methods(rows)
     every = " and ".join(m for m, name in (("Oracle", "oracle"), ("PoE", "poe")) if name in a.methods)
-    poe_time = (f"PoE time = consolidating the pool held in memory (no training; opening and checking the pool once "
-                f"took {pool.open_ms:.0f} ms).")  # fmt: skip
-    note = (f"{cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {device}. {schedule_note}"
-            f"{f'{every}: every combination. ' if every else ''}{poe_time if poe else ''}").strip()  # fmt: skip
+    poe_time = (
+        f"PoE time = consolidating the pool held in memory (no training; opening and checking the pool once "
+        f"took {pool.open_ms:.0f} ms)."
+    )
+    note = (
+        f"{cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {device}. {schedule_note}"
+        f"{f'{every}: every combination. ' if every else ''}{poe_time if poe else ''}"
+    ).strip()
     table = markdown_table(summary, METHOD_COLUMNS)
     print(note + "\n\n" + table)
     out = Path(a.out)
@@ -165,11 +199,15 @@ def experiments_body(a: argparse.Namespace) -> int:
         print("\n" + ctable)
         write_table(out / "cross_expert_errors", ctable, cross)
     elif (out / "cross_expert_errors.md").exists():  # from an earlier run: not this run's, and not rewritten
-        print(f"\nnote: {out}/cross_expert_errors.{{md,csv}} are an earlier run's: without poe in --methods they "
-              "are not made again")  # fmt: skip
-    print(f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, "
-          f"{'cross_expert_errors.{md,csv}, ' if poe else ''}{'same_combinations.{md,csv}, ' if paired else ''}"
-          f"accuracy_vs_n.png, accuracy_vs_time.png")  # fmt: skip
+        print(
+            f"\nnote: {out}/cross_expert_errors.{{md,csv}} are an earlier run's: without poe in --methods they "
+            "are not made again"
+        )
+    print(
+        f"\nwrote {out}/composite_tasks.{{md,csv}}, composite_tasks_all.csv, "
+        f"{'cross_expert_errors.{md,csv}, ' if poe else ''}{'same_combinations.{md,csv}, ' if paired else ''}"
+        f"accuracy_vs_n.png, accuracy_vs_time.png"
+    )
     return 0
 
 

@@ -71,8 +71,14 @@ def preprocessing_parser() -> argparse.ArgumentParser:
         formatter_class=Help,
     )
     common_arguments(p)
-    p.add_argument("--profile", default="paper", choices=list(PROFILES), help="schedule preset: " + "; ".join(
-        f"{k}: {v.description}" for k, v in PROFILES.items()) + f". Note: {PAPER_ON_CPU}")  # fmt: skip
+    p.add_argument(
+        "--profile",
+        default="paper",
+        choices=list(PROFILES),
+        help="schedule preset: "
+        + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items())
+        + f". Note: {PAPER_ON_CPU}",
+    )
     pool_flags(p)
     oracle_file_flags(p)
     schedule_flags(p)
@@ -90,25 +96,52 @@ def pool_flags(p: argparse.ArgumentParser) -> None:
         metavar="STAGE",
         help=f"stages to run, of {', '.join(STAGES)}",
     )
-    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="primitive tasks (default: all; the "
-                   "built-in datasets' tasks are listed below)")  # fmt: skip
-    p.add_argument("--retrain", nargs="*", default=[], choices=STAGES, metavar="STAGE", help="retrain these stages "
-                   "even if done")  # fmt: skip
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="primitive tasks (default: all; the built-in datasets' tasks are listed below)",
+    )
+    p.add_argument(
+        "--retrain", nargs="*", default=[], choices=STAGES, metavar="STAGE", help="retrain these stages even if done"
+    )
     p.add_argument("--pretrained", default="DB_pretrained", help="folder of the Oracle and library student")
     p.add_argument("--seed", type=SEED, default=0, help="seeds weights, batch order and augmented views")
-    p.add_argument("--image_size", type=IMAGE_SIZE, default=None, help="--dataset folder: the images' size in "
-                   "pixels (default: the first training image's longer side, at most 224; up to 64 the WRN family, "
-                   "beyond MobileNetV2: 96 or 128 train fast on a CPU)")  # fmt: skip
-    p.add_argument("--library_from", default=None, metavar="DB", help="start the pool from the library of this pool "
-                   "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
-                   "experts, on the Oracle's cached logits")  # fmt: skip
+    p.add_argument(
+        "--image_size",
+        type=IMAGE_SIZE,
+        default=None,
+        help="--dataset folder: the images' size in "
+        "pixels (default: the first training image's longer side, at most 224; up to 64 the WRN family, "
+        "beyond MobileNetV2: 96 or 128 train fast on a CPU)",
+    )
+    p.add_argument(
+        "--library_from",
+        default=None,
+        metavar="DB",
+        help="start the pool from the library of this pool "
+        "(its id checked against --pretrained's library student): a new --hierarchy then trains only its "
+        "experts, on the Oracle's cached logits",
+    )
     p.add_argument("--oracle_arch", default=None, help="Oracle network, e.g. wrn-40-4 (default: the profile's)")
-    p.add_argument("--add_tasks", default=None, metavar="FILE", help="add the tasks of this hierarchy file to the "
-                   "built pool at --db, in place: only their experts are trained (on the pool's library and the "
-                   "Oracle's cached logits), then the manifest is written; no other file changes. The file may "
-                   "repeat the pool's tasks, unchanged")  # fmt: skip
-    p.add_argument("--remove_tasks", nargs="+", default=None, metavar="TASK", help="remove these tasks and their "
-                   "experts from the pool at --db (the manifest first, then the files); no training")  # fmt: skip
+    p.add_argument(
+        "--add_tasks",
+        default=None,
+        metavar="FILE",
+        help="add the tasks of this hierarchy file to the "
+        "built pool at --db, in place: only their experts are trained (on the pool's library and the "
+        "Oracle's cached logits), then the manifest is written; no other file changes. The file may "
+        "repeat the pool's tasks, unchanged",
+    )
+    p.add_argument(
+        "--remove_tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="remove these tasks and their "
+        "experts from the pool at --db (the manifest first, then the files); no training",
+    )
 
 
 def oracle_file_flags(p: argparse.ArgumentParser) -> None:
@@ -127,8 +160,12 @@ def oracle_file_flags(p: argparse.ArgumentParser) -> None:
         help="load a .pt2 or TorchScript --oracle: such a file is a program, and loading or running it can do "
         "anything you can (read and write your files); give it only for a file you made or trust",
     )
-    p.add_argument("--oracle_classes", default=None, metavar="FILE", help="the --oracle's class order when it "
-                   "differs from the dataset's: one class name per line, or a JSON list")  # fmt: skip
+    p.add_argument(
+        "--oracle_classes",
+        default=None,
+        metavar="FILE",
+        help="the --oracle's class order when it differs from the dataset's: one class name per line, or a JSON list",
+    )
 
 
 def schedule_flags(p: argparse.ArgumentParser) -> None:
@@ -140,23 +177,54 @@ def schedule_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}_lr", type=LEARNING_RATE, default=None, help="peak learning rate")
         g.add_argument(f"--{name}_batch_size", type=POSITIVE_INT, default=None, help="batch size")
         g.add_argument(f"--{name}_schedule", default=None, choices=("step", "onecycle"), help="learning-rate schedule")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="epochs of every stage (default: "
-                   f"{per_profile(stage_values('epochs'))}, for Oracle / library / experts)")  # fmt: skip
-    p.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="batch size of every stage (default: "
-                   f"{per_profile(stage_values('batch_size'))})")  # fmt: skip
-    p.add_argument("--weight_decay", type=FRACTION, default=None, help="weight decay of every stage (default: "
-                   f"{per_profile(stage_values('weight_decay'))})")  # fmt: skip
-    p.add_argument("--label_smoothing", type=FRACTION, default=None, help="Oracle cross-entropy label smoothing, "
-                   f"in [0, 1) (default: {per_profile(lambda prof: prof.oracle.label_smoothing)})")  # fmt: skip
-    p.add_argument("--T", type=TEMPERATURE, default=None, help="distillation temperature (default: "
-                   f"{per_profile(lambda prof: prof.T)})")  # fmt: skip
-    p.add_argument("--alpha", type=ALPHA, default=None, help="weight of L_scale (default: "
-                   f"{per_profile(lambda prof: prof.alpha)})")  # fmt: skip
-    p.add_argument("--loss", default="both", choices=("both", "soft", "scale"), help="expert loss: both "
-                   "(L_soft + alpha L_scale), soft or scale")  # fmt: skip
-    p.add_argument("--teacher_views", type=NONNEG_INT, default=None, help="augmented views whose Oracle logits are "
-                   "cached and cycled through (0: run the Oracle on every batch; default: "
-                   f"{per_profile(lambda prof: prof.teacher_views)})")  # fmt: skip
+    p.add_argument(
+        "--epochs",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"epochs of every stage (default: {per_profile(stage_values('epochs'))}, for Oracle / library / experts)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"batch size of every stage (default: {per_profile(stage_values('batch_size'))})",
+    )
+    p.add_argument(
+        "--weight_decay",
+        type=FRACTION,
+        default=None,
+        help=f"weight decay of every stage (default: {per_profile(stage_values('weight_decay'))})",
+    )
+    p.add_argument(
+        "--label_smoothing",
+        type=FRACTION,
+        default=None,
+        help="Oracle cross-entropy label smoothing, "
+        f"in [0, 1) (default: {per_profile(lambda prof: prof.oracle.label_smoothing)})",
+    )
+    p.add_argument(
+        "--T",
+        type=TEMPERATURE,
+        default=None,
+        help=f"distillation temperature (default: {per_profile(lambda prof: prof.T)})",
+    )
+    p.add_argument(
+        "--alpha", type=ALPHA, default=None, help=f"weight of L_scale (default: {per_profile(lambda prof: prof.alpha)})"
+    )
+    p.add_argument(
+        "--loss",
+        default="both",
+        choices=("both", "soft", "scale"),
+        help="expert loss: both (L_soft + alpha L_scale), soft or scale",
+    )
+    p.add_argument(
+        "--teacher_views",
+        type=NONNEG_INT,
+        default=None,
+        help="augmented views whose Oracle logits are "
+        "cached and cycled through (0: run the Oracle on every batch; default: "
+        f"{per_profile(lambda prof: prof.teacher_views)})",
+    )
     p.add_argument(
         "--train_limit",
         type=POSITIVE_INT,
@@ -171,22 +239,39 @@ def schedule_flags(p: argparse.ArgumentParser) -> None:
         "smoke profile; each stored accuracy records its image count)",
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    p.add_argument("--compile", nargs="+", default=["auto"], choices=("auto", "on", "off", *STAGES),
-                   metavar="WHICH", help="torch.compile the training steps of these stages (on: all, off: none; "
-                   "auto: the profile's, on CUDA only)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        default=["auto"],
+        choices=("auto", "on", "off", *STAGES),
+        metavar="WHICH",
+        help="torch.compile the training steps of these stages (on: all, off: none; auto: the profile's, on CUDA only)",
+    )
 
 
 def pretrained_flags(p: argparse.ArgumentParser) -> None:
     """Pretrained networks for ImageNet and large images."""
     g = p.add_argument_group("pretrained Oracle and library (ImageNet)")
-    g.add_argument("--oracle_weights", default=None, help="the Oracle's state dict file (default: torchvision's "
-                   "ImageNet weights in the torch hub cache); for a folder of large images, a whole torchvision "
-                   "mobilenet_v2 state dict the Oracle trained here starts from")  # fmt: skip
-    g.add_argument("--library_weights", default=None, help="a whole MobileNetV2 state dict file whose features[:18] "
-                   "become the library (default: torchvision's ImageNet weights in the torch hub cache); for a folder "
-                   "of large images, the start of a width-1 library student, then distilled")  # fmt: skip
-    g.add_argument("--workers", type=NONNEG_INT, default=None, help="DataLoader workers decoding images (default: one "
-                   "per core, at most 8)")  # fmt: skip
+    g.add_argument(
+        "--oracle_weights",
+        default=None,
+        help="the Oracle's state dict file (default: torchvision's "
+        "ImageNet weights in the torch hub cache); for a folder of large images, a whole torchvision "
+        "mobilenet_v2 state dict the Oracle trained here starts from",
+    )
+    g.add_argument(
+        "--library_weights",
+        default=None,
+        help="a whole MobileNetV2 state dict file whose features[:18] "
+        "become the library (default: torchvision's ImageNet weights in the torch hub cache); for a folder "
+        "of large images, the start of a width-1 library student, then distilled",
+    )
+    g.add_argument(
+        "--workers",
+        type=NONNEG_INT,
+        default=None,
+        help="DataLoader workers decoding images (default: one per core, at most 8)",
+    )
 
 
 def preprocessing_settings(a: argparse.Namespace):
@@ -256,8 +341,10 @@ def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, 
     cfg = described_by_data(cfg, Path(a.data_root), a.image_size, a.skip_bad_images, folders)
     smallest = family_of(cfg).min_input
     if cfg.image_size < smallest:
-        raise PoEError(f"{cfg.name} at {cfg.image_size} pixels is below the {cfg.family} networks' smallest image side "
-                       f"({smallest}): give --image_size {smallest} or more (images are resized to it)")  # fmt: skip
+        raise PoEError(
+            f"{cfg.name} at {cfg.image_size} pixels is below the {cfg.family} networks' smallest image side "
+            f"({smallest}): give --image_size {smallest} or more (images are resized to it)"
+        )
     if a.add_tasks:
         hierarchy, tasks = addition(a, cfg)
         cfg = hierarchy.apply(cfg)
@@ -268,9 +355,11 @@ def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, 
         make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
     if a.library_weights and not cfg.pretrained:  # a folder of large images: a width-1 student, started from them
         if cfg.family != "mobilenetv2":
-            raise PoEError(f"--library_weights starts a MobileNetV2 library student (a folder of images over 64 "
-                           f"pixels) from a whole torchvision mobilenet_v2's weights; {cfg.name} at {cfg.image_size} "
-                           f"pixels distills a {cfg.library_arch}: leave --library_weights out")  # fmt: skip
+            raise PoEError(
+                f"--library_weights starts a MobileNetV2 library student (a folder of images over 64 "
+                f"pixels) from a whole torchvision mobilenet_v2's weights; {cfg.name} at {cfg.image_size} "
+                f"pixels distills a {cfg.library_arch}: leave --library_weights out"
+            )
         cfg = dataclasses.replace(cfg, library_arch="mobilenet_v2")
     return cfg, hierarchy, tasks
 
@@ -312,9 +401,11 @@ def oracle_choice(a: argparse.Namespace, prof: Profile, cfg: DatasetConfig) -> s
         raise PoEError(f"--oracle_arch: {e}") from None
     if a.oracle_weights and not cfg.pretrained and (a.oracle or oracle_arch.lower() != "mobilenet_v2"):
         what = f"your --oracle {a.oracle}" if a.oracle else oracle_arch
-        raise PoEError(f"--oracle_weights starts an Oracle trained here from a whole torchvision mobilenet_v2's "
-                       f"weights; this run's Oracle is {what}: give --oracle_arch mobilenet_v2 (the default over "
-                       "64 pixels), or leave --oracle_weights out")  # fmt: skip
+        raise PoEError(
+            f"--oracle_weights starts an Oracle trained here from a whole torchvision mobilenet_v2's "
+            f"weights; this run's Oracle is {what}: give --oracle_arch mobilenet_v2 (the default over "
+            "64 pixels), or leave --oracle_weights out"
+        )
     if a.oracle:
         oracle_arch = f"{Path(a.oracle).name} (yours)"
     return oracle_arch
@@ -328,13 +419,22 @@ def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list
     from PoE.core.tasks import read_hierarchy
     from PoE.query.pool import Pool
 
-    given = [f for f, v in (("--hierarchy", a.hierarchy), ("--tasks", a.tasks), ("--library_from", a.library_from),
-                            ("--retrain", a.retrain)) if v]  # fmt: skip
+    given = [
+        f
+        for f, v in (
+            ("--hierarchy", a.hierarchy),
+            ("--tasks", a.tasks),
+            ("--library_from", a.library_from),
+            ("--retrain", a.retrain),
+        )
+        if v
+    ]
     if a.stages not in (list(STAGES), ["experts"]):
         given.append("--stages")
     if given:
-        raise PoEError(f"--add_tasks trains the new tasks' experts into the pool as it is; {given[0]} does not go "
-                       "with it")  # fmt: skip
+        raise PoEError(
+            f"--add_tasks trains the new tasks' experts into the pool as it is; {given[0]} does not go with it"
+        )
     plan = plan_addition(Pool.open(a.db, cfg.name, expected_digest=a.pool_digest), read_hierarchy(a.add_tasks, cfg))
     return plan.hierarchy, plan.new
 
@@ -368,8 +468,10 @@ def preprocessing_body(a: argparse.Namespace) -> int:
     if a.remove_tasks is not None:
         return remove_body(a)
     if a.pool_digest and not a.add_tasks:
-        raise PoEError("--pool_digest pins the pool a command reads; with Run_preprocessing.py it goes with "
-                       "--add_tasks or --remove_tasks (the pool they change must be that one)")  # fmt: skip
+        raise PoEError(
+            "--pool_digest pins the pool a command reads; with Run_preprocessing.py it goes with "
+            "--add_tasks or --remove_tasks (the pool they change must be that one)"
+        )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 holds the lock for all
         from PoE.build.edit import editing
         from PoE.core.datasets import get_dataset
@@ -417,8 +519,10 @@ def build_body(a: argparse.Namespace) -> int:
         return 0
     print()
     print(report.table())
-    print(f"\nwall time of this run: {report.wall_seconds:.0f}s; teacher logits computed: "
-          f"{report.teacher_cache_seconds:.0f}s; pool: {s.db / s.cfg.name}")  # fmt: skip
+    print(
+        f"\nwall time of this run: {report.wall_seconds:.0f}s; teacher logits computed: "
+        f"{report.teacher_cache_seconds:.0f}s; pool: {s.db / s.cfg.name}"
+    )
     return 0
 
 

@@ -32,14 +32,28 @@ def service_parser() -> argparse.ArgumentParser:
         formatter_class=Help,
     )
     common_arguments(p, precision="fp32")
-    p.add_argument("--queriedTask", nargs="*", default=None, metavar="TASK", help="primitive tasks of the query (the "
-                   "built-in datasets' tasks are listed below; --list shows their classes)")  # fmt: skip
+    p.add_argument(
+        "--queriedTask",
+        nargs="*",
+        default=None,
+        metavar="TASK",
+        help="primitive tasks of the query (the built-in datasets' tasks are listed below; --list shows their classes)",
+    )
     p.add_argument("--list", action="store_true", help="list the pool's tasks and their classes, then exit")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON object (last line)")
-    p.add_argument("--export", default=None, metavar="PATH", help="write the built model; the extension names the "
-                   "format: FILE.pt2 (torch.export) or FILE.onnx (ONNX: onnxruntime and other runtimes)")  # fmt: skip
-    p.add_argument("--export_precision", default="fp32", choices=("fp32", "bf16"), help="the exported .pt2 graph's "
-                   "compute precision (weights stay fp32)")  # fmt: skip
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="PATH",
+        help="write the built model; the extension names the "
+        "format: FILE.pt2 (torch.export) or FILE.onnx (ONNX: onnxruntime and other runtimes)",
+    )
+    p.add_argument(
+        "--export_precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="the exported .pt2 graph's compute precision (weights stay fp32)",
+    )
     p.add_argument(
         "--quantize",
         default=None,
@@ -59,21 +73,46 @@ def service_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("HTTP service")
     g.add_argument("--serve", action="store_true", help="serve the pool over HTTP: API under /api, web page at /")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    g.add_argument("--port", type=number(int, 0, high=65536), default=8000, help="TCP port (0: any free port; the "
-                   "URL line printed at start says which)")  # fmt: skip
+    g.add_argument(
+        "--port",
+        type=number(int, 0, high=65536),
+        default=8000,
+        help="TCP port (0: any free port; the URL line printed at start says which)",
+    )
     g.add_argument("--max_batch", type=POSITIVE_INT, default=64, help="dynamic batching: most images per forward")
-    g.add_argument("--batch_wait_ms", type=WAIT_MS, default=5.0, help="dynamic batching: how long a batch may wait "
-                   "for requests still being received (a lone request never waits)")  # fmt: skip
-    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch threads per worker for the forwards "
-                   "(default: its share of the CPUs less one, 1 to 4)")  # fmt: skip
-    g.add_argument("--workers", type=POSITIVE_INT, default=None, help="worker processes on the one port, each with "
-                   "the pool and its own batcher (default: one per two CPUs)")  # fmt: skip
-    g.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (pip install -r "
-                   "requirements-ray.txt); see docs/service.md for a cluster")  # fmt: skip
-    g.add_argument("--replicas", type=POSITIVE_INT, default=None, help="with --ray: replicas of the deployment "
-                   "(default: 1)")  # fmt: skip
-    g.add_argument("--ray_address", default=None, help="with --ray: an existing cluster (e.g. ray://HEAD:10001 or "
-                   "auto); default: a local Ray started by this command")  # fmt: skip
+    g.add_argument(
+        "--batch_wait_ms",
+        type=WAIT_MS,
+        default=5.0,
+        help="dynamic batching: how long a batch may wait "
+        "for requests still being received (a lone request never waits)",
+    )
+    g.add_argument(
+        "--threads",
+        type=POSITIVE_INT,
+        default=None,
+        help="torch threads per worker for the forwards (default: its share of the CPUs less one, 1 to 4)",
+    )
+    g.add_argument(
+        "--workers",
+        type=POSITIVE_INT,
+        default=None,
+        help="worker processes on the one port, each with the pool and its own batcher (default: one per two CPUs)",
+    )
+    g.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve as a Ray Serve deployment (pip install -r requirements-ray.txt); see docs/service.md for a cluster",
+    )
+    g.add_argument(
+        "--replicas", type=POSITIVE_INT, default=None, help="with --ray: replicas of the deployment (default: 1)"
+    )
+    g.add_argument(
+        "--ray_address",
+        default=None,
+        help="with --ray: an existing cluster (e.g. ray://HEAD:10001 or "
+        "auto); default: a local Ray started by this command",
+    )
     return p
 
 
@@ -106,8 +145,9 @@ def serve_body(a: argparse.Namespace, device: str, precision: str) -> int:
     ``--pool_digest``) itself."""
     from PoE.query.service import Settings, serve
 
-    settings = Settings(a.db, a.dataset, device, precision, a.data_root, a.max_batch, a.batch_wait_ms, a.threads,
-                        a.pool_digest)  # fmt: skip
+    settings = Settings(
+        a.db, a.dataset, device, precision, a.data_root, a.max_batch, a.batch_wait_ms, a.threads, a.pool_digest
+    )
     if a.ray:
         if a.workers:
             raise PoEError("--workers is for the server without Ray; with --ray use --replicas N")

@@ -41,8 +41,9 @@ class RawInput(nn.Module):
     """The exported form: takes float RGB in [0, 1] (N x 3 x size x size), checks the range, normalises,
     and runs the model (under bfloat16 autocast when ``precision`` is bf16); returns float32 logits."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int,
-                 precision: str = "fp32") -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int, precision: str = "fp32"
+    ) -> None:
         super().__init__()
         self.model, self.size, self.precision = model, size, precision
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))

@@ -98,8 +98,9 @@ def load_npz(path: Path, size: int | None = None, num_classes: int | None = None
         why = "the file is empty (0 bytes)" if path.is_file() and path.stat().st_size == 0 else type(e).__name__
         raise PoEError(f"{path} is not a readable npz with arrays x and y ({why})") from None
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y):
-        raise PoEError(f"{path}: expected x uint8 N x H x W x 3 and y of length N, got x {x.shape} {x.dtype}, "
-                       f"y {y.shape}")  # fmt: skip
+        raise PoEError(
+            f"{path}: expected x uint8 N x H x W x 3 and y of length N, got x {x.shape} {x.dtype}, y {y.shape}"
+        )
     if len(x) == 0:
         raise PoEError(f"{path} holds no images")
     if size is not None and x.shape[1:3] != (size, size):

@@ -28,7 +28,7 @@ def batched_logits(
     by batch: normalised, channels_last, under ``precision``'s autocast, no gradients. ``progress``: a bar's title.
     The one loop through which every evaluation, the Python API's predictions and the combination scoring run."""
     starts = range(0, len(images), batch_size)
-    if progress is not None:  # a disabled bar still costs ~0.2 ms a call: the service's small batches pay it
+    if progress is not None:  # a disabled bar still costs time per call, which the service's small batches pay
         from tqdm import tqdm
 
         starts = tqdm(starts, desc=progress, leave=False)
@@ -53,8 +53,9 @@ def predict(
     model.eval()
     cols = None if columns is None else torch.tensor(list(columns), device=device)
     out = []
-    for logits in batched_logits(model, images.x, normalize, device, precision, batch_size,
-                                 "evaluate" if progress else None):  # fmt: skip
+    for logits in batched_logits(
+        model, images.x, normalize, device, precision, batch_size, "evaluate" if progress else None
+    ):
         out.append((logits if cols is None else logits.index_select(1, cols)).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
@@ -150,8 +151,12 @@ def expert_outputs(
     tasks = list(experts)
     net = nn.Sequential(library, bank_of([experts[t].eval() for t in tasks]))
     sizes = [experts[t].num_classes for t in tasks]
-    outs = [o.cpu() for o in batched_logits(net, images.x, normalize, device, precision, batch_size,
-                                            "experts on test images" if progress else None)]  # fmt: skip
+    outs = [
+        o.cpu()
+        for o in batched_logits(
+            net, images.x, normalize, device, precision, batch_size, "experts on test images" if progress else None
+        )
+    ]
     return dict(zip(tasks, torch.cat(outs).split(sizes, dim=1), strict=True))
 
 

@@ -90,23 +90,29 @@ class Contents:
         paths, described = self.paths, self.paths.root / DESCRIPTION_FILE
         if self.format == 3:
             if described.exists():
-                raise PoEError(f"{paths.manifest} (an earlier version's) does not cover {described}, which the pool's "
-                               f"answers depend on (its class names and image size): check that file, then record it "
-                               f"with: {upgrade_hint(paths)} --dataset folder")  # fmt: skip
+                raise PoEError(
+                    f"{paths.manifest} (an earlier version's) does not cover {described}, which the pool's "
+                    f"answers depend on (its class names and image size): check that file, then record it "
+                    f"with: {upgrade_hint(paths)} --dataset folder"
+                )
             return None
         ok = isinstance(files, dict) and all(
             isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
             for r in files.values()
         )
         if not ok or set(self.parts or {}) - set(files):
-            raise PoEError(f"{paths.manifest} is damaged: its files table does not record every part's size and "
-                           "SHA-256; restore it, or remake the pool")  # fmt: skip
+            raise PoEError(
+                f"{paths.manifest} is damaged: its files table does not record every part's size and "
+                "SHA-256; restore it, or remake the pool"
+            )
         if DESCRIPTION_FILE in files or described.exists():
             if DESCRIPTION_FILE not in files:
                 raise PoEError(f"{described} is not listed in {paths.manifest}: it was copied in; remove it")
             if not described.is_file():
-                raise PoEError(f"{paths.manifest} lists {DESCRIPTION_FILE}, which is missing from {paths.root}: "
-                               "restore it, or remake the pool")  # fmt: skip
+                raise PoEError(
+                    f"{paths.manifest} lists {DESCRIPTION_FILE}, which is missing from {paths.root}: "
+                    "restore it, or remake the pool"
+                )
             read_recorded(described, files[DESCRIPTION_FILE], paths.manifest)
         return {str(k): dict(v) for k, v in files.items()}
 
@@ -170,8 +176,12 @@ class Contents:
 
 def valid_record(record: Any) -> bool:
     """Whether ``record`` has the shape of a manifest's hierarchy (its classes are checked by ``PoE.core.tasks``)."""
-    return (isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("tasks"), dict)
-            and all(isinstance(v, list) for v in record["tasks"].values()))  # fmt: skip
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("id"), str)
+        and isinstance(record.get("tasks"), dict)
+        and all(isinstance(v, list) for v in record["tasks"].values())
+    )
 
 
 def signature(paths: PoolPaths) -> tuple:

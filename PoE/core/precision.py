@@ -46,8 +46,8 @@ def cpu_model() -> str:
 
 
 def cpu_bf16_fast() -> bool:
-    """bf16 convolutions are several times faster than fp32 where the CPU has native bf16 instructions:
-    measured 3.0-3.7x with AMX (Xeon) and 2.1-2.7x with AVX512-BF16 alone (EPYC), WRN training steps."""
+    """Native bf16 instructions (AMX, AVX512-BF16) make bf16 convolutions several times faster than fp32; without
+    them bf16 is emulated or refused (docs/precision.md has the measurements)."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 

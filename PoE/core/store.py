@@ -204,16 +204,20 @@ def read_recorded(path: Path, record: Mapping[str, Any], listed_in: Path) -> byt
     try:
         size = path.stat().st_size
         if size != record.get("bytes"):
-            raise PoEError(f"{path} is {size:,} bytes, but {listed_in} lists it at {record.get('bytes')} bytes: "
-                           "it was replaced or changed after the manifest was written; restore it, or remake "
-                           "it")  # fmt: skip
+            raise PoEError(
+                f"{path} is {size:,} bytes, but {listed_in} lists it at {record.get('bytes')} bytes: "
+                "it was replaced or changed after the manifest was written; restore it, or remake "
+                "it"
+            )
         with open(path, "rb") as f:
             data = f.read(size + 1)
     except OSError as e:
         raise PoEError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) != size or hashlib.sha256(data).hexdigest() != record.get("sha256"):
-        raise PoEError(f"{path} differs from the file {listed_in} lists (its SHA-256 does not match): it was replaced "
-                       "or changed after the manifest was written; restore it, or remake it")  # fmt: skip
+        raise PoEError(
+            f"{path} differs from the file {listed_in} lists (its SHA-256 does not match): it was replaced "
+            "or changed after the manifest was written; restore it, or remake it"
+        )
     return data
 
 
@@ -235,13 +239,16 @@ def check_zip_sizes(source: Path | io.BytesIO, path: Path, size: int) -> None:
         if isinstance(source, io.BytesIO):
             source.seek(0)
     if declared > 2 * size + ZIP_SLACK:
-        raise PoEError(f"{path} is a zip archive of {size:,} bytes that declares {declared:,} bytes uncompressed (a "
-                       "decompression bomb, or not a checkpoint: torch stores checkpoints uncompressed); refused "
-                       "before loading it")  # fmt: skip
+        raise PoEError(
+            f"{path} is a zip archive of {size:,} bytes that declares {declared:,} bytes uncompressed (a "
+            "decompression bomb, or not a checkpoint: torch stores checkpoints uncompressed); refused "
+            "before loading it"
+        )
 
 
-def load_checkpoint(path: str | Path, hint: str = "", verify: Callable[[Path], bytes | None] | None = None
-                    ) -> dict[str, Any]:  # fmt: skip
+def load_checkpoint(
+    path: str | Path, hint: str = "", verify: Callable[[Path], bytes | None] | None = None
+) -> dict[str, Any]:
     """Load with ``weights_only=True``; a missing or unreadable file raises PoEError naming it. ``verify(path)``
     returns the file's bytes once checked against a manifest (or None: not listed there), before torch reads them;
     either way a zip declaring more than a checkpoint of its size can hold is refused before it is inflated."""
@@ -361,8 +368,10 @@ class PoolPaths:
         except (OSError, RuntimeError) as e:  # a symlink loop
             raise PoEError(f"cannot resolve {path}: {e}") from None
         if real.parent != root / "experts":
-            raise PoEError(f"{path} resolves to {real}, outside the pool's experts/ folder {root / 'experts'}; a "
-                           "pool's files live in its own folder")  # fmt: skip
+            raise PoEError(
+                f"{path} resolves to {real}, outside the pool's experts/ folder {root / 'experts'}; a "
+                "pool's files live in its own folder"
+            )
         return path
 
     @property

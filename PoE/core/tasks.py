@@ -75,8 +75,9 @@ class Hierarchy:
 
 
 def builtin_hierarchy(cfg: DatasetConfig) -> Hierarchy:
-    return Hierarchy(cfg.name, {t: sorted(c) for t, c in cfg.tasks.items()}, f"the built-in tasks of {cfg.name}",
-                     builtin=True)  # fmt: skip
+    return Hierarchy(
+        cfg.name, {t: sorted(c) for t, c in cfg.tasks.items()}, f"the built-in tasks of {cfg.name}", builtin=True
+    )
 
 
 def tasks_hierarchy(cfg: DatasetConfig, tasks: Mapping[str, list[int]] | None = None, source: str = "") -> Hierarchy:
@@ -128,8 +129,10 @@ def parse_hierarchy(obj: Any, cfg: DatasetConfig, source: str) -> Hierarchy:
                 hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(list(index)[:3])}"
                 raise bad(f"task {task!r}: unknown {cfg.name} class {name!r} ({hint})")
             if len(index[name]) > 1:
-                raise bad(f"task {task!r}: class name {name!r} names {len(index[name])} {cfg.name} classes "
-                          f"(ids {', '.join(map(str, index[name]))}); it cannot be told apart")  # fmt: skip
+                raise bad(
+                    f"task {task!r}: class name {name!r} names {len(index[name])} {cfg.name} classes "
+                    f"(ids {', '.join(map(str, index[name]))}); it cannot be told apart"
+                )
             c = index[name][0]
             if c in ids:
                 raise bad(f"task {task!r} names class {name!r} twice")
@@ -179,8 +182,10 @@ def stored_hierarchy(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
     h = read_hierarchy(path, cfg)
     recorded = read_json(path, "hierarchy").get("id")
     if recorded is not None and recorded != h.id:
-        raise PoEError(f"{path}: its content hash is {h.id} but the file records {recorded}: it was edited or "
-                       "damaged; restore it (the experts were built with the recorded one)")  # fmt: skip
+        raise PoEError(
+            f"{path}: its content hash is {h.id} but the file records {recorded}: it was edited or "
+            "damaged; restore it (the experts were built with the recorded one)"
+        )
     return h
 
 
@@ -189,8 +194,10 @@ def recorded_hierarchy(cfg: DatasetConfig, root: Path, record: dict[str, Any]) -
     source = root / "manifest.json"
     h = parse_hierarchy(record["tasks"], cfg, str(source)) if record["tasks"] else Hierarchy(cfg.name, {}, "")
     if h.id != record["id"]:
-        raise PoEError(f"{source}: its hierarchy hashes to {h.id} but it records {record['id']}: the manifest was "
-                       "edited or damaged; restore it")  # fmt: skip
+        raise PoEError(
+            f"{source}: its hierarchy hashes to {h.id} but it records {record['id']}: the manifest was "
+            "edited or damaged; restore it"
+        )
     return tasks_hierarchy(cfg, h.tasks, str(root / HIERARCHY_FILE))
 
 
@@ -214,9 +221,11 @@ def hierarchy_notes(cfg: DatasetConfig, root: Path, h: Hierarchy) -> list[str]:
     except PoEError as e:
         return [f"{e}; the tasks manifest.json records are used ({fix})"]
     if stored is not None and stored.id != h.id:
-        return [f"{path} (hierarchy {stored.id}) is not the hierarchy manifest.json records ({h.id}): a command "
-                f"changing the pool's tasks stopped after its commit, or the file was edited; the manifest's is used "
-                f"({fix})"]  # fmt: skip
+        return [
+            f"{path} (hierarchy {stored.id}) is not the hierarchy manifest.json records ({h.id}): a command "
+            f"changing the pool's tasks stopped after its commit, or the file was edited; the manifest's is used "
+            f"({fix})"
+        ]
     return []
 
 
@@ -228,8 +237,9 @@ def pool_root(db: str | Path, cfg: DatasetConfig) -> Path:
         return Path(db) / cfg.name
 
 
-def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None, contents: Contents | None = None
-                   ) -> Hierarchy:  # fmt: skip
+def pool_hierarchy(
+    cfg: DatasetConfig, root: Path, given: Hierarchy | None, contents: Contents | None = None
+) -> Hierarchy:
     """The hierarchy of the pool at ``root`` (its manifest's, read as ``contents``); a different ``given`` one is
     refused."""
     contents = Contents.read(PoolPaths(root, cfg.tag)) if contents is None else contents
@@ -237,16 +247,23 @@ def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None, cont
     bare = contents.parts is None and current.id != builtin_hierarchy(cfg).id
     if bare and (given is None or given.id != current.id):
         # a bare pool records nothing of its tasks: a hierarchy file beside it is only taken when the user names it
-        raise PoEError(f"the pool {root} has no manifest.json (the original release's format), so nothing vouches for "
-                       f"{root / HIERARCHY_FILE} beside it ({len(current.tasks)} tasks; a bare pool's tasks are "
-                       f"{cfg.name}'s built-in ones): remove that file, or give it with --hierarchy "
-                       f"{root / HIERARCHY_FILE} to use it")  # fmt: skip
+        raise PoEError(
+            f"the pool {root} has no manifest.json (the original release's format), so nothing vouches for "
+            f"{root / HIERARCHY_FILE} beside it ({len(current.tasks)} tasks; a bare pool's tasks are "
+            f"{cfg.name}'s built-in ones): remove that file, or give it with --hierarchy "
+            f"{root / HIERARCHY_FILE} to use it"
+        )
     if given is not None and given.id != current.id:
-        none = (" (it holds no hierarchy.json: a pool built with --hierarchy keeps it there)"
-                if contents.hierarchy is None and not (root / HIERARCHY_FILE).is_file() else "")  # fmt: skip
-        raise PoEError(f"the pool {root} was built with {current.describe()}{none}; --hierarchy {given.source} is "
-                       f"another (hierarchy {given.id}): omit --hierarchy to use the pool's, or give another "
-                       "--db")  # fmt: skip
+        none = (
+            " (it holds no hierarchy.json: a pool built with --hierarchy keeps it there)"
+            if contents.hierarchy is None and not (root / HIERARCHY_FILE).is_file()
+            else ""
+        )
+        raise PoEError(
+            f"the pool {root} was built with {current.describe()}{none}; --hierarchy {given.source} is "
+            f"another (hierarchy {given.id}): omit --hierarchy to use the pool's, or give another "
+            "--db"
+        )
     return current
 
 
@@ -284,12 +301,16 @@ def build_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> 
     if present:
         new = [t for t in given.tasks if t not in current.tasks]
         kept = all(given.tasks.get(t) == c for t, c in current.tasks.items())
-        how = (f"to add its task(s) {', '.join(new)} to this pool, give the file with --add_tasks instead of "
-               "--hierarchy" if kept and new else "tasks are removed with --remove_tasks NAME and added with "
-               "--add_tasks FILE")  # fmt: skip
-        raise PoEError(f"the pool {root} holds {len(present)} expert(s) built with {current.describe()}; "
-                       f"--hierarchy {given.source} is another (hierarchy {given.id}): {how}; or build it into a "
-                       "new --db")  # fmt: skip
+        how = (
+            f"to add its task(s) {', '.join(new)} to this pool, give the file with --add_tasks instead of --hierarchy"
+            if kept and new
+            else "tasks are removed with --remove_tasks NAME and added with --add_tasks FILE"
+        )
+        raise PoEError(
+            f"the pool {root} holds {len(present)} expert(s) built with {current.describe()}; "
+            f"--hierarchy {given.source} is another (hierarchy {given.id}): {how}; or build it into a "
+            "new --db"
+        )
     return given
 
 

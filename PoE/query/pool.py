@@ -60,8 +60,10 @@ def check_digest_text(digest: str | None) -> str | None:
         return None
     text = str(digest).strip().lower()
     if len(text) != DIGEST_HEX or any(c not in "0123456789abcdef" for c in text):
-        raise PoEError(f"--pool_digest {str(digest)[:80]!r}: expected the pool's {DIGEST_HEX} hex digits, as "
-                       "Run_Service.py --list shows them")  # fmt: skip
+        raise PoEError(
+            f"--pool_digest {str(digest)[:80]!r}: expected the pool's {DIGEST_HEX} hex digits, as "
+            "Run_Service.py --list shows them"
+        )
     return text
 
 
@@ -163,16 +165,25 @@ class Prediction:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise PoEError(f"top(k={k!r}): k must be an integer >= 1 (at most {width} classes are returned)")
         p, idx = self.probabilities[i].topk(min(k, self.probabilities.shape[1]))
-        return [{"id": self.classes[j], "name": self.names[j], "probability": round(float(q), 6)}
-                for q, j in zip(p.tolist(), idx.tolist(), strict=True)]  # fmt: skip
+        return [
+            {"id": self.classes[j], "name": self.names[j], "probability": round(float(q), 6)}
+            for q, j in zip(p.tolist(), idx.tolist(), strict=True)
+        ]
 
 
 class TaskModel:
     """The consolidated model of one query: ``module`` maps normalised images to logits over ``classes``
     (ascending class id). ``predict`` takes raw images; ``export`` writes a ``.pt2`` that takes [0, 1] RGB."""
 
-    def __init__(self, module: ConsolidatedNet, query: Query, cfg: DatasetConfig, device: torch.device,
-                 build_ms: float, precision: str = "fp32") -> None:  # fmt: skip
+    def __init__(
+        self,
+        module: ConsolidatedNet,
+        query: Query,
+        cfg: DatasetConfig,
+        device: torch.device,
+        build_ms: float,
+        precision: str = "fp32",
+    ) -> None:
         self.module, self.query, self.cfg, self.device = module, query, cfg, device
         self.build_ms, self.precision = build_ms, precision
         self.pool: Pool | None = None  # the pool it was built from (the service answers it from that pool's modules)
@@ -202,8 +213,9 @@ class TaskModel:
         without images of some of them is refused (an accuracy over the others would pass for the query's)."""
         check_covered(test.y, self.classes, self.cfg.class_name)
         normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
-        return accuracy(self.module, test, self.classes, normalize, self.device, progress=progress,
-                        precision=self.precision)  # fmt: skip
+        return accuracy(
+            self.module, test, self.classes, normalize, self.device, progress=progress, precision=self.precision
+        )
 
     def logits(self, images: Any) -> torch.Tensor:
         """Logits over ``classes`` (CPU, float32) of user images (see ``predict``)."""
@@ -303,8 +315,14 @@ def check_export_path(path: str | Path) -> Path:
 class Pool:
     """The library and every expert of one pool folder, loaded and checked, on ``device``."""
 
-    def __init__(self, cfg: DatasetConfig, paths: PoolPaths, device: torch.device, precision: str = "fp32",
-                 contents: Contents | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: DatasetConfig,
+        paths: PoolPaths,
+        device: torch.device,
+        precision: str = "fp32",
+        contents: Contents | None = None,
+    ) -> None:
         t0 = time.perf_counter()
         self.cfg, self.paths, self.device = cfg, paths, torch.device(device)
         self.precision = resolve_precision(precision, self.device)  # fp32, bf16 or auto; fp8 and others refused
@@ -313,12 +331,17 @@ class Pool:
         self.digest = contents.digest  # the root digest: what --pool_digest pins
         self.pinned: str | None = None  # the digest this pool was opened against (``open``'s expected_digest)
         notes = self.check_tasks(contents)
-        listed = [t for t in paths.experts_present()
-                  if t in cfg.tasks or contents.hierarchy is None or contents.lists(paths.expert(t))]  # fmt: skip
+        listed = [
+            t
+            for t in paths.experts_present()
+            if t in cfg.tasks or contents.hierarchy is None or contents.lists(paths.expert(t))
+        ]
         for task in sorted(set(paths.experts_present()) - set(listed)):  # left by an interrupted add or remove
-            notes.append(f"{paths.expert(task)} is ignored: task {task!r} is not in the hierarchy {paths.manifest} "
-                         "records (an add stopped before its commit, or a remove before it deleted the file); finish "
-                         "by running the command again, or delete the file")  # fmt: skip
+            notes.append(
+                f"{paths.expert(task)} is ignored: task {task!r} is not in the hierarchy {paths.manifest} "
+                "records (an add stopped before its commit, or a remove before it deleted the file); finish "
+                "by running the command again, or delete the file"
+            )
         contents.check_complete([paths.library, *map(paths.expert, listed)])
         self.library, self.library_meta = read_library(paths, cfg, contents)
         self.experts: dict[str, nn.Module] = {}
@@ -330,10 +353,12 @@ class Pool:
                     if (paths.root / "hierarchy.json").exists()
                     else (" (a pool built with --hierarchy keeps its tasks in hierarchy.json, which this one lacks)")
                 )
-                raise PoEError(f"{paths.expert(task)} is not a task of this pool{lost}; known tasks: "
-                               f"{', '.join(cfg.tasks)}")  # fmt: skip
-            self.experts[task], self.expert_meta[task] = read_expert(paths, cfg, task, self.library,
-                                                                     self.library_meta, contents)  # fmt: skip
+                raise PoEError(
+                    f"{paths.expert(task)} is not a task of this pool{lost}; known tasks: {', '.join(cfg.tasks)}"
+                )
+            self.experts[task], self.expert_meta[task] = read_expert(
+                paths, cfg, task, self.library, self.library_meta, contents
+            )
         for m in (self.library, *self.experts.values()):  # channels_last weights: the fast layout for convolutions
             m.to(self.device, memory_format=torch.channels_last)
         self.states = {t: e.state_dict() for t, e in self.experts.items()}  # what a query's bank is cut from
@@ -342,9 +367,13 @@ class Pool:
         unchecked = [paths.library.name] if "id" not in self.library_meta else []
         unchecked += [f"expert_{t}.pt" for t, m in self.expert_meta.items() if "id" not in m]
         self.notes = notes + (
-            [f"{len(unchecked)} part(s) carry no content hash (e.g. {unchecked[0]}; the original release's "
-             "format): they were loaded but could not be checked"] if unchecked else []
-        )  # fmt: skip
+            [
+                f"{len(unchecked)} part(s) carry no content hash (e.g. {unchecked[0]}; the original release's "
+                "format): they were loaded but could not be checked"
+            ]
+            if unchecked
+            else []
+        )
 
     def check_tasks(self, contents: Contents) -> list[str]:
         """Refuse tasks other than the ones the manifest records; notes on ``hierarchy.json``, its readable copy."""
@@ -353,15 +382,24 @@ class Pool:
         given = tasks_hierarchy(self.cfg)
         recorded = current_hierarchy(self.cfg, self.paths.root, contents.hierarchy)
         if given.id != recorded.id:
-            raise PoEError(f"the tasks given ({len(given.tasks)}, hierarchy {given.id}) are not the ones "
-                           f"{self.paths.manifest} records ({len(recorded.tasks)}, hierarchy {recorded.id}); open "
-                           "the pool with Pool.open, which reads them from there")  # fmt: skip
+            raise PoEError(
+                f"the tasks given ({len(given.tasks)}, hierarchy {given.id}) are not the ones "
+                f"{self.paths.manifest} records ({len(recorded.tasks)}, hierarchy {recorded.id}); open "
+                "the pool with Pool.open, which reads them from there"
+            )
         return hierarchy_notes(self.cfg, self.paths.root, recorded)
 
     @classmethod
-    def open(cls, db: str | Path = "DB_PoE", dataset: str = "cifar100", device: str | torch.device = "cpu",
-             precision: str = "fp32", hierarchy: str | Path | Hierarchy | Mapping | None = None,
-             skip_bad_images: bool = False, expected_digest: str | None = None) -> Pool:  # fmt: skip
+    def open(
+        cls,
+        db: str | Path = "DB_PoE",
+        dataset: str = "cifar100",
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        hierarchy: str | Path | Hierarchy | Mapping | None = None,
+        skip_bad_images: bool = False,
+        expected_digest: str | None = None,
+    ) -> Pool:
         """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself. The tasks are the
         hierarchy the pool stores (else the dataset's built-in ones); a different ``hierarchy`` is refused. A
         folder dataset is as the pool describes it (``skip_bad_images``: when its test images are read).
@@ -371,8 +409,10 @@ class Pool:
         paths = resolve_pool(db, cfg.name, cfg.tag)
         contents = Contents.read(paths)  # read once: the tasks and the parts come from the same manifest
         if pinned is not None and contents.digest != pinned:
-            raise PoEError(f"the pool {paths.root} has digest {contents.digest}, not the pinned {pinned} "
-                           "(--pool_digest): it is another pool, or it was changed")  # fmt: skip
+            raise PoEError(
+                f"the pool {paths.root} has digest {contents.digest}, not the pinned {pinned} "
+                "(--pool_digest): it is another pool, or it was changed"
+            )
         cfg = described_by_pool(cfg, paths.root, skip_bad_images)  # dataset.json: checked by Contents.read
         cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg), contents).apply(cfg)
         pool = cls(cfg, paths, torch.device(device), precision, contents)
@@ -438,12 +478,14 @@ class Pool:
         for task, classes in self.cfg.tasks.items():
             meta = self.expert_meta.get(task, {})
             acc = meta.get("test_acc")
-            tasks.append({
-                "name": task,
-                "classes": [{"id": c, "name": self.cfg.class_name(c)} for c in classes],
-                "present": task in self.experts,
-                "accuracy": None if acc is None else round(float(acc), 2),
-            })  # fmt: skip
+            tasks.append(
+                {
+                    "name": task,
+                    "classes": [{"id": c, "name": self.cfg.class_name(c)} for c in classes],
+                    "present": task in self.experts,
+                    "accuracy": None if acc is None else round(float(acc), 2),
+                }
+            )
         return {
             "dataset": self.cfg.name,
             "pool": str(self.root),

@@ -34,8 +34,18 @@ METHODS: dict[str, str] = {
     "uhc_ckd": "uhc",
 }
 
-_RUNNER = ("BaselineConfig", "BaselineResult", "BaselineRunner", "baseline_runner", "budget_epochs", "load_oracle",
-           "oracle_files", "poe_row", "result_row", "target_network")  # fmt: skip
+_RUNNER = (
+    "BaselineConfig",
+    "BaselineResult",
+    "BaselineRunner",
+    "baseline_runner",
+    "budget_epochs",
+    "load_oracle",
+    "oracle_files",
+    "poe_row",
+    "result_row",
+    "target_network",
+)
 
 
 def method(name: str) -> Any:

@@ -25,8 +25,15 @@ class CKD(Method):
         cached = None
         if r.ckd_views:  # the Oracle's logits from cached augmented views, made once per query
             folder = r.teacher_dir or Path(tempfile.mkdtemp(prefix="poe-ckd-"))
-            cached = TeacherOutputs(oracle, state_id(oracle), r.ckd_views, r.seed,
-                                    folder / f"ckd_{'+'.join(sorted(q.tasks))}", r.progress, r.precision)  # fmt: skip
+            cached = TeacherOutputs(
+                oracle,
+                state_id(oracle),
+                r.ckd_views,
+                r.seed,
+                folder / f"ckd_{'+'.join(sorted(q.tasks))}",
+                r.progress,
+                r.precision,
+            )
         logits = cached or TeacherOutputs(oracle, "", 0, r.seed, Path("."), False, r.precision)
         return Loss(lambda out, b: ckd_loss(out, logits.logits(b, ctx.loader)[:, cols], r.T, r.alpha), cached)
 

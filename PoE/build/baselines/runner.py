@@ -91,10 +91,15 @@ class BaselineRunner:
         return getter
 
     def fit(
-        self, name: str, net: nn.Module, trainable: list[nn.Module], frozen: tuple[nn.Module, ...],
-        loader: TensorLoader, loss_of: Callable[[torch.Tensor, Batch], torch.Tensor],
+        self,
+        name: str,
+        net: nn.Module,
+        trainable: list[nn.Module],
+        frozen: tuple[nn.Module, ...],
+        loader: TensorLoader,
+        loss_of: Callable[[torch.Tensor, Batch], torch.Tensor],
         teacher: TeacherOutputs | None = None,
-    ) -> float:  # fmt: skip
+    ) -> float:
         """Seconds to train ``trainable`` (with the teacher's cached views, when there is one, made first)."""
         holder = nn.ModuleList(trainable)
 
@@ -103,8 +108,19 @@ class BaselineRunner:
 
         t0 = time.perf_counter()
         batches = loader.epoch if teacher is None else teacher.batches(loader, self.stage)
-        train_stage(name, {"net": holder}, loss_fn, batches, len(loader), self.stage, None, {}, frozen,
-                    progress=self.progress, precision=self.precision)  # fmt: skip
+        train_stage(
+            name,
+            {"net": holder},
+            loss_fn,
+            batches,
+            len(loader),
+            self.stage,
+            None,
+            {},
+            frozen,
+            progress=self.progress,
+            precision=self.precision,
+        )
         return time.perf_counter() - t0
 
     def scratch_teacher(self, task: str) -> tuple[nn.Module, float]:
@@ -119,8 +135,9 @@ class BaselineRunner:
                 return load_into(net, sd, path, f"Scratch teacher of {task!r}").to(self.device).eval(), 0.0
         result, net = self.run("scratch", [task], keep=True)
         if path is not None:
-            save_checkpoint(path, {"poe_format": 1, "kind": "scratch_teacher", "task": task,
-                                   "state_dict": net.state_dict()})  # fmt: skip
+            save_checkpoint(
+                path, {"poe_format": 1, "kind": "scratch_teacher", "task": task, "state_dict": net.state_dict()}
+            )
         return net.eval(), result.seconds
 
     def run(self, method: str, tasks: list[str], keep: bool = False):
@@ -146,8 +163,17 @@ class BaselineRunner:
         net.eval()
         acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device)  # scored in fp32, as PoE is
         shape = (3, self.cfg.image_size, self.cfg.image_size)
-        result = BaselineResult(method, q.tasks, acc, n, count_macs(net, shape, self.device), count_params(net),
-                                seconds, loss.teacher_seconds, self.stage.epochs)  # fmt: skip
+        result = BaselineResult(
+            method,
+            q.tasks,
+            acc,
+            n,
+            count_macs(net, shape, self.device),
+            count_params(net),
+            seconds,
+            loss.teacher_seconds,
+            self.stage.epochs,
+        )
         return (result, net) if keep else result
 
 
@@ -190,8 +216,12 @@ class BaselineConfig:
     progress: bool = True
 
     def stage(self, method: str) -> StageConfig:
-        return StageConfig(epochs=self.epochs or budget_epochs(method, self.budget), lr=self.lr,
-                           batch_size=self.batch_size, schedule=self.schedule)  # fmt: skip
+        return StageConfig(
+            epochs=self.epochs or budget_epochs(method, self.budget),
+            lr=self.lr,
+            batch_size=self.batch_size,
+            schedule=self.schedule,
+        )
 
 
 def baseline_runner(
@@ -213,10 +243,22 @@ def baseline_runner(
         pool = opened[0]
         return pool.library if task is None else pool.experts[pool.make_query([task]).tasks[0]]
 
-    return BaselineRunner(cfg, train, test, device, how.stage(method), how.T, how.alpha, how.seed,
-                          oracle=lambda: load_oracle(how.pretrained, cfg, device), pool_part=pool_part,
-                          teacher_dir=how.pretrained / cfg.name / "baselines", progress=how.progress,
-                          precision=how.precision, ckd_views=how.ckd_views)  # fmt: skip
+    return BaselineRunner(
+        cfg,
+        train,
+        test,
+        device,
+        how.stage(method),
+        how.T,
+        how.alpha,
+        how.seed,
+        oracle=lambda: load_oracle(how.pretrained, cfg, device),
+        pool_part=pool_part,
+        teacher_dir=how.pretrained / cfg.name / "baselines",
+        progress=how.progress,
+        precision=how.precision,
+        ckd_views=how.ckd_views,
+    )
 
 
 def result_row(result: BaselineResult) -> dict[str, Any]:
@@ -229,5 +271,14 @@ def poe_row(pool: Pool, query: Query, test: ImageSet) -> dict[str, Any]:
     model = pool.query(list(query.tasks))
     acc, n = model.accuracy(test)
     macs, params = model.cost()
-    return {"method": "poe", "tasks": list(query.tasks), "accuracy": acc, "n_test": n, "macs": macs,
-            "params": params, "seconds": model.build_ms / 1e3, "teacher_seconds": 0.0, "epochs": 0}  # fmt: skip
+    return {
+        "method": "poe",
+        "tasks": list(query.tasks),
+        "accuracy": acc,
+        "n_test": n,
+        "macs": macs,
+        "params": params,
+        "seconds": model.build_ms / 1e3,
+        "teacher_seconds": 0.0,
+        "epochs": 0,
+    }

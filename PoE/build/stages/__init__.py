@@ -57,9 +57,11 @@ def run(s: Settings) -> Report:
         library = (PretrainedLibrary(prep) if s.cfg.pretrained else Library(prep, teacher)).run()["library"]
         if last >= 2:
             if s.adding and library.id != prep.listing.library.get("id"):
-                raise PoEError(f"--add_tasks: the library student in {prep.pretrained} is library {library.id}, but "
-                               f"the pool's is {prep.listing.library.get('id')}: give the --pretrained folder the "
-                               "pool was built with")  # fmt: skip
+                raise PoEError(
+                    f"--add_tasks: the library student in {prep.pretrained} is library {library.id}, but "
+                    f"the pool's is {prep.listing.library.get('id')}: give the --pretrained folder the "
+                    "pool was built with"
+                )
             Experts(prep, teacher, library).run()
         if distributed.is_main() and prep.report.made:  # every part loaded: the pool's record stays as it is
             prep.write_manifest()

@@ -154,8 +154,19 @@ class Stage:
             "train_limit": self.s.train_limit,
             **fingerprint,
         }
-        history = train_stage(self.name, modules, loss_fn, batches, len(loader), conf, resume, fingerprint, frozen,
-                              progress=self.s.progress, precision=self.s.precision)  # fmt: skip
+        history = train_stage(
+            self.name,
+            modules,
+            loss_fn,
+            batches,
+            len(loader),
+            conf,
+            resume,
+            fingerprint,
+            frozen,
+            progress=self.s.progress,
+            precision=self.s.precision,
+        )
         return {
             "epochs": conf.epochs,
             "config": repr(conf),

@@ -77,24 +77,45 @@ class Experts(Stage):
                 features = library(b.x)
                 t_all = teacher.logits(b, loader)
             out = trained(features)
-            losses = [ckd_loss(out[:, end - len(c) : end], t_all[:, c], T, alpha, soft, scale)
-                      for c, end in zip(cols, ends, strict=True)]  # fmt: skip
+            losses = [
+                ckd_loss(out[:, end - len(c) : end], t_all[:, c], T, alpha, soft, scale)
+                for c, end in zip(cols, ends, strict=True)
+            ]
             return torch.stack(losses).sum()
 
-        fp = {"tasks": todo, "classes": [tasks[t] for t in todo], "library": self.lib_id, "oracle": teacher.oracle_id,
-              "T": T, "alpha": alpha, "soft": soft, "scale": scale, "views": self.s.teacher_views,
-              "form": "bank"}  # fmt: skip
+        fp = {
+            "tasks": todo,
+            "classes": [tasks[t] for t in todo],
+            "library": self.lib_id,
+            "oracle": teacher.oracle_id,
+            "T": T,
+            "alpha": alpha,
+            "soft": soft,
+            "scale": scale,
+            "views": self.s.teacher_views,
+            "form": "bank",
+        }
         batches = teacher.batches(loader, conf)
         run = self.train({"bank": bank}, loss_fn, loader, batches, fp, frozen=(library,))
-        self.prep.report.stages["experts"] = StageRecord(None, run["train_seconds"], None, run.pop("epoch_seconds"),
-                                                         run.pop("sittings"))  # fmt: skip
+        self.prep.report.stages["experts"] = StageRecord(
+            None, run["train_seconds"], None, run.pop("epoch_seconds"), run.pop("sittings")
+        )
         run["train_seconds"] /= len(todo)
         parts = {}
         for t, e, state in zip(todo, fresh, unbank(bank), strict=True):
             e = load_into(e, state, self.target(t), f"expert of {t!r}").to(self.s.device).eval()
-            meta = {"task": t, "classes": tasks[t], **run, "T": T, "alpha": alpha, "trained_with": len(todo),
-                    "losses": {"soft": soft, "scale": scale}, "library_id": self.lib_id,
-                    "oracle_id": teacher.oracle_id, "family": self.family.name}  # fmt: skip
+            meta = {
+                "task": t,
+                "classes": tasks[t],
+                **run,
+                "T": T,
+                "alpha": alpha,
+                "trained_with": len(todo),
+                "losses": {"soft": soft, "scale": scale},
+                "library_id": self.lib_id,
+                "oracle_id": teacher.oracle_id,
+                "family": self.family.name,
+            }
             meta["test_acc"], meta["test_n"] = self.prep.evaluate(nn.Sequential(library, e), tasks[t])
             meta["id"] = state_id(e)
             self.prep.save(self.target(t), "expert", meta, e.state_dict())

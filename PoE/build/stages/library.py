@@ -71,18 +71,28 @@ class Library(Stage):
 
         given = {"start": start} if start else {}  # recorded only when given: other runs' records stay as they were
         fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.s.teacher_views, **given}
-        meta = {"arch": arch, **given, **self.train({"student": student}, loss_fn, loader,
-                                                     teacher.batches(loader, conf), fp)}  # fmt: skip
+        meta = {
+            "arch": arch,
+            **given,
+            **self.train({"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp),
+        }
         meta["test_acc"], meta["test_n"] = self.prep.evaluate(student, None)
-        meta.update(T=T, teacher_views=self.s.teacher_views, oracle_id=teacher.oracle_id, id=state_id(student.front),
-                    teacher_seconds=teacher.seconds, family=family_of(self.cfg).name)  # fmt: skip
+        meta.update(
+            T=T,
+            teacher_views=self.s.teacher_views,
+            oracle_id=teacher.oracle_id,
+            id=state_id(student.front),
+            teacher_seconds=teacher.seconds,
+            family=family_of(self.cfg).name,
+        )
         self.prep.save(self.student_path, "library_student", meta, student.state_dict())
         self.prep.replace_library(meta, student.front.state_dict())
         return {self.name: Part(student.front.eval(), meta)}
 
     def report(self, key: str, part: Part) -> None:
-        self.prep.report.add(f"library student ({part.meta.get('arch', self.cfg.library_arch)})", "all classes",
-                             part.meta)  # fmt: skip
+        self.prep.report.add(
+            f"library student ({part.meta.get('arch', self.cfg.library_arch)})", "all classes", part.meta
+        )
         self.prep.report.stages["library"] = StageRecord.of(part.meta)
 
 
@@ -135,15 +145,22 @@ def adopt_library(source: str | Path, prep: Preprocessor) -> str:
     sd, meta = unwrap(load_checkpoint(src), src, "library")
     lib_id = meta.get("id")
     if lib_id is None:
-        raise PoEError(f"--library_from: {src} records no content id (the original release's format); use a "
-                       "library this project wrote")  # fmt: skip
+        raise PoEError(
+            f"--library_from: {src} records no content id (the original release's format); use a "
+            "library this project wrote"
+        )
     if not cfg.pretrained:
         student = pretrained / cfg.name / "library_student.pt"
-        own = unwrap(load_checkpoint(student, "--library_from needs the library student it was cut from"),
-                     student, "library_student")[1].get("id")  # fmt: skip
+        own = unwrap(
+            load_checkpoint(student, "--library_from needs the library student it was cut from"),
+            student,
+            "library_student",
+        )[1].get("id")
         if own != lib_id:
-            raise PoEError(f"--library_from: {src} is library {lib_id}, but {student} is the student of library "
-                           f"{own}: give the --pretrained folder the library was distilled in")  # fmt: skip
+            raise PoEError(
+                f"--library_from: {src} is library {lib_id}, but {student} is the student of library "
+                f"{own}: give the --pretrained folder the library was distilled in"
+            )
     dest = PoolPaths(root, cfg.tag).library
     if dest.exists():
         have = unwrap(load_checkpoint(dest), dest, "library")[1].get("id")

@@ -41,8 +41,15 @@ class Oracle(Stage):
     def teacher(self) -> TeacherOutputs:
         """Run the stage; its Oracle as the teacher of the later stages."""
         oracle = self.run()[self.name]
-        return TeacherOutputs(oracle.module, oracle.id, self.views, self.s.seed, self.prep.pretrained / "cache",
-                              self.s.progress, self.s.precision)  # fmt: skip
+        return TeacherOutputs(
+            oracle.module,
+            oracle.id,
+            self.views,
+            self.s.seed,
+            self.prep.pretrained / "cache",
+            self.s.progress,
+            self.s.precision,
+        )
 
     def ready(self, model: nn.Module) -> nn.Module:
         return model.to(self.s.device).to(memory_format=torch.channels_last).eval()

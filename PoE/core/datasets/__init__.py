@@ -106,8 +106,10 @@ def described_by_pool(cfg: DatasetConfig, root: Path, skip_bad: bool = False) ->
         return cfg
     got = cfg.from_pool(cfg, root, skip_bad)
     if got is None:
-        raise PoEError(f"{root} records no {folder.DESCRIPTION_FILE}: a {cfg.name} pool is built with "
-                       f"Run_preprocessing.py --dataset {cfg.name} --data_root PATH")  # fmt: skip
+        raise PoEError(
+            f"{root} records no {folder.DESCRIPTION_FILE}: a {cfg.name} pool is built with "
+            f"Run_preprocessing.py --dataset {cfg.name} --data_root PATH"
+        )
     return got
 
 
@@ -118,8 +120,10 @@ def described_by_data(
     ``folders`` (the pool, the Oracle's folder) was built from other classes or another image size."""
     if cfg.from_data is None or cfg.from_pool is None:
         if image_size not in (None, cfg.image_size):
-            raise PoEError(f"--image_size {image_size}: {cfg.name}'s images are {cfg.image_size} pixels (the flag "
-                           "sets the size of --dataset folder)")  # fmt: skip
+            raise PoEError(
+                f"--image_size {image_size}: {cfg.name}'s images are {cfg.image_size} pixels (the flag "
+                "sets the size of --dataset folder)"
+            )
         return cfg
     new = cfg.from_data(cfg, data_root, image_size, skip_bad)
     for root in folders:
@@ -128,7 +132,9 @@ def described_by_data(
             continue
         if all(p.name == folder.DESCRIPTION_FILE for p in root.iterdir()):  # only a refused run's: nothing built
             continue
-        raise PoEError(f"{root / folder.DESCRIPTION_FILE} was built from {old.num_classes} classes at "
-                       f"{old.image_size} pixels; {data_root} gives {new.num_classes} classes at {new.image_size} "
-                       "pixels: another dataset needs another --db and --pretrained")  # fmt: skip
+        raise PoEError(
+            f"{root / folder.DESCRIPTION_FILE} was built from {old.num_classes} classes at "
+            f"{old.image_size} pixels; {data_root} gives {new.num_classes} classes at {new.image_size} "
+            "pixels: another dataset needs another --db and --pretrained"
+        )
     return new

@@ -171,9 +171,11 @@ def check_decoded_size(base: Path, n: int, size: int) -> None:
     each, (limit, why) = size * size * 3, max_decoded_bytes()
     if n * each > limit:
         hint = f" (at 96 pixels: {_amount(n * 96 * 96 * 3)})" if size > 96 else ""
-        raise PoEError(f"{base}: {n:,} images of {size}x{size} pixels take {_amount(n * each)} decoded "
-                       f"({each / 1e3:.0f} KB each), over the limit of {_amount(limit)} ({why}); pass a smaller "
-                       f"--image_size{hint}, use fewer images, or raise ${LIMIT_VAR}")  # fmt: skip
+        raise PoEError(
+            f"{base}: {n:,} images of {size}x{size} pixels take {_amount(n * each)} decoded "
+            f"({each / 1e3:.0f} KB each), over the limit of {_amount(limit)} ({why}); pass a smaller "
+            f"--image_size{hint}, use fewer images, or raise ${LIMIT_VAR}"
+        )
 
 
 def _amount(n_bytes: float) -> str:
@@ -203,8 +205,10 @@ def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tupl
                 out[len(kept)] = np.asarray(im)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             if not skip_bad:
-                raise PoEError(f"cannot read image {f} ({type(e).__name__}: {str(e)[:120]}); remove it, or pass "
-                               "--skip_bad_images to skip unreadable images") from None  # fmt: skip
+                raise PoEError(
+                    f"cannot read image {f} ({type(e).__name__}: {str(e)[:120]}); remove it, or pass "
+                    "--skip_bad_images to skip unreadable images"
+                ) from None
             print(f"skipped unreadable image {f} ({type(e).__name__})", file=sys.stderr)
             continue
         kept.append(i)
@@ -213,8 +217,16 @@ def decode(files: list[Path], size: int, skip_bad: bool, progress: bool) -> tupl
     return out[: len(kept)], kept
 
 
-def read(data_root: Path, split: str, progress: bool, classes: list[int] | None, *, names: tuple[str, ...],
-         size: int, skip_bad: bool = False) -> tuple[ImageSet, Path]:  # fmt: skip
+def read(
+    data_root: Path,
+    split: str,
+    progress: bool,
+    classes: list[int] | None,
+    *,
+    names: tuple[str, ...],
+    size: int,
+    skip_bad: bool = False,
+) -> tuple[ImageSet, Path]:
     """The ``split`` of the folder (all its classes: the cache is per split) and the npz cache it came from."""
     from PoE.core.data import cache_root, load_npz, save_npz_atomic
 
@@ -240,16 +252,30 @@ def settings(names: list[str], size: int, skip_bad: bool = False) -> dict[str, A
     0.48M parameters and 86M multiply-adds at 224 pixels, against the width-1 front's 1.81M and 279M), experts
     with ImageNet's 80-wide last conv."""
     description = {"dataset": NAME, "class_names": list(names), "image_size": size}
-    base: dict[str, Any] = {"num_classes": len(names), "class_names": tuple(names), "image_size": size,
-                            "read": partial(read, names=tuple(names), size=size, skip_bad=skip_bad),
-                            "description": description}  # fmt: skip
+    base: dict[str, Any] = {
+        "num_classes": len(names),
+        "class_names": tuple(names),
+        "image_size": size,
+        "read": partial(read, names=tuple(names), size=size, skip_bad=skip_bad),
+        "description": description,
+    }
     if size <= 40:
         return base | {"crop_pad": 4, "oracle_arch": "wrn-40-4", "library_arch": "wrn-16-1", "expert_width": 16}
     if size <= SMALL:
-        return base | {"crop_pad": 8, "oracle_arch": "wrn-16-10", "library_arch": "wrn-16-2", "expert_width": 16,
-                       "first_stride": 2}  # fmt: skip
-    return base | {"crop_pad": size // 8, "oracle_arch": LARGE_ORACLE, "library_arch": LARGE_LIBRARY,
-                   "expert_width": 80, "first_stride": 2}  # fmt: skip
+        return base | {
+            "crop_pad": 8,
+            "oracle_arch": "wrn-16-10",
+            "library_arch": "wrn-16-2",
+            "expert_width": 16,
+            "first_stride": 2,
+        }
+    return base | {
+        "crop_pad": size // 8,
+        "oracle_arch": LARGE_ORACLE,
+        "library_arch": LARGE_LIBRARY,
+        "expert_width": 80,
+        "first_stride": 2,
+    }
 
 
 def from_data(cfg: Any, data_root: Path, image_size: int | None, skip_bad: bool) -> Any:

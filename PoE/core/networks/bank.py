@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 COUNTER = "num_batches_tracked"  # a BatchNorm's scalar step counter: one value for the whole bank
-# Devices where a WRN bank runs as grouped convolutions. On a CPU the grouped form measured 0.38x the per-expert
-# loop for 20 experts (fp32, batch 512; docs/expert_bank.md): the G-fold repeated features leave the caches.
+# Devices where a WRN bank runs as grouped convolutions. On a CPU the grouped form was slower than the per-expert
+# loop (docs/expert_bank.md): the G-fold repeated features leave the caches.
 GROUPED_ON = {"cuda"}
 
 

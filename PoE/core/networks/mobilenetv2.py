@@ -161,8 +161,10 @@ def start_from(model: MobileNetV2, full: dict[str, torch.Tensor]) -> None:
     got = {k: tuple(v.shape) for k, v in own.items()}
     if got != want:
         bad = next((k for k in want if got.get(k) != want[k]), None) or next(k for k in got if k not in want)
-        raise ValueError(f"not the weights of a whole MobileNetV2 of width {model.front.width} ({bad}: "
-                         f"{got.get(bad)} where {want.get(bad)} is expected)")  # fmt: skip
+        raise ValueError(
+            f"not the weights of a whole MobileNetV2 of width {model.front.width} ({bad}: "
+            f"{got.get(bad)} where {want.get(bad)} is expected)"
+        )
     model.load_state_dict(own, strict=False)
 
 

@@ -56,8 +56,16 @@ def bn_slice(bn: nn.BatchNorm2d, x: torch.Tensor, i: int, g: int) -> torch.Tenso
     c = bn.num_features // g
     s = slice(i * c, (i + 1) * c)
     stats = bn.running_mean is not None
-    return F.batch_norm(x, bn.running_mean[s] if stats else None, bn.running_var[s] if stats else None,
-                        bn.weight[s], bn.bias[s], bn.training or not stats, bn.momentum or 0.0, bn.eps)  # fmt: skip
+    return F.batch_norm(
+        x,
+        bn.running_mean[s] if stats else None,
+        bn.running_var[s] if stats else None,
+        bn.weight[s],
+        bn.bias[s],
+        bn.training or not stats,
+        bn.momentum or 0.0,
+        bn.eps,
+    )
 
 
 def conv_slice(conv: nn.Conv2d, x: torch.Tensor, i: int, g: int) -> torch.Tensor:
