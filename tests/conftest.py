@@ -279,3 +279,31 @@ def check_disjoint(table) -> None:
             if c in seen:
                 raise ValueError(f"class {c} is in both {seen[c]!r} and {name!r}")
             seen[c] = name
+
+
+@pytest.fixture(scope="module")
+def large_folder(tmp_path_factory) -> Path:
+    """Four Tiny-ImageNet classes' validation images, upscaled to 96 pixels: 20 each in train/, 10 in val/."""
+    import json
+
+    from . import large  # it reads this module's ROOT
+
+    val = need(shared_dir() / "data" / "tiny-imagenet-200" / "val")
+    root = tmp_path_factory.mktemp("large")
+    large.maker().write_folder(val, root, large.WNIDS, large.SIZE, 20)
+    for d in (root / "val").iterdir():  # 30 left for val/: keep 10
+        for f in sorted(d.iterdir())[10:]:
+            f.unlink()
+    (root / "tasks.json").write_text(json.dumps(large.TASKS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def oracle_file(tmp_path_factory, large_folder) -> Path:
+    """The stand-in Oracle exported as ONNX for 96-pixel input (dynamic batch)."""
+    from . import large
+
+    official = need(shared_dir() / "official" / "tinyimagenet")
+    out = tmp_path_factory.mktemp("oracle") / "tiny4.onnx"
+    large.maker().export_oracle(official, [d.name for d in (large_folder / "train").iterdir()], large.SIZE, out)
+    return out

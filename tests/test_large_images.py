@@ -8,84 +8,16 @@ made by scripts/tiny_large_folder.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from PoE.cli import main_evaluation, main_preprocessing, main_service
+from PoE.cli import main_evaluation, main_service
 from PoE.core.datasets import get_dataset
 
-from .conftest import ROOT, need, shared_dir
-
-WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]  # goldfish, fire salamander, bullfrog, tailed frog
-SIZE = 96
-TASKS = {"fish": ["goldfish"], "frogs": ["bullfrog", "tailed frog"], "salamander": ["European fire salamander"]}
-FAST = [
-    "--profile",
-    "quick",
-    "--epochs",
-    "1",
-    "--teacher_views",
-    "1",
-    "--batch_size",
-    "40",
-    "--no_progress",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-]
-
-
-def maker():
-    spec = importlib.util.spec_from_file_location("tiny_large_folder", ROOT / "scripts" / "tiny_large_folder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def large_folder(tmp_path_factory) -> Path:
-    """Four Tiny-ImageNet classes' validation images, upscaled to 96 pixels: 20 each in train/, 10 in val/."""
-    val = need(shared_dir() / "data" / "tiny-imagenet-200" / "val")
-    root = tmp_path_factory.mktemp("large")
-    maker().write_folder(val, root, WNIDS, SIZE, 20)
-    for d in (root / "val").iterdir():  # 30 left for val/: keep 10
-        for f in sorted(d.iterdir())[10:]:
-            f.unlink()
-    (root / "tasks.json").write_text(json.dumps(TASKS))
-    return root
-
-
-@pytest.fixture(scope="module")
-def oracle_file(tmp_path_factory, large_folder) -> Path:
-    """The stand-in Oracle exported as ONNX for 96-pixel input (dynamic batch)."""
-    official = need(shared_dir() / "official" / "tinyimagenet")
-    out = tmp_path_factory.mktemp("oracle") / "tiny4.onnx"
-    maker().export_oracle(official, [d.name for d in (large_folder / "train").iterdir()], SIZE, out)
-    return out
-
-
-def build(folder: Path, tmp: Path, *extra: str) -> int:
-    argv = [
-        "--dataset",
-        "folder",
-        "--data_root",
-        str(folder),
-        "--db",
-        str(tmp / "db"),
-        "--pretrained",
-        str(tmp / "pre"),
-        "--hierarchy",
-        str(folder / "tasks.json"),
-        *FAST,
-        *extra,
-    ]
-    return main_preprocessing(argv)
+from .large import SIZE, build
 
 
 def test_large_image_pool_with_an_exported_oracle(large_folder, oracle_file, tmp_path, capsys):

@@ -26,7 +26,7 @@ from PoE.query.pool import Pool
 from PoE.query.service import create_app
 
 from .conftest import ROOT
-from .test_large_images import build, large_folder, oracle_file  # noqa: F401 - fixtures used below
+from .large import build
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -122,8 +122,8 @@ def test_int8_is_within_a_point_and_a_third_of_the_size(shipped):
 
 
 def test_mobilenet_pool_onnx_equals_pytorch_and_int8_needs_its_training_split(
-    large_folder,  # noqa: F811 - the fixture
-    oracle_file,  # noqa: F811
+    large_folder,
+    oracle_file,
     tmp_path,
     capsys,
 ):
