@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PoE.core.datasets import load_split
 from PoE.core.precision import cpu_model
+from PoE.query.model import TaskModel
 from PoE.query.onnx_export import INPUT
-from PoE.query.pool import Pool, TaskModel
+from PoE.query.pool import Pool
 
 QUERIES = {1: ["people"], 3: ["people", "vehicles_1", "vehicles_2"]}
 VARIANTS = ["PyTorch eager", ".pt2", "ONNX fp32", "ONNX int8"]

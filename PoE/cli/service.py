@@ -243,7 +243,7 @@ def service_body(a: argparse.Namespace) -> int:
 
 def check_export(a: argparse.Namespace) -> None:
     """The export flags agree with each other and the path can be written (PoEError otherwise)."""
-    from PoE.query.pool import check_export_path
+    from PoE.query.model import check_export_path
 
     onnx = check_export_path(a.export).suffix.lower() == ".onnx"
     if onnx and a.export_precision != "fp32":

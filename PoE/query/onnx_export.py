@@ -30,7 +30,7 @@ from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:
     from PoE.core.data import ImageSet
-    from PoE.query.pool import TaskModel
+    from PoE.query.model import TaskModel
 
 INPUT, OUTPUT = "images", "logits"
 QUANTIZE = ("int8",)

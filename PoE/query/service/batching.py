@@ -28,7 +28,8 @@ from PoE.core.data import Normalizer
 from PoE.core.errors import PoEError
 from PoE.core.networks.bank import grouped_on
 from PoE.core.precision import autocast
-from PoE.query.pool import Pool, Prediction, TaskModel
+from PoE.query.model import Prediction, TaskModel
+from PoE.query.pool import Pool
 from PoE.query.service.limits import one_line
 
 log = logging.getLogger("PoE.query.service")

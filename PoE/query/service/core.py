@@ -22,7 +22,8 @@ from PoE.core.datasets import DatasetConfig, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import count_macs, count_params
 from PoE.core.manifest import signature
-from PoE.query.pool import Pool, TaskModel
+from PoE.query.model import TaskModel
+from PoE.query.pool import Pool
 from PoE.query.service.batching import Batcher, BatchStats, ExportGate
 from PoE.query.service.images import decode_image
 from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, one_line
