@@ -41,8 +41,14 @@ WEB = Path(__file__).resolve().parents[2] / "web"
 MODEL_ID = re.compile(r"[0-9a-f]{16}-[0-9a-f]{2,}\.pt2")  # View.tasks_of checks the task codes
 
 
-def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: int = 64,
-               max_wait_ms: float = 5.0, batching: Batching | None = None) -> FastAPI:  # fmt: skip
+def create_app(
+    pool: Pool,
+    data_root: str | Path | None = None,
+    *,
+    max_batch: int = 64,
+    max_wait_ms: float = 5.0,
+    batching: Batching | None = None,
+) -> FastAPI:
     """The FastAPI app over ``pool`` (already opened and checked). ``data_root``: where the test split is,
     for ``evaluate``; None disables accuracy. ``max_batch`` images / ``max_wait_ms``: the batching window
     (refused with PoEError unless finite, 0-1000 ms). ``batching``: another batcher (Ray Serve's)."""
@@ -63,6 +69,22 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
     app.state.service = service
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(Arrivals, batcher=service.batcher)
+
+    add_error_handlers(app, service)
+    add_query_routes(app, service, data_root)
+    add_download_routes(app, service)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    app.mount("/web", StaticFiles(directory=WEB), name="web")
+    app.openapi = lambda: describe_tasks(copy.deepcopy(FastAPI.openapi(app)), list(service.cfg.tasks))
+    return app
+
+
+def add_error_handlers(app: FastAPI, service: Service) -> None:
+    """Every refusal as ``{"error": one line}`` with its 4xx; anything else a logged 500 that says so."""
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -96,25 +118,44 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         log.exception("request %s failed", request.url.path)
         return JSONResponse({"error": one_line(f"internal error: {exc}")}, status_code=500)
 
+
+def add_query_routes(app: FastAPI, service: Service, data_root: str | Path | None) -> None:
+    """Liveness, the pool, a query and predictions."""
+
     @app.get("/healthz", summary="Liveness: the pool is loaded and the batcher runs", responses=refusals(503))
     async def healthz() -> dict[str, Any]:
         view = await service.current()
         if not service.batcher.alive():
             raise ClientError(503, "the prediction worker has stopped")
         mem = memory()
-        return {"status": "ok", "dataset": view.cfg.name, "experts": len(view.pool.experts), "pid": mem["pid"],
-                "rss_bytes": mem["rss_bytes"], "pool_digest": view.pool.digest}  # fmt: skip
+        return {
+            "status": "ok",
+            "dataset": view.cfg.name,
+            "experts": len(view.pool.experts),
+            "pid": mem["pid"],
+            "rss_bytes": mem["rss_bytes"],
+            "pool_digest": view.pool.digest,
+        }
 
     @app.get("/api/pool", summary="The pool: dataset and, per task, its classes, its expert's presence and accuracy")
     async def pool_info() -> dict[str, Any]:
         current = (await service.current()).pool
         info = current.describe()
-        info.update(image_size=current.cfg.image_size, precision=current.precision, max_images=MAX_IMAGES,
-                    max_body_bytes=MAX_BODY_BYTES, accuracy_available=data_root is not None)  # fmt: skip
+        info.update(
+            image_size=current.cfg.image_size,
+            precision=current.precision,
+            max_images=MAX_IMAGES,
+            max_body_bytes=MAX_BODY_BYTES,
+            accuracy_available=data_root is not None,
+        )
         return info
 
-    @app.post("/api/query", summary="Consolidate a model for a set of tasks: classes, FLOPs, params, build time, "
-              "accuracy (evaluate: true) and a download URL", responses=refusals(400, 413, 422, 503))  # fmt: skip
+    @app.post(
+        "/api/query",
+        summary="Consolidate a model for a set of tasks: classes, FLOPs, params, build time, "
+        "accuracy (evaluate: true) and a download URL",
+        responses=refusals(400, 413, 422, 503),
+    )
     async def query(body: QueryBody) -> JSONResponse:
         view = await service.current()
         model = view.build(body.tasks)
@@ -135,16 +176,22 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             out["accuracy"], out["n_test"] = await service.run_slow(service.accuracy, view, model, key)
         return JSONResponse(out)
 
-    @app.post("/api/predict", summary="Top classes of base64 PNG/JPEG images under the queried tasks' model",
-              responses=refusals(400, 413, 503))  # fmt: skip
+    @app.post(
+        "/api/predict",
+        summary="Top classes of base64 PNG/JPEG images under the queried tasks' model",
+        responses=refusals(400, 413, 503),
+    )
     async def predict(body: PredictBody, request: Request) -> JSONResponse:
         model = (await service.current()).model(body.tasks)  # task errors first
         check_count(len(body.images))
         images = [decode_base64(s, i) for i, s in enumerate(body.images)]
         return JSONResponse(await service.predict(model, images, body.top, request.scope.get("poe.arrival")))
 
-    @app.post("/api/predict/upload", summary="As /api/predict, from a multipart form (tasks fields, image files)",
-              responses=refusals(400, 413, 503))  # fmt: skip
+    @app.post(
+        "/api/predict/upload",
+        summary="As /api/predict, from a multipart form (tasks fields, image files)",
+        responses=refusals(400, 413, 503),
+    )
     async def predict_upload(
         request: Request,
         tasks: Annotated[
@@ -158,6 +205,10 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
         check_count(len(images))
         data = [await f.read() for f in images]
         return JSONResponse(await service.predict(model, data, top, request.scope.get("poe.arrival")))
+
+
+def add_download_routes(app: FastAPI, service: Service) -> None:
+    """A queried model as ONNX or ``.pt2``, and the statistics."""
 
     @app.get(
         "/api/models/{key}.onnx",
@@ -178,9 +229,12 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             headers={"content-disposition": f'attachment; filename="{filename}"'},
         )
 
-    @app.get("/api/models/{name}", summary="Download a queried model as a torch.export program (.pt2)",
-             response_class=Response, responses={200: {"content": {"application/octet-stream": {}}},
-                                                 **refusals(404, 503, 507)})  # fmt: skip
+    @app.get(
+        "/api/models/{name}",
+        summary="Download a queried model as a torch.export program (.pt2)",
+        response_class=Response,
+        responses={200: {"content": {"application/octet-stream": {}}}, **refusals(404, 503, 507)},
+    )
     async def download(name: str) -> Response:
         view = await service.current()
         key = name.removesuffix(".pt2")
@@ -189,22 +243,22 @@ def create_app(pool: Pool, data_root: str | Path | None = None, *, max_batch: in
             raise ClientError(404, f"unknown model {name[:80]!r}; POST /api/query gives a model URL")
         data = await service.run_slow(service.export, view, key, tasks)
         filename = f"poe_{'__'.join(tasks)[:120]}.pt2"
-        return Response(data, media_type="application/octet-stream",
-                        headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"content-disposition": f'attachment; filename="{filename}"'},
+        )
 
     @app.get("/api/stats", summary="Batching statistics and the memory of this worker and of every worker")
     async def stats() -> dict[str, Any]:
-        return {**service.batcher.stats.as_dict(), **memory(), "uptime_s": round(time.time() - service.started, 1),
-                "models_exported": len(service.view.exports),
-                "accuracies_cached": len(service.view.accuracies), "pool_digest": service.view.pool.digest}  # fmt: skip
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(WEB / "index.html", media_type="text/html")
-
-    app.mount("/web", StaticFiles(directory=WEB), name="web")
-    app.openapi = lambda: describe_tasks(copy.deepcopy(FastAPI.openapi(app)), list(service.cfg.tasks))
-    return app
+        return {
+            **service.batcher.stats.as_dict(),
+            **memory(),
+            "uptime_s": round(time.time() - service.started, 1),
+            "models_exported": len(service.view.exports),
+            "accuracies_cached": len(service.view.accuracies),
+            "pool_digest": service.view.pool.digest,
+        }
 
 
 def describe_tasks(schema: dict[str, Any], tasks: list[str]) -> dict[str, Any]:

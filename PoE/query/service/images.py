@@ -25,9 +25,10 @@ def decode_image(data: bytes, index: int, size: int) -> np.ndarray:
                 raise ClientError(400, f"image {index} is {im.format}; accepted: PNG or JPEG")
             if im.size != (size, size):
                 raise ClientError(
-                    400, f"image {index} is {im.size[0]}x{im.size[1]}; this pool takes {size}x{size} RGB images "
+                    400,
+                    f"image {index} is {im.size[0]}x{im.size[1]}; this pool takes {size}x{size} RGB images "
                     "(resize first; the web page does)",
-                )  # fmt: skip
+                )
             return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
     except UnidentifiedImageError:
         raise ClientError(400, f"image {index} is not an image; accepted: PNG or JPEG") from None

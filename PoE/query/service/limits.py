@@ -108,8 +108,13 @@ def worker_pids() -> list[int]:
 def memory() -> dict[str, Any]:
     """This worker's memory and every worker's (one entry unless the server runs ``--workers N``)."""
     workers = [{"pid": pid, "rss_bytes": rss_bytes(pid), "private_bytes": private_bytes(pid)} for pid in worker_pids()]
-    return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "private_bytes": private_bytes(), "workers": workers,
-            "workers_private_bytes": sum(w["private_bytes"] or 0 for w in workers)}  # fmt: skip
+    return {
+        "pid": os.getpid(),
+        "rss_bytes": rss_bytes(),
+        "private_bytes": private_bytes(),
+        "workers": workers,
+        "workers_private_bytes": sum(w["private_bytes"] or 0 for w in workers),
+    }
 
 
 class BodyLimit:

@@ -88,8 +88,9 @@ if serve is not None:
             return app
 
 
-def serve_ray(settings: Settings, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-              address: str | None = None) -> int:  # fmt: skip
+def serve_ray(
+    settings: Settings, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, address: str | None = None
+) -> int:
     """Run the app as ``replicas`` Ray Serve replicas behind Ray's HTTP proxy on ``host:port``, on a local Ray
     started here or on the cluster at ``address`` (``start_ray``); until interrupted. Returns the exit code."""
     if serve is None:
@@ -141,8 +142,13 @@ def start_ray(address: str | None, replicas: int, env: dict[str, str]) -> None:
         check_reachable(address)
     try:
         if address is None:
-            ray.init(num_cpus=max(os.cpu_count() or 1, replicas), object_store_memory=OBJECT_STORE_BYTES,
-                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})  # fmt: skip
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, replicas),
+                object_store_memory=OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env},
+            )
         else:
             ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
     except Exception as e:

@@ -67,13 +67,15 @@ def cpus() -> int:
 
 def plan(workers: int | None, threads: int | None, n_cpus: int | None = None) -> tuple[int, int]:
     """(workers, torch threads per worker). Each worker keeps one core busy with HTTP, JSON and decoding and
-    gives its forwards the rest of its share, at most ``MAX_THREADS``: a forward of 1-13 small images spread
-    over 15 threads was 2.7x slower than over one (issue 22's 16-core figures). Default workers: one per two
-    cores (a worker is an event loop plus a forward thread); docs/service.md has the measurements."""
+    gives its forwards the rest of its share, at most ``MAX_THREADS``: a forward of a few small images spread
+    over many threads is slower than over one. Default workers: one per two cores (a worker is an event loop plus
+    a forward thread); docs/service.md has the measurements."""
     n = n_cpus or cpus()
     if workers is not None and workers > 4 * n:
-        raise PoEError(f"--workers {workers} is more than 4 per CPU ({n} here): each worker holds the pool and a "
-                       f"forward thread; use at most {4 * n}")  # fmt: skip
+        raise PoEError(
+            f"--workers {workers} is more than 4 per CPU ({n} here): each worker holds the pool and a "
+            f"forward thread; use at most {4 * n}"
+        )
     workers = workers or max(1, n // 2)
     share = max(1, n // workers)
     return workers, threads or max(1, min(MAX_THREADS, share - 1))
@@ -84,7 +86,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
         # proto must say TCP: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and without
-        # it a keep-alive client waits ~40 ms per request (Nagle's algorithm against delayed ACKs)
+        # it a keep-alive client waits tens of milliseconds per request (Nagle's algorithm against delayed ACKs)
         sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -99,8 +101,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 def url_line(pool: Pool, host: str, port: int, how: str) -> str:
     shown = f"[{host}]" if ":" in host else host
-    return (f"serving {pool.root} ({len(pool.experts)} experts) at http://{shown}:{port}/ (API docs: /docs; "
-            f"{how}); Ctrl-C stops")  # fmt: skip
+    return (
+        f"serving {pool.root} ({len(pool.experts)} experts) at http://{shown}:{port}/ (API docs: /docs; "
+        f"{how}); Ctrl-C stops"
+    )
 
 
 def worker_app() -> FastAPI:
@@ -160,8 +164,14 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers
             # uvicorn kills a worker that does not answer its health check within the timeout, and a worker
             # answers only once torch is imported and the pool opened: 5 s (the default) on a busy machine
             # killed and restarted every worker forever
-            config = uvicorn.Config("PoE.query.service.run:worker_app", factory=True, workers=workers, access_log=False,
-                                    log_level="warning", timeout_worker_healthcheck=WORKER_START_S)  # fmt: skip
+            config = uvicorn.Config(
+                "PoE.query.service.run:worker_app",
+                factory=True,
+                workers=workers,
+                access_log=False,
+                log_level="warning",
+                timeout_worker_healthcheck=WORKER_START_S,
+            )
             Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C / SIGINT, then re-raises it: a normal stop
         pass

@@ -25,8 +25,10 @@ class PredictBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     tasks: list[StrictStr] = TASKS
-    images: list[StrictStr] = Field(min_length=1, description=f"base64 PNG or JPEG images, 1 to {MAX_IMAGES} "
-                                    f"(more: 413), each of the pool's image size")  # fmt: skip
+    images: list[StrictStr] = Field(
+        min_length=1,
+        description=f"base64 PNG or JPEG images, 1 to {MAX_IMAGES} (more: 413), each of the pool's image size",
+    )
     top: StrictInt = Field(DEFAULT_TOP, ge=1, description="classes shown per image, most probable first")
 
 
