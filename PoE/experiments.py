@@ -322,7 +322,7 @@ def oracle_combinations(
     subset, _ = test.with_classes(classes)
     normalize = Normalizer(cfg.mean, cfg.std, device)
     oracle.eval()
-    full = torch.cat([o.cpu() for o in batched_logits(oracle, subset.x, normalize, device)])
+    full = torch.cat([o.cpu() for o in batched_logits(oracle, subset.x, normalize, device, "fp32")])
     shape = (3, cfg.image_size, cfg.image_size)
     macs, params = count_macs(oracle, shape, device), count_params(oracle)
     rows = []

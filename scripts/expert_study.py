@@ -106,7 +106,7 @@ def batches(loader: TensorLoader, feats: ViewCache, views: int, seed: int, bs: i
 
 
 def score(net: nn.Module, images: ImageSet, cols: torch.Tensor, norm: Normalizer) -> float:
-    pred = torch.cat([o.argmax(1) for o in batched_logits(net.eval(), images.x, norm, "cpu")])
+    pred = torch.cat([o.argmax(1) for o in batched_logits(net.eval(), images.x, norm, "cpu", "fp32")])
     return round(100 * (cols[pred] == images.y).float().mean().item(), 2)
 
 
@@ -158,6 +158,7 @@ def run_one(name: str, opts: dict, ctx: dict) -> dict:
         work / f"resume_{name}.pt",
         fp,
         progress=False,
+        precision="fp32",
     )
     net = nn.Sequential(library, expert)
     out = {

@@ -41,7 +41,9 @@ def table(dbs: list[str], data_root: str, tasks: list[str] | None) -> str:
     for db, pool in zip(dbs, pools, strict=True):
         pool.make_query(tasks)
         experts = {t: pool.experts[t] for t in tasks}
-        logits = expert_outputs(pool.library, experts, images, Normalizer(cfg.mean, cfg.std, "cpu"), "cpu")
+        logits = expert_outputs(
+            pool.library, experts, images, Normalizer(cfg.mean, cfg.std, "cpu"), "cpu", precision="fp32"
+        )
         for t in tasks:
             own_classes = torch.tensor(cfg.tasks[t])
             own = torch.isin(images.y, own_classes)

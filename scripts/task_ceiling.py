@@ -31,7 +31,7 @@ from PoE.query.pool import Pool
 
 def logits_of(model: nn.Module, images: ImageSet, norm: Normalizer) -> torch.Tensor:
     """fp32 logits of ``model`` (eval mode, CPU) on ``images``."""
-    return torch.cat(list(batched_logits(model.eval(), images.x, norm, "cpu")))
+    return torch.cat(list(batched_logits(model.eval(), images.x, norm, "cpu", "fp32")))
 
 
 def row(name: str, logits: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None) -> str:

@@ -43,7 +43,9 @@ def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
         return loader.epoch(epoch)
 
     stage = StageConfig(epochs=3, lr=0.1, schedule="onecycle")
-    train_stage("toy", {"m": model}, loss_fn, batches, len(loader), stage, resume, {"toy": 1}, progress=False)
+    train_stage(
+        "toy", {"m": model}, loss_fn, batches, len(loader), stage, resume, {"toy": 1}, progress=False, precision="fp32"
+    )
     return model
 
 

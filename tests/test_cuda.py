@@ -161,10 +161,16 @@ def test_released_pool_predicts_the_same_on_gpu(official_cifar, data_root):
     cfg = get_dataset("cifar100")
     query = make_query(["people", "vehicles_1", "vehicles_2"], cfg.tasks)
     test, _ = load_split("cifar100", data_root, "test").with_classes(query.classes)
-    cpu = predict(Pool.open(official_cifar).query(query.tasks).module, test, Normalizer(cfg.mean, cfg.std), "cpu")
+    cpu = predict(
+        Pool.open(official_cifar).query(query.tasks).module,
+        test,
+        Normalizer(cfg.mean, cfg.std),
+        "cpu",
+        precision="fp32",
+    )
     gpu_model = Pool.open(official_cifar, device=CUDA).query(query.tasks).module
     norm = Normalizer(cfg.mean, cfg.std, CUDA)
-    fp32 = predict(gpu_model, test, norm, CUDA)
+    fp32 = predict(gpu_model, test, norm, CUDA, precision="fp32")
     bf16 = predict(gpu_model, test, norm, CUDA, precision="bf16")
     assert (fp32 == cpu).float().mean() >= 0.998
     assert (bf16 == cpu).float().mean() >= 0.99

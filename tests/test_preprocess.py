@@ -192,7 +192,18 @@ def toy_problem(seed: int = 0):
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     stage = StageConfig(epochs=4, lr=0.1, schedule="onecycle")
     straight, batches, loss_fn = toy_problem()
-    train_stage("toy", {"m": straight}, loss_fn, batches, 4, stage, tmp_path / "a.pt", {"k": 1}, progress=False)
+    train_stage(
+        "toy",
+        {"m": straight},
+        loss_fn,
+        batches,
+        4,
+        stage,
+        tmp_path / "a.pt",
+        {"k": 1},
+        progress=False,
+        precision="fp32",
+    )
 
     resumed, batches, loss_fn = toy_problem()
 
@@ -207,10 +218,13 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
             tmp_path / "b.pt",
             {"k": 1},
             progress=False,
+            precision="fp32",
         )
     assert load_checkpoint(tmp_path / "b.pt")["history"]["epochs_done"] == 2
     fresh, batches, loss_fn = toy_problem(seed=123)  # different init: everything must come from the checkpoint
-    hist = train_stage("toy", {"m": fresh}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1}, progress=False)
+    hist = train_stage(
+        "toy", {"m": fresh}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1}, progress=False, precision="fp32"
+    )
     assert hist["epochs_done"] == 4
     assert [(r["first_epoch"], r["epochs"]) for r in hist["sittings"]] == [(1, 2), (3, 2)]
     assert all(r["cpu"] and r["precision"] == "fp32" and r["seconds"] > 0 for r in hist["sittings"])
@@ -223,7 +237,18 @@ def test_resume_file_of_another_run_is_refused(tmp_path):
     stage = StageConfig(epochs=1, lr=0.1)
     save_checkpoint(tmp_path / "r.pt", {"fingerprint": {"k": 0}, "modules": {}, "optimizer": {}, "history": {}})
     with pytest.raises(PoEError, match="--retrain toy"):
-        train_stage("toy", {"m": model}, loss_fn, batches, 4, stage, tmp_path / "r.pt", {"k": 1}, progress=False)
+        train_stage(
+            "toy",
+            {"m": model},
+            loss_fn,
+            batches,
+            4,
+            stage,
+            tmp_path / "r.pt",
+            {"k": 1},
+            progress=False,
+            precision="fp32",
+        )
 
 
 # ------------------------------------------------------------------ teacher cache
@@ -233,8 +258,8 @@ def test_cached_teacher_logits_equal_running_the_oracle(tmp_path):
     oracle = WideResNet(WRNSpec(10, 1), 10).eval()
     norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     loader = TensorLoader(data, 8, norm, 4, "cpu", seed=1, view_seed=7)
-    cached = TeacherOutputs(oracle, state_id(oracle), 3, 7, tmp_path, progress=False)
-    online = TeacherOutputs(oracle, state_id(oracle), 0, 7, tmp_path, progress=False)
+    cached = TeacherOutputs(oracle, state_id(oracle), 3, 7, tmp_path, progress=False, precision="fp32")
+    online = TeacherOutputs(oracle, state_id(oracle), 0, 7, tmp_path, progress=False, precision="fp32")
     for epoch in (0, 1, 4):  # epoch 4 reuses view 1
         for batch in cached.batches(loader, StageConfig(epochs=2, lr=0.1))(epoch):  # makes views 0, 1 ready
             assert batch.view == epoch % 3

@@ -118,7 +118,9 @@ def test_page_picks_tasks_shows_the_model_and_predicts(driver, server, data_root
     pool = Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
     model = pool.query(QUERY)
     test = load_split("cifar100", data_root, "test", progress=False)
-    acc, n = accuracy(model.module, test, model.classes, Normalizer(pool.cfg.mean, pool.cfg.std), "cpu")
+    acc, n = accuracy(
+        model.module, test, model.classes, Normalizer(pool.cfg.mean, pool.cfg.std), "cpu", precision="fp32"
+    )
     macs, params = model.cost()
 
     driver.get(server)

@@ -248,7 +248,9 @@ class Preprocessor:
         if world > 1:
             test = test.subset(torch.arange(rank, len(test), world))
         progress = self.s.progress and rank == 0
-        acc, n = accuracy(model, test, classes, self.normalize, self.s.device, restrict, progress, self.s.precision)
+        acc, n = accuracy(
+            model, test, classes, self.normalize, self.s.device, restrict, progress, precision=self.s.precision
+        )
         if self.s.test_limit and distributed.total([n])[0] == 0:
             raise PoEError(f"--test_limit {self.s.test_limit} keeps no test image of classes {classes}: raise it")
         if world == 1:

@@ -35,7 +35,7 @@ class TeacherOutputs:
         view_seed: int,
         cache_dir: Path,
         progress: bool,
-        precision: str = "fp32",
+        precision: str,
     ) -> None:
         self.oracle, self.oracle_id, self.views, self.view_seed = oracle.eval(), oracle_id, views, view_seed
         self.cache_dir, self.progress, self.precision = cache_dir, progress, precision

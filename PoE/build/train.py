@@ -62,7 +62,8 @@ def train_stage(
     fingerprint: dict[str, Any],
     frozen: tuple[nn.Module, ...] = (),
     progress: bool = True,
-    precision: str = "fp32",
+    *,
+    precision: str,
 ) -> dict[str, Any]:
     """Train ``modules`` (all their parameters) for ``stage.epochs``; return the run's history.
 

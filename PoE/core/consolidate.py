@@ -42,7 +42,7 @@ class RawInput(nn.Module):
     and runs the model (under bfloat16 autocast when ``precision`` is bf16); returns float32 logits."""
 
     def __init__(
-        self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int, precision: str = "fp32"
+        self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], size: int, precision: str
     ) -> None:
         super().__init__()
         self.model, self.size, self.precision = model, size, precision

@@ -20,7 +20,7 @@ def batched_logits(
     images: torch.Tensor,
     normalize: Normalizer,
     device: str | torch.device,
-    precision: str = "fp32",
+    precision: str,
     batch_size: int = 500,
     progress: str | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -47,7 +47,8 @@ def predict(
     batch_size: int = 500,
     columns: Sequence[int] | None = None,
     progress: bool = False,
-    precision: str = "fp32",
+    *,
+    precision: str,
 ) -> torch.Tensor:
     """Argmax predictions (CPU, int64); ``columns`` restricts the argmax to those output columns."""
     model.eval()
@@ -80,7 +81,8 @@ def accuracy(
     device: str | torch.device,
     restrict: bool = False,
     progress: bool = False,
-    precision: str = "fp32",
+    *,
+    precision: str,
 ) -> tuple[float, int]:
     """(accuracy in %, number of images) over the test images whose label is in ``classes``.
 
@@ -137,7 +139,8 @@ def expert_outputs(
     normalize: Normalizer,
     device: str | torch.device,
     batch_size: int = 500,
-    precision: str = "fp32",
+    *,
+    precision: str,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every expert's logits on every image (CPU), with one library and one bank forward per batch.

@@ -161,7 +161,7 @@ class BaselineRunner:
         loss = m.loss(Context(self, q, loader))
         seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, loader, loss.fn, loss.teacher)
         net.eval()
-        acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device)  # scored in fp32, as PoE is
+        acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device, precision="fp32")  # as PoE is
         shape = (3, self.cfg.image_size, self.cfg.image_size)
         result = BaselineResult(
             method,
