@@ -20,6 +20,7 @@ from PIL import Image
 from PoE.cli import main_service
 from PoE.pool import Pool
 from PoE.service import MAX_IMAGES, create_app
+from PoE.service.batching import served
 
 from .conftest import ROOT
 
@@ -180,9 +181,11 @@ def test_batching_shares_one_library_forward(pool, data_root, images):
     results: dict[int, dict] = {}
     app = create_app(pool, data_root, max_batch=64, max_wait_ms=400)
     calls = []
-    hooks = [pool.library.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))]
+    run = served(pool)  # the modules the batcher runs: the pool's, BatchNorm folded (tests/test_request_cost.py)
+    hooks = [run.library.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))]
     rows = dict.fromkeys(pool.experts, 0)  # on a CPU each expert runs on the rows of its requests only
-    for task, expert in pool.experts.items():
+    for task in pool.experts:
+        expert = run.expert(pool, task)
 
         def count(m, inp, out, t=task) -> None:
             rows[t] += len(inp[0])

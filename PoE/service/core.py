@@ -127,6 +127,11 @@ class View:
         return [{"id": c, "name": n} for c, n in zip(model.classes, model.class_names, strict=True)]
 
 
+def worker_thread(name: str, threads: int) -> ThreadPoolExecutor:
+    """One thread for slow work, running torch on ``threads`` threads of its own."""
+    return ThreadPoolExecutor(1, name, initializer=torch.set_num_threads, initargs=(threads,))
+
+
 class Service:
     """The current ``View`` of the pool plus what outlives a swap: the test split (read once), the batcher and
     the threads of slow work. ``watch``: follow the pool's manifest (tasks added or removed in place)."""
@@ -135,13 +140,15 @@ class Service:
                  max_wait_ms: float = 5.0, batching: Batching | None = None, watch: bool = True) -> None:  # fmt: skip
         self.view, self.data_root, self.watch = View(pool), data_root, watch
         self.gate = ExportGate()
-        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms)
+        threads = torch.get_num_threads()  # the worker's count (``Settings.app`` sets it before this)
+        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms, threads)
         self.lock = threading.Lock()
         # evaluations and exports run one at a time on their own thread: few threads touch torch, which keeps
-        # the memory of per-thread allocator arenas and OpenMP teams bounded
-        self.slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-slow")
-        self.decode = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-decode")
-        self.opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-reload")
+        # the memory of per-thread allocator arenas and OpenMP teams bounded. Each sets its torch threads as it
+        # starts (a thread otherwise takes whatever default the process has then: batching.threads_for)
+        self.slow = worker_thread("poe-slow", threads)
+        self.decode = worker_thread("poe-decode", 1)
+        self.opener = worker_thread("poe-reload", threads)
         self.reloading: asyncio.Future | None = None
         self.refused: tuple | None = None  # the manifest's state when opening it last failed (not retried)
         self._test = None
