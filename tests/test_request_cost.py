@@ -138,3 +138,31 @@ def test_a_conv_then_batchnorm_in_a_sequential_is_folded_exactly():
     x = torch.randn(4, 8, 12, 12)
     with torch.no_grad():
         assert (folded(x) - block(x)).abs().max() < 1e-5
+
+
+def test_a_batch_wakes_the_event_loop_once(pool, test_images):
+    """Every answer of a batch is handed to the event loop in one call (each call writes to the loop's wake-up
+    pipe): four requests in one forward, one call."""
+    batcher = Batcher(ExportGate(), max_wait_ms=1000)
+    model = pool.query(QUERY)
+
+    async def four() -> list[tuple]:
+        loop, calls = asyncio.get_running_loop(), []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (calls.append(a), original(*a, **k))[1]
+        batcher.arrive(1)  # another request is still arriving: the batcher waits for it (up to 1 s)
+        jobs = [asyncio.ensure_future(batcher.submit(model, test_images[i : i + 1], 1)) for i in range(4)]
+        await asyncio.sleep(0.2)
+        batcher.arrive(-1)
+        rows = await asyncio.gather(*jobs)
+        assert [r[0]["class_id"] for r in rows] == [
+            model.predict(test_images[i : i + 1]).class_ids[0] for i in range(4)
+        ]
+        return calls
+
+    try:
+        calls = asyncio.run(four())
+    finally:
+        batcher.close()
+    assert batcher.stats.forwards == 1 and batcher.stats.requests == 4
+    assert len(calls) == 1, calls

@@ -161,8 +161,11 @@ class Batcher:
             except Exception as e:  # answer every waiting request; the worker keeps serving
                 log.exception("batch forward failed")
                 results = [RuntimeError(f"prediction failed: {one_line(e)}")] * len(batch)
+            loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
             for job, result in zip(batch, results, strict=True):
-                job.loop.call_soon_threadsafe(settle, job.future, result)
+                loops.setdefault(job.loop, []).append((job.future, result))
+            for loop, answers in loops.items():  # one wake-up of each event loop per batch, not one per request
+                loop.call_soon_threadsafe(settle_all, answers)
 
 
 def forward_all(batch: list[Job]) -> list[Prediction]:
@@ -316,6 +319,11 @@ def answer(pred: Prediction, top: int) -> list[dict[str, Any]]:
          "top": [{"id": classes[j], "name": names[j], "probability": round(q, 6)} for q, j in zip(ps, js, strict=True)]}
         for c, n, ps, js in zip(pred.class_ids, pred.class_names, p.tolist(), idx.tolist(), strict=True)
     ]  # fmt: skip
+
+
+def settle_all(answers: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, result in answers:
+        settle(future, result)
 
 
 def settle(future: asyncio.Future, result: Any) -> None:
