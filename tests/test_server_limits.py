@@ -148,7 +148,11 @@ def test_predictions_of_many_images_decode_off_the_event_loop_and_match(pool, im
     assert r.status_code == 200, r.text
     pred = pool.query(QUERY).predict(images)
     assert [p["class_id"] for p in r.json()["predictions"]] == pred.class_ids
-    assert [p["top"] for p in r.json()["predictions"]] == [pred.top(i, 3) for i in range(len(images))]
+    got, want = [p["top"] for p in r.json()["predictions"]], [pred.top(i, 3) for i in range(len(images))]
+    assert [[c["id"] for c in g] for g in got] == [[c["id"] for c in w] for w in want]
+    # the server runs the modules with BatchNorm folded (tests/test_request_cost.py): the last digit may differ
+    probs = [c["probability"] for g in got for c in g]
+    assert probs == pytest.approx([c["probability"] for w in want for c in w], abs=2e-6)
 
 
 @pytest.mark.parametrize(
