@@ -130,8 +130,21 @@ class Server:
 
     def command(self, max_batch: int) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "Run_Service.py", "--serve", "--db", a.db, "--data_root", a.data_root, "--device",
-               a.device, "--max_batch", str(max_batch), "--batch_wait_ms", str(a.batch_wait_ms)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "Run_Service.py",
+            "--serve",
+            "--db",
+            a.db,
+            "--data_root",
+            a.data_root,
+            "--device",
+            a.device,
+            "--max_batch",
+            str(max_batch),
+            "--batch_wait_ms",
+            str(a.batch_wait_ms),
+        ]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         if self.kind == "ray":
@@ -141,8 +154,14 @@ class Server:
     def start(self, max_batch: int) -> None:
         cores = self.cpus()[0]
         pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None  # Ray's processes inherit it
-        self.proc = subprocess.Popen(self.command(max_batch), cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=self.log.open("w"), text=True, preexec_fn=pin)  # fmt: skip
+        self.proc = subprocess.Popen(
+            self.command(max_batch),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.log.open("w"),
+            text=True,
+            preexec_fn=pin,
+        )
         line = self.proc.stdout.readline()  # "serving ... at http://127.0.0.1:PORT/ ..."
         found = re.search(r"http://127\.0\.0\.1:\d+", line)
         if found is None:
@@ -178,8 +197,16 @@ class Measured:
         return self.requests / self.wall_s
 
 
-def phase(ex: ProcessPoolExecutor, server: Server, a: argparse.Namespace, kind: str, clients: int, total: int,
-          seed: int, tasks: list[str]) -> Measured:  # fmt: skip
+def phase(
+    ex: ProcessPoolExecutor,
+    server: Server,
+    a: argparse.Namespace,
+    kind: str,
+    clients: int,
+    total: int,
+    seed: int,
+    tasks: list[str],
+) -> Measured:
     """``total`` requests of ``kind`` from ``clients`` clients spread over the client processes."""
     procs = min(a.client_procs, clients)
     per_client = max(1, total // clients)
@@ -278,9 +305,13 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
             f"| {one.server_cpu_ms:.2f} / {many.server_cpu_ms:.2f} ms "
             f"| {one.client_cpu_ms:.2f} / {many.client_cpu_ms:.2f} ms "
             f"| {mix} | {mems} | {'-' if flat is None else ok(flat)} | {r['start_s']:.0f} s, {r['took_s']:.0f} s |"
-        )  # fmt: skip
-    errors = [f"{describe(Server(r['spec'], a))}: {m.first_error}" for r in results for m in
-              (r["warm"], r["query"], r["one"], r["many"], r.get("mixed")) if m is not None and m.errors]  # fmt: skip
+        )
+    errors = [
+        f"{describe(Server(r['spec'], a))}: {m.first_error}"
+        for r in results
+        for m in (r["warm"], r["query"], r["one"], r["many"], r.get("mixed"))
+        if m is not None and m.errors
+    ]
     server_cpus, client_cpus = split_cpus(sorted(os.sched_getaffinity(0)))
     notes = [
         f"Servers: `Run_Service.py --serve --max_batch {a.max_batch} --batch_wait_ms {a.batch_wait_ms}"
@@ -304,12 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", default="DB_PoE")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="the server's device")
     p.add_argument("--data_root", default=str(default_data_root()), help=f"folder holding cifar100/ ({DATA_ROOT_HELP})")
-    p.add_argument("--configs", nargs="+", default=["workers:1", "workers:1:taskset", "workers:2", "ray:1", "ray:2"],
-                   help="workers:N or ray:N (replicas), then optionally :nice, :taskset or :same (where the clients "
-                   "run; default --placement); workers:1 is the single-process server")  # fmt: skip
-    p.add_argument("--placement", choices=PLACEMENTS, default="nice",
-                   help="nice: clients at lower priority; taskset: server and clients on different cores; same: "
-                   "clients beside the server at the same priority")  # fmt: skip
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["workers:1", "workers:1:taskset", "workers:2", "ray:1", "ray:2"],
+        help="workers:N or ray:N (replicas), then optionally :nice, :taskset or :same (where the clients "
+        "run; default --placement); workers:1 is the single-process server",
+    )
+    p.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="nice",
+        help="nice: clients at lower priority; taskset: server and clients on different cores; same: "
+        "clients beside the server at the same priority",
+    )
     p.add_argument("--batching_off", action="store_true", help="also workers:1 with --max_batch 1")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--client_procs", type=int, default=4, help="client processes the clients are spread over")

@@ -155,6 +155,14 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def pool():
+    """The shipped pool on the CPU in fp32, opened once per test module (the service tests' pool)."""
+    from PoE.query.pool import Pool
+
+    return Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
+
+
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
     """A pool made by a real (tiny) preprocessing run on real CIFAR-100: 1024 images, 2 epochs per stage, every part

@@ -26,8 +26,8 @@ from PoE.core.errors import PoEError
 from PoE.query.pool import Pool
 from PoE.query.service import create_app
 
+from .api import TestClient
 from .conftest import ROOT
-from .test_server import TestClient
 
 SHIPPED = ROOT / "DB_PoE"
 DEEP = "[" * 1500 + "]" * 1500  # past Python's recursion limit (1000): json.loads raised RecursionError

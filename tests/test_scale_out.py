@@ -19,14 +19,9 @@ import torch
 from PoE.query.pool import Pool
 from PoE.query.service import create_app
 
+from .api import QUERY, TestClient, b64, encode, same_predictions
 from .conftest import ROOT
 from .servers import RAY, START_S, Server, free_port, port_is_free
-from .test_server import QUERY, TestClient, b64, encode, same_predictions
-
-
-@pytest.fixture(scope="module")
-def pool() -> Pool:
-    return Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ runs, and concurrent requests share one forward."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import re
 import socket
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -20,29 +18,10 @@ from PIL import Image
 from PoE.cli import main_service
 from PoE.query.pool import Pool
 from PoE.query.service import MAX_IMAGES, create_app
+from PoE.query.service.batching import served
 
+from .api import QUERY, TestClient, b64, encode, expected, same_predictions, still_answers
 from .conftest import ROOT
-
-with warnings.catch_warnings():  # Starlette >= 1.x prefers httpx2 for its TestClient; httpx still works
-    warnings.simplefilter("ignore")
-    from fastapi.testclient import TestClient
-
-QUERY = ["people", "vehicles_1", "vehicles_2"]
-
-
-def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, fmt)
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-@pytest.fixture(scope="module")
-def pool() -> Pool:
-    return Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -58,28 +37,6 @@ def images(data_root) -> np.ndarray:
     classes = Pool.open(ROOT / "DB_PoE").make_query(QUERY).classes
     keep = np.flatnonzero(np.isin(d["y"], classes))[:8]
     return d["x"][keep]
-
-
-def expected(pool: Pool, tasks: list[str], images, top: int = 5) -> list[dict]:
-    pred = pool.query(tasks).predict(images)
-    return [{"class_id": c, "class_name": n, "top": pred.top(i, top)}
-            for i, (c, n) in enumerate(zip(pred.class_ids, pred.class_names, strict=True))]  # fmt: skip
-
-
-def same_predictions(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert (g["class_id"], g["class_name"]) == (w["class_id"], w["class_name"])
-        assert [(c["id"], c["name"]) for c in g["top"]] == [(c["id"], c["name"]) for c in w["top"]]
-        for a, b in zip(g["top"], w["top"], strict=True):
-            assert a["probability"] == pytest.approx(b["probability"], abs=2e-6)
-
-
-def still_answers(client, pool, images) -> None:
-    """After a bad request: a good one is answered, and correctly."""
-    r = client.post("/api/predict", json={"tasks": ["people", "trees"], "images": [b64(encode(images[0]))]})
-    assert r.status_code == 200, r.text
-    same_predictions(r.json()["predictions"], expected(pool, ["people", "trees"], images[:1]))
 
 
 # ------------------------------------------------------------------ endpoints
@@ -180,9 +137,11 @@ def test_batching_shares_one_library_forward(pool, data_root, images):
     results: dict[int, dict] = {}
     app = create_app(pool, data_root, max_batch=64, max_wait_ms=400)
     calls = []
-    hooks = [pool.library.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))]
+    run = served(pool)  # the modules the batcher runs: the pool's, BatchNorm folded (tests/test_request_cost.py)
+    hooks = [run.library.register_forward_hook(lambda m, inp, out: calls.append(len(inp[0])))]
     rows = dict.fromkeys(pool.experts, 0)  # on a CPU each expert runs on the rows of its requests only
-    for task, expert in pool.experts.items():
+    for task in pool.experts:
+        expert = run.expert(pool, task)
 
         def count(m, inp, out, t=task) -> None:
             rows[t] += len(inp[0])
@@ -227,55 +186,163 @@ JSON = {"content-type": "application/json"}
 # (case, path, request, status, what the one-line error must say: what was wrong, what is accepted);
 # "ok" / "cut" in images stand for a good PNG / a truncated PNG
 BAD = [
-    ("query unknown task", "/api/query", {"json": {"tasks": ["people", "unicorns"]}}, 400,
-     ("unknown task 'unicorns'", TASKS)),
-    ("query repeated task", "/api/query", {"json": {"tasks": ["people", "people"]}}, 400,
-     ("'people' is named twice", "name each task once")),
+    (
+        "query unknown task",
+        "/api/query",
+        {"json": {"tasks": ["people", "unicorns"]}},
+        400,
+        ("unknown task 'unicorns'", TASKS),
+    ),
+    (
+        "query repeated task",
+        "/api/query",
+        {"json": {"tasks": ["people", "people"]}},
+        400,
+        ("'people' is named twice", "name each task once"),
+    ),
     ("query empty", "/api/query", {"json": {"tasks": []}}, 400, ("tasks: List should have at least 1 item", TASKS)),
-    ("query malformed JSON", "/api/query", {"content": b'{"tasks": [', "headers": JSON}, 400,
-     ("malformed JSON", JSON_Q, TASKS)),
-    ("query tasks not a list", "/api/query", {"json": {"tasks": "people"}}, 400,
-     ("tasks: Input should be a valid list", JSON_Q)),
-    ("query evaluate not a bool", "/api/query", {"json": {"tasks": ["people"], "evaluate": "yes"}}, 400,
-     ("evaluate: Input should be a valid boolean", JSON_Q)),
+    (
+        "query malformed JSON",
+        "/api/query",
+        {"content": b'{"tasks": [', "headers": JSON},
+        400,
+        ("malformed JSON", JSON_Q, TASKS),
+    ),
+    (
+        "query tasks not a list",
+        "/api/query",
+        {"json": {"tasks": "people"}},
+        400,
+        ("tasks: Input should be a valid list", JSON_Q),
+    ),
+    (
+        "query evaluate not a bool",
+        "/api/query",
+        {"json": {"tasks": ["people"], "evaluate": "yes"}},
+        400,
+        ("evaluate: Input should be a valid boolean", JSON_Q),
+    ),
     ("query not an object", "/api/query", {"json": [1, 2]}, 400, ("bad request: body", JSON_Q)),
-    ("query unknown field", "/api/query", {"json": {"tasks": ["people"], "task": 1}}, 400,
-     ("task: Extra inputs", JSON_Q)),
-    ("predict unknown task", "/api/predict", {"json": {"tasks": ["nope"], "images": ["ok"]}}, 400,
-     ("unknown task 'nope'", TASKS)),
-    ("predict images not a list", "/api/predict", {"json": {"tasks": ["people"], "images": "abc"}}, 400,
-     ("images: Input should be a valid list", JSON_P)),
-    ("predict no images", "/api/predict", {"json": {"tasks": ["people"], "images": []}}, 400,
-     ("images: List should have at least 1 item", JSON_P)),
-    ("predict top not an int", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok"], "top": "3"}}, 400,
-     ("top: Input should be a valid integer", JSON_P)),
-    ("predict top zero", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok"], "top": 0}}, 400,
-     ("top: Input should be greater than or equal to 1", JSON_P)),
-    ("predict too many images", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok"] * (MAX_IMAGES + 1)}},
-     413, (f"{MAX_IMAGES + 1} images in one request; at most {MAX_IMAGES}",)),
-    ("predict body over 8 MB", "/api/predict", {"content": b"x" * (8 * 2**20 + 1), "headers": JSON}, 413,
-     ("over the limit of 8,388,608 bytes",)),
-    ("predict streamed body over 8 MB", "/api/predict", {"content": iter([b"x" * 2**20] * 9), "headers": JSON}, 413,
-     ("over the limit of 8,388,608 bytes",)),
-    ("predict bad base64", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok", "%%%"]}}, 400,
-     ("image 1 is not valid base64", "base64-encoded PNG or JPEG")),
-    ("predict not an image", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok", b64(b"hello")]}}, 400,
-     ("image 1 is not an image", IMAGE)),
-    ("predict truncated PNG", "/api/predict", {"json": {"tasks": ["people"], "images": ["ok", "cut"]}}, 400,
-     ("image 1 is corrupt or truncated", IMAGE)),
-    ("predict GIF", "/api/predict", {"json": {"tasks": ["people"], "images": [b64(GIF.getvalue())]}}, 400,
-     ("image 0 is GIF", IMAGE)),
-    ("predict wrong size", "/api/predict", {"json": {"tasks": ["people"], "images": [b64(encode(BIG))]}}, 400,
-     ("image 0 is 64x64; this pool takes 32x32 RGB images",)),
-    ("upload without tasks", "/api/predict/upload", {"files": [("images", ("a.png", b"x", "image/png"))]}, 400,
-     ("tasks: Field required", "multipart/form-data")),
-    ("upload not an image", "/api/predict/upload",
-     {"data": {"tasks": "people"}, "files": [("images", ("a.png", b"not an image", "image/png"))]}, 400,
-     ("image 0 is not an image", IMAGE)),
-    ("upload unknown task", "/api/predict/upload",
-     {"data": {"tasks": "people,ghosts"}, "files": [("images", ("a.png", b"x", "image/png"))]}, 400,
-     ("unknown task 'ghosts'", TASKS)),
-]  # fmt: skip
+    (
+        "query unknown field",
+        "/api/query",
+        {"json": {"tasks": ["people"], "task": 1}},
+        400,
+        ("task: Extra inputs", JSON_Q),
+    ),
+    (
+        "predict unknown task",
+        "/api/predict",
+        {"json": {"tasks": ["nope"], "images": ["ok"]}},
+        400,
+        ("unknown task 'nope'", TASKS),
+    ),
+    (
+        "predict images not a list",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": "abc"}},
+        400,
+        ("images: Input should be a valid list", JSON_P),
+    ),
+    (
+        "predict no images",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": []}},
+        400,
+        ("images: List should have at least 1 item", JSON_P),
+    ),
+    (
+        "predict top not an int",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": ["ok"], "top": "3"}},
+        400,
+        ("top: Input should be a valid integer", JSON_P),
+    ),
+    (
+        "predict top zero",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": ["ok"], "top": 0}},
+        400,
+        ("top: Input should be greater than or equal to 1", JSON_P),
+    ),
+    (
+        "predict too many images",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": ["ok"] * (MAX_IMAGES + 1)}},
+        413,
+        (f"{MAX_IMAGES + 1} images in one request; at most {MAX_IMAGES}",),
+    ),
+    (
+        "predict body over 8 MB",
+        "/api/predict",
+        {"content": b"x" * (8 * 2**20 + 1), "headers": JSON},
+        413,
+        ("over the limit of 8,388,608 bytes",),
+    ),
+    (
+        "predict streamed body over 8 MB",
+        "/api/predict",
+        {"content": iter([b"x" * 2**20] * 9), "headers": JSON},
+        413,
+        ("over the limit of 8,388,608 bytes",),
+    ),
+    (
+        "predict bad base64",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": ["ok", "%%%"]}},
+        400,
+        ("image 1 is not valid base64", "base64-encoded PNG or JPEG"),
+    ),
+    (
+        "predict not an image",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": ["ok", b64(b"hello")]}},
+        400,
+        ("image 1 is not an image", IMAGE),
+    ),
+    (
+        "predict truncated PNG",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": ["ok", "cut"]}},
+        400,
+        ("image 1 is corrupt or truncated", IMAGE),
+    ),
+    (
+        "predict GIF",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": [b64(GIF.getvalue())]}},
+        400,
+        ("image 0 is GIF", IMAGE),
+    ),
+    (
+        "predict wrong size",
+        "/api/predict",
+        {"json": {"tasks": ["people"], "images": [b64(encode(BIG))]}},
+        400,
+        ("image 0 is 64x64; this pool takes 32x32 RGB images",),
+    ),
+    (
+        "upload without tasks",
+        "/api/predict/upload",
+        {"files": [("images", ("a.png", b"x", "image/png"))]},
+        400,
+        ("tasks: Field required", "multipart/form-data"),
+    ),
+    (
+        "upload not an image",
+        "/api/predict/upload",
+        {"data": {"tasks": "people"}, "files": [("images", ("a.png", b"not an image", "image/png"))]},
+        400,
+        ("image 0 is not an image", IMAGE),
+    ),
+    (
+        "upload unknown task",
+        "/api/predict/upload",
+        {"data": {"tasks": "people,ghosts"}, "files": [("images", ("a.png", b"x", "image/png"))]},
+        400,
+        ("unknown task 'ghosts'", TASKS),
+    ),
+]
 
 
 @pytest.mark.parametrize("path,request_,status,says", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -295,9 +362,16 @@ def test_bad_input_is_a_one_line_error_and_the_server_goes_on(client, pool, imag
 
 @pytest.mark.parametrize(
     "url",
-    ["/api/models/0123456789abcdef.pt2", "/api/models/..%2F..%2Fetc%2Fpasswd", "/api/models/%2e%2e/%2e%2e/etc/passwd",
-     "/api/models/..%2Fserver.py", "/api/models/0123456789ABCDEF.pt2", "/api/models/", "/api/nothing"],
-)  # fmt: skip
+    [
+        "/api/models/0123456789abcdef.pt2",
+        "/api/models/..%2F..%2Fetc%2Fpasswd",
+        "/api/models/%2e%2e/%2e%2e/etc/passwd",
+        "/api/models/..%2Fserver.py",
+        "/api/models/0123456789ABCDEF.pt2",
+        "/api/models/",
+        "/api/nothing",
+    ],
+)
 def test_unknown_model_and_path_tricks_are_404(client, pool, images, url):
     r = client.get(url)
     assert r.status_code == 404, r.text

@@ -17,13 +17,8 @@ from PoE.core.errors import PoEError
 from PoE.query.pool import Pool
 from PoE.query.service import create_app
 
+from .api import QUERY, TestClient, b64, encode, still_answers
 from .conftest import ROOT
-from .test_server import QUERY, TestClient, b64, encode, still_answers
-
-
-@pytest.fixture(scope="module")
-def pool() -> Pool:
-    return Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +74,14 @@ def unusable(kind: str, root, real) -> None:
 
 @pytest.mark.parametrize(
     "kind,status",
-    [("no images of the query's classes", 422), ("one label", 422), ("huge header", 503), ("not an npz", 503),
-     ("labels out of range", 503)],
-)  # fmt: skip
+    [
+        ("no images of the query's classes", 422),
+        ("one label", 422),
+        ("huge header", 503),
+        ("not an npz", 503),
+        ("labels out of range", 503),
+    ],
+)
 def test_evaluate_over_unusable_test_data_is_never_a_500(pool, data_root, images, tmp_path, kind, status):
     unusable(kind, tmp_path, np.load(data_root / "cifar100" / "test.npz"))
     with TestClient(create_app(pool, tmp_path)) as client:
@@ -148,14 +148,24 @@ def test_predictions_of_many_images_decode_off_the_event_loop_and_match(pool, im
     assert r.status_code == 200, r.text
     pred = pool.query(QUERY).predict(images)
     assert [p["class_id"] for p in r.json()["predictions"]] == pred.class_ids
-    assert [p["top"] for p in r.json()["predictions"]] == [pred.top(i, 3) for i in range(len(images))]
+    got, want = [p["top"] for p in r.json()["predictions"]], [pred.top(i, 3) for i in range(len(images))]
+    assert [[c["id"] for c in g] for g in got] == [[c["id"] for c in w] for w in want]
+    # the server runs the modules with BatchNorm folded (tests/test_request_cost.py): the last digit may differ
+    probs = [c["probability"] for g in got for c in g]
+    assert probs == pytest.approx([c["probability"] for w in want for c in w], abs=2e-6)
 
 
 @pytest.mark.parametrize(
     "workers,threads,cpus,want",
-    [(None, None, 2, (1, 1)), (None, None, 16, (8, 1)), (1, None, 16, (1, 4)), (2, None, 2, (2, 1)),
-     (None, 3, 16, (8, 3)), (None, None, 1, (1, 1))],
-)  # fmt: skip
+    [
+        (None, None, 2, (1, 1)),
+        (None, None, 16, (8, 1)),
+        (1, None, 16, (1, 4)),
+        (2, None, 2, (2, 1)),
+        (None, 3, 16, (8, 3)),
+        (None, None, 1, (1, 1)),
+    ],
+)
 def test_workers_and_threads_follow_the_cores(workers, threads, cpus, want):
     """One worker per two cores; a worker's forwards get its share of the cores less one, 1 to 4 threads."""
     from PoE.query.service.run import plan
@@ -165,10 +175,12 @@ def test_workers_and_threads_follow_the_cores(workers, threads, cpus, want):
 
 @pytest.mark.parametrize(
     "argv,says",
-    [(["--replicas", "2"], "--replicas and --ray_address go with --ray"),
-     (["--ray_address", "auto"], "--replicas and --ray_address go with --ray"),
-     (["--ray", "--workers", "2"], "with --ray use --replicas N")],
-)  # fmt: skip
+    [
+        (["--replicas", "2"], "--replicas and --ray_address go with --ray"),
+        (["--ray_address", "auto"], "--replicas and --ray_address go with --ray"),
+        (["--ray", "--workers", "2"], "with --ray use --replicas N"),
+    ],
+)
 def test_serve_flags_that_do_not_go_together_are_one_line(capsys, argv, says):
     from PoE.cli import main_service
 

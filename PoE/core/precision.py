@@ -6,7 +6,7 @@ the reductions in fp32, and the losses cast logits up before they use them), and
 (``fp32_linear``).
 
 ``fp32`` means IEEE fp32 on a GPU too: CUDA convolutions and matrix products would otherwise use TF32 (10-bit
-mantissa) by default, which moved the README query's accuracy from 73.00% (CPU) to 72.93% on an H200.
+mantissa) by default, which moved the README query's accuracy on a GPU (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -139,8 +139,7 @@ def ieee_fp32() -> Iterator[None]:
 
 def fp32_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` in fp32 even under bf16 autocast. Consolidation compares logits across experts, and bf16
-    rounds a logit near 10 to steps of 1/16: enough to flip near-ties (1.8% of one query's predictions on the
-    shipped pool, against 0.8% with fp32 logits from the same bf16 features)."""
+    rounds a logit near 10 to steps of 1/16: enough to flip near-ties between experts (docs/precision.md)."""
     with torch.autocast(x.device.type, enabled=False):
         return layer(x.float())
 

@@ -158,8 +158,8 @@ class TaskModel:
 
 def private_copy(module: nn.Module, fold: bool, family: Family) -> nn.Module:
     """A CPU copy in contiguous (not channels_last) layout, what ``torch.export.save`` stores cleanly; with
-    ``fold``, BatchNorm folded into the convolutions it follows (fp32 only: folded weights rounded to bf16
-    moved 1.4% of predictions, against 0.8% without folding)."""
+    ``fold``, BatchNorm folded into the convolutions it follows (fp32 only: folded weights rounded to bf16 move
+    more predictions than bf16 without folding, docs/precision.md)."""
     import copy
 
     module = copy.deepcopy(module).cpu().eval()

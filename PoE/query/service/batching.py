@@ -11,21 +11,27 @@ The event loop never runs a forward; it only awaits futures.
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import logging
 import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from PoE.core.consolidate import merge
 from PoE.core.data import Normalizer
 from PoE.core.errors import PoEError
+from PoE.core.networks import family_of
 from PoE.core.networks.bank import grouped_on
 from PoE.core.precision import autocast
 from PoE.query.model import Prediction, TaskModel
@@ -48,6 +54,7 @@ class Job:
 
 
 MAX_WAIT_MS = 1000.0  # the longest batching window accepted: a request may wait this long for others
+TINY_BATCH = 8  # a forward of this many images or fewer runs on one torch thread (docs/service.md, "Threads")
 
 
 def check_window(max_batch: int, max_wait_ms: float) -> None:
@@ -87,9 +94,14 @@ class Batcher:
     arriving (being received or decoded), and answers all of them from one library forward. So a lone
     request never waits, and concurrent ones share a forward."""
 
-    def __init__(self, gate: ExportGate, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
+    def __init__(
+        self, gate: ExportGate, max_batch: int = 64, max_wait_ms: float = 5.0, threads: int | None = None
+    ) -> None:
         check_window(max_batch, max_wait_ms)
         self.gate, self.max_batch, self.max_wait = gate, max_batch, max_wait_ms / 1e3
+        # torch's thread count is per OS thread (each takes the process's default when it first runs an op): the
+        # worker's count, read here where the worker set it, is made this thread's own before its first forward
+        self.threads = threads or torch.get_num_threads()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.arriving = 0  # prediction requests received but not yet submitted (see Arrivals)
         self.arriving_lock = threading.Lock()
@@ -136,6 +148,7 @@ class Batcher:
         return batch
 
     def run(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             first = self.jobs.get()
             if first is None:
@@ -149,8 +162,11 @@ class Batcher:
             except Exception as e:  # answer every waiting request; the worker keeps serving
                 log.exception("batch forward failed")
                 results = [RuntimeError(f"prediction failed: {one_line(e)}")] * len(batch)
+            loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
             for job, result in zip(batch, results, strict=True):
-                job.loop.call_soon_threadsafe(settle, job.future, result)
+                loops.setdefault(job.loop, []).append((job.future, result))
+            for loop, answers in loops.items():  # one wake-up of each event loop per batch, not one per request
+                loop.call_soon_threadsafe(settle_all, answers)
 
 
 def forward_all(batch: list[Job]) -> list[Prediction]:
@@ -166,20 +182,97 @@ def forward_all(batch: list[Job]) -> list[Prediction]:
     return preds  # type: ignore[return-value]
 
 
-@torch.inference_mode()  # no autograd bookkeeping at all: 3-5% less CPU than no_grad (docs/service.md)
+@contextmanager
+def threads_for(images: int) -> Iterator[None]:
+    """One torch thread for a forward of ``TINY_BATCH`` images or fewer, the calling thread's count otherwise:
+    a few 32x32 images do not fill several threads, which then spin-wait between the layers and burn the cores'
+    time for nothing. ``torch.set_num_threads`` sets the calling thread's count (and the default of threads that
+    have not run an op yet), so it is set back at once; every thread of the service that runs forwards sets its
+    own count when it starts (``Batcher.run``, ``Service``'s executors)."""
+    before = torch.get_num_threads()
+    if images > TINY_BATCH or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Served:
+    """A pool's library and experts as the batcher runs them: in fp32, private eval-mode copies with each
+    BatchNorm that follows a convolution folded into it (the family's own fold, as for exports, and
+    ``fold_sequential``), one elementwise pass less per block; otherwise the pool's own modules. The pool's
+    modules are never changed. Experts are copied when first queried, and again if the pool's module changes."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.fold = pool.precision == "fp32"
+        self.family = family_of(pool.cfg)
+        self.lock = threading.Lock()
+        self.library = self.copy(pool.library)
+        self.experts: dict[str, tuple[nn.Module, nn.Module]] = {}  # task -> (the pool's module, the copy run)
+
+    def copy(self, module: nn.Module) -> nn.Module:
+        if not self.fold:
+            return module
+        with torch.inference_mode(False), torch.no_grad():  # parameters, not inference tensors
+            folded = fold_sequential(self.family.fold(copy.deepcopy(module).eval()))
+            return folded.to(memory_format=torch.channels_last).requires_grad_(False)
+
+    def expert(self, pool: Pool, task: str) -> nn.Module:
+        source = pool.experts[task]
+        hit = self.experts.get(task)
+        if hit is None or hit[0] is not source:
+            with self.lock:
+                hit = (source, self.copy(source))
+                self.experts[task] = hit
+        return hit[1]
+
+
+def fold_sequential(module: nn.Module) -> nn.Module:
+    """In place: each BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` (torchvision's
+    ``Conv2dNormActivation`` blocks, MobileNetV2's) folded into that convolution, eval mode."""
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in itertools.pairwise(names):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv.eval(), bn.eval()), nn.Identity()
+    return module
+
+
+SERVED: weakref.WeakKeyDictionary[Pool, Served] = weakref.WeakKeyDictionary()  # dropped with its pool
+SERVED_LOCK = threading.Lock()
+
+
+def served(pool: Pool) -> Served:
+    """The modules the batcher runs for ``pool`` (made on its first forward)."""
+    with SERVED_LOCK:
+        s = SERVED.get(pool)
+        if s is None:
+            s = SERVED[pool] = Served(pool)
+        return s
+
+
+@torch.inference_mode()  # no autograd bookkeeping at all: less CPU than no_grad (docs/service.md)
 def forward(pool: Pool, batch: list[Job]) -> list[Prediction]:
     """The library once on every row, then the experts; each request takes its experts' logits and merges them by
     the consolidated model's own rule (``merge``). Used by the hand-written batcher and by Ray Serve's
-    ``@serve.batch`` alike."""
+    ``@serve.batch`` alike. It runs ``served``'s copies, on one thread for a tiny batch (``threads_for``)."""
     x = torch.cat([j.x for j in batch]).to(pool.device)
     x = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
-    with autocast(pool.device, pool.precision):
-        features = pool.library(x)
-        parts = experts_banked(pool, batch, features) if grouped_on(x.device) else experts_apart(pool, batch, features)
+    run = served(pool)
+    with threads_for(len(x)), autocast(pool.device, pool.precision):
+        features = run.library(x)
+        if grouped_on(x.device):
+            parts = experts_banked(pool, batch, features)
+        else:
+            parts = experts_apart(pool, batch, features, run)
     return [job.model.prediction(merge(p, job.model.module.order)) for job, p in zip(batch, parts, strict=True)]
 
 
-def experts_apart(pool: Pool, batch: list[Job], features: torch.Tensor) -> list[list[torch.Tensor]]:
+def experts_apart(pool: Pool, batch: list[Job], features: torch.Tensor, run: Served) -> list[list[torch.Tensor]]:
     """Per request, its experts' logits: each expert run once, on the rows of the requests that queried it only
     (where banks run expert by expert, as on a CPU, the union bank would run every expert on every row: with
     mixed queries several times the work)."""
@@ -196,7 +289,7 @@ def experts_apart(pool: Pool, batch: list[Job], features: torch.Tensor) -> list[
         if len(ks) < len(batch):
             index = [r for k in ks for r in range(starts[k], starts[k + 1])]
             rows = features.index_select(0, torch.tensor(index, device=features.device))
-        out[t] = pool.experts[t](rows).float()
+        out[t] = run.expert(pool, t)(rows).float()
         at = 0
         for k in ks:
             first[k][t], at = at, at + sizes[k]
@@ -223,10 +316,20 @@ def answer(pred: Prediction, top: int) -> list[dict[str, Any]]:
     p, idx = pred.probabilities.topk(min(top, pred.probabilities.shape[1]), dim=1)
     classes, names = pred.classes, pred.names
     return [
-        {"class_id": c, "class_name": n,
-         "top": [{"id": classes[j], "name": names[j], "probability": round(q, 6)} for q, j in zip(ps, js, strict=True)]}
+        {
+            "class_id": c,
+            "class_name": n,
+            "top": [
+                {"id": classes[j], "name": names[j], "probability": round(q, 6)} for q, j in zip(ps, js, strict=True)
+            ],
+        }
         for c, n, ps, js in zip(pred.class_ids, pred.class_names, p.tolist(), idx.tolist(), strict=True)
-    ]  # fmt: skip
+    ]
+
+
+def settle_all(answers: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, result in answers:
+        settle(future, result)
 
 
 def settle(future: asyncio.Future, result: Any) -> None:

@@ -31,7 +31,7 @@ from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, one_lin
 log = logging.getLogger("PoE.query.service")
 
 MODEL_ID_DIGITS = 16  # hex digits of the content digest in a model id
-DECODE_INLINE = 1  # requests with more images decode on a thread: one 32x32 PNG takes ~0.2 ms, a hop ~0.04 ms
+DECODE_INLINE = 1  # requests with more images decode on a thread: a small PNG decodes faster than a thread hop
 
 
 def index_digits(n_tasks: int) -> int:
@@ -104,9 +104,9 @@ class View:
             raise ClientError(400, str(e)) from None
 
     def model(self, tasks: list[str]) -> TaskModel:
-        """``build``, remembered per task list for predictions. A build is cheap (about 0.05 ms for three tasks on
-        the shipped pool: ``Pool.query`` checks the tasks and wraps the shared modules, it sets no eval mode), but
-        a prediction then skips even that on the event loop."""
+        """``build``, remembered per task list for predictions. A build is cheap (``Pool.query`` checks the tasks and
+        wraps the shared modules; docs/expert_bank.md has its time), but a prediction then skips even that on the
+        event loop."""
         key = tuple(tasks)
         model = self.built.get(key)
         if model is None:
@@ -128,21 +128,35 @@ class View:
         return [{"id": c, "name": n} for c, n in zip(model.classes, model.class_names, strict=True)]
 
 
+def worker_thread(name: str, threads: int) -> ThreadPoolExecutor:
+    """One thread for slow work, running torch on ``threads`` threads of its own."""
+    return ThreadPoolExecutor(1, name, initializer=torch.set_num_threads, initargs=(threads,))
+
+
 class Service:
     """The current ``View`` of the pool plus what outlives a swap: the test split (read once), the batcher and
     the threads of slow work. ``watch``: follow the pool's manifest (tasks added or removed in place)."""
 
-    def __init__(self, pool: Pool, data_root: str | Path | None = None, max_batch: int = 64,
-                 max_wait_ms: float = 5.0, batching: Batching | None = None, watch: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pool: Pool,
+        data_root: str | Path | None = None,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        batching: Batching | None = None,
+        watch: bool = True,
+    ) -> None:
         self.view, self.data_root, self.watch = View(pool), data_root, watch
         self.gate = ExportGate()
-        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms)
+        threads = torch.get_num_threads()  # the worker's count (``Settings.app`` sets it before this)
+        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms, threads)
         self.lock = threading.Lock()
         # evaluations and exports run one at a time on their own thread: few threads touch torch, which keeps
-        # the memory of per-thread allocator arenas and OpenMP teams bounded
-        self.slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-slow")
-        self.decode = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-decode")
-        self.opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="poe-reload")
+        # the memory of per-thread allocator arenas and OpenMP teams bounded. Each sets its torch threads as it
+        # starts (a thread otherwise takes whatever default the process has then: batching.threads_for)
+        self.slow = worker_thread("poe-slow", threads)
+        self.decode = worker_thread("poe-decode", 1)
+        self.opener = worker_thread("poe-reload", threads)
         self.reloading: asyncio.Future | None = None
         self.refused: tuple | None = None  # the manifest's state when opening it last failed (not retried)
         self._test = None
@@ -184,20 +198,26 @@ class Service:
 
     async def reload(self, old: View, now: tuple) -> None:
         def open_view() -> View:
-            pool = Pool.open(old.pool.root, old.cfg.name, old.pool.device, old.pool.precision,
-                             expected_digest=old.pool.pinned)  # a pinned pool stays that pool  # fmt: skip
+            pool = Pool.open(
+                old.pool.root, old.cfg.name, old.pool.device, old.pool.precision, expected_digest=old.pool.pinned
+            )  # a pinned pool stays that pool
             with self.gate.export():  # counting the costs hooks every module of the process (torch's FlopCounterMode
                 return View(pool)  # tracks modules with global hooks): no forward may run meanwhile
 
         try:
             self.view = await asyncio.wrap_future(self.opener.submit(open_view))
             self.refused = None
-            log.info("reloaded %s: %d tasks, %d experts", self.view.pool.root, len(self.view.cfg.tasks),
-                        len(self.view.pool.experts))  # fmt: skip
+            log.info(
+                "reloaded %s: %d tasks, %d experts",
+                self.view.pool.root,
+                len(self.view.cfg.tasks),
+                len(self.view.pool.experts),
+            )
         except Exception as e:  # any failure: keep serving the pool that passed its checks
             self.refused = now
-            log.warning("the pool changed, but the new version was not loaded (still serving the previous one): %s",
-                        one_line(e))  # fmt: skip
+            log.warning(
+                "the pool changed, but the new version was not loaded (still serving the previous one): %s", one_line(e)
+            )
 
     def test_split(self, classes: list[int]) -> ImageSet:
         """In-memory datasets are read once and shared; a streamed one decodes only ``classes``' images."""
@@ -224,8 +244,11 @@ class Service:
             counts = torch.bincount(test.y.long().clamp(min=0), minlength=self.cfg.num_classes)
             missing = [f"{c} {model.class_names[i]}" for i, c in enumerate(model.classes) if counts[c] == 0]
             if missing:
-                raise ClientError(422, f"the test split has no images of this query's class(es) {', '.join(missing)}; "
-                                  "no accuracy can be measured (query without evaluate)")  # fmt: skip
+                raise ClientError(
+                    422,
+                    f"the test split has no images of this query's class(es) {', '.join(missing)}; "
+                    "no accuracy can be measured (query without evaluate)",
+                )
             try:
                 with self.gate.forward():
                     acc, n = model.accuracy(test)
@@ -235,8 +258,11 @@ class Service:
                 why = f"{type(e).__name__}: {one_line(e)}"
                 raise ClientError(503, f"accuracy is unavailable: the test data cannot be used ({why})") from None
             if n == 0 or not math.isfinite(acc):
-                raise ClientError(422, "the test split has no images of this query's classes; no accuracy can be "
-                                  "measured (query without evaluate)")  # fmt: skip
+                raise ClientError(
+                    422,
+                    "the test split has no images of this query's classes; no accuracy can be "
+                    "measured (query without evaluate)",
+                )
             hit = (round(acc, 2), n)
             view.accuracies.put(key, hit)
         return hit
