@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from PoE.core.errors import PoEError
-from PoE.query.pool import Pool
+from PoE.query.pool import BANK_CACHE, Pool
 from PoE.query.service import create_app
+from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES
 
 from .api import QUERY, TestClient, b64, encode, still_answers
 from .conftest import ROOT
@@ -187,3 +188,22 @@ def test_serve_flags_that_do_not_go_together_are_one_line(capsys, argv, says):
     assert main_service(["--serve", "--device", "cpu", "--port", "0", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+
+def test_every_cache_is_bounded_and_stats_says_by_what(pool, data_root):
+    """Memory above the pool grows only by the caches, each bounded: /api/stats gives each one's fill and bound,
+    and more distinct queries than a bound leave the cache at its bound (least recently used dropped)."""
+    app = create_app(pool, data_root)
+    app.state.service.view.built = LRU(4)
+    tasks = list(pool.experts)
+    with TestClient(app) as c:
+        for i in range(7):  # 7 distinct task lists through a 4-entry cache
+            r = c.post(
+                "/api/predict",
+                json={"tasks": tasks[i : i + 2], "images": [b64(encode(np.zeros((32, 32, 3), np.uint8)))]},
+            )
+            assert r.status_code == 200, r.text
+        caches = c.get("/api/stats").json()["caches"]
+    assert caches["models"] == {"entries": 4, "bound_entries": 4}
+    assert caches["accuracies"]["bound_entries"] == 4096 and caches["exports"]["bound_bytes"] == MAX_EXPORT_BYTES
+    assert caches["banks"]["entries"] <= caches["banks"]["bound_entries"] == BANK_CACHE

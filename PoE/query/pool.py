@@ -47,6 +47,7 @@ from PoE.core.tasks import (
 from PoE.query.model import TaskModel
 
 DIGEST_HEX = 64
+BANK_CACHE = 32  # banks of expert sets kept for reuse (``bank(cached=True)``: the service on a GPU)
 
 
 def check_digest_text(digest: str | None) -> str | None:
@@ -273,6 +274,10 @@ class Pool:
             raise PoEError(f"missing {self.paths.expert(missing[0])}; {how_to_make(self.cfg, missing[0])}")
         return query
 
+    def cached_banks(self) -> int:
+        """How many banks ``bank(cached=True)`` holds now (at most ``BANK_CACHE``)."""
+        return len(self._banks)
+
     def bank(self, tasks: list[str], cached: bool = False) -> nn.Module:
         """The experts of ``tasks`` (known to be here) as one bank, in this order, in eval mode. ``cached``: kept
         for the next call with the same tasks (the last 32 task lists; the service's batches ask again and again)."""
@@ -283,7 +288,7 @@ class Pool:
         bank = bank_of([self.experts[t] for t in tasks], [self.states[t] for t in tasks])
         if cached:
             self._banks[key] = bank
-            while len(self._banks) > 32:
+            while len(self._banks) > BANK_CACHE:
                 self._banks.popitem(last=False)
         return bank
 

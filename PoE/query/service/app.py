@@ -257,6 +257,7 @@ def add_download_routes(app: FastAPI, service: Service) -> None:
             "uptime_s": round(time.time() - service.started, 1),
             "models_exported": len(service.view.exports),
             "accuracies_cached": len(service.view.accuracies),
+            "caches": service.view.caches(),
             "pool_digest": service.view.pool.digest,
         }
 

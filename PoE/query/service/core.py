@@ -23,7 +23,7 @@ from PoE.core.errors import PoEError
 from PoE.core.evaluate import count_macs, count_params
 from PoE.core.manifest import signature
 from PoE.query.model import TaskModel
-from PoE.query.pool import Pool
+from PoE.query.pool import BANK_CACHE, Pool
 from PoE.query.service.batching import Batcher, BatchStats, ExportGate
 from PoE.query.service.images import decode_image
 from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, one_line
@@ -73,6 +73,15 @@ class View:
         self.built: LRU = LRU(256)  # task list -> TaskModel (shares the pool's modules: a few objects each)
         self.accuracies: LRU = LRU(4096)  # model id -> (accuracy %, test images)
         self.exports: LRU = LRU(MAX_EXPORT_BYTES, weigh=len)  # model id.format -> file bytes (in memory: no disk)
+
+    def caches(self) -> dict[str, dict[str, int]]:
+        """Each cache's fill and the bound it never passes: what the worker's memory above the pool can grow by."""
+        return {
+            "models": {"entries": len(self.built), "bound_entries": self.built.size},
+            "accuracies": {"entries": len(self.accuracies), "bound_entries": self.accuracies.size},
+            "exports": {"entries": len(self.exports), "bytes": self.exports.weight, "bound_bytes": self.exports.size},
+            "banks": {"entries": self.pool.cached_banks(), "bound_entries": BANK_CACHE},
+        }
 
     def digest(self, tasks: list[str]) -> str:
         parts = "|".join(f"{t}:{self.part_ids[t]}" for t in tasks)
