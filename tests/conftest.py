@@ -130,29 +130,10 @@ def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-TINY = [
-    "--profile",
-    "quick",
-    "--oracle_arch",
-    "wrn-10-1",
-    "--train_limit",
-    "1024",
-    "--epochs",
-    "2",
-    "--teacher_views",
-    "2",
-    "--tasks",
-    "people",
-    "vehicles_1",
-    "vehicles_2",
-    "--no_progress",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-    "--test_limit",
-    "1000",
-]
+TINY = (
+    "--profile quick --oracle_arch wrn-10-1 --train_limit 1024 --epochs 2 --teacher_views 2 --tasks "
+    "people vehicles_1 vehicles_2 --no_progress --device cpu --precision fp32 --test_limit 1000"
+).split()
 
 
 @pytest.fixture(scope="module")

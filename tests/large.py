@@ -14,21 +14,9 @@ from .conftest import ROOT
 WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]  # goldfish, fire salamander, bullfrog, tailed frog
 SIZE = 96
 TASKS = {"fish": ["goldfish"], "frogs": ["bullfrog", "tailed frog"], "salamander": ["European fire salamander"]}
-FAST = [
-    "--profile",
-    "quick",
-    "--epochs",
-    "1",
-    "--teacher_views",
-    "1",
-    "--batch_size",
-    "40",
-    "--no_progress",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-]
+FAST = (
+    "--profile quick --epochs 1 --teacher_views 1 --batch_size 40 --no_progress --device cpu --precision fp32"
+).split()
 
 
 def maker():

@@ -21,19 +21,7 @@ from .conftest import ROOT, need, official_student, run_script, shared_dir
 
 CLASSES = [0, 8, 17, 30, 48, 85]  # apple, bicycle, castle, dolphin, motorcycle, tank: folder ids 0..5
 OWN = {"fruit_and_wheels": ["apple", "bicycle", "motorcycle"], "big": ["castle", "tank"], "sea": ["dolphin"]}
-FAST = [
-    "--profile",
-    "quick",
-    "--epochs",
-    "1",
-    "--teacher_views",
-    "1",
-    "--no_progress",
-    "--device",
-    "cpu",
-    "--precision",
-    "fp32",
-]
+FAST = ("--profile quick --epochs 1 --teacher_views 1 --no_progress --device cpu --precision fp32").split()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,12 @@ from PoE.core.store import load_checkpoint, save_checkpoint, state_id
 
 from .conftest import ROOT, TINY, fake_cifar, install_stand_in_oracle
 
+# two epochs of the smallest networks on a generated data folder, one task: for runs interrupted and resumed
+GENERATED = (
+    "--profile quick --device cpu --precision fp32 --epochs 2 --oracle_arch wrn-10-1 --batch_size 128 "
+    "--teacher_views 1 --tasks people --no_progress"
+).split()
+
 
 def stopping_at(epoch: int, batches):
     """``batches`` that raise KeyboardInterrupt as epoch ``epoch`` (from 0) starts, as Ctrl-C would."""
@@ -412,23 +418,7 @@ def test_manifest_says_which_stage_ran_over_several_sittings(tmp_path, monkeypat
 
     root = fake_cifar(tmp_path / "data", 128, 100)
     args = [
-        "--profile",
-        "quick",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--epochs",
-        "2",
-        "--oracle_arch",
-        "wrn-10-1",
-        "--batch_size",
-        "128",
-        "--teacher_views",
-        "1",
-        "--tasks",
-        "people",
-        "--no_progress",
+        *GENERATED,
         "--data_root",
         str(root),
         "--db",
@@ -458,23 +448,7 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
 
     root = fake_cifar(tmp_path / "data", 128, 100)
     base = [
-        "--profile",
-        "quick",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--epochs",
-        "2",
-        "--oracle_arch",
-        "wrn-10-1",
-        "--batch_size",
-        "128",
-        "--teacher_views",
-        "1",
-        "--tasks",
-        "people",
-        "--no_progress",
+        *GENERATED,
         "--data_root",
         str(root),
         "--pretrained",
