@@ -51,6 +51,9 @@ class Batching(Protocol):
     def close(self) -> None: ...
 
 
+BUILT_MODELS = 32  # built models kept per worker; each holds a copy of its experts' weights (docs/service.md)
+
+
 class View:
     """One opened pool and everything derived from it: model ids, per-part costs and the caches of built models,
     accuracies and exported files. The service swaps whole views (``Service.current``), so a request is answered
@@ -70,7 +73,8 @@ class View:
         # an expert's counts when a query first needs them: counting runs a forward, which for every expert of a
         # pool of hundreds of tasks would hold up each start and each reload
         self.expert_cost: dict[str, tuple[int, int]] = {}
-        self.built: LRU = LRU(256)  # task list -> TaskModel (shares the pool's modules: a few objects each)
+        # task list -> TaskModel; each holds its own bank (its experts' weights concatenated), hence the count
+        self.built: LRU = LRU(BUILT_MODELS)
         self.accuracies: LRU = LRU(4096)  # model id -> (accuracy %, test images)
         self.exports: LRU = LRU(MAX_EXPORT_BYTES, weigh=len)  # model id.format -> file bytes (in memory: no disk)
 
