@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from PoE.core.data import Normalizer
+from PoE.core.networks import mobilenetv2
 from PoE.query.service import batching
 from PoE.query.service.batching import TINY_BATCH, Batcher, ExportGate, Job, forward, served
 
@@ -125,7 +126,7 @@ def test_a_conv_then_batchnorm_in_a_sequential_is_folded_exactly():
     bn.weight.data.normal_()
     bn.bias.data.normal_()
     block.eval()
-    folded = batching.fold_sequential(copy.deepcopy(block))
+    folded = mobilenetv2.fold_batchnorm(copy.deepcopy(block))
     assert count(folded, nn.BatchNorm2d) == 0 and count(block, nn.BatchNorm2d) == 1
     x = torch.randn(4, 8, 12, 12)
     with torch.no_grad():

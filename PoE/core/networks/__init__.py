@@ -94,7 +94,7 @@ FAMILIES: dict[str, Family] = {
         mobilenetv2.expert_from_state,
         MobileNetBank.like,
         _mobilenet_target,
-        lambda m: m,  # its BatchNorms follow convolutions inside torchvision blocks: left as they are
+        mobilenetv2.fold_batchnorm,
         "conv.0.weight",
         MobileNetExpert,
         min_input=33,  # five stride-2 layers: a smaller side ends at 0 pixels

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import logging
 import math
 import queue
@@ -26,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from PoE.core.consolidate import merge
 from PoE.core.data import Normalizer
@@ -202,8 +200,8 @@ def threads_for(images: int) -> Iterator[None]:
 
 class Served:
     """A pool's library and experts as the batcher runs them: in fp32, private eval-mode copies with each
-    BatchNorm that follows a convolution folded into it (the family's own fold, as for exports, and
-    ``fold_sequential``), one elementwise pass less per block; otherwise the pool's own modules. The pool's
+    BatchNorm that follows a convolution folded into it (the family's fold, as for exports), one elementwise pass
+    less per block; otherwise the pool's own modules. The pool's
     modules are never changed. Experts are copied when first queried, and again if the pool's module changes."""
 
     def __init__(self, pool: Pool) -> None:
@@ -217,7 +215,7 @@ class Served:
         if not self.fold:
             return module
         with torch.inference_mode(False), torch.no_grad():  # parameters, not inference tensors
-            folded = fold_sequential(self.family.fold(copy.deepcopy(module).eval()))
+            folded = self.family.fold(copy.deepcopy(module).eval())
             return folded.to(memory_format=torch.channels_last).requires_grad_(False)
 
     def expert(self, pool: Pool, task: str) -> nn.Module:
@@ -228,18 +226,6 @@ class Served:
                 hit = (source, self.copy(source))
                 self.experts[task] = hit
         return hit[1]
-
-
-def fold_sequential(module: nn.Module) -> nn.Module:
-    """In place: each BatchNorm2d that directly follows a Conv2d in an ``nn.Sequential`` (torchvision's
-    ``Conv2dNormActivation`` blocks, MobileNetV2's) folded into that convolution, eval mode."""
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in itertools.pairwise(names):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv.eval(), bn.eval()), nn.Identity()
-    return module
 
 
 SERVED: weakref.WeakKeyDictionary[Pool, Served] = weakref.WeakKeyDictionary()  # dropped with its pool
