@@ -125,6 +125,25 @@ def official_cifar() -> Path:
     return need(shared_dir() / "official" / "cifar100")
 
 
+def folder_argv(folder: Path, tmp: Path, fast: list[str], *extra: str) -> list[str]:
+    """Preprocessing flags for an image folder ``folder`` with its ``tasks.json``, writing under ``tmp``."""
+    db, pre, tasks = str(tmp / "db"), str(tmp / "pre"), str(folder / "tasks.json")
+    return [
+        "--dataset",
+        "folder",
+        "--data_root",
+        str(folder),
+        "--db",
+        db,
+        "--pretrained",
+        pre,
+        "--hierarchy",
+        tasks,
+        *fast,
+        *extra,
+    ]
+
+
 def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run an entry script in a fresh interpreter (to see exit codes and stderr exactly as a user does)."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)

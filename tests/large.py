@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PoE.cli import main_preprocessing
 
-from .conftest import ROOT
+from .conftest import ROOT, folder_argv
 
 WNIDS = ["n01443537", "n01629819", "n01641577", "n01644900"]  # goldfish, fire salamander, bullfrog, tailed frog
 SIZE = 96
@@ -27,18 +27,4 @@ def maker():
 
 
 def build(folder: Path, tmp: Path, *extra: str) -> int:
-    argv = [
-        "--dataset",
-        "folder",
-        "--data_root",
-        str(folder),
-        "--db",
-        str(tmp / "db"),
-        "--pretrained",
-        str(tmp / "pre"),
-        "--hierarchy",
-        str(folder / "tasks.json"),
-        *FAST,
-        *extra,
-    ]
-    return main_preprocessing(argv)
+    return main_preprocessing(folder_argv(folder, tmp, FAST, *extra))

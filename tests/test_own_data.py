@@ -17,7 +17,7 @@ from PoE.core.datasets import get_dataset
 from PoE.core.datasets.cifar100 import CLASSES as CIFAR_NAMES
 from PoE.core.datasets.tinyimagenet import class_names as tiny_names
 
-from .conftest import ROOT, need, official_student, run_script, shared_dir
+from .conftest import ROOT, folder_argv, need, official_student, run_script, shared_dir
 
 CLASSES = [0, 8, 17, 30, 48, 85]  # apple, bicycle, castle, dolphin, motorcycle, tank: folder ids 0..5
 OWN = {"fruit_and_wheels": ["apple", "bicycle", "motorcycle"], "big": ["castle", "tank"], "sea": ["dolphin"]}
@@ -203,20 +203,7 @@ def oracles(tmp_path_factory, official_cifar) -> dict[str, Path]:
 
 
 def args(folder: Path, tmp: Path, *extra: str) -> list[str]:
-    return [
-        "--dataset",
-        "folder",
-        "--data_root",
-        str(folder),
-        "--db",
-        str(tmp / "db"),
-        "--pretrained",
-        str(tmp / "pre"),
-        "--hierarchy",
-        str(folder / "tasks.json"),
-        *FAST,
-        *extra,
-    ]
+    return folder_argv(folder, tmp, FAST, *extra)
 
 
 def build(folder: Path, tmp: Path, *extra: str) -> tuple[int, list[str]]:

@@ -207,3 +207,27 @@ def test_every_cache_is_bounded_and_stats_says_by_what(pool, data_root):
     assert caches["models"] == {"entries": 4, "bound_entries": 4}
     assert caches["accuracies"]["bound_entries"] == 4096 and caches["exports"]["bound_bytes"] == MAX_EXPORT_BYTES
     assert caches["banks"]["entries"] <= caches["banks"]["bound_entries"] == BANK_CACHE
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds none: what a decompression bomb shows first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_huge_declared_images_are_refused_as_too_large_without_a_warning(pool, recwarn):
+    """20000 x 20000 was called "corrupt or truncated" (PIL's bomb error); 13000 x 13000 was refused by its size
+    but PIL's DecompressionBombWarning reached the server's log. Both: too large, one line, no warning."""
+    with TestClient(create_app(pool, None)) as client:
+        for side in (20000, 13000):
+            r = client.post("/api/predict", json={"tasks": QUERY, "images": [b64(png_header(side, side))]})
+            assert r.status_code == 400
+            error = r.json()["error"]
+            assert "corrupt" not in error and ("far larger than 32x32" in error or f"is {side}x{side}" in error), error
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__], [str(w) for w in recwarn]

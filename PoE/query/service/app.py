@@ -220,7 +220,7 @@ def add_download_routes(app: FastAPI, service: Service) -> None:
         view = await service.current()
         tasks = view.tasks_of(key) if MODEL_ID.fullmatch(f"{key}.pt2") else None  # the same ids as the .pt2's
         if tasks is None:
-            raise ClientError(404, f"unknown model {key[:80]!r}.onnx; POST /api/query gives a model URL")
+            raise ClientError(404, f"unknown model {key[:80] + '.onnx'!r}; POST /api/query gives a model URL")
         data = await service.run_slow(service.export, view, key, tasks, "onnx")
         filename = f"poe_{'__'.join(tasks)[:120]}.onnx"
         return Response(
