@@ -23,9 +23,10 @@ from PoE.build.baselines import method as baseline_method
 from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
-from PoE.core.evaluate import batched_logits, check_covered, count_macs, count_params, expert_outputs, score_composite
+from PoE.core.evaluate import check_covered, consolidated_logits, count_macs, count_params, score_composite
 from PoE.core.jsonfile import parse_json, read_text
 from PoE.core.query import make_query
+from PoE.core.runtime import Runtime
 from PoE.core.store import atomic_write
 from PoE.query.pool import Pool
 
@@ -46,26 +47,17 @@ def pool_combinations(
 ) -> list[ComboResult]:
     """Score the train-free consolidated model of every combination of n of ``tasks``, for each n.
 
-    The library and each expert run once over the test images of all ``tasks``; each combination is
-    then scored from those logits with the consolidated model's merge rule (the same computation as
-    building and running its model).
+    The consolidated model of all ``tasks`` runs once over their test images; each combination is then scored from
+    its columns (a combination's model computes the same logits for its classes: ``score_composite``).
     """
     cfg, device = pool.cfg, pool.device
     for t in tasks:
         pool.make_query([t])  # a missing expert fails here, naming its file
     experts = {t: pool.experts[t] for t in tasks}
-    classes = sorted(c for t in tasks for c in cfg.tasks[t])
-    check_covered(test.y, classes, cfg.class_name)
-    subset, _ = test.with_classes(classes)
-    logits = expert_outputs(
-        pool.library,
-        experts,
-        subset,
-        Normalizer(cfg.mean, cfg.std, device),
-        device,
-        precision=pool.precision,
-        progress=progress,
-    )
+    whole = pool.query(tasks)
+    check_covered(test.y, whole.classes, cfg.class_name)
+    subset, _ = test.with_classes(whole.classes)
+    logits = consolidated_logits(whole.module, subset, Normalizer(cfg.mean, cfg.std, device), pool.runtime, progress)
     shape = (3, cfg.image_size, cfg.image_size)
     lib_macs, lib_params = count_macs(pool.library, shape, device), count_params(pool.library)
     with torch.no_grad():
@@ -75,7 +67,7 @@ def pool_combinations(
     for n in ns:
         for combo in itertools.combinations(tasks, n):
             query = make_query(combo, cfg.tasks)
-            acc, n_test, cross, wrong = score_composite(query, [logits[t] for t in combo], subset.y)
+            acc, n_test, cross, wrong = score_composite(query, logits, whole.classes, subset.y)
             macs = lib_macs + sum(cost[t][0] for t in combo)
             params = lib_params + sum(cost[t][1] for t in combo)
             results.append(ComboResult(combo, acc, n_test, cross, wrong, macs, params))
@@ -149,7 +141,7 @@ def compare(
     recorded = read_record(record)
     if "oracle" in methods:
         combos = [c for n in ns for c in sample_combinations(tasks, n, 0)]
-        rows += oracle_combinations(oracle(), pool.cfg, combos, test, pool.device)
+        rows += oracle_combinations(oracle(), pool.cfg, combos, test, pool.runtime)
     poe = pool_combinations(pool, tasks, ns, test, progress=progress) if "poe" in methods else []
     if poe:
         for r in poe:
@@ -315,20 +307,19 @@ def oracle_combinations(
     cfg: DatasetConfig,
     combos: list[tuple[str, ...]],
     test: ImageSet,
-    device: str | torch.device,
+    runtime: Runtime,
 ) -> list[dict]:
     """The Oracle restricted to each composite's classes (argmax over those columns), one forward in all."""
     classes = sorted({c for combo in combos for t in combo for c in cfg.tasks[t]})
     subset, _ = test.with_classes(classes)
-    normalize = Normalizer(cfg.mean, cfg.std, device)
-    oracle.eval()
-    full = torch.cat([o.cpu() for o in batched_logits(oracle, subset.x, normalize, device, "fp32")])
+    normalize = Normalizer(cfg.mean, cfg.std, runtime.device)
+    full = consolidated_logits(oracle, subset, normalize, runtime.fp32)
     shape = (3, cfg.image_size, cfg.image_size)
-    macs, params = count_macs(oracle, shape, device), count_params(oracle)
+    macs, params = count_macs(oracle, shape, runtime.device), count_params(oracle)
     rows = []
     for combo in combos:
         query = make_query(combo, cfg.tasks)
-        acc, n_test, _, _ = score_composite(query, [full[:, cfg.tasks[t]] for t in combo], subset.y)
+        acc, n_test, _, _ = score_composite(query, full, range(cfg.num_classes), subset.y)
         rows.append(
             {
                 "method": "oracle",

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,7 +29,7 @@ import PoE.core.networks.bank as bank_module
 from PoE.build.losses import ckd_loss
 from PoE.build.profiles import PROFILES
 from PoE.build.train import make_optimizer
-from PoE.core.consolidate import merge
+from PoE.core.consolidate import ConsolidatedNet, SideBySide
 from PoE.core.networks import bank_of, family_of
 from PoE.core.precision import autocast, cpu_model, resolve
 from PoE.core.store import atomic_write
@@ -41,18 +40,6 @@ QUERIES = {
     3: ["people", "vehicles_1", "vehicles_2"],
     5: ["people", "vehicles_1", "vehicles_2", "small_mammals", "medium-sized_mammals"],
 }
-
-
-class LoopNet(nn.Module):
-    """What a consolidated model was before the bank: the library, then each expert in a Python loop."""
-
-    def __init__(self, library: nn.Module, experts: list[nn.Module], order: torch.Tensor) -> None:
-        super().__init__()
-        self.library, self.experts, self.order = library, nn.ModuleList(experts), order
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.library(x)
-        return merge([e(f) for e in self.experts], self.order)
 
 
 def sync(device: torch.device) -> None:
@@ -95,7 +82,7 @@ def inference_rows(pool: Pool, device: torch.device, precisions: list[str], batc
     queries = {**QUERIES, 20: list(pool.experts)}
     for n, tasks in queries.items():
         model = pool.query(tasks)
-        loop = LoopNet(pool.library, [pool.experts[t] for t in model.tasks], model.module.order).eval()
+        loop = ConsolidatedNet(pool.library, SideBySide([pool.experts[t] for t in model.tasks]), model.query).eval()
         fns: dict[str, Callable[[], None]] = {}
         for prec in precisions:
             for name, net in (("loop", loop), ("bank", model.module)):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PoE.build.losses import ckd_loss
 from PoE.build.profiles import PROFILES, STAGES, StageConfig
-from PoE.build.train import seed_everything, train_stage
+from PoE.build.train import Feed, Resume, seed_everything, train_stage
 from PoE.cli.common import run_main
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
@@ -37,6 +37,7 @@ from PoE.core.errors import PoEError
 from PoE.core.evaluate import batched_logits
 from PoE.core.networks import build_network, family_of
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
+from PoE.core.runtime import CPU
 from PoE.core.store import load_checkpoint, load_into, save_checkpoint
 from PoE.query.pool import Pool
 
@@ -106,7 +107,7 @@ def batches(loader: TensorLoader, feats: ViewCache, views: int, seed: int, bs: i
 
 
 def score(net: nn.Module, images: ImageSet, cols: torch.Tensor, norm: Normalizer) -> float:
-    pred = torch.cat([o.argmax(1) for o in batched_logits(net.eval(), images.x, norm, "cpu", "fp32")])
+    pred = torch.cat([o.argmax(1) for o in batched_logits(net.eval(), images.x, norm, CPU)])
     return round(100 * (cols[pred] == images.y).float().mean().item(), 2)
 
 
@@ -148,17 +149,9 @@ def run_one(name: str, opts: dict, ctx: dict) -> dict:
         "config": repr(conf),
         "n": len(loader.data),
     }
+    feed = Feed(batches(loader, feats, views, seed, conf.batch_size), len(loader), progress=False)
     hist = train_stage(
-        f"expert {name}",
-        {"expert": expert},
-        loss_fn,
-        batches(loader, feats, views, seed, conf.batch_size),
-        len(loader),
-        conf,
-        work / f"resume_{name}.pt",
-        fp,
-        progress=False,
-        precision="fp32",
+        f"expert {name}", {"expert": expert}, loss_fn, feed, conf, CPU, Resume(work / f"resume_{name}.pt", fp)
     )
     net = nn.Sequential(library, expert)
     out = {

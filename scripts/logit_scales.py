@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PoE.cli.common import run_main
 from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import get_dataset, load_split
-from PoE.core.evaluate import expert_outputs
+from PoE.core.evaluate import consolidated_logits
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
+from PoE.core.runtime import CPU
 from PoE.experiments import write_text
 from PoE.query.pool import Pool
 
@@ -39,11 +40,10 @@ def table(dbs: list[str], data_root: str, tasks: list[str] | None) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for db, pool in zip(dbs, pools, strict=True):
-        pool.make_query(tasks)
-        experts = {t: pool.experts[t] for t in tasks}
-        logits = expert_outputs(
-            pool.library, experts, images, Normalizer(cfg.mean, cfg.std, "cpu"), "cpu", precision="fp32"
-        )
+        whole = pool.query(tasks)
+        full = consolidated_logits(whole.module, images, Normalizer(cfg.mean, cfg.std, "cpu"), CPU)
+        at = {c: i for i, c in enumerate(whole.classes)}
+        logits = {t: full[:, [at[c] for c in cfg.tasks[t]]] for t in tasks}  # each expert's own columns
         for t in tasks:
             own_classes = torch.tensor(cfg.tasks[t])
             own = torch.isin(images.y, own_classes)

@@ -25,13 +25,14 @@ from PoE.core.errors import PoEError
 from PoE.core.evaluate import batched_logits
 from PoE.core.networks import WideResNet, WRNSpec, build_network
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
+from PoE.core.runtime import CPU
 from PoE.core.store import load_checkpoint, load_into
 from PoE.query.pool import Pool
 
 
 def logits_of(model: nn.Module, images: ImageSet, norm: Normalizer) -> torch.Tensor:
     """fp32 logits of ``model`` (eval mode, CPU) on ``images``."""
-    return torch.cat(list(batched_logits(model.eval(), images.x, norm, "cpu", "fp32")))
+    return torch.cat(list(batched_logits(model.eval(), images.x, norm, CPU)))
 
 
 def row(name: str, logits: torch.Tensor, cols: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None) -> str:

@@ -19,8 +19,9 @@ from torch import nn
 
 from PoE.build import distributed
 from PoE.build.profiles import StageConfig
-from PoE.build.train import train_stage
+from PoE.build.train import Feed, Resume, train_stage
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.core.runtime import CPU
 
 
 def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
@@ -43,9 +44,7 @@ def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
         return loader.epoch(epoch)
 
     stage = StageConfig(epochs=3, lr=0.1, schedule="onecycle")
-    train_stage(
-        "toy", {"m": model}, loss_fn, batches, len(loader), stage, resume, {"toy": 1}, progress=False, precision="fp32"
-    )
+    train_stage("toy", {"m": model}, loss_fn, Feed(batches, len(loader), False), stage, CPU, Resume(resume, {"toy": 1}))
     return model
 
 

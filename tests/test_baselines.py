@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from PoE import SHIPPED_POOL
-from PoE.build.baselines import METHODS, BaselineRunner
+from PoE.build.baselines import METHODS, BaselineConfig, BaselineRunner, Sources
 from PoE.build.losses import padded_kd, restricted_kd
 from PoE.build.profiles import StageConfig
 from PoE.core.datasets import get_dataset, load_split
@@ -35,17 +35,8 @@ def runner(official_cifar, data_root, tmp_path_factory):
         return pool.library if task is None else pool.experts[task]
 
     stage = StageConfig(epochs=1, lr=0.05, batch_size=128)
-    return BaselineRunner(
-        cfg,
-        train,
-        test,
-        torch.device("cpu"),
-        stage,
-        oracle=oracle,
-        pool_part=pool_part,
-        teacher_dir=tmp_path_factory.mktemp("teachers"),
-        progress=False,
-    )
+    how = BaselineConfig(pretrained=tmp_path_factory.mktemp("pretrained"), progress=False)
+    return BaselineRunner(cfg, train, test, stage, how, Sources(oracle, pool_part, tmp_path_factory.mktemp("teachers")))
 
 
 @pytest.mark.parametrize("method", METHODS)

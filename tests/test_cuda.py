@@ -13,7 +13,7 @@ from torch import nn
 
 from PoE.build.profiles import StageConfig
 from PoE.build.teacher import TeacherOutputs
-from PoE.build.train import compiled, train_stage
+from PoE.build.train import Feed, compiled, train_stage
 from PoE.cli import main_preprocessing, main_service
 from PoE.core.data import ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
@@ -21,6 +21,7 @@ from PoE.core.evaluate import predict
 from PoE.core.networks import WideResNet, WRNSpec
 from PoE.core.precision import resolve
 from PoE.core.query import make_query
+from PoE.core.runtime import CPU, Runtime
 from PoE.core.store import state_id
 from PoE.query.pool import Pool
 
@@ -84,16 +85,7 @@ def test_training_steps_do_not_wait_for_the_gpu(precision):
 
         def epoch(loader=loader, model=model, loss_fn=loss_fn, stage=stage) -> None:
             train_stage(
-                "toy",
-                {"m": model},
-                loss_fn,
-                loader.epoch,
-                len(loader),
-                stage,
-                None,
-                {},
-                progress=False,
-                precision=precision,
+                "toy", {"m": model}, loss_fn, Feed(loader.epoch, len(loader), False), stage, Runtime(CUDA, precision)
             )
 
         epoch()  # warm-up: cuDNN plans, the allocator
@@ -114,18 +106,8 @@ def test_bf16_training_learns_like_fp32():
             return nn.functional.cross_entropy(model(b.x).float(), b.y)
 
         stage = StageConfig(epochs=30, lr=0.1, schedule="onecycle")
-        hist = train_stage(
-            "toy",
-            {"m": model},
-            loss_fn,
-            loader.epoch,
-            len(loader),
-            stage,
-            None,
-            {},
-            progress=False,
-            precision=precision,
-        )
+        feed = Feed(loader.epoch, len(loader), False)
+        hist = train_stage("toy", {"m": model}, loss_fn, feed, stage, Runtime(CUDA, precision))
         losses[precision] = hist["loss"][-1]
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert losses["fp32"] < 0.5 and losses["bf16"] < 0.5, losses
@@ -150,7 +132,7 @@ def test_gpu_teacher_cache_equals_the_cpu_oracle(tmp_path):
     gpu_oracle.load_state_dict(oracle.state_dict())
     gpu_oracle = gpu_oracle.to(CUDA).to(memory_format=torch.channels_last)
     loader = TensorLoader(data, 50, Normalizer(*NORM, device=CUDA), 4, CUDA, seed=1, view_seed=7)
-    teacher = TeacherOutputs(gpu_oracle, state_id(oracle), 3, 7, tmp_path, progress=False, precision="fp32")
+    teacher = TeacherOutputs(gpu_oracle, state_id(oracle), 3, 7, tmp_path, Runtime(CUDA), progress=False)
     for batch in teacher.batches(loader, StageConfig(epochs=3, lr=0.1))(2):
         got = teacher.logits(batch, loader)
         assert got.is_cuda
@@ -165,13 +147,12 @@ def test_released_pool_predicts_the_same_on_gpu(official_cifar, data_root):
         Pool.open(official_cifar).query(query.tasks).module,
         test,
         Normalizer(cfg.mean, cfg.std),
-        "cpu",
-        precision="fp32",
+        CPU,
     )
     gpu_model = Pool.open(official_cifar, device=CUDA).query(query.tasks).module
     norm = Normalizer(cfg.mean, cfg.std, CUDA)
-    fp32 = predict(gpu_model, test, norm, CUDA, precision="fp32")
-    bf16 = predict(gpu_model, test, norm, CUDA, precision="bf16")
+    fp32 = predict(gpu_model, test, norm, Runtime(CUDA, "fp32"))
+    bf16 = predict(gpu_model, test, norm, Runtime(CUDA, "bf16"))
     assert (fp32 == cpu).float().mean() >= 0.998
     assert (bf16 == cpu).float().mean() >= 0.99
 

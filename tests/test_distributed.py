@@ -16,6 +16,7 @@ from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
 from PoE.core.networks import build_network
+from PoE.core.runtime import CPU
 from PoE.core.store import load_checkpoint, load_into, state_id
 from PoE.query.pool import Pool
 
@@ -126,7 +127,7 @@ def test_torchrun_preprocessing_with_two_gloo_processes(tmp_path, few_train_root
     for task in ("people", "vehicles_1"):  # the ranks' shares of the test set add up to a one-process evaluation
         expert = load_checkpoint(pool / "experts" / f"expert_{task}.pt")
         model = torch.nn.Sequential(opened.library, opened.experts[task])
-        acc, n = accuracy(model, test, cfg.tasks[task], Normalizer(cfg.mean, cfg.std), "cpu", precision="fp32")
+        acc, n = accuracy(model, test, cfg.tasks[task], Normalizer(cfg.mean, cfg.std), CPU)
         assert expert["kind"] == "expert" and 50 < n < 150 and expert["test_n"] == n
         assert expert["test_acc"] == pytest.approx(acc, abs=1e-4)
     assert set(json.loads((pool / "manifest.json").read_text())["experts"]) == {"people", "vehicles_1"}

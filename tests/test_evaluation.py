@@ -36,7 +36,11 @@ def test_score_composite_by_hand():
     a = torch.tensor([[5.0, 0.0], [0.0, 1.0], [9.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     b = torch.tensor([[1.0], [2.0], [3.0], [1.0], [0.0]])
     labels = torch.tensor([3, 1, 7, 7, 5])
-    acc, n, cross, wrong = score_composite(Query(("A", "B"), ((3, 1), (7,))), [a, b], labels)
+    # the columns of a larger consolidated model, in its own order: 7, 3, 1 and class 5 of an expert not queried,
+    # whose large logits must not be picked
+    other = torch.full((5, 1), 99.0)
+    logits = torch.cat([b, a, other], dim=1)
+    acc, n, cross, wrong = score_composite(Query(("A", "B"), ((3, 1), (7,))), logits, [7, 3, 1, 5], labels)
     # predictions: 3 (ok), 7 (wrong, cross), 3 (wrong, cross), 7 (ok)
     assert (n, cross, wrong) == (4, 2, 2) and acc == pytest.approx(50.0)
 

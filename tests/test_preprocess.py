@@ -13,12 +13,13 @@ from torch import nn
 
 from PoE.build.profiles import StageConfig
 from PoE.build.teacher import TeacherOutputs
-from PoE.build.train import train_stage
+from PoE.build.train import Feed, Resume, train_stage
 from PoE.cli import main_preprocessing, main_service
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import load_split
 from PoE.core.errors import PoEError
 from PoE.core.networks import WideResNet, WRNSpec
+from PoE.core.runtime import CPU
 from PoE.core.store import load_checkpoint, save_checkpoint, state_id
 
 from .conftest import ROOT, TINY, fake_cifar, install_stand_in_oracle
@@ -199,37 +200,18 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     stage = StageConfig(epochs=4, lr=0.1, schedule="onecycle")
     straight, batches, loss_fn = toy_problem()
     train_stage(
-        "toy",
-        {"m": straight},
-        loss_fn,
-        batches,
-        4,
-        stage,
-        tmp_path / "a.pt",
-        {"k": 1},
-        progress=False,
-        precision="fp32",
+        "toy", {"m": straight}, loss_fn, Feed(batches, 4, False), stage, CPU, Resume(tmp_path / "a.pt", {"k": 1})
     )
 
     resumed, batches, loss_fn = toy_problem()
 
     with pytest.raises(KeyboardInterrupt):
-        train_stage(
-            "toy",
-            {"m": resumed},
-            loss_fn,
-            stopping_at(2, batches),
-            4,
-            stage,
-            tmp_path / "b.pt",
-            {"k": 1},
-            progress=False,
-            precision="fp32",
-        )
+        feed = Feed(stopping_at(2, batches), 4, False)
+        train_stage("toy", {"m": resumed}, loss_fn, feed, stage, CPU, Resume(tmp_path / "b.pt", {"k": 1}))
     assert load_checkpoint(tmp_path / "b.pt")["history"]["epochs_done"] == 2
     fresh, batches, loss_fn = toy_problem(seed=123)  # different init: everything must come from the checkpoint
     hist = train_stage(
-        "toy", {"m": fresh}, loss_fn, batches, 4, stage, tmp_path / "b.pt", {"k": 1}, progress=False, precision="fp32"
+        "toy", {"m": fresh}, loss_fn, Feed(batches, 4, False), stage, CPU, Resume(tmp_path / "b.pt", {"k": 1})
     )
     assert hist["epochs_done"] == 4
     assert [(r["first_epoch"], r["epochs"]) for r in hist["sittings"]] == [(1, 2), (3, 2)]
@@ -244,16 +226,7 @@ def test_resume_file_of_another_run_is_refused(tmp_path):
     save_checkpoint(tmp_path / "r.pt", {"fingerprint": {"k": 0}, "modules": {}, "optimizer": {}, "history": {}})
     with pytest.raises(PoEError, match="--retrain toy"):
         train_stage(
-            "toy",
-            {"m": model},
-            loss_fn,
-            batches,
-            4,
-            stage,
-            tmp_path / "r.pt",
-            {"k": 1},
-            progress=False,
-            precision="fp32",
+            "toy", {"m": model}, loss_fn, Feed(batches, 4, False), stage, CPU, Resume(tmp_path / "r.pt", {"k": 1})
         )
 
 
@@ -264,8 +237,8 @@ def test_cached_teacher_logits_equal_running_the_oracle(tmp_path):
     oracle = WideResNet(WRNSpec(10, 1), 10).eval()
     norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     loader = TensorLoader(data, 8, norm, 4, "cpu", seed=1, view_seed=7)
-    cached = TeacherOutputs(oracle, state_id(oracle), 3, 7, tmp_path, progress=False, precision="fp32")
-    online = TeacherOutputs(oracle, state_id(oracle), 0, 7, tmp_path, progress=False, precision="fp32")
+    cached = TeacherOutputs(oracle, state_id(oracle), 3, 7, tmp_path, CPU, progress=False)
+    online = TeacherOutputs(oracle, state_id(oracle), 0, 7, tmp_path, CPU, progress=False)
     for epoch in (0, 1, 4):  # epoch 4 reuses view 1
         for batch in cached.batches(loader, StageConfig(epochs=2, lr=0.1))(epoch):  # makes views 0, 1 ready
             assert batch.view == epoch % 3

@@ -33,13 +33,13 @@ def test_images(pool, data_root) -> torch.Tensor:
 def threads_seen(monkeypatch) -> list[int]:
     """torch's thread count inside each forward, as the experts run."""
     seen: list[int] = []
-    original = batching.experts_apart
+    original = batching.consolidated
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(batching, "experts_apart", spy)
+    monkeypatch.setattr(batching, "consolidated", spy)
     before = torch.get_num_threads()
     yield seen
     torch.set_num_threads(before)

@@ -22,6 +22,7 @@ from PIL import Image
 from PoE.core.data import Normalizer
 from PoE.core.datasets import load_split
 from PoE.core.evaluate import accuracy
+from PoE.core.runtime import CPU
 from PoE.query.pool import Pool
 
 from .conftest import ROOT
@@ -118,9 +119,7 @@ def test_page_picks_tasks_shows_the_model_and_predicts(driver, server, data_root
     pool = Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
     model = pool.query(QUERY)
     test = load_split("cifar100", data_root, "test", progress=False)
-    acc, n = accuracy(
-        model.module, test, model.classes, Normalizer(pool.cfg.mean, pool.cfg.std), "cpu", precision="fp32"
-    )
+    acc, n = accuracy(model.module, test, model.classes, Normalizer(pool.cfg.mean, pool.cfg.std), CPU)
     macs, params = model.cost()
 
     driver.get(server)

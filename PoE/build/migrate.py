@@ -58,7 +58,7 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
         h = current_hierarchy(base, paths.root, old["hierarchy"])
         listing = Listing.read(paths)
         listing.hierarchy = h.record(base)
-        Pool(h.apply(base), paths, "cpu", contents=Contents(paths, dict(listing.digests), listing.hierarchy))
+        Pool(h.apply(base), paths, contents=Contents(paths, dict(listing.digests), listing.hierarchy))
         save_json(paths.manifest, build(listing, listing.old))
         note = f" ({DESCRIPTION_FILE} recorded as it is now: nothing covered it before)"
         note = note if (paths.root / DESCRIPTION_FILE).is_file() else ""
@@ -68,7 +68,7 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
     if old.get("manifest_format") == 2:  # the parts are current: the manifest only gains the hierarchy
         listing = Listing.read(paths)
         listing.hierarchy = h.record(base)
-        Pool(cfg, paths, "cpu", contents=Contents(paths, dict(listing.digests), listing.hierarchy))  # every check
+        Pool(cfg, paths, contents=Contents(paths, dict(listing.digests), listing.hierarchy))  # every check
         save_json(paths.manifest, build(listing, listing.old))
         return f"{paths.root}: upgraded; manifest.json records the hierarchy ({len(h.tasks)} tasks), no part rewritten"
     listing = Listing(paths, old={k: v for k, v in old.items() if k not in ("library_id", "experts", "parts")})
@@ -88,7 +88,7 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
     gone = sorted(set(old.get("experts") or {}) - set(tasks))
     if gone:
         raise PoEError(f"manifest.json records the expert of {gone[0]!r}, but {paths.expert(gone[0])} is missing")
-    Pool(cfg, paths, "cpu", contents=Contents(paths, dict(listing.digests), listing.hierarchy))  # every other check
+    Pool(cfg, paths, contents=Contents(paths, dict(listing.digests), listing.hierarchy))  # every other check
     for path, payload in payloads.items():
         save_checkpoint(path, payload)
     save_json(paths.manifest, build(listing, listing.old))

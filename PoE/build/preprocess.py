@@ -21,7 +21,7 @@ from PoE.core.data import FolderLoader, ImageSet, Normalizer, TensorLoader, defa
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
-from PoE.core.precision import machine_info
+from PoE.core.runtime import Runtime
 from PoE.core.store import PoolPaths, save_checkpoint, seal
 from PoE.core.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 
@@ -40,7 +40,7 @@ class Settings:
     alpha: float
     teacher_views: int
     seed: int
-    device: torch.device
+    runtime: Runtime  # device and resolved precision
     data_root: Path
     db: Path  # pool root: the pool is db/<dataset>
     pretrained: Path  # folder of the Oracle and the library student: pretrained/<dataset>
@@ -56,7 +56,6 @@ class Settings:
     oracle_weights: Path | None = None  # pretrained datasets: the Oracle's state dict (default: torch hub cache)
     library_weights: Path | None = None  # pretrained datasets: a whole MobileNetV2's state dict (ditto)
     workers: int | None = None  # DataLoader workers of a streamed image folder (default: one per core, <= 8)
-    precision: str = "fp32"  # fp32 or bf16 (resolved from --precision)
     compile: tuple[str, ...] = ()  # stages whose training step is torch.compile'd
     oracle_file: Path | None = None  # the user's Oracle program (PoE.build.oracle), used instead of training one
     oracle_classes: Path | None = None  # its class order, when it differs from the dataset's
@@ -65,6 +64,10 @@ class Settings:
     hierarchy: Hierarchy | None = None  # the tasks of cfg, recorded in the pool's manifest
     adding: bool = False  # --add_tasks: ``tasks`` are new ones, added to the pool in place (``PoE.build.edit``)
     banner: str = ""  # printed before the first part is made (a run that only loads parts prints none)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
     def stage_seed(self, stage: str) -> int:
         """Seeds a stage's weights and batch order (augmented views are seeded by ``seed`` alone)."""
@@ -248,9 +251,7 @@ class Preprocessor:
         if world > 1:
             test = test.subset(torch.arange(rank, len(test), world))
         progress = self.s.progress and rank == 0
-        acc, n = accuracy(
-            model, test, classes, self.normalize, self.s.device, restrict, progress, precision=self.s.precision
-        )
+        acc, n = accuracy(model, test, classes, self.normalize, self.s.runtime, restrict, progress)
         if self.s.test_limit and distributed.total([n])[0] == 0:
             raise PoEError(f"--test_limit {self.s.test_limit} keeps no test image of classes {classes}: raise it")
         if world == 1:
@@ -371,11 +372,11 @@ class Preprocessor:
             "oracle": records.get("oracle"),
             "library": records.get("library"),
             "model_selection": "final epoch of every stage (the test set is only used for reporting)",
-            "precision": self.s.precision,
+            "precision": self.s.runtime.precision,
             "compile": list(self.s.compile),
             "stage_epoch_seconds": self.per_stage(old, "epoch_seconds"),
             "stage_sittings": sittings,
             "resumed_stages": [stage for stage, runs in sittings.items() if len(runs) > 1],
-            "machine": machine_info(self.s.device),
+            "machine": self.s.runtime.machine(),
             "stage_seconds": self.stage_seconds(old),
         }

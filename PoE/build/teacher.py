@@ -14,7 +14,7 @@ from PoE.build import distributed
 from PoE.build.profiles import StageConfig
 from PoE.core.data import Batch, TensorLoader
 from PoE.core.errors import PoEError
-from PoE.core.precision import autocast
+from PoE.core.runtime import Runtime
 from PoE.core.store import load_checkpoint, save_checkpoint
 
 
@@ -34,11 +34,11 @@ class TeacherOutputs:
         views: int,
         view_seed: int,
         cache_dir: Path,
-        progress: bool,
-        precision: str,
+        runtime: Runtime,
+        progress: bool = True,
     ) -> None:
         self.oracle, self.oracle_id, self.views, self.view_seed = oracle.eval(), oracle_id, views, view_seed
-        self.cache_dir, self.progress, self.precision = cache_dir, progress, precision
+        self.cache_dir, self.progress, self.runtime = cache_dir, progress, runtime
         self.tables: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
 
@@ -68,7 +68,10 @@ class TeacherOutputs:
         """One view's table: rank 0 reads it from the cache or computes and writes it; the other ranks
         wait for that and read the file (every rank calls this at the same batches, all views alike)."""
         n = len(loader.data)
-        path = self.cache_dir / f"teacher_{self.oracle_id}_seed{self.view_seed}_n{n}_{self.precision}_view{view:04d}.pt"
+        path = (
+            self.cache_dir
+            / f"teacher_{self.oracle_id}_seed{self.view_seed}_n{n}_{self.runtime.precision}_view{view:04d}.pt"
+        )
         table = None
         if distributed.is_main():
             table = self.cached(path, n)
@@ -102,7 +105,7 @@ class TeacherOutputs:
             for batch in tqdm(
                 batches, total=steps, desc=f"teacher view {view}", leave=False, disable=not self.progress
             ):
-                with autocast(batch.x.device, self.precision):
+                with self.runtime.autocast():
                     logits = self.oracle(batch.x)
                 parts.append(logits.half())
             table = torch.cat(parts)

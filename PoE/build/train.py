@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from PoE.build import distributed
 from PoE.build.profiles import StageConfig
 from PoE.core.data import Batch
 from PoE.core.errors import PoEError
-from PoE.core.precision import autocast, ieee_scope, machine_info
+from PoE.core.runtime import Runtime
 from PoE.core.store import load_checkpoint, save_checkpoint
 
 
@@ -51,41 +52,53 @@ def make_optimizer(params: list[nn.Parameter], stage: StageConfig) -> torch.opti
     )
 
 
+@dataclass(frozen=True)
+class Feed:
+    """What an epoch trains on: ``batches(epoch)`` (so a resumed run sees the data a straight run would), the steps
+    in an epoch, and whether a progress bar shows them (on rank 0 only)."""
+
+    batches: Callable[[int], Iterator[Batch]]
+    steps: int
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a stage's weights, optimizer state and history go after every epoch, and what a checkpoint there must
+    have been made with (``fingerprint``) to be continued rather than refused."""
+
+    path: Path
+    fingerprint: dict[str, Any]
+
+
 def train_stage(
     name: str,
     modules: dict[str, nn.Module],
     loss_fn: Callable[[Batch], torch.Tensor],
-    batches: Callable[[int], Iterator[Batch]],
-    steps_per_epoch: int,
+    feed: Feed,
     stage: StageConfig,
-    resume_path: Path | None,
-    fingerprint: dict[str, Any],
+    runtime: Runtime,
+    resume: Resume | None = None,
     frozen: tuple[nn.Module, ...] = (),
-    progress: bool = True,
-    *,
-    precision: str,
 ) -> dict[str, Any]:
     """Train ``modules`` (all their parameters) for ``stage.epochs``; return the run's history.
 
-    After every epoch the weights, optimizer state and history go atomically to ``resume_path``;
-    a later call with the same ``fingerprint`` continues after the last finished epoch. The history's
-    ``sittings`` say which epochs each call ran, when, on what machine and at what precision, so a stage
-    finished over several sittings (or machines) says so. Epoch ``e``
-    draws its batches from ``batches(e)``, so a resumed run sees the data a straight run would.
-    ``frozen`` modules stay in eval mode (their BatchNorm statistics do not move). ``loss_fn`` runs under
-    the autocast of ``precision``; the backward pass and the optimizer step stay outside it.
+    After every epoch the weights, optimizer state and history go atomically to ``resume.path``; a later call with
+    the same fingerprint continues after the last finished epoch. The history's ``sittings`` say which epochs each
+    call ran, when, on what machine and at what precision, so a stage finished over several sittings (or machines)
+    says so. ``frozen`` modules stay in eval mode (their BatchNorm statistics do not move). ``loss_fn`` runs under
+    the runtime's autocast; the backward pass and the optimizer step stay outside it.
 
     Under several processes ``loss_fn`` must run ``distributed.wrap`` of the modules (so DDP averages
-    the gradients) and ``batches`` yield this rank's shard; rank 0 alone prints and writes ``resume_path``,
+    the gradients) and ``feed`` yield this rank's shard; rank 0 alone prints and writes the checkpoint,
     and at the end every rank holds rank 0's weights and buffers.
     """
     is_main = distributed.is_main()
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    device = params[0].device if params else torch.device("cpu")
     opt = make_optimizer(params, stage)
-    history = resume(name, modules, opt, resume_path, fingerprint, stage.epochs)
-    sitting = new_sitting(history, stage.epochs, precision, device)
-    with ieee_scope(device, precision):  # fp32 on a GPU: IEEE in the backward passes too, not only the forward
+    history = resumed(name, modules, opt, resume, stage.epochs)
+    sitting = new_sitting(history, stage.epochs, runtime)
+    with runtime.ieee_scope():  # fp32 on a GPU: IEEE in the backward passes too, not only the forward
         for epoch in range(history["epochs_done"], stage.epochs):
             for m in modules.values():
                 m.train()
@@ -93,13 +106,13 @@ def train_stage(
                 m.eval()
             t0 = time.perf_counter()
             bar = tqdm(
-                batches(epoch),
-                total=steps_per_epoch,
+                feed.batches(epoch),
+                total=feed.steps,
                 desc=f"{name} {epoch + 1}/{stage.epochs}",
                 leave=False,
-                disable=not (progress and is_main),
+                disable=not (feed.progress and is_main),
             )
-            epoch_total, count = run_epoch(bar, loss_fn, opt, stage, epoch, steps_per_epoch, precision, device)
+            epoch_total, count = run_epoch(bar, loss_fn, opt, stage, epoch, feed.steps, runtime)
             if not math.isfinite(epoch_total):
                 raise PoEError(f"[{name}] loss became {epoch_total} in epoch {epoch + 1}; lower the learning rate")
             seconds = time.perf_counter() - t0
@@ -107,12 +120,12 @@ def train_stage(
             record_epoch(history, sitting, epoch, epoch_loss, seconds)
             if is_main:
                 print(f"[{name}] epoch {epoch + 1}/{stage.epochs} loss {epoch_loss:.4f} ({seconds:.0f}s)")
-                if resume_path is not None:
+                if resume is not None:
                     state = {k: m.state_dict() for k, m in modules.items()}
                     save_checkpoint(
-                        resume_path,
+                        resume.path,
                         {
-                            "fingerprint": fingerprint,
+                            "fingerprint": resume.fingerprint,
                             "modules": state,
                             "optimizer": opt.state_dict(),
                             "history": history,
@@ -123,15 +136,15 @@ def train_stage(
     return history
 
 
-def new_sitting(history: dict[str, Any], epochs: int, precision: str, device: torch.device) -> dict[str, Any]:
+def new_sitting(history: dict[str, Any], epochs: int, runtime: Runtime) -> dict[str, Any]:
     """This call's record in the history (which epochs it ran, when, where, at what precision), if any is left."""
     sitting: dict[str, Any] = {
         "first_epoch": history["epochs_done"] + 1,
         "epochs": 0,
         "seconds": 0.0,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "precision": precision,
-        **machine_info(device),
+        "precision": runtime.precision,
+        **runtime.machine(),
     }
     if history["epochs_done"] < epochs:
         history.setdefault("sittings", []).append(sitting)
@@ -147,20 +160,16 @@ def record_epoch(history: dict[str, Any], sitting: dict[str, Any], epoch: int, l
     sitting["seconds"] = round(sitting["seconds"] + seconds, 3)
 
 
-def resume(
-    name: str,
-    modules: dict[str, nn.Module],
-    opt: torch.optim.Optimizer,
-    resume_path: Path | None,
-    fingerprint: dict[str, Any],
-    epochs: int,
+def resumed(
+    name: str, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, resume: Resume | None, epochs: int
 ) -> dict[str, Any]:
-    """The history so far: a new one, or the one in ``resume_path`` (whose weights and optimizer state are loaded
-    into ``modules`` and ``opt``) when it was written by a run with the same ``fingerprint``."""
-    if resume_path is None or not resume_path.exists():
+    """The history so far: a new one, or the one in ``resume.path`` (whose weights and optimizer state are loaded
+    into ``modules`` and ``opt``) when it was written by a run with the same fingerprint."""
+    if resume is None or not resume.path.exists():
         return {"epochs_done": 0, "loss": [], "seconds": 0.0, "epoch_seconds": []}
+    resume_path = resume.path
     state = load_checkpoint(resume_path)
-    if state.get("fingerprint") != fingerprint:
+    if state.get("fingerprint") != resume.fingerprint:
         raise PoEError(
             f"{resume_path} resumes a different {name} run (its settings or pool differ from these; runs at "
             f"once need their own {resume_path.parent.parent}); pass --retrain {name} to start this stage over, "
@@ -182,18 +191,18 @@ def run_epoch(
     stage: StageConfig,
     epoch: int,
     steps: int,
-    precision: str,
-    device: torch.device,
+    runtime: Runtime,
 ) -> tuple[float, int]:
     """One epoch's steps; (summed loss, steps). The loss is read from the device once, at the end (and every
     ``SHOW_EVERY`` steps while a progress bar shows it)."""
+    device = runtime.device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for i, batch in enumerate(bar):
         lr = stage.lr_at(epoch + i / steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        with autocast(device, precision):
+        with runtime.autocast():
             loss = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,19 +23,18 @@ from PoE.cli.common import (
     Parser,
     common_arguments,
     open_pool,
-    pick_device,
     pool_tasks,
     run_main,
+    runtime_of,
     tasks_epilog,
 )
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:
-    import torch
-
     from PoE.build.baselines import BaselineRunner
     from PoE.core.data import ImageSet
+    from PoE.core.runtime import Runtime
 
 
 def baselines_parser() -> argparse.ArgumentParser:
@@ -104,7 +103,7 @@ def baseline_arguments(p: argparse.ArgumentParser) -> None:
 def runners(
     a: argparse.Namespace,
     cfg: DatasetConfig,
-    device: torch.device,
+    runtime: Runtime,
     train: Callable[[], ImageSet],
     test: ImageSet,
     T: float = KD_T,
@@ -112,7 +111,6 @@ def runners(
 ) -> Callable[[str], BaselineRunner]:
     """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images)."""
     from PoE.build.baselines import BaselineConfig, baseline_runner
-    from PoE.core.precision import resolve as resolve_precision
 
     how = BaselineConfig(
         pretrained=Path(a.pretrained),
@@ -124,11 +122,11 @@ def runners(
         T=T,
         alpha=alpha,
         seed=a.seed,
-        precision=resolve_precision(a.precision, device),
+        runtime=runtime,
         ckd_views=a.ckd_views,
         progress=not a.no_progress,
     )
-    return lambda method: baseline_runner(method, cfg, train(), test, device, lambda: open_pool(a, device), how)
+    return lambda method: baseline_runner(method, cfg, train(), test, lambda: open_pool(a, runtime.fp32), how)
 
 
 def baselines_body(a: argparse.Namespace) -> int:
@@ -139,13 +137,13 @@ def baselines_body(a: argparse.Namespace) -> int:
 
     cfg = pool_tasks(a)
     query = make_query(a.queriedTask, cfg.tasks, cfg.name)
-    device = pick_device(a.device)
+    runtime = runtime_of(a)
     train = load_split(cfg, a.data_root, "train")
     test = load_split(cfg, a.data_root, "test")
-    runner = runners(a, cfg, device, lambda: train, test, a.T, a.alpha)
+    runner = runners(a, cfg, runtime, lambda: train, test, a.T, a.alpha)
     rows = [result_row(runner(method).run(method, list(query.tasks))) for method in a.method]
     try:
-        rows.append(poe_row(open_pool(a, device), query, test))
+        rows.append(poe_row(open_pool(a, runtime.fp32), query, test))
     except PoEError as e:
         print(f"(no PoE row: {e})")
     cols = [
@@ -158,7 +156,7 @@ def baselines_body(a: argparse.Namespace) -> int:
         ("seconds", "time to produce (s)"),
         ("teacher_seconds", "+ teachers (s)"),
     ]
-    print(f"query: {', '.join(query.tasks)} ({query.num_classes} classes); device {device}")
+    print(f"query: {', '.join(query.tasks)} ({query.num_classes} classes); device {runtime.device}")
     print(markdown_table(rows, cols))
     if a.json:
         print(json.dumps(rows))

@@ -18,6 +18,8 @@ from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 if TYPE_CHECKING:
     import torch
 
+    from PoE.core.runtime import Runtime
+
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where it says something (not None, not already in the help text)."""
@@ -190,10 +192,18 @@ def common_arguments(p: argparse.ArgumentParser, precision: str = "auto") -> Non
     )
 
 
-def open_pool(a: argparse.Namespace, device: torch.device, precision: str = "fp32"):
+def runtime_of(a: argparse.Namespace) -> Runtime:
+    """The command's device and precision (``--device``, ``--precision``), resolved once and handed down."""
+    from PoE.core.runtime import Runtime
+
+    return Runtime.resolve(pick_device(a.device), a.precision)
+
+
+def open_pool(a: argparse.Namespace, runtime: Runtime):
     from PoE.query.pool import Pool
 
-    return Pool.open(a.db, a.dataset, device, precision, a.hierarchy, a.skip_bad_images, a.pool_digest)
+    kw = {"skip_bad_images": a.skip_bad_images, "expected_digest": a.pool_digest, "runtime": runtime}
+    return Pool.open(a.db, a.dataset, hierarchy=a.hierarchy, **kw)
 
 
 def pool_tasks(a: argparse.Namespace) -> DatasetConfig:

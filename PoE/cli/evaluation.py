@@ -16,8 +16,8 @@ from PoE.cli.common import (
     combinations_argument,
     common_arguments,
     open_pool,
-    pick_device,
     run_main,
+    runtime_of,
     tasks_epilog,
 )
 from PoE.core.errors import PoEError
@@ -56,7 +56,6 @@ def evaluation_parser() -> argparse.ArgumentParser:
 
 def evaluation_body(a: argparse.Namespace) -> int:
     from PoE.core.datasets import load_split
-    from PoE.core.precision import resolve as resolve_precision
     from PoE.core.query import make_query
     from PoE.experiments import (
         SUMMARY_COLUMNS,
@@ -74,8 +73,7 @@ def evaluation_body(a: argparse.Namespace) -> int:
     if bad or not ns:
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {bad or ns}")
     check_combinations(tasks, ns, a.max_combinations)
-    device = pick_device(a.device)
-    pool = open_pool(a, device, resolve_precision(a.precision, device))
+    pool = open_pool(a, runtime_of(a))
     test = load_split(pool.cfg, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
     results = pool_combinations(pool, tasks, ns, test, progress=True)
     rows = summarize(results)

@@ -19,8 +19,8 @@ from PoE.cli.common import (
     combinations_argument,
     common_arguments,
     open_pool,
-    pick_device,
     run_main,
+    runtime_of,
     tasks_epilog,
 )
 from PoE.core.errors import PoEError
@@ -120,7 +120,6 @@ def experiments_body(a: argparse.Namespace) -> int:
 
     from PoE.build.baselines import load_oracle, oracle_files
     from PoE.core.datasets import load_split
-    from PoE.core.precision import resolve as resolve_precision
     from PoE.core.store import check_writable, files_id
     from PoE.experiments import (
         METHOD_COLUMNS,
@@ -144,8 +143,9 @@ def experiments_body(a: argparse.Namespace) -> int:
     ablation = ablation_pools(a.ablation)
     if ablation and "poe" not in a.methods:
         raise PoEError("--ablation compares pools with PoE's cross-expert errors: add poe to --methods")
-    device = pick_device(a.device)
-    pool = open_pool(a, device)
+    runtime = runtime_of(a)
+    device = runtime.device
+    pool = open_pool(a, runtime.fp32)
     test = load_split(cfg, a.data_root, "test")
     train = cache(lambda: load_split(cfg, a.data_root, "train"))
     rows, poe = compare(
@@ -155,7 +155,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         a.methods,
         test,
         oracle=lambda: load_oracle(a.pretrained, cfg, device),
-        baseline=runners(a, cfg, device, train, test),
+        baseline=runners(a, cfg, runtime, train, test),
         combos_per_n=a.combos_per_n,
         seed=a.seed,
         progress=not a.no_progress,
@@ -168,7 +168,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         schedule_note = (
             f"baselines: {a.combos_per_n or 'all'} combination(s) per n (seed {a.seed}), SGD lr {a.lr}, batch "
             f"{a.batch_size}, {a.schedule} schedule, {epochs_text} epochs, trained in "
-            f"{resolve_precision(a.precision, device)}"
+            f"{runtime.precision}"
             f"{f', ckd from {a.ckd_views} cached Oracle views' if a.ckd_views else ''}; every accuracy scored in fp32; "
         )
     summary = summarize_methods(rows)
@@ -193,7 +193,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         write_table(out / "same_combinations", ptable, paired)
     plot_results(summary, out, f"{cfg.name}: {', '.join(tasks)}", paired)
     if poe:  # PoE's table: the share of its errors that are cross-expert errors, per pool
-        pools = {"both": pool, **{k: Pool.open(v, cfg.name, device) for k, v in ablation.items()}}
+        pools = {"both": pool, **{k: Pool.open(v, cfg.name, runtime=runtime.fp32) for k, v in ablation.items()}}
         cross = cross_expert_rows(pools, poe, tasks, a.n, test)
         ctable = markdown_table(cross, [(k, k) for k in cross[0]])
         print("\n" + ctable)

@@ -22,8 +22,8 @@ from PoE.cli.common import (
     Parser,
     common_arguments,
     number,
-    pick_device,
     run_main,
+    runtime_of,
     tasks_epilog,
 )
 from PoE.core.datasets.folder import MAX_IMAGE_SIZE
@@ -278,7 +278,6 @@ def preprocessing_settings(a: argparse.Namespace):
     """The run's Settings from the parsed flags: every check that needs no data or training runs here."""
     from PoE.build.preprocess import Settings
     from PoE.build.profiles import for_dataset, get_profile
-    from PoE.core.precision import resolve as resolve_precision
 
     cfg, hierarchy, tasks = dataset_and_tasks(a)
     prof = for_dataset(get_profile(a.profile), cfg)
@@ -287,9 +286,8 @@ def preprocessing_settings(a: argparse.Namespace):
     views = prof.teacher_views if a.teacher_views is None else a.teacher_views
     if cfg.pretrained and views:
         raise PoEError(f"--teacher_views must be 0 for {cfg.name}: its images are streamed, the Oracle sees each batch")
-    device = pick_device(a.device)
-    precision = resolve_precision(a.precision, device)
-    named = {"on": STAGES, "off": (), "auto": prof.compile if device.type == "cuda" else ()}
+    runtime = runtime_of(a)
+    named = {"on": STAGES, "off": (), "auto": prof.compile if runtime.device.type == "cuda" else ()}
     compile_stages = [st for st in STAGES if any(st in named.get(c, (c,)) for c in a.compile)]
     return Settings(
         cfg=cfg,
@@ -302,7 +300,7 @@ def preprocessing_settings(a: argparse.Namespace):
         alpha=prof.alpha if a.alpha is None else a.alpha,
         teacher_views=views,
         seed=a.seed,
-        device=device,
+        runtime=runtime,
         data_root=Path(a.data_root),
         db=Path(a.db),
         pretrained=Path(a.pretrained),
@@ -319,7 +317,6 @@ def preprocessing_settings(a: argparse.Namespace):
         oracle_weights=Path(a.oracle_weights) if a.oracle_weights else None,
         library_weights=Path(a.library_weights) if a.library_weights else None,
         workers=a.workers,
-        precision=precision,
         compile=tuple(compile_stages),
         hierarchy=hierarchy,
         library_from=Path(a.library_from) if a.library_from else None,
@@ -483,8 +480,9 @@ def preprocessing_body(a: argparse.Namespace) -> int:
 
 
 def build_body(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from PoE.build import distributed, stages
-    from PoE.core.precision import describe
 
     s = preprocessing_settings(a)
     if s.adding and not s.tasks:
@@ -493,12 +491,12 @@ def build_body(a: argparse.Namespace) -> int:
         write_hierarchy_copy(pool_folder(a), s.hierarchy, s.cfg)  # an add killed after its commit: this finishes it
         print(f"nothing to add: every task of {a.add_tasks} is in the pool {s.db / s.cfg.name} already")
         return 0
-    s.device = distributed.setup(s.device)  # under torchrun: join the process group, one GPU per process
+    s.runtime = replace(s.runtime, device=distributed.setup(s.device))  # under torchrun: one GPU per process
     main, procs = distributed.is_main(), distributed.world()
     s.banner = (
         f"Pool of Experts preprocessing: {s.cfg.name}, profile {s.profile.name}, Oracle {s.oracle_arch}, "
         f"device {s.device}{f' x {procs} processes' if procs > 1 else ''}, "
-        f"stages {', '.join(s.stages)}; {describe(s.precision, a.precision, s.device)}"
+        f"stages {', '.join(s.stages)}; {s.runtime.describe()}"
         f"{'; torch.compile: ' + ', '.join(s.compile) if s.compile else ''}"
     )
     if main and s.profile.name == "paper" and s.device.type == "cpu":  # on stdout: an error stays one line on stderr

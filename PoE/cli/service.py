@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from PoE.cli.common import (
     POSITIVE_INT,
@@ -14,12 +15,15 @@ from PoE.cli.common import (
     common_arguments,
     number,
     open_pool,
-    pick_device,
     pool_tasks,
     run_main,
+    runtime_of,
     tasks_epilog,
 )
 from PoE.core.errors import PoEError
+
+if TYPE_CHECKING:
+    from PoE.core.runtime import Runtime
 
 
 def service_parser() -> argparse.ArgumentParser:
@@ -140,11 +144,12 @@ def list_pool(pool) -> int:
     return 0
 
 
-def serve_body(a: argparse.Namespace, device: str, precision: str) -> int:
+def serve_body(a: argparse.Namespace, runtime: Runtime) -> int:
     """``--serve``: one process, ``--workers N`` or Ray Serve replicas, each opening the pool (pinned with
     ``--pool_digest``) itself."""
     from PoE.query.service import Settings, serve
 
+    device, precision = str(runtime.device), runtime.precision
     settings = Settings(
         a.db, a.dataset, device, precision, a.data_root, a.max_batch, a.batch_wait_ms, a.threads, a.pool_digest
     )
@@ -161,14 +166,13 @@ def serve_body(a: argparse.Namespace, device: str, precision: str) -> int:
 
 def service_body(a: argparse.Namespace) -> int:
     from PoE.core.datasets import load_split
-    from PoE.core.precision import resolve as resolve_precision
 
-    device = pick_device(a.device)
-    precision = resolve_precision(a.precision, device)
+    runtime = runtime_of(a)
+    precision = runtime.precision
     if a.list:
-        return list_pool(open_pool(a, device, precision))
+        return list_pool(open_pool(a, runtime))
     if a.serve:
-        return serve_body(a, str(device), precision)
+        return serve_body(a, runtime)
     if a.queriedTask is None:
         tasks = ", ".join(pool_tasks(a).tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")
@@ -178,7 +182,7 @@ def service_body(a: argparse.Namespace) -> int:
         raise PoEError("--calibration_images goes with --quantize int8 (an fp32 export needs no calibration)")
     if a.export is not None:
         check_export(a)  # before any work: a path that cannot be written fails at once
-    pool = open_pool(a, device, precision)
+    pool = open_pool(a, runtime)
     cfg = pool.cfg
     model = pool.query(a.queriedTask)
     macs, params = model.cost()

@@ -8,24 +8,23 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from PoE.core.consolidate import merge
 from PoE.core.data import ImageSet, Normalizer
 from PoE.core.errors import PoEError
-from PoE.core.precision import autocast
 from PoE.core.query import Query
+from PoE.core.runtime import Runtime
 
 
 def batched_logits(
     model: nn.Module,
     images: torch.Tensor,
     normalize: Normalizer,
-    device: str | torch.device,
-    precision: str,
+    runtime: Runtime,
     batch_size: int = 500,
     progress: str | None = None,
 ) -> Iterator[torch.Tensor]:
-    """``model``'s float32 logits (on ``device``) for ``images`` (uint8 0..255 or float 0..1, N x 3 x H x W), batch
-    by batch: normalised, channels_last, under ``precision``'s autocast, no gradients. ``progress``: a bar's title.
+    """``model``'s float32 logits (on the runtime's device) for ``images`` (uint8 0..255 or float 0..1, N x 3 x H x
+    W), batch by batch: normalised, channels_last, under the runtime's autocast, no gradients. ``progress``: a bar's
+    title.
     The one loop through which every evaluation, the Python API's predictions and the combination scoring run."""
     starts = range(0, len(images), batch_size)
     if progress is not None:  # a disabled bar still costs time per call, which the service's small batches pay
@@ -33,8 +32,8 @@ def batched_logits(
 
         starts = tqdm(starts, desc=progress, leave=False)
     for s in starts:
-        x = normalize(images[s : s + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), autocast(device, precision):
+        x = normalize(images[s : s + batch_size].to(runtime.device)).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), runtime.autocast():
             out = model(x).float()
         yield out  # outside the autocast and no_grad contexts: the caller's code runs as it would
 
@@ -43,20 +42,16 @@ def predict(
     model: nn.Module,
     images: ImageSet,
     normalize: Normalizer,
-    device: str | torch.device,
+    runtime: Runtime,
     batch_size: int = 500,
     columns: Sequence[int] | None = None,
     progress: bool = False,
-    *,
-    precision: str,
 ) -> torch.Tensor:
     """Argmax predictions (CPU, int64); ``columns`` restricts the argmax to those output columns."""
     model.eval()
-    cols = None if columns is None else torch.tensor(list(columns), device=device)
+    cols = None if columns is None else torch.tensor(list(columns), device=runtime.device)
     out = []
-    for logits in batched_logits(
-        model, images.x, normalize, device, precision, batch_size, "evaluate" if progress else None
-    ):
+    for logits in batched_logits(model, images.x, normalize, runtime, batch_size, "evaluate" if progress else None):
         out.append((logits if cols is None else logits.index_select(1, cols)).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
@@ -78,11 +73,9 @@ def accuracy(
     images: ImageSet,
     classes: Sequence[int] | None,
     normalize: Normalizer,
-    device: str | torch.device,
+    runtime: Runtime,
     restrict: bool = False,
     progress: bool = False,
-    *,
-    precision: str,
 ) -> tuple[float, int]:
     """(accuracy in %, number of images) over the test images whose label is in ``classes``.
 
@@ -98,7 +91,7 @@ def accuracy(
         columns = list(classes) if restrict else None
     if len(labels) == 0:
         return float("nan"), 0
-    pred = predict(model, subset, normalize, device, columns=columns, progress=progress, precision=precision)
+    pred = predict(model, subset, normalize, runtime, columns=columns, progress=progress)
     return 100.0 * (pred == labels).float().mean().item(), len(labels)
 
 
@@ -132,45 +125,31 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def expert_outputs(
-    library: nn.Module,
-    experts: dict[str, nn.Module],
-    images: ImageSet,
-    normalize: Normalizer,
-    device: str | torch.device,
-    batch_size: int = 500,
-    *,
-    precision: str,
-    progress: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Every expert's logits on every image (CPU), with one library and one bank forward per batch.
+def consolidated_logits(
+    model: nn.Module, images: ImageSet, normalize: Normalizer, runtime: Runtime, progress: bool = False
+) -> torch.Tensor:
+    """A consolidated model's logits (CPU) on every image: one library and one bank forward per batch.
 
-    A consolidated model's output is these logits concatenated and reordered, so any composite task
-    over these experts can be scored from them without running a network again.
+    Its columns are its classes in ascending class id, each scored by its own expert, so any composite task over a
+    subset of its experts is these columns restricted to the subset's classes (``score_composite``): every
+    combination is scored without running a network again, by the same forward as its own model.
     """
-    from PoE.core.networks import bank_of
-
-    library.eval()
-    tasks = list(experts)
-    net = nn.Sequential(library, bank_of([experts[t].eval() for t in tasks]))
-    sizes = [experts[t].num_classes for t in tasks]
-    outs = [
-        o.cpu()
-        for o in batched_logits(
-            net, images.x, normalize, device, precision, batch_size, "experts on test images" if progress else None
-        )
-    ]
-    return dict(zip(tasks, torch.cat(outs).split(sizes, dim=1), strict=True))
+    model.eval()
+    title = "experts on test images" if progress else None
+    return torch.cat([o.cpu() for o in batched_logits(model, images.x, normalize, runtime, progress=title)])
 
 
-def score_composite(query: Query, logits: list[torch.Tensor], labels: torch.Tensor) -> tuple[float, int, int, int]:
-    """(accuracy %, images, cross-expert errors, errors) of a composite task from its experts' logits (one
-    tensor per task of ``query``, rows = images), merged by the consolidated model's own rule.
+def score_composite(
+    query: Query, logits: torch.Tensor, columns: Sequence[int], labels: torch.Tensor
+) -> tuple[float, int, int, int]:
+    """(accuracy %, images, cross-expert errors, errors) of a composite task, from ``logits`` whose columns are the
+    class ids ``columns`` (a consolidated model over a superset of the query's experts, or an Oracle's).
 
     ``labels`` are class ids of the rows; rows outside the composite's classes are ignored.
     """
-    merged = merge(logits, torch.tensor(query.order, device=logits[0].device))
     classes = query.classes
+    at = {c: i for i, c in enumerate(columns)}
+    merged = logits.index_select(1, torch.tensor([at[c] for c in classes], device=logits.device))
     lookup = torch.full((max(max(classes), int(labels.max())) + 1,), -1, dtype=torch.long)
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     target = lookup[labels]

@@ -18,6 +18,7 @@ from PoE.core.evaluate import accuracy, batched_logits, check_covered, count_mac
 from PoE.core.networks import Family, family_of
 from PoE.core.precision import ieee_fp32
 from PoE.core.query import Query
+from PoE.core.runtime import Runtime
 from PoE.core.store import (
     atomic_write,
     check_writable,
@@ -60,14 +61,21 @@ class TaskModel:
         module: ConsolidatedNet,
         query: Query,
         cfg: DatasetConfig,
-        device: torch.device,
+        runtime: Runtime,
         build_ms: float,
-        precision: str = "fp32",
     ) -> None:
-        self.module, self.query, self.cfg, self.device = module, query, cfg, device
-        self.build_ms, self.precision = build_ms, precision
+        self.module, self.query, self.cfg, self.runtime = module, query, cfg, runtime
+        self.build_ms = build_ms
         self.pool: Pool | None = None  # the pool it was built from (the service answers it from that pool's modules)
         self._cost: tuple[int, int] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision
 
     @property
     def tasks(self) -> list[str]:
@@ -93,15 +101,13 @@ class TaskModel:
         without images of some of them is refused (an accuracy over the others would pass for the query's)."""
         check_covered(test.y, self.classes, self.cfg.class_name)
         normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
-        return accuracy(
-            self.module, test, self.classes, normalize, self.device, progress=progress, precision=self.precision
-        )
+        return accuracy(self.module, test, self.classes, normalize, self.runtime, progress=progress)
 
     def logits(self, images: Any) -> torch.Tensor:
         """Logits over ``classes`` (CPU, float32) of user images (see ``predict``)."""
         x = image_batch(images, self.cfg.image_size)
         normalize = Normalizer(self.cfg.mean, self.cfg.std, self.device)
-        return torch.cat([o.cpu() for o in batched_logits(self.module, x, normalize, self.device, self.precision)])
+        return torch.cat([o.cpu() for o in batched_logits(self.module, x, normalize, self.runtime)])
 
     def predict(self, images: Any) -> Prediction:
         """``images``: uint8 H x W x 3 arrays (one, or a stack N x H x W x 3), PIL images, or float tensors in

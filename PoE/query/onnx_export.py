@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from PoE.core.consolidate import merge
+from PoE.core.consolidate import ConsolidatedNet, SideBySide
 from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:
@@ -37,20 +37,6 @@ QUANTIZE = ("int8",)
 CALIBRATION_IMAGES = 512  # how many were needed: docs/onnx.md
 CALIBRATION_SEED = 0
 META_PREFIX = "poe."
-
-
-class ExpertsSideBySide(nn.Module):
-    """The consolidated network with the experts as separate branches (the bank's CPU form, written out): a plain
-    graph of ordinary convolutions that ONNX runtimes fuse and quantize well; the same function as the bank."""
-
-    def __init__(self, library: nn.Module, experts: list[nn.Module], order: torch.Tensor) -> None:
-        super().__init__()
-        self.library, self.experts = library, nn.ModuleList(experts)
-        self.register_buffer("order", order.detach().cpu().clone(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.library(x)
-        return merge([e(features) for e in self.experts], self.order)
 
 
 class Normalised(nn.Module):
@@ -73,7 +59,7 @@ def export_module(model: TaskModel) -> nn.Module:
     family = family_of(model.cfg)
     if model.pool is not None:
         experts = [model.pool.experts[t] for t in model.tasks]
-        net: nn.Module = ExpertsSideBySide(model.pool.library, experts, model.module.order)
+        net: nn.Module = ConsolidatedNet(model.pool.library, SideBySide(experts), model.query)
     else:
         net = model.module
     net = copy.deepcopy(net).cpu().float().eval().to(memory_format=torch.contiguous_format)

@@ -26,8 +26,8 @@ from PoE.core.datasets import DatasetConfig, described_by_pool, get_dataset
 from PoE.core.errors import PoEError
 from PoE.core.manifest import Contents
 from PoE.core.networks import bank_of, family_of, family_of_state
-from PoE.core.precision import resolve as resolve_precision
 from PoE.core.query import Query, make_query
+from PoE.core.runtime import CPU, Runtime
 from PoE.core.store import (
     PoolPaths,
     load_checkpoint,
@@ -150,13 +150,11 @@ class Pool:
         self,
         cfg: DatasetConfig,
         paths: PoolPaths,
-        device: torch.device,
-        precision: str = "fp32",
+        runtime: Runtime = CPU,
         contents: Contents | None = None,
     ) -> None:
         t0 = time.perf_counter()
-        self.cfg, self.paths, self.device = cfg, paths, torch.device(device)
-        self.precision = resolve_precision(precision, self.device)  # fp32, bf16 or auto; fp8 and others refused
+        self.cfg, self.paths, self.runtime = cfg, paths, runtime
         contents = Contents.read(paths) if contents is None else contents  # the table of contents checked against
         self.signature = contents.signature  # the manifest's state before it was read: a server reloads on a change
         self.digest = contents.digest  # the root digest: what --pool_digest pins
@@ -230,11 +228,16 @@ class Pool:
         hierarchy: str | Path | Hierarchy | Mapping | None = None,
         skip_bad_images: bool = False,
         expected_digest: str | None = None,
+        *,
+        runtime: Runtime | None = None,
     ) -> Pool:
         """``db`` is a folder holding ``<dataset>/`` (as ``DB_PoE``) or a pool folder itself. The tasks are the
         hierarchy the pool stores (else the dataset's built-in ones); a different ``hierarchy`` is refused. A
         folder dataset is as the pool describes it (``skip_bad_images``: when its test images are read).
-        ``expected_digest``: refuse any pool whose root digest (``digest``, shown by ``--list``) is another."""
+        ``expected_digest``: refuse any pool whose root digest (``digest``, shown by ``--list``) is another.
+        ``device`` and ``precision`` (fp32, bf16 or auto) are resolved here unless a command's ``runtime`` is given.
+        """
+        runtime = runtime or Runtime.resolve(device, precision)  # fp8 and others refused in one line
         pinned = check_digest_text(expected_digest)
         cfg = get_dataset(dataset)
         paths = resolve_pool(db, cfg.name, cfg.tag)
@@ -246,9 +249,18 @@ class Pool:
             )
         cfg = described_by_pool(cfg, paths.root, skip_bad_images)  # dataset.json: checked by Contents.read
         cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg), contents).apply(cfg)
-        pool = cls(cfg, paths, torch.device(device), precision, contents)
+        pool = cls(cfg, paths, runtime, contents)
         pool.pinned = pinned
         return pool
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision: fp32 or bf16."""
+        return self.runtime.precision
 
     @property
     def root(self) -> Path:
@@ -301,7 +313,7 @@ class Pool:
         module.training = False  # its parts are in eval mode already; .eval() would walk every one of them
         module.order = module.order.to(self.device)
         ms = (time.perf_counter() - t0) * 1e3
-        model = TaskModel(module, query, self.cfg, self.device, ms, self.precision)
+        model = TaskModel(module, query, self.cfg, self.runtime, ms)
         model.pool = self
         return model
 

@@ -38,6 +38,7 @@ _RUNNER = (
     "BaselineConfig",
     "BaselineResult",
     "BaselineRunner",
+    "Sources",
     "baseline_runner",
     "budget_epochs",
     "load_oracle",

@@ -14,6 +14,7 @@ from PoE.build.teacher import TeacherOutputs
 from PoE.core.data import Batch, TensorLoader
 from PoE.core.datasets import DatasetConfig
 from PoE.core.query import Query
+from PoE.core.runtime import Runtime
 
 
 class Runner(Protocol):
@@ -22,7 +23,7 @@ class Runner(Protocol):
 
     cfg: DatasetConfig
     device: torch.device
-    precision: str
+    runtime: Runtime
     seed: int
     T: float
     alpha: float

@@ -31,10 +31,10 @@ class CKD(Method):
                 r.ckd_views,
                 r.seed,
                 folder / f"ckd_{'+'.join(sorted(q.tasks))}",
+                r.runtime,
                 r.progress,
-                r.precision,
             )
-        logits = cached or TeacherOutputs(oracle, "", 0, r.seed, Path("."), False, r.precision)
+        logits = cached or TeacherOutputs(oracle, "", 0, r.seed, Path("."), r.runtime, progress=False)
         return Loss(lambda out, b: ckd_loss(out, logits.logits(b, ctx.loader)[:, cols], r.T, r.alpha), cached)
 
 

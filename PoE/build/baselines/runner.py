@@ -17,13 +17,14 @@ from PoE.build.baselines import method as baseline_method
 from PoE.build.baselines.base import Context
 from PoE.build.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
 from PoE.build.teacher import TeacherOutputs
-from PoE.build.train import seed_everything, train_stage
+from PoE.build.train import Feed, seed_everything, train_stage
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy, count_macs, count_params
 from PoE.core.networks import build_network, family_of
 from PoE.core.query import Query, make_query
+from PoE.core.runtime import CPU, Runtime
 from PoE.core.store import load_checkpoint, load_into, save_checkpoint, unwrap
 from PoE.query.pool import Pool
 
@@ -32,6 +33,16 @@ def target_network(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn
     """Library-shaped front (new, or the given one) + an expert-shaped back ``n_tasks`` times as wide (fc over
     ``num_classes``), of the dataset's network family."""
     return family_of(cfg).target_network(cfg, n_tasks, num_classes, front)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the methods train from, each loaded when a method first asks: ``oracle()`` the Oracle,
+    ``pool_part(None)`` PoE's library and ``pool_part(task)`` an expert; where Scratch teachers are cached."""
+
+    oracle: Callable[[], nn.Module] | None = None
+    pool_part: Callable[[str | None], nn.Module] | None = None
+    teacher_dir: Path | None = None
 
 
 @dataclass
@@ -56,33 +67,31 @@ class BaselineRunner:
         cfg: DatasetConfig,
         train: ImageSet,
         test: ImageSet,
-        device: torch.device,
         stage: StageConfig,
-        T: float = KD_T,
-        alpha: float = KD_ALPHA,
-        seed: int = 0,
-        oracle: Callable[[], nn.Module] | None = None,
-        pool_part: Callable[[str | None], nn.Module] | None = None,
-        teacher_dir: Path | None = None,
-        progress: bool = True,
-        precision: str = "fp32",
-        ckd_views: int = 0,
+        how: BaselineConfig,
+        sources: Sources,
     ) -> None:
-        """``oracle()`` returns the Oracle; ``pool_part(None)`` PoE's library, ``pool_part(task)`` an expert.
-        ``ckd_views`` > 0: CKD reads the Oracle's logits from that many cached augmented views of the query's
-        images (computed once per query, their time counted in the method's) instead of running it on every
-        batch."""
-        self.cfg, self.train, self.test, self.device = cfg, train, test, device
-        self.stage, self.T, self.alpha, self.seed = stage, T, alpha, seed
-        self.oracle, self.pool_part, self.teacher_dir, self.progress = oracle, pool_part, teacher_dir, progress
-        self.precision, self.ckd_views = precision, ckd_views
-        self.normalize = Normalizer(cfg.mean, cfg.std, device)
+        """``how``: T, alpha, seed, the runtime, progress bars, and CKD's ``ckd_views`` (> 0: CKD reads the Oracle's
+        logits from that many cached augmented views of the query's images, computed once per query, their time
+        counted in the method's, instead of running it on every batch)."""
+        self.cfg, self.train, self.test, self.stage = cfg, train, test, stage
+        self.runtime, self.device = how.runtime, how.runtime.device
+        self.T, self.alpha, self.seed, self.ckd_views, self.progress = (
+            how.T,
+            how.alpha,
+            how.seed,
+            how.ckd_views,
+            how.progress,
+        )
+        self.oracle, self.pool_part, self.teacher_dir = sources.oracle, sources.pool_part, sources.teacher_dir
+        self.normalize = Normalizer(cfg.mean, cfg.std, self.device)
         self.train_id = f"{len(train)}-{int(train.y.sum())}"  # tells a training subset from the full set
 
     def fingerprint(self) -> str:
         """What a result of this runner depends on besides the method, the query and the pool: a rerun with the
         same fingerprint may reuse a recorded result."""
-        key = f"{self.stage!r} {self.T} {self.alpha} {self.seed} {self.precision} {self.ckd_views} {self.train_id}"
+        precision = self.runtime.precision
+        key = f"{self.stage!r} {self.T} {self.alpha} {self.seed} {precision} {self.ckd_views} {self.train_id}"
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def need(self, what: str, getter: Callable | None) -> Callable:
@@ -108,19 +117,8 @@ class BaselineRunner:
 
         t0 = time.perf_counter()
         batches = loader.epoch if teacher is None else teacher.batches(loader, self.stage)
-        train_stage(
-            name,
-            {"net": holder},
-            loss_fn,
-            batches,
-            len(loader),
-            self.stage,
-            None,
-            {},
-            frozen,
-            progress=self.progress,
-            precision=self.precision,
-        )
+        feed = Feed(batches, len(loader), self.progress)
+        train_stage(name, {"net": holder}, loss_fn, feed, self.stage, self.runtime, frozen=frozen)
         return time.perf_counter() - t0
 
     def scratch_teacher(self, task: str) -> tuple[nn.Module, float]:
@@ -161,7 +159,7 @@ class BaselineRunner:
         loss = m.loss(Context(self, q, loader))
         seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, loader, loss.fn, loss.teacher)
         net.eval()
-        acc, n = accuracy(net, self.test, q.classes, self.normalize, self.device, precision="fp32")  # as PoE is
+        acc, n = accuracy(net, self.test, q.classes, self.normalize, self.runtime.fp32)  # as PoE is
         shape = (3, self.cfg.image_size, self.cfg.image_size)
         result = BaselineResult(
             method,
@@ -211,7 +209,7 @@ class BaselineConfig:
     T: float = KD_T
     alpha: float = KD_ALPHA
     seed: int = 0
-    precision: str = "fp32"  # the training's; every accuracy is scored in fp32
+    runtime: Runtime = CPU  # the training's; every accuracy is scored in fp32
     ckd_views: int = 0  # CKD: cached augmented views of the Oracle's logits (0: the Oracle on every batch)
     progress: bool = True
 
@@ -229,7 +227,6 @@ def baseline_runner(
     cfg: DatasetConfig,
     train: ImageSet,
     test: ImageSet,
-    device: torch.device,
     open_pool: Callable[[], Pool],
     how: BaselineConfig,
 ) -> BaselineRunner:
@@ -243,22 +240,9 @@ def baseline_runner(
         pool = opened[0]
         return pool.library if task is None else pool.experts[pool.make_query([task]).tasks[0]]
 
-    return BaselineRunner(
-        cfg,
-        train,
-        test,
-        device,
-        how.stage(method),
-        how.T,
-        how.alpha,
-        how.seed,
-        oracle=lambda: load_oracle(how.pretrained, cfg, device),
-        pool_part=pool_part,
-        teacher_dir=how.pretrained / cfg.name / "baselines",
-        progress=how.progress,
-        precision=how.precision,
-        ckd_views=how.ckd_views,
-    )
+    oracle = lambda: load_oracle(how.pretrained, cfg, how.runtime.device)  # noqa: E731
+    sources = Sources(oracle, pool_part, how.pretrained / cfg.name / "baselines")
+    return BaselineRunner(cfg, train, test, how.stage(method), how, sources)
 
 
 def result_row(result: BaselineResult) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch import nn
 from PoE.build import distributed
 from PoE.build.preprocess import Preprocessor
 from PoE.build.profiles import StageConfig
-from PoE.build.train import compiled, train_stage
+from PoE.build.train import Feed, Resume, compiled, train_stage
 from PoE.core.data import Batch, FolderLoader, TensorLoader
 from PoE.core.errors import PoEError
 from PoE.core.store import load_checkpoint, unwrap
@@ -154,18 +154,9 @@ class Stage:
             "train_limit": self.s.train_limit,
             **fingerprint,
         }
+        feed = Feed(batches, len(loader), self.s.progress)
         history = train_stage(
-            self.name,
-            modules,
-            loss_fn,
-            batches,
-            len(loader),
-            conf,
-            resume,
-            fingerprint,
-            frozen,
-            progress=self.s.progress,
-            precision=self.s.precision,
+            self.name, modules, loss_fn, feed, conf, self.s.runtime, Resume(resume, fingerprint), frozen
         )
         return {
             "epochs": conf.epochs,

@@ -47,8 +47,8 @@ class Oracle(Stage):
             self.views,
             self.s.seed,
             self.prep.pretrained / "cache",
+            self.s.runtime,
             self.s.progress,
-            self.s.precision,
         )
 
     def ready(self, model: nn.Module) -> nn.Module:

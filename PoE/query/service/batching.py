@@ -2,9 +2,10 @@
 
 Every query shares the pool's library, which is most of a composite model's cost, so the worker runs the
 library once on the images of every request waiting, then each expert those requests queried once, on the rows
-of the requests that queried it (on a GPU: one bank of their union, cached by the pool, on every row), and
-merges each request's experts by the consolidated model's own rule (``PoE.core.consolidate.merge``). It waits (a few
-ms at most) only while other prediction requests are still being received, so a lone request is never delayed.
+of the requests that queried it (on a GPU: one bank of their union, cached by the pool, on every row), and merges
+each request's experts: the consolidated forward of several queries at once (``PoE.core.consolidate.forward``). It
+waits (a few ms at most) only while other prediction requests are still being received, so a lone request is never
+delayed.
 The event loop never runs a forward; it only awaits futures.
 """
 
@@ -18,7 +19,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from PoE.core.consolidate import merge
+from PoE.core.consolidate import Rows
+from PoE.core.consolidate import forward as consolidated
 from PoE.core.data import Normalizer
 from PoE.core.errors import PoEError
 from PoE.core.networks import family_of
 from PoE.core.networks.bank import grouped_on
-from PoE.core.precision import autocast
 from PoE.query.model import Prediction, TaskModel
 from PoE.query.pool import Pool
 from PoE.query.service.limits import one_line
@@ -243,57 +244,24 @@ def served(pool: Pool) -> Served:
 
 @torch.inference_mode()  # no autograd bookkeeping at all: less CPU than no_grad (docs/service.md)
 def forward(pool: Pool, batch: list[Job]) -> list[Prediction]:
-    """The library once on every row, then the experts; each request takes its experts' logits and merges them by
-    the consolidated model's own rule (``merge``). Used by the hand-written batcher and by Ray Serve's
-    ``@serve.batch`` alike. It runs ``served``'s copies, on one thread for a tiny batch (``threads_for``)."""
+    """Every request of ``batch`` answered by one consolidated forward (``PoE.core.consolidate.forward``): the
+    library once on every row, then the experts. Used by the hand-written batcher and by Ray Serve's
+    ``@serve.batch`` alike. It runs ``served``'s copies, on one thread for a tiny batch (``threads_for``); on a
+    GPU the experts the batch queried run as one bank of their union (cached by the pool)."""
     x = torch.cat([j.x for j in batch]).to(pool.device)
     x = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
-    run = served(pool)
-    with threads_for(len(x)), autocast(pool.device, pool.precision):
-        features = run.library(x)
-        if grouped_on(x.device):
-            parts = experts_banked(pool, batch, features)
-        else:
-            parts = experts_apart(pool, batch, features, run)
-    return [job.model.prediction(merge(p, job.model.module.order)) for job, p in zip(batch, parts, strict=True)]
+    run, union = served(pool), grouped_on(x.device)
+    groups = [Rows(j.model.tasks, len(j.x), j.model.module.order) for j in batch]
+    classes = {t: n for j in batch for t, n in j.model.module.sizes.items()}
 
+    def experts(tasks: Sequence[str], features: torch.Tensor) -> torch.Tensor:
+        if union:
+            return pool.bank(list(tasks), cached=True)(features)
+        return torch.cat([run.expert(pool, t)(features) for t in tasks], dim=1)
 
-def experts_apart(pool: Pool, batch: list[Job], features: torch.Tensor, run: Served) -> list[list[torch.Tensor]]:
-    """Per request, its experts' logits: each expert run once, on the rows of the requests that queried it only
-    (where banks run expert by expert, as on a CPU, the union bank would run every expert on every row: with
-    mixed queries several times the work)."""
-    sizes = [len(j.x) for j in batch]
-    queried: dict[str, list[int]] = {}  # per expert: the requests that queried it, in batch order
-    for k, job in enumerate(batch):
-        for t in job.model.tasks:
-            queried.setdefault(t, []).append(k)
-    out: dict[str, torch.Tensor] = {}
-    first: list[dict[str, int]] = [{} for _ in batch]  # per request: its first row in each of its experts' outputs
-    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-    for t, ks in queried.items():
-        rows = features
-        if len(ks) < len(batch):
-            index = [r for k in ks for r in range(starts[k], starts[k + 1])]
-            rows = features.index_select(0, torch.tensor(index, device=features.device))
-        out[t] = run.expert(pool, t)(rows).float()
-        at = 0
-        for k in ks:
-            first[k][t], at = at, at + sizes[k]
-    return [[out[t][f[t] : f[t] + n] for t in job.model.tasks] for job, f, n in zip(batch, first, sizes, strict=True)]
-
-
-def experts_banked(pool: Pool, batch: list[Job], features: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Per request, its experts' logits from one bank of every expert the batch queried (their union, cached by
-    the pool), run on every row: on a GPU one grouped kernel per layer beats a kernel per expert."""
-    union = sorted({t for job in batch for t in job.model.tasks})
-    out = pool.bank(union, cached=True)(features).float()
-    ends = dict(zip(union, torch.tensor([pool.experts[t].num_classes for t in union]).cumsum(0).tolist(), strict=True))
-    parts, row = [], 0
-    for job in batch:
-        n = len(job.x)
-        parts.append([out[row : row + n, ends[t] - pool.experts[t].num_classes : ends[t]] for t in job.model.tasks])
-        row += n
-    return parts
+    with threads_for(len(x)), pool.runtime.autocast():
+        logits = consolidated(run.library, experts, classes, x, groups, union)
+    return [job.model.prediction(out) for job, out in zip(batch, logits, strict=True)]
 
 
 def answer(pred: Prediction, top: int) -> list[dict[str, Any]]:

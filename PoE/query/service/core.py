@@ -211,9 +211,9 @@ class Service:
 
     async def reload(self, old: View, now: tuple) -> None:
         def open_view() -> View:
-            pool = Pool.open(
-                old.pool.root, old.cfg.name, old.pool.device, old.pool.precision, expected_digest=old.pool.pinned
-            )  # a pinned pool stays that pool
+            pool = Pool.open(  # a pinned pool stays that pool
+                old.pool.root, old.cfg.name, expected_digest=old.pool.pinned, runtime=old.pool.runtime
+            )
             with self.gate.export():  # counting the costs hooks every module of the process (torch's FlopCounterMode
                 return View(pool)  # tracks modules with global hooks): no forward may run meanwhile
 
