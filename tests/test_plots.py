@@ -1,16 +1,16 @@
-"""The comparison plots, redrawn from the shipped tables (``experiments.replot``): each legend names what is drawn."""
+"""The comparison plots, redrawn from the shipped tables (``plots.replot``): each legend names what is drawn."""
 
 from __future__ import annotations
 
-from PoE import experiments
+from PoE.experiments import plots
 
 from .conftest import ROOT
 
 
 def test_time_plot_legend_names_only_what_it_draws(monkeypatch):
     figures = []
-    monkeypatch.setattr(experiments, "save_figure", lambda fig, path: figures.append(fig))  # nothing is written
-    experiments.replot(ROOT / "addImg", "cifar100")
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))  # nothing is written
+    plots.replot(ROOT / "addImg", "cifar100")
     by_n, by_time = (fig.axes[0] for fig in figures)
     legend = lambda ax: [t.get_text() for t in ax.get_legend().get_texts()]  # noqa: E731
     assert {"oracle", "poe", "ckd"} <= set(legend(by_n))

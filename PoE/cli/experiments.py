@@ -6,6 +6,7 @@ import argparse
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PoE.build.baselines import METHODS
 from PoE.cli.baselines import baseline_arguments, runners
@@ -24,6 +25,10 @@ from PoE.cli.common import (
     tasks_epilog,
 )
 from PoE.core.errors import PoEError
+
+if TYPE_CHECKING:
+    from PoE.core.runtime import Runtime
+    from PoE.query.pool import Pool
 
 
 def experiments_parser() -> argparse.ArgumentParser:
@@ -123,6 +128,8 @@ def experiments_body(a: argparse.Namespace) -> int:
     from PoE.core.store import check_writable, files_id
     from PoE.experiments import (
         METHOD_COLUMNS,
+        OracleSource,
+        Plan,
         compare,
         cross_expert_rows,
         markdown_table,
@@ -150,37 +157,15 @@ def experiments_body(a: argparse.Namespace) -> int:
     train = cache(lambda: load_split(cfg, a.data_root, "train"))
     rows, poe = compare(
         pool,
-        tasks,
-        a.n,
-        a.methods,
+        Plan(tasks, a.n, a.methods, a.combos_per_n, a.seed),
         test,
-        oracle=lambda: load_oracle(a.pretrained, cfg, device),
+        OracleSource(lambda: load_oracle(a.pretrained, cfg, device), files_id(oracle_files(a.pretrained, cfg))),
         baseline=runners(a, cfg, runtime, train, test),
-        combos_per_n=a.combos_per_n,
-        seed=a.seed,
-        progress=not a.no_progress,
         record=Path(a.out) / "baseline_runs.jsonl",
-        oracle_id=files_id(oracle_files(a.pretrained, cfg)),
+        progress=not a.no_progress,
     )
-    schedule_note = ""
-    epochs_text = a.epochs or ("the paper's" if a.budget == 1 else f"{a.budget:g} x the paper's")
-    if any(m in METHODS for m in a.methods):
-        schedule_note = (
-            f"baselines: {a.combos_per_n or 'all'} combination(s) per n (seed {a.seed}), SGD lr {a.lr}, batch "
-            f"{a.batch_size}, {a.schedule} schedule, {epochs_text} epochs, trained in "
-            f"{runtime.precision}"
-            f"{f', ckd from {a.ckd_views} cached Oracle views' if a.ckd_views else ''}; every accuracy scored in fp32; "
-        )
     summary = summarize_methods(rows)
-    every = " and ".join(m for m, name in (("Oracle", "oracle"), ("PoE", "poe")) if name in a.methods)
-    poe_time = (
-        f"PoE time = consolidating the pool held in memory (no training; opening and checking the pool once "
-        f"took {pool.open_ms:.0f} ms)."
-    )
-    note = (
-        f"{cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {device}. {schedule_note}"
-        f"{f'{every}: every combination. ' if every else ''}{poe_time if poe else ''}"
-    ).strip()
+    note = comparison_note(a, pool, tasks, runtime, bool(poe))
     table = markdown_table(summary, METHOD_COLUMNS)
     print(note + "\n\n" + table)
     out = Path(a.out)
@@ -209,6 +194,29 @@ def experiments_body(a: argparse.Namespace) -> int:
         f"accuracy_vs_n.png, accuracy_vs_time.png"
     )
     return 0
+
+
+def comparison_note(a: argparse.Namespace, pool: Pool, tasks: list[str], runtime: Runtime, poe: bool) -> str:
+    """The line above the comparison's table: dataset, pool, tasks, device, the baselines' schedule and what PoE's
+    time per query measures."""
+    schedule_note = ""
+    epochs_text = a.epochs or ("the paper's" if a.budget == 1 else f"{a.budget:g} x the paper's")
+    if any(m in METHODS for m in a.methods):
+        schedule_note = (
+            f"baselines: {a.combos_per_n or 'all'} combination(s) per n (seed {a.seed}), SGD lr {a.lr}, batch "
+            f"{a.batch_size}, {a.schedule} schedule, {epochs_text} epochs, trained in "
+            f"{runtime.precision}"
+            f"{f', ckd from {a.ckd_views} cached Oracle views' if a.ckd_views else ''}; every accuracy scored in fp32; "
+        )
+    every = " and ".join(m for m, name in (("Oracle", "oracle"), ("PoE", "poe")) if name in a.methods)
+    poe_time = (
+        f"PoE time = consolidating the pool held in memory (no training; opening and checking the pool once "
+        f"took {pool.open_ms:.0f} ms)."
+    )
+    return (
+        f"{pool.cfg.name}, pool {pool.root}, tasks {', '.join(tasks)}, device {runtime.device}. {schedule_note}"
+        f"{f'{every}: every combination. ' if every else ''}{poe_time if poe else ''}"
+    ).strip()
 
 
 def main_experiments(argv: Sequence[str] | None = None) -> int:
