@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from PoE.core.store import atomic_write
+from PoE.core.checkpoint import atomic_write
 from PoE.query.pool import Pool
 
 GOAL_MEDIAN_MS, GOAL_P99_MS = 1.0, 5.0

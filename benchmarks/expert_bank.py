@@ -29,10 +29,10 @@ import PoE.core.networks.bank as bank_module
 from PoE.build.losses import ckd_loss
 from PoE.build.profiles import PROFILES
 from PoE.build.train import make_optimizer
+from PoE.core.checkpoint import atomic_write
 from PoE.core.consolidate import ConsolidatedNet, SideBySide
 from PoE.core.networks import bank_of, family_of
 from PoE.core.precision import autocast, cpu_model, resolve
-from PoE.core.store import atomic_write
 from PoE.query.pool import Pool
 
 QUERIES = {

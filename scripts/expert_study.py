@@ -31,6 +31,7 @@ from PoE.build.losses import ckd_loss
 from PoE.build.profiles import PROFILES, STAGES, StageConfig
 from PoE.build.train import Feed, Resume, seed_everything, train_stage
 from PoE.cli.common import run_main
+from PoE.core.checkpoint import load_checkpoint, load_into, save_checkpoint
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
@@ -38,7 +39,6 @@ from PoE.core.evaluate import batched_logits
 from PoE.core.networks import build_network, family_of
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.core.runtime import CPU
-from PoE.core.store import load_checkpoint, load_into, save_checkpoint
 from PoE.query.pool import Pool
 
 SEED = 0  # the pool's --seed: views are seeded by it, the experts stage's weights and batch order by SEED*100+2

@@ -19,6 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PoE.cli.common import run_main
+from PoE.core.checkpoint import load_checkpoint, load_into
 from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
@@ -26,7 +27,6 @@ from PoE.core.evaluate import batched_logits
 from PoE.core.networks import WideResNet, WRNSpec, build_network
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.core.runtime import CPU
-from PoE.core.store import load_checkpoint, load_into
 from PoE.query.pool import Pool
 
 

@@ -71,8 +71,8 @@ def write_folder(val: Path, out: Path, wnids: list[str], size: int, n_train: int
 def export_oracle(official: Path, folder_names: list[str], size: int, path: Path) -> None:
     """The official WRN-16-2 scoring ``folder_names`` in folder order (sorted), exported for ``size`` pixels: as
     ONNX for a ``.onnx`` path, else as a ``torch.export`` program."""
+    from PoE.core.checkpoint import load_checkpoint
     from PoE.core.networks import WideResNet, WRNSpec
-    from PoE.core.store import load_checkpoint
 
     net = WideResNet(WRNSpec(16, 2, first_stride=2), 200)
     net.front.load_state_dict(load_checkpoint(official / "library_TinyImageNet.pt"))

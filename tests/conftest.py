@@ -185,8 +185,8 @@ def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
 
 def official_student(official_cifar: Path):
     """The original release's full WRN-16-1 (its library + the head trained with it), for use as a teacher."""
+    from PoE.core.checkpoint import load_checkpoint
     from PoE.core.networks import WideResNet, WRNSpec
-    from PoE.core.store import load_checkpoint
 
     net = WideResNet(WRNSpec(16, 1), 100)
     net.front.load_state_dict(load_checkpoint(official_cifar / "library_cifar100.pt"))
@@ -197,7 +197,7 @@ def official_student(official_cifar: Path):
 def install_stand_in_oracle(official_cifar: Path, pretrained: Path, db: Path | None = None) -> str:
     """Write the original release's WRN-16-1 as ``pretrained/cifar100/oracle.pt`` (and, with ``db``, its
     library as a pool library distilled from it); returns the Oracle's id."""
-    from PoE.core.store import save_checkpoint, state_id
+    from PoE.core.checkpoint import save_checkpoint, state_id
 
     net = official_student(official_cifar)
     tid = state_id(net)
@@ -244,7 +244,7 @@ def rewrite_part(path: Path, change) -> None:
     recomputed and the pool's manifest lists the new one, so only the checks beneath the manifest can object."""
     import json
 
-    from PoE.core.store import file_record, load_checkpoint, part_digest, save_checkpoint, seal
+    from PoE.core.checkpoint import file_record, load_checkpoint, part_digest, save_checkpoint, seal
 
     obj = load_checkpoint(path)
     change(obj)
@@ -263,7 +263,7 @@ def relist(path: Path) -> None:
     passes the check before reading, and what is tested is how its content is refused once read."""
     import json
 
-    from PoE.core.store import file_record
+    from PoE.core.checkpoint import file_record
 
     root = path.parent.parent if path.parent.name == "experts" else path.parent
     manifest = json.loads((root / "manifest.json").read_text())

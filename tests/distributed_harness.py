@@ -91,7 +91,7 @@ def finish_worker(index: int, port: int, out: str) -> None:
 def main(out: Path, argv: list[str]) -> int:
     import PoE.build.stages.base as stages
     from PoE.cli import main_preprocessing
-    from PoE.core.store import state_id
+    from PoE.core.checkpoint import state_id
 
     ids: dict[str, dict[str, str]] = {}
 

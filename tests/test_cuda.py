@@ -15,6 +15,7 @@ from PoE.build.profiles import StageConfig
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, compiled, train_stage
 from PoE.cli import main_preprocessing, main_service
+from PoE.core.checkpoint import state_id
 from PoE.core.data import ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.evaluate import predict
@@ -22,7 +23,6 @@ from PoE.core.networks import WideResNet, WRNSpec
 from PoE.core.precision import resolve
 from PoE.core.query import make_query
 from PoE.core.runtime import CPU, Runtime
-from PoE.core.store import state_id
 from PoE.query.pool import Pool
 
 from .conftest import fake_cifar

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from PoE.build.preprocess import subset_index
+from PoE.core.checkpoint import load_checkpoint, load_into, state_id
 from PoE.core.data import ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
 from PoE.core.networks import build_network
 from PoE.core.runtime import CPU
-from PoE.core.store import load_checkpoint, load_into, state_id
 from PoE.query.pool import Pool
 
 from .conftest import ROOT

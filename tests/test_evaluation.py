@@ -97,7 +97,7 @@ def test_experiments_command_writes_tables_and_plots(tmp_path, capsys, monkeypat
     record = out / "baseline_runs.jsonl"
     assert len(record.read_text().splitlines()) == 1
     from PoE.build.baselines import BaselineRunner
-    from PoE.core.store import load_checkpoint, save_checkpoint
+    from PoE.core.checkpoint import load_checkpoint, save_checkpoint
 
     trained = []
     real_run = BaselineRunner.run

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from PoE.cli import main_service
+from PoE.core.checkpoint import load_checkpoint, save_checkpoint
 from PoE.core.errors import PoEError
-from PoE.core.store import load_checkpoint, save_checkpoint
 from PoE.query.pool import Pool
 
 from .conftest import ROOT, rewrite_part
@@ -324,17 +324,17 @@ def test_training_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, full
 
 
 def test_a_checkpoint_whose_index_fails_leaves_none_of_its_shards(tmp_path, monkeypatch):
-    import PoE.core.store as store
+    from PoE.core import checkpoint
 
-    real = store.atomic_write
+    real = checkpoint.atomic_write
 
     def index_fails(path, write, buffered=False):
         if path.name == "ck.pt":
             raise PoEError(f"cannot write {path}: No space left on device")
         real(path, write, buffered)
 
-    monkeypatch.setattr(store, "atomic_write", index_fails)
+    monkeypatch.setattr(checkpoint, "atomic_write", index_fails)
     state = {"a": torch.zeros(1000), "b": torch.zeros(1000)}
     with pytest.raises(PoEError, match="No space left"):
-        store.save_checkpoint(tmp_path / "ck.pt", {"state_dict": state}, shard_bytes=4000)
+        checkpoint.save_checkpoint(tmp_path / "ck.pt", {"state_dict": state}, shard_bytes=4000)
     assert list(tmp_path.iterdir()) == []

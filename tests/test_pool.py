@@ -14,10 +14,10 @@ import torch
 
 from PoE.cli import main_preprocessing, main_service
 from PoE.core import precision
+from PoE.core.checkpoint import load_checkpoint, tensors_id
 from PoE.core.datasets import load_split
 from PoE.core.errors import PoEError
 from PoE.core.precision import cpu_bf16_supported, cpu_model
-from PoE.core.store import load_checkpoint, tensors_id
 from PoE.query.pool import Pool
 
 from .conftest import ROOT, TINY, relist, rewrite_part

@@ -15,12 +15,12 @@ from PoE.build.profiles import StageConfig
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, Resume, train_stage
 from PoE.cli import main_preprocessing, main_service
+from PoE.core.checkpoint import load_checkpoint, save_checkpoint, state_id
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import load_split
 from PoE.core.errors import PoEError
 from PoE.core.networks import WideResNet, WRNSpec
 from PoE.core.runtime import CPU
-from PoE.core.store import load_checkpoint, save_checkpoint, state_id
 
 from .conftest import ROOT, TINY, fake_cifar, install_stand_in_oracle
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from PoE.cli import main_evaluation, main_preprocessing, main_service
+from PoE.core.checkpoint import load_checkpoint
 from PoE.core.datasets import get_dataset
 from PoE.core.errors import PoEError
-from PoE.core.store import load_checkpoint
 from PoE.core.tasks import builtin_hierarchy, parse_hierarchy, read_hierarchy
 from PoE.query.pool import Pool
 

@@ -159,7 +159,7 @@ def test_page_picks_tasks_shows_the_model_and_predicts(driver, server, data_root
     assert want[0]["name"].replace("_", " ") in first and f"{100 * want[0]['probability']:.2f}%" in first
 
     if os.environ.get("POE_SCREENSHOT"):
-        from PoE.core.store import atomic_write
+        from PoE.core.checkpoint import atomic_write
 
         driver.execute_script("window.scrollTo(0, 0)")
         png = driver.get_screenshot_as_png()

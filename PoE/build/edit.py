@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PoE.core import manifest
+from PoE.core.checkpoint import shard_files
 from PoE.core.errors import PoEError
-from PoE.core.store import HIERARCHY_FILE, TASK_RULE, PoolPaths, shard_files, valid_task_name
+from PoE.core.pool_folder import HIERARCHY_FILE, TASK_RULE, PoolPaths, valid_task_name
 from PoE.core.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 from PoE.query.pool import Pool
 

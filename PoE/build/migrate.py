@@ -21,11 +21,12 @@ from typing import Any
 
 from PoE.build.edit import editing
 from PoE.build.preprocess import summary
+from PoE.core.checkpoint import load_checkpoint, save_checkpoint, save_json, seal, unwrap
 from PoE.core.datasets import described_by_pool, get_dataset
 from PoE.core.datasets.folder import DESCRIPTION_FILE
 from PoE.core.errors import PoEError
 from PoE.core.manifest import EXPERT_FIELDS, MANIFEST_FORMAT, Contents, Listing, build
-from PoE.core.store import PoolPaths, load_checkpoint, resolve_pool, save_checkpoint, save_json, seal, unwrap
+from PoE.core.pool_folder import PoolPaths, resolve_pool
 from PoE.core.tasks import builtin_hierarchy, current_hierarchy, hierarchy_notes, stored_hierarchy, write_hierarchy_copy
 from PoE.query.pool import Pool
 

@@ -17,12 +17,13 @@ from torch import nn
 from PoE.build import distributed
 from PoE.build.profiles import STAGES, Profile, StageConfig
 from PoE.core import manifest
+from PoE.core.checkpoint import save_checkpoint, seal
 from PoE.core.data import FolderLoader, ImageSet, Normalizer, TensorLoader, default_workers, file_sha256
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
+from PoE.core.pool_folder import PoolPaths
 from PoE.core.runtime import Runtime
-from PoE.core.store import PoolPaths, save_checkpoint, seal
 from PoE.core.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 
 

@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from PoE.build import distributed
 from PoE.build.profiles import StageConfig
+from PoE.core.checkpoint import load_checkpoint, save_checkpoint
 from PoE.core.data import Batch
 from PoE.core.errors import PoEError
 from PoE.core.runtime import Runtime
-from PoE.core.store import load_checkpoint, save_checkpoint
 
 
 def seed_everything(seed: int) -> None:

@@ -124,8 +124,8 @@ def experiments_body(a: argparse.Namespace) -> int:
     from functools import cache
 
     from PoE.build.baselines import load_oracle, oracle_files
+    from PoE.core.checkpoint import check_writable, files_id
     from PoE.core.datasets import load_split
-    from PoE.core.store import check_writable, files_id
     from PoE.experiments import (
         METHOD_COLUMNS,
         OracleSource,

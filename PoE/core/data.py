@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from PoE.core.checkpoint import atomic_write
 from PoE.core.errors import PoEError
-from PoE.core.store import atomic_write
 
 if TYPE_CHECKING:
     from PIL import Image

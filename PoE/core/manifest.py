@@ -1,4 +1,4 @@
-"""The pool's table of contents: ``manifest.json`` lists every part file by its digest (``store.part_digest``, a hash
+"""The pool's table of contents: ``manifest.json`` lists every part file by its digest (``part_digest``, a hash
 over the weights and the metadata), and a pool is opened only when the files present are exactly the ones listed.
 It also records the size and SHA-256 of every file the answers depend on (each part, its shards, a folder dataset's
 ``dataset.json``): a file is checked against them before anything reads it. Its root digest (``Contents.digest``)
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PoE.core.checkpoint import file_record, part_digest, read_recorded, save_json, shard_files
 from PoE.core.datasets.folder import DESCRIPTION_FILE
 from PoE.core.errors import PoEError
-from PoE.core.store import HIERARCHY_FILE, PoolPaths, file_record, part_digest, read_recorded, save_json, shard_files
+from PoE.core.pool_folder import HIERARCHY_FILE, PoolPaths
 
 # 4: ``files`` records the size and SHA-256 of every file the pool's answers depend on (parts, their shards,
 # dataset.json), checked before a file is read; 3: records the hierarchy; 2: ``parts`` lists every part by its

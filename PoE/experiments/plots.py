@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from PoE.core.store import atomic_write
+from PoE.core.checkpoint import atomic_write
 from PoE.experiments.comparison import METHOD_ORDER
 
 

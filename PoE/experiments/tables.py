@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from PoE.core.store import atomic_write
+from PoE.core.checkpoint import atomic_write
 
 SUMMARY_COLUMNS = [
     ("n", "n"),

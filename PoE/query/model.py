@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from PoE.core.checkpoint import atomic_write, check_writable
 from PoE.core.consolidate import ConsolidatedNet, RawInput
 from PoE.core.data import ImageSet, Normalizer, image_batch
 from PoE.core.datasets import DatasetConfig
@@ -19,10 +20,6 @@ from PoE.core.networks import Family, family_of
 from PoE.core.precision import ieee_fp32
 from PoE.core.query import Query
 from PoE.core.runtime import Runtime
-from PoE.core.store import (
-    atomic_write,
-    check_writable,
-)
 
 if TYPE_CHECKING:
     from PoE.query.pool import Pool

@@ -21,21 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from PoE.core.checkpoint import load_checkpoint, load_into, state_id, unwrap
 from PoE.core.consolidate import ConsolidatedNet
 from PoE.core.datasets import DatasetConfig, described_by_pool, get_dataset
 from PoE.core.errors import PoEError
 from PoE.core.manifest import Contents
 from PoE.core.networks import bank_of, family_of, family_of_state
+from PoE.core.pool_folder import PoolPaths, resolve_pool
 from PoE.core.query import Query, make_query
 from PoE.core.runtime import CPU, Runtime
-from PoE.core.store import (
-    PoolPaths,
-    load_checkpoint,
-    load_into,
-    resolve_pool,
-    state_id,
-    unwrap,
-)
 from PoE.core.tasks import (
     Hierarchy,
     current_hierarchy,

@@ -11,7 +11,7 @@ import torch
 from PoE.build.baselines.base import Context, Loss, Method
 from PoE.build.losses import ckd_loss
 from PoE.build.teacher import TeacherOutputs
-from PoE.core.store import state_id
+from PoE.core.checkpoint import state_id
 
 
 class CKD(Method):

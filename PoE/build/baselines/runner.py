@@ -18,6 +18,7 @@ from PoE.build.baselines.base import Context
 from PoE.build.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, seed_everything, train_stage
+from PoE.core.checkpoint import load_checkpoint, load_into, save_checkpoint, unwrap
 from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
@@ -25,7 +26,6 @@ from PoE.core.evaluate import accuracy, count_macs, count_params
 from PoE.core.networks import build_network, family_of
 from PoE.core.query import Query, make_query
 from PoE.core.runtime import CPU, Runtime
-from PoE.core.store import load_checkpoint, load_into, save_checkpoint, unwrap
 from PoE.query.pool import Pool
 
 

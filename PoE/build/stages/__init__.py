@@ -18,9 +18,9 @@ from PoE.build.stages.base import Part, Stage
 from PoE.build.stages.experts import Experts
 from PoE.build.stages.library import Library, PretrainedLibrary, adopt_library
 from PoE.build.stages.oracle import FileOracle, Oracle, PretrainedOracle
+from PoE.core.checkpoint import check_writable, save_json
 from PoE.core.datasets.folder import DESCRIPTION_FILE
 from PoE.core.errors import PoEError
-from PoE.core.store import check_writable, save_json
 
 __all__ = [
     "Experts",

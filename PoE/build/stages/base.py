@@ -16,9 +16,9 @@ from PoE.build import distributed
 from PoE.build.preprocess import Preprocessor
 from PoE.build.profiles import StageConfig
 from PoE.build.train import Feed, Resume, compiled, train_stage
+from PoE.core.checkpoint import load_checkpoint, unwrap
 from PoE.core.data import Batch, FolderLoader, TensorLoader
 from PoE.core.errors import PoEError
-from PoE.core.store import load_checkpoint, unwrap
 
 
 @dataclass

@@ -12,9 +12,9 @@ from PoE.build.preprocess import Preprocessor, StageRecord
 from PoE.build.stages.base import Part, Stage
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import seed_everything
+from PoE.core.checkpoint import load_into, state_id
 from PoE.core.data import Batch
 from PoE.core.networks import bank_of, family_of, unbank
-from PoE.core.store import load_into, state_id
 
 
 class Experts(Stage):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from PoE.core.checkpoint import load_checkpoint, unwrap
 from PoE.core.errors import PoEError
-from PoE.core.store import load_checkpoint, unwrap
 
 WEIGHTS = "IMAGENET1K_V1"  # the weights of the paper's time; their test transform is resize 256 + crop 224
 
