@@ -120,7 +120,7 @@ def stage_rows(pool: Pool, device: torch.device, precisions: list[str], batch: i
     teacher = torch.randn(batch, cfg.num_classes, device=device) * 4
     cols = [torch.tensor(cfg.tasks[t], device=device) for t in tasks]
     torch.manual_seed(0)
-    experts = [family.new_expert(library, cfg.expert_width, len(cfg.tasks[t])).to(device) for t in tasks]
+    experts = [family.new_expert(library, cfg.networks.expert_width, len(cfg.tasks[t])).to(device) for t in tasks]
     experts = [e.to(memory_format=torch.channels_last).train() for e in experts]
     bank = bank_of(experts).to(memory_format=torch.channels_last).train()
     sizes = torch.tensor([len(c) for c in cols]).cumsum(0).tolist()

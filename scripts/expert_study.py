@@ -135,7 +135,8 @@ def run_one(name: str, opts: dict, ctx: dict) -> dict:
     for v in range(min(views, conf.epochs)):  # every view ready first: epoch times are training alone
         teacher.view(v), feats.view(v)
     seed_everything(seed)
-    expert = family_of(cfg).new_expert(library, cfg.expert_width, len(cols)).to(memory_format=torch.channels_last)
+    expert = family_of(cfg).new_expert(library, cfg.networks.expert_width, len(cols))
+    expert = expert.to(memory_format=torch.channels_last)
 
     def loss_fn(b: Batch) -> torch.Tensor:
         return ckd_loss(expert(b.x), teacher.view(b.view)[b.index][:, cols].float(), T, alpha)

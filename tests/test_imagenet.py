@@ -183,7 +183,7 @@ def test_end_to_end_tiny_pool_and_service(tmp_path, imagenet_root, stand_in_weig
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["n_test"] == 21 and 0.0 <= r["accuracy"] <= 100.0
     library = sum(p.numel() for p in MobileNetLibrary().parameters())
-    experts = sum(p.numel() for n in (10, 11) for p in MobileNetExpert(320, CFG.expert_width, n).parameters())
+    experts = sum(p.numel() for n in (10, 11) for p in MobileNetExpert(320, CFG.networks.expert_width, n).parameters())
     assert library == 1_811_712 and r["params"] == library + experts  # about 1.87M, as the paper's 1.86M
     assert 0.28e9 < r["flops"] < 0.29e9  # multiply-adds of conv + linear at 224 x 224
 
@@ -204,6 +204,6 @@ def test_paper_schedule_and_model_cost():
     lib = MobileNetLibrary()
     sizes = []
     for tasks in (["bird_passerine"], ["bird_passerine", "bird_aquatic2"], CFG.default_tasks[:3]):
-        experts = [new_expert(lib, CFG.expert_width, len(CFG.tasks[t])) for t in tasks]
+        experts = [new_expert(lib, CFG.networks.expert_width, len(CFG.tasks[t])) for t in tasks]
         sizes.append(round(count_params(consolidated(lib, experts, make_query(tasks, CFG.tasks))) / 1e6, 2))
     assert sizes == [1.84, 1.87, 1.89]  # the paper: 1.84M, 1.86M, 1.89M

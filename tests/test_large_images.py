@@ -112,7 +112,7 @@ def test_large_folders_get_the_mobilenet_family(large_folder):
     cfg = described_by_data(get_dataset("folder"), large_folder, None, False, [])
     assert cfg.image_size == SIZE and cfg.num_classes == 4  # the images' own size: not upscaled to 224
     assert family_of(cfg).name == "mobilenetv2" and cfg.crop_pad == 12
-    student = build_network(cfg.library_arch, cfg)
+    student = build_network(cfg.networks.library_arch, cfg)
     assert student(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 4)
     lib = library_from_state(student.front.state_dict())  # the width is read back from the shapes
     assert lib.width == 0.5 and lib.out_channels == 160

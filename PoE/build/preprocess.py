@@ -211,10 +211,10 @@ class Preprocessor:
         """Rank 0 reads first (decoding an image folder into the cache once); the other ranks then read the cache."""
         classes = self.task_classes if self.cfg.streamed else None
         if distributed.is_main():
-            out = self.cfg.read(self.s.data_root, split, self.s.progress, classes)
+            out = self.cfg.source.read(self.s.data_root, split, self.s.progress, classes)
         distributed.barrier()
         if not distributed.is_main():
-            out = self.cfg.read(self.s.data_root, split, False, classes)
+            out = self.cfg.source.read(self.s.data_root, split, False, classes)
         return out
 
     def loader(self, stage: str, conf: StageConfig) -> TensorLoader | FolderLoader:
@@ -222,8 +222,8 @@ class Preprocessor:
         A streamed dataset (ImageNet) is decoded per batch, and only its images of this run's tasks are used."""
         shards = {"rank": distributed.rank(), "world": distributed.world(), "view_seed": self.s.seed}
         seed = self.s.stage_seed(stage)
-        if self.cfg.train_files is not None:
-            files, labels = self.cfg.train_files(self.s.data_root, self.task_classes)
+        if self.cfg.source.train_files is not None:
+            files, labels = self.cfg.source.train_files(self.s.data_root, self.task_classes)
             keep = self.limit(len(files), self.s.train_limit)
             if keep is not None:
                 files, labels = [files[i] for i in keep.tolist()], [labels[i] for i in keep.tolist()]

@@ -133,9 +133,9 @@ def for_dataset(profile: Profile, cfg: DatasetConfig) -> Profile:
     every batch (streamed augmentations cannot be cached per view); the paper profile takes the dataset's
     own expert schedule when the paper gives one (ImageNet: 20 epochs, lr 0.01, x0.1 at 10 and 15). A dataset of
     MobileNetV2 networks trained here (a folder of large images) trains its own Oracle, not the profile's WRN."""
-    if not cfg.pretrained:
+    if not cfg.networks.pretrained:
         return profile if cfg.family == "wrn" else replace(profile, oracle_arch=None)
-    experts = replace(profile.experts, **cfg.expert_stage) if profile.name == "paper" else profile.experts
+    experts = replace(profile.experts, **cfg.networks.expert_stage) if profile.name == "paper" else profile.experts
     return replace(profile, oracle_arch=None, teacher_views=0, experts=experts)
 
 

@@ -284,7 +284,7 @@ def preprocessing_settings(a: argparse.Namespace):
     stages = stage_configs(a, prof)
     oracle_arch = oracle_choice(a, prof, cfg)
     views = prof.teacher_views if a.teacher_views is None else a.teacher_views
-    if cfg.pretrained and views:
+    if cfg.networks.pretrained and views:
         raise PoEError(f"--teacher_views must be 0 for {cfg.name}: its images are streamed, the Oracle sees each batch")
     runtime = runtime_of(a)
     named = {"on": STAGES, "off": (), "auto": prof.compile if runtime.device.type == "cuda" else ()}
@@ -350,14 +350,14 @@ def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, 
         cfg = hierarchy.apply(cfg)
         tasks = list(cfg.tasks) if a.tasks is None else a.tasks
         make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
-    if a.library_weights and not cfg.pretrained:  # a folder of large images: a width-1 student, started from them
+    if a.library_weights and not cfg.networks.pretrained:  # a folder of large images: a width-1 student, from them
         if cfg.family != "mobilenetv2":
             raise PoEError(
                 f"--library_weights starts a MobileNetV2 library student (a folder of images over 64 "
                 f"pixels) from a whole torchvision mobilenet_v2's weights; {cfg.name} at {cfg.image_size} "
-                f"pixels distills a {cfg.library_arch}: leave --library_weights out"
+                f"pixels distills a {cfg.networks.library_arch}: leave --library_weights out"
             )
-        cfg = dataclasses.replace(cfg, library_arch="mobilenet_v2")
+        cfg = dataclasses.replace(cfg, networks=dataclasses.replace(cfg.networks, library_arch="mobilenet_v2"))
     return cfg, hierarchy, tasks
 
 
@@ -391,12 +391,12 @@ def oracle_choice(a: argparse.Namespace, prof: Profile, cfg: DatasetConfig) -> s
         raise PoEError("--oracle_classes gives the class order of an --oracle FILE; name the file too")
     if a.oracle and a.oracle_arch:
         raise PoEError("--oracle FILE is the Oracle; --oracle_arch names one to train: give one of them")
-    oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.oracle_arch
+    oracle_arch = a.oracle_arch or prof.oracle_arch or cfg.networks.oracle_arch
     try:
         check_arch(oracle_arch, cfg)
     except ValueError as e:
         raise PoEError(f"--oracle_arch: {e}") from None
-    if a.oracle_weights and not cfg.pretrained and (a.oracle or oracle_arch.lower() != "mobilenet_v2"):
+    if a.oracle_weights and not cfg.networks.pretrained and (a.oracle or oracle_arch.lower() != "mobilenet_v2"):
         what = f"your --oracle {a.oracle}" if a.oracle else oracle_arch
         raise PoEError(
             f"--oracle_weights starts an Oracle trained here from a whole torchvision mobilenet_v2's "

@@ -43,8 +43,8 @@ def run(s: Settings) -> Report:
     if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
         for folder in (prep.pretrained, prep.pool.root):
             check_writable(folder)
-        for folder in (prep.pretrained, prep.pool.root) if s.cfg.description and not s.adding else ():
-            save_json(folder / DESCRIPTION_FILE, s.cfg.description)  # what a folder dataset's pool was built from
+        for folder in (prep.pretrained, prep.pool.root) if s.cfg.source.description and not s.adding else ():
+            save_json(folder / DESCRIPTION_FILE, s.cfg.source.description)  # what a folder dataset's pool came from
     distributed.barrier()
     if s.library_from is not None:  # every rank: rank 0 writes, the others wait in the write
         adopt_library(s.library_from, prep)
@@ -52,9 +52,9 @@ def run(s: Settings) -> Report:
     if s.oracle_file is not None:
         teacher = FileOracle(prep).teacher()
     else:
-        teacher = (PretrainedOracle if s.cfg.pretrained else Oracle)(prep).teacher()
+        teacher = (PretrainedOracle if s.cfg.networks.pretrained else Oracle)(prep).teacher()
     if last >= 1:
-        library = (PretrainedLibrary(prep) if s.cfg.pretrained else Library(prep, teacher)).run()["library"]
+        library = (PretrainedLibrary(prep) if s.cfg.networks.pretrained else Library(prep, teacher)).run()["library"]
         if last >= 2:
             if s.adding and library.id != prep.listing.library.get("id"):
                 raise PoEError(

@@ -51,13 +51,13 @@ class Experts(Stage):
         if found is not None and found[1].get("library_id") != self.lib_id:
             self.prep.say(f"[experts] {path} was trained on another library: retraining it")
             found = None
-        if self.cfg.pretrained and found is not None and found[1].get("oracle_id") != self.teacher.oracle_id:
+        if self.cfg.networks.pretrained and found is not None and found[1].get("oracle_id") != self.teacher.oracle_id:
             # a pretrained library does not change with the Oracle: check the Oracle itself
             self.prep.say(f"[experts] {path} was distilled from another Oracle: retraining it")
             found = None
         if found is None:
             return None
-        e = self.family.new_expert(self.library, self.cfg.expert_width, len(self.cfg.tasks[key]))
+        e = self.family.new_expert(self.library, self.cfg.networks.expert_width, len(self.cfg.tasks[key]))
         return Part(load_into(e, found[0], path, f"expert of {key!r}").to(self.s.device), found[1])
 
     def make(self, todo: list[str]) -> dict[str, Part]:
@@ -65,7 +65,7 @@ class Experts(Stage):
         one optimizer step per batch), each on its own conditional KD loss; write each back as its own file."""
         teacher, conf, library, tasks = self.teacher, self.conf, self.library, self.cfg.tasks
         seed_everything(self.s.stage_seed(self.name))
-        fresh = [self.family.new_expert(library, self.cfg.expert_width, len(tasks[t])) for t in todo]
+        fresh = [self.family.new_expert(library, self.cfg.networks.expert_width, len(tasks[t])) for t in todo]
         bank = bank_of(fresh).to(self.s.device).to(memory_format=torch.channels_last)
         cols = [torch.tensor(tasks[t], device=self.s.device) for t in todo]
         ends = torch.tensor([len(tasks[t]) for t in todo]).cumsum(0).tolist()

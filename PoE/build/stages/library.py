@@ -37,7 +37,7 @@ class Library(Stage):
         return self.prep.pool.library
 
     def load(self, key: str) -> Part | None:
-        path, arch = self.student_path, self.cfg.library_arch
+        path, arch = self.student_path, self.cfg.networks.library_arch
         found = self.finished(path, "library_student") if self.target(key).exists() else None
         if found is not None and found[1].get("oracle_id") != self.teacher.oracle_id:
             if self.name not in self.s.stages:
@@ -60,7 +60,7 @@ class Library(Stage):
         return Part(student.front.to(self.s.device).eval(), meta)
 
     def make(self, todo: list[str]) -> dict[str, Part]:
-        teacher, conf, T, arch = self.teacher, self.conf, self.s.T, self.cfg.library_arch
+        teacher, conf, T, arch = self.teacher, self.conf, self.s.T, self.cfg.networks.library_arch
         seed_everything(self.s.stage_seed(self.name))
         student = build_network(arch, self.cfg)
         start = self.start_weights(student, self.s.library_weights, "--library_weights")
@@ -92,7 +92,7 @@ class Library(Stage):
 
     def report(self, key: str, part: Part) -> None:
         self.prep.report.add(
-            f"library student ({part.meta.get('arch', self.cfg.library_arch)})", "all classes", part.meta
+            f"library student ({part.meta.get('arch', self.cfg.networks.library_arch)})", "all classes", part.meta
         )
         self.prep.report.stages["library"] = StageRecord.of(part.meta)
 
@@ -115,7 +115,7 @@ class PretrainedLibrary(Stage):
         return Part(library.to(self.s.device).eval(), found[1])
 
     def make(self, todo: list[str]) -> dict[str, Part]:
-        arch = self.cfg.library_arch
+        arch = self.cfg.networks.library_arch
         full, source = imagenet_weights(arch, self.s.library_weights, "--library_weights")
         library = MobileNetLibrary()
         load_into(library, library_state(full), source, f"{arch} front (features[:18])")
@@ -150,7 +150,7 @@ def adopt_library(source: str | Path, prep: Preprocessor) -> str:
             f"--library_from: {src} records no content id (the original release's format); use a "
             "library this project wrote"
         )
-    if not cfg.pretrained:
+    if not cfg.networks.pretrained:
         student = pretrained / cfg.name / "library_student.pt"
         own = unwrap(
             load_checkpoint(student, "--library_from needs the library student it was cut from"),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from PoE.core.datasets.config import DataSource, Networks
 from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:  # torch and PoE.core.data are imported where images are read: the registry (--help) needs neither
@@ -254,8 +255,6 @@ SETTINGS = {
     "tasks": TASKS,
     "default_tasks": DEFAULT_TASKS,
     "class_names": CLASSES,
-    "oracle_arch": "wrn-40-4",
-    "library_arch": "wrn-16-1",
-    "expert_width": 16,
-    "read": read,
+    "networks": Networks(oracle_arch="wrn-40-4", library_arch="wrn-16-1", expert_width=16),
+    "source": DataSource(read=read),
 }

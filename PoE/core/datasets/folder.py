@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from PoE.core.datasets.config import DataSource, Networks
 from PoE.core.errors import PoEError
 from PoE.core.jsonfile import file_kind, read_json
 
@@ -256,25 +257,20 @@ def settings(names: list[str], size: int, skip_bad: bool = False) -> dict[str, A
         "num_classes": len(names),
         "class_names": tuple(names),
         "image_size": size,
-        "read": partial(read, names=tuple(names), size=size, skip_bad=skip_bad),
-        "description": description,
+        "source": DataSource(
+            read=partial(read, names=tuple(names), size=size, skip_bad=skip_bad),
+            from_data=from_data,
+            from_pool=from_pool,
+            description=description,
+        ),
     }
     if size <= 40:
-        return base | {"crop_pad": 4, "oracle_arch": "wrn-40-4", "library_arch": "wrn-16-1", "expert_width": 16}
+        return base | {"crop_pad": 4, "networks": Networks("wrn-40-4", "wrn-16-1", expert_width=16)}
     if size <= SMALL:
-        return base | {
-            "crop_pad": 8,
-            "oracle_arch": "wrn-16-10",
-            "library_arch": "wrn-16-2",
-            "expert_width": 16,
-            "first_stride": 2,
-        }
+        return base | {"crop_pad": 8, "networks": Networks("wrn-16-10", "wrn-16-2", expert_width=16, first_stride=2)}
     return base | {
         "crop_pad": size // 8,
-        "oracle_arch": LARGE_ORACLE,
-        "library_arch": LARGE_LIBRARY,
-        "expert_width": 80,
-        "first_stride": 2,
+        "networks": Networks(LARGE_ORACLE, LARGE_LIBRARY, expert_width=80, first_stride=2),
     }
 
 
@@ -317,10 +313,6 @@ SETTINGS = {
     "std": (0.229, 0.224, 0.225),
     "tasks": {},
     "default_tasks": [],
-    "oracle_arch": "wrn-40-4",
-    "library_arch": "wrn-16-1",
-    "expert_width": 16,
-    "read": partial(read, names=(), size=0),
-    "from_data": from_data,
-    "from_pool": from_pool,
+    "networks": Networks(oracle_arch="wrn-40-4", library_arch="wrn-16-1", expert_width=16),
+    "source": DataSource(read=partial(read, names=(), size=0), from_data=from_data, from_pool=from_pool),
 }

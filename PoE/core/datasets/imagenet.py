@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PoE.core.datasets.config import DataSource, Networks
 from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:  # torch and PoE.core.data are imported where images are read: the registry (--help) needs neither
@@ -100,12 +101,12 @@ SETTINGS = {
     "std": (0.229, 0.224, 0.225),
     "tasks": TASKS,
     "default_tasks": DEFAULT_TASKS,
-    "read_class_names": class_names,
-    "oracle_arch": "wide_resnet101_2",  # torchvision, ImageNet weights
-    "library_arch": "mobilenet_v2",  # features[:18] of torchvision's, ImageNet weights
-    "expert_width": 80,  # MobileNetV2's 1280-wide last conv narrowed 16x
-    "pretrained": True,
-    "expert_stage": {"epochs": 20, "lr": 0.01, "milestones": (0.5, 0.75)},  # x0.1 at epochs 10 and 15
-    "train_files": train_files,
-    "read": read,
+    "networks": Networks(
+        oracle_arch="wide_resnet101_2",  # torchvision, ImageNet weights
+        library_arch="mobilenet_v2",  # features[:18] of torchvision's, ImageNet weights
+        expert_width=80,  # MobileNetV2's 1280-wide last conv narrowed 16x
+        pretrained=True,
+        expert_stage={"epochs": 20, "lr": 0.01, "milestones": (0.5, 0.75)},  # x0.1 at epochs 10 and 15
+    ),
+    "source": DataSource(read=read, train_files=train_files, read_class_names=class_names),
 }

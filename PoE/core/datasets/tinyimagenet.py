@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from PoE.core.datasets.config import DataSource, Networks
 from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:  # PoE.core.data (torch) is imported where images are read: the registry (--help) needs neither
@@ -351,11 +352,8 @@ SETTINGS = {
     "std": (0.229, 0.224, 0.225),
     "tasks": TASKS,
     "default_tasks": DEFAULT_TASKS,
-    "read_class_names": class_names,  # readable names, read on first use (importing timm takes a moment)
     "aliases": CLASSES,  # a hierarchy file may name a class by its wnid too
-    "oracle_arch": "wrn-16-10",
-    "library_arch": "wrn-16-2",
-    "expert_width": 16,
-    "first_stride": 2,
-    "read": read,
+    "networks": Networks(oracle_arch="wrn-16-10", library_arch="wrn-16-2", expert_width=16, first_stride=2),
+    # readable names, read on first use (importing timm takes a moment)
+    "source": DataSource(read=read, read_class_names=class_names),
 }

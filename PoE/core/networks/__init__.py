@@ -59,26 +59,26 @@ class Family:
 
 
 def _wrn_target(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None) -> nn.Module:
-    spec = WRNSpec.parse(cfg.library_arch, cfg.first_stride)
+    spec = WRNSpec.parse(cfg.networks.library_arch, cfg.networks.first_stride)
     if front is None:
         front = WRNLibrary(spec)
         wrn.init_weights(front)
-    head = WRNExpert(spec.widths[2], cfg.expert_width * n_tasks, num_classes, spec.blocks_per_group)
+    head = WRNExpert(spec.widths[2], cfg.networks.expert_width * n_tasks, num_classes, spec.blocks_per_group)
     wrn.init_weights(head)
     return nn.Sequential(front, head)
 
 
 def _mobilenet_target(cfg: DatasetConfig, n_tasks: int, num_classes: int, front: nn.Module | None) -> nn.Module:
     if front is None:
-        front = MobileNetLibrary(width=mobilenetv2.arch_width(cfg.library_arch) or 1.0)
+        front = MobileNetLibrary(width=mobilenetv2.arch_width(cfg.networks.library_arch) or 1.0)
         mobilenetv2.init_mobilenet(front)
-    return nn.Sequential(front, mobilenetv2.new_expert(front, cfg.expert_width * n_tasks, num_classes))
+    return nn.Sequential(front, mobilenetv2.new_expert(front, cfg.networks.expert_width * n_tasks, num_classes))
 
 
 FAMILIES: dict[str, Family] = {
     "wrn": Family(
         "wrn",
-        lambda sd, cfg: WRNLibrary(library_spec_from_state(sd, cfg.first_stride)),
+        lambda sd, cfg: WRNLibrary(library_spec_from_state(sd, cfg.networks.first_stride)),
         wrn.new_expert,
         wrn.expert_from_state,
         WRNBank.like,
@@ -145,7 +145,7 @@ def is_wrn(arch: str) -> bool:
 def check_arch(arch: str, cfg: DatasetConfig) -> None:
     """Raise ValueError unless ``arch`` can be ``cfg``'s Oracle: a WRN or a MobileNetV2 where the Oracle is
     trained here, a torchvision classification model where it comes pretrained (ImageNet)."""
-    if not cfg.pretrained:
+    if not cfg.networks.pretrained:
         if mobilenetv2.arch_width(arch) is None:
             try:
                 WRNSpec.parse(arch)
@@ -164,9 +164,9 @@ def check_arch(arch: str, cfg: DatasetConfig) -> None:
 def build_network(arch: str, cfg: DatasetConfig) -> nn.Module:
     """A whole network over all of ``cfg``'s classes (Oracle or library student), freshly initialised."""
     if is_wrn(arch):
-        return WideResNet(WRNSpec.parse(arch, cfg.first_stride), cfg.num_classes)
+        return WideResNet(WRNSpec.parse(arch, cfg.networks.first_stride), cfg.num_classes)
     width = mobilenetv2.arch_width(arch)
-    if width is not None and not cfg.pretrained:  # a pretrained dataset's loads torchvision's own key names
+    if width is not None and not cfg.networks.pretrained:  # a pretrained dataset's loads torchvision's own key names
         return mobilenetv2.MobileNetV2(cfg.num_classes, width)
     import torchvision
 
