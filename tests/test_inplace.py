@@ -259,7 +259,7 @@ def test_a_remove_never_deletes_a_file_its_name_leads_to_outside_the_pool(built,
 
 def test_a_pool_path_is_made_only_of_a_task_name_and_stays_in_the_pool(tmp_path):
     from PoE.core.errors import PoEError
-    from PoE.core.pool_folder import PoolPaths
+    from PoE.core.pool_paths import PoolPaths
 
     paths = PoolPaths(tmp_path / "pool", "cifar100")
     assert paths.expert("vehicles_1") == tmp_path / "pool" / "experts" / "expert_vehicles_1.pt"

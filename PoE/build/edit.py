@@ -22,7 +22,7 @@ from pathlib import Path
 from PoE.core import manifest
 from PoE.core.checkpoint import shard_files
 from PoE.core.errors import PoEError
-from PoE.core.pool_folder import HIERARCHY_FILE, TASK_RULE, PoolPaths, valid_task_name
+from PoE.core.pool_paths import HIERARCHY_FILE, TASK_RULE, PoolPaths, valid_task_name
 from PoE.core.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 from PoE.query.pool import Pool
 

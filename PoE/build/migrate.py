@@ -26,7 +26,7 @@ from PoE.core.datasets import described_by_pool, get_dataset
 from PoE.core.datasets.folder import DESCRIPTION_FILE
 from PoE.core.errors import PoEError
 from PoE.core.manifest import EXPERT_FIELDS, MANIFEST_FORMAT, Contents, Listing, build
-from PoE.core.pool_folder import PoolPaths, resolve_pool
+from PoE.core.pool_paths import PoolPaths, resolve_pool
 from PoE.core.tasks import builtin_hierarchy, current_hierarchy, hierarchy_notes, stored_hierarchy, write_hierarchy_copy
 from PoE.query.pool import Pool
 

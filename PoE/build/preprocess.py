@@ -22,7 +22,7 @@ from PoE.core.data import FolderLoader, ImageSet, Normalizer, TensorLoader, defa
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
-from PoE.core.pool_folder import PoolPaths
+from PoE.core.pool_paths import PoolPaths
 from PoE.core.runtime import Runtime
 from PoE.core.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
 

@@ -455,7 +455,7 @@ def remove_body(a: argparse.Namespace) -> int:
 def pool_folder(a: argparse.Namespace) -> Path:
     """The folder of the built pool at --db (a missing one is refused in one line)."""
     from PoE.core.datasets import get_dataset
-    from PoE.core.pool_folder import resolve_pool
+    from PoE.core.pool_paths import resolve_pool
 
     cfg = get_dataset(a.dataset)
     return resolve_pool(a.db, cfg.name, cfg.tag).root

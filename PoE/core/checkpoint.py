@@ -3,7 +3,7 @@
 Files written here wrap the weights with what they are (``{"poe_format": 2, "kind": ..., "digest": ...,
 "state_dict": ...}``); the original code's files are bare state dicts. Both load the same way: the architecture is
 read off the tensor shapes and checked against what the caller expects. Where a pool keeps its parts is
-``pool_folder.py``.
+``pool_paths.py``.
 """
 
 from __future__ import annotations

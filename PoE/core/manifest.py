@@ -26,7 +26,7 @@ from typing import Any
 from PoE.core.checkpoint import file_record, part_digest, read_recorded, save_json, shard_files
 from PoE.core.datasets.folder import DESCRIPTION_FILE
 from PoE.core.errors import PoEError
-from PoE.core.pool_folder import HIERARCHY_FILE, PoolPaths
+from PoE.core.pool_paths import HIERARCHY_FILE, PoolPaths
 
 # 4: ``files`` records the size and SHA-256 of every file the pool's answers depend on (parts, their shards,
 # dataset.json), checked before a file is read; 3: records the hierarchy; 2: ``parts`` lists every part by its

@@ -29,7 +29,7 @@ from PoE.core.datasets import DatasetConfig, described_by_pool
 from PoE.core.errors import PoEError
 from PoE.core.jsonfile import read_json
 from PoE.core.manifest import Contents, valid_record
-from PoE.core.pool_folder import HIERARCHY_FILE, TASK_RULE, PoolPaths, resolve_pool, valid_task_name
+from PoE.core.pool_paths import HIERARCHY_FILE, TASK_RULE, PoolPaths, resolve_pool, valid_task_name
 
 DEFAULT_QUERY_TASKS = 6  # a file's first six tasks are what Run_Evaluation combines by default (as the paper's six)
 SHAPE = '{"task name": ["class name", ...], ...}'

@@ -27,7 +27,7 @@ from PoE.core.datasets import DatasetConfig, described_by_pool, get_dataset
 from PoE.core.errors import PoEError
 from PoE.core.manifest import Contents
 from PoE.core.networks import bank_of, family_of, family_of_state
-from PoE.core.pool_folder import PoolPaths, resolve_pool
+from PoE.core.pool_paths import PoolPaths, resolve_pool
 from PoE.core.query import Query, make_query
 from PoE.core.runtime import CPU, Runtime
 from PoE.core.tasks import (

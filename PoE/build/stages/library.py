@@ -18,7 +18,7 @@ from PoE.core.errors import PoEError
 from PoE.core.networks import build_network, family_of
 from PoE.core.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.core.networks.pretrained import imagenet_weights
-from PoE.core.pool_folder import PoolPaths, resolve_pool
+from PoE.core.pool_paths import PoolPaths, resolve_pool
 
 
 class Library(Stage):
