@@ -20,6 +20,7 @@ from PoE.cli.common import (
     runtime_of,
     tasks_epilog,
 )
+from PoE.core.choices import ENGINES
 from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:
@@ -90,6 +91,13 @@ def http_arguments(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument("--max_batch", type=POSITIVE_INT, default=64, help="dynamic batching: most images per forward")
     g.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINES,
+        help="what runs the forwards: onnxruntime sessions made from the pool's modules at start (fp32 on a CPU), or "
+        "torch; auto: onnx where it applies and onnxruntime is installed, else torch",
+    )
+    g.add_argument(
         "--batch_wait_ms",
         type=WAIT_MS,
         default=5.0,
@@ -155,7 +163,16 @@ def serve_body(a: argparse.Namespace, runtime: Runtime) -> int:
 
     device, precision = str(runtime.device), runtime.precision
     settings = Settings(
-        a.db, a.dataset, device, precision, a.data_root, a.max_batch, a.batch_wait_ms, a.threads, a.pool_digest
+        a.db,
+        a.dataset,
+        device,
+        precision,
+        a.data_root,
+        a.max_batch,
+        a.batch_wait_ms,
+        a.threads,
+        a.pool_digest,
+        a.engine,
     )
     if a.ray:
         if a.workers:

@@ -38,7 +38,7 @@ def merge(expert_logits: Sequence[torch.Tensor], order: torch.Tensor) -> torch.T
 
 
 def forward(
-    library: nn.Module,
+    library: Callable[[torch.Tensor], torch.Tensor],
     experts: Experts,
     classes: Mapping[str, int],
     x: torch.Tensor,
