@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -378,8 +379,9 @@ def test_gpu_profile_runs_whole_on_cpu_on_a_tiny_subset(tmp_path, capsys):
 def stopping_in_second_epoch(train_stage_fn, stage: str):
     """``train_stage`` that stops ``stage`` (only) as its second epoch starts, as Ctrl-C would."""
 
-    def train(name, modules, loss_fn, batches, *a, **k):
-        return train_stage_fn(name, modules, loss_fn, stopping_at(1, batches) if name == stage else batches, *a, **k)
+    def train(name, modules, loss_fn, feed, *a, **k):
+        feed = dataclasses.replace(feed, batches=stopping_at(1, feed.batches)) if name == stage else feed
+        return train_stage_fn(name, modules, loss_fn, feed, *a, **k)
 
     return train
 

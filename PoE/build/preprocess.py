@@ -24,7 +24,7 @@ from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
 from PoE.core.pool_paths import PoolPaths
 from PoE.core.runtime import Runtime
-from PoE.core.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
+from PoE.core.tasks import Hierarchy, write_copy
 
 
 @dataclass
@@ -339,13 +339,13 @@ class Preprocessor:
         """The manifest from what this run holds in memory: its settings and stage records, the run's hierarchy
         and the listing of the pool's parts (no checkpoint is read again); then ``hierarchy.json``, its readable
         copy. A run that adds tasks keeps the build's record and appends itself to ``edits``."""
-        hierarchy = self.s.hierarchy or tasks_hierarchy(self.cfg)
+        hierarchy = self.s.hierarchy or Hierarchy.of(self.cfg)
         self.listing.hierarchy = hierarchy.record(self.cfg)
         if self.s.adding:
             manifest.write(self.listing, manifest.edited(self.listing.old, self.s.command, added=list(self.s.tasks)))
         else:
             manifest.write(self.listing, self.run_record())
-        write_hierarchy_copy(self.pool.root, hierarchy, self.cfg)
+        write_copy(self.pool.root, hierarchy, self.cfg)
 
     def run_record(self) -> dict[str, Any]:
         """What the manifest says of the run: settings, stage records and times, machine."""

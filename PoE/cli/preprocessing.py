@@ -331,7 +331,7 @@ def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, 
     from PoE.core.datasets import described_by_data, get_dataset
     from PoE.core.networks import family_of
     from PoE.core.query import make_query
-    from PoE.core.tasks import build_hierarchy, given_hierarchy
+    from PoE.core.tasks import Hierarchy, hierarchy_to_build
 
     cfg = get_dataset(a.dataset)
     folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
@@ -346,7 +346,7 @@ def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, 
         hierarchy, tasks = addition(a, cfg)
         cfg = hierarchy.apply(cfg)
     else:
-        hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
+        hierarchy = hierarchy_to_build(cfg, Path(a.db) / cfg.name, Hierarchy.given(a.hierarchy, cfg))
         cfg = hierarchy.apply(cfg)
         tasks = list(cfg.tasks) if a.tasks is None else a.tasks
         make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
@@ -413,7 +413,7 @@ def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list
     pool, which is opened and checked first)."""
     from PoE.build.edit import plan_addition
     from PoE.build.preprocess import STAGES
-    from PoE.core.tasks import read_hierarchy
+    from PoE.core.tasks import Hierarchy
     from PoE.query.pool import Pool
 
     given = [
@@ -432,7 +432,7 @@ def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list
         raise PoEError(
             f"--add_tasks trains the new tasks' experts into the pool as it is; {given[0]} does not go with it"
         )
-    plan = plan_addition(Pool.open(a.db, cfg.name, expected_digest=a.pool_digest), read_hierarchy(a.add_tasks, cfg))
+    plan = plan_addition(Pool.open(a.db, cfg.name, expected_digest=a.pool_digest), Hierarchy.read(a.add_tasks, cfg))
     return plan.hierarchy, plan.new
 
 
@@ -486,9 +486,9 @@ def build_body(a: argparse.Namespace) -> int:
 
     s = preprocessing_settings(a)
     if s.adding and not s.tasks:
-        from PoE.core.tasks import write_hierarchy_copy
+        from PoE.core.tasks import write_copy
 
-        write_hierarchy_copy(pool_folder(a), s.hierarchy, s.cfg)  # an add killed after its commit: this finishes it
+        write_copy(pool_folder(a), s.hierarchy, s.cfg)  # an add killed after its commit: this finishes it
         print(f"nothing to add: every task of {a.add_tasks} is in the pool {s.db / s.cfg.name} already")
         return 0
     s.runtime = replace(s.runtime, device=distributed.setup(s.device))  # under torchrun: one GPU per process

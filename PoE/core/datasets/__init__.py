@@ -25,11 +25,21 @@ __all__ = [
     "Lister",
     "Networks",
     "Reader",
+    "class_index",
     "described_by_data",
     "described_by_pool",
     "get_dataset",
     "load_split",
 ]
+
+
+def class_index(cfg: DatasetConfig) -> dict[str, list[int]]:
+    """Every name a class is known by -> the class ids it names (torchvision's ImageNet names have repeats)."""
+    index: dict[str, list[int]] = {}
+    for c in range(cfg.num_classes):
+        for name in {cfg.class_name(c), *cfg.class_aliases(c)}:
+            index.setdefault(name, []).append(c)
+    return index
 
 
 DATASETS: dict[str, DatasetConfig] = {
