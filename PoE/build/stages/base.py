@@ -41,13 +41,8 @@ class Stage:
     name: ClassVar[str]  # as --stages and --retrain name it
 
     def __init__(self, prep: Preprocessor) -> None:
-        self.prep, self.cfg = prep, prep.cfg
-        self.plan, self.places, self.training, self.execution = (
-            prep.s.plan,
-            prep.s.places,
-            prep.s.training,
-            prep.s.execution,
-        )
+        self.prep, self.cfg, s = prep, prep.cfg, prep.s
+        self.plan, self.places, self.training, self.execution = s.plan, s.places, s.training, s.execution
 
     @property
     def conf(self) -> StageConfig:
@@ -103,9 +98,8 @@ class Stage:
         if self.name in self.plan.retrain or not path.exists():
             return None
         sd, meta = unwrap(load_checkpoint(path), path, kind)
-        if self.prep.files.is_pool_part(path) and not self.prep.files.adopt(
-            path, {**meta, "state_dict": sd}, self.name
-        ):
+        files = self.prep.files
+        if files.is_pool_part(path) and not files.adopt(path, {**meta, "state_dict": sd}, self.name):
             return None  # a pool part the manifest does not list as it is
         return sd, meta
 

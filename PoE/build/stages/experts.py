@@ -69,7 +69,8 @@ class Experts(Stage):
         bank = bank_of(fresh).to(self.execution.device).to(memory_format=torch.channels_last)
         cols = [torch.tensor(tasks[t], device=self.execution.device) for t in todo]
         ends = torch.tensor([len(tasks[t]) for t in todo]).cumsum(0).tolist()
-        T, alpha, soft, scale = self.training.T, self.training.alpha, self.training.soft, self.training.scale
+        training = self.training
+        T, alpha, soft, scale = training.T, training.alpha, training.soft, training.scale
         trained, loader = self.start(bank)
 
         def loss_fn(b: Batch) -> torch.Tensor:

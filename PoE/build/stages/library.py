@@ -55,9 +55,8 @@ class Library(Stage):
         lib_sd, lib_meta = unwrap(load_checkpoint(pool_file), pool_file, "library")
         if not self.prep.files.adopt(pool_file, {**lib_meta, "state_dict": lib_sd}, "library"):
             self.prep.making([self.name])
-            self.prep.files.replace_library(
-                meta, student.front.state_dict()
-            )  # the student's front, as when it was made
+            front = student.front.state_dict()  # the student's front, as when it was made
+            self.prep.files.replace_library(meta, front)
         return Part(student.front.to(self.execution.device).eval(), meta)
 
     def make(self, todo: list[str]) -> dict[str, Part]:
