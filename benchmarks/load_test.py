@@ -36,6 +36,7 @@ import httpx
 from load_clients import FIXED, Phase, client_init, run_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from PoE.core.choices import ENGINES
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,7 @@ class Server:
         ]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
+        cmd += ["--engine", a.engine]
         if self.kind == "ray":
             return [*cmd, "--ray", "--replicas", str(self.n), "--port", str(free_port())]
         return [*cmd, "--workers", str(self.n), "--port", "0"]
@@ -315,7 +317,7 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
     server_cpus, client_cpus = split_cpus(sorted(os.sched_getaffinity(0)))
     notes = [
         f"Servers: `Run_Service.py --serve --max_batch {a.max_batch} --batch_wait_ms {a.batch_wait_ms}"
-        f"{f' --threads {a.threads}' if a.threads else ''} [--workers N | --ray --replicas N]` "
+        f"{f' --threads {a.threads}' if a.threads else ''} --engine {a.engine} [--workers N | --ray --replicas N]` "
         f"(fp32, {a.device}, shipped pool). Clients: {a.client_procs} processes (httpx, asyncio); 'niced': at "
         f"nice {a.nice}, every core; 'other cores': the server pinned to CPUs {server_cpus}, the clients to "
         f"{client_cpus} (sched_setaffinity, as taskset does); {a.n_latency} requests per latency phase, "
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_batch", type=int, default=64)
     p.add_argument("--batch_wait_ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads per worker (default: its own)")
+    p.add_argument("--engine", default="auto", choices=ENGINES, help="the server's --engine")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     a = p.parse_args(argv)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())

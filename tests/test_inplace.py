@@ -300,7 +300,7 @@ def test_a_remove_killed_after_deleting_is_finished_by_running_it_again(built, p
         raise KeyboardInterrupt  # stands for the SIGKILL: nothing after this point runs
 
     db = str(pool_dir.parent)
-    monkeypatch.setattr(PoE.build.edit, "write_hierarchy_copy", killed)
+    monkeypatch.setattr(PoE.build.edit, "write_copy", killed)
     assert main_preprocessing(["--db", db, "--remove_tasks", "land"]) == 130
     monkeypatch.undo()
     capsys.readouterr()
@@ -332,7 +332,7 @@ def test_an_add_killed_after_its_commit_is_finished_by_running_it_again(built, p
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for the SIGKILL after the manifest, before hierarchy.json
 
-    monkeypatch.setattr(PoE.build.preprocess.record, "write_hierarchy_copy", killed)
+    monkeypatch.setattr(PoE.build.preprocess.record, "write_copy", killed)
     assert main_preprocessing(add(built, pool_dir)) == 130
     monkeypatch.undo()
     pool = Pool.open(pool_dir)

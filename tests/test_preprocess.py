@@ -380,8 +380,7 @@ def stopping_in_second_epoch(train_stage_fn, stage: str):
     """``train_stage`` that stops ``stage`` (only) as its second epoch starts, as Ctrl-C would."""
 
     def train(name, modules, loss_fn, feed, *a, **k):
-        if name == stage:
-            feed = dataclasses.replace(feed, batches=stopping_at(1, feed.batches))
+        feed = dataclasses.replace(feed, batches=stopping_at(1, feed.batches)) if name == stage else feed
         return train_stage_fn(name, modules, loss_fn, feed, *a, **k)
 
     return train

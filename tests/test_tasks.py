@@ -12,7 +12,7 @@ from PoE.cli import main_evaluation, main_preprocessing, main_service
 from PoE.core.datasets import get_dataset
 from PoE.core.errors import PoEError
 from PoE.core.store import load_checkpoint
-from PoE.core.tasks import builtin_hierarchy, parse_hierarchy, read_hierarchy
+from PoE.core.tasks import Hierarchy
 from PoE.query.pool import Pool
 
 from .conftest import ROOT, TINY, install_stand_in_oracle
@@ -52,7 +52,7 @@ def write(tmp_path: Path, content: object, name: str = "h.json") -> Path:
 def test_bad_hierarchy_files_are_one_line_errors_exit_2(tmp_path, capsys, content, message):
     path = write(tmp_path, content)
     with pytest.raises(PoEError) as e:
-        read_hierarchy(path, get_dataset("cifar100"))
+        Hierarchy.read(path, get_dataset("cifar100"))
     assert message in str(e.value) and str(path) in str(e.value)
     capsys.readouterr()
     assert main_service(["--db", str(SHIPPED), "--list", "--hierarchy", str(path)]) == 2
@@ -67,11 +67,11 @@ def test_missing_hierarchy_file(tmp_path, capsys):
 
 def test_hierarchy_id_is_its_content_and_builtin_tasks_are_unchanged():
     cfg = get_dataset("cifar100")
-    a = parse_hierarchy(OWN, cfg, "a")
-    b = parse_hierarchy({k: list(reversed(v)) for k, v in reversed(OWN.items())}, cfg, "b")
+    a = Hierarchy.parse(OWN, cfg, "a")
+    b = Hierarchy.parse({k: list(reversed(v)) for k, v in reversed(OWN.items())}, cfg, "b")
     assert a.id == b.id and a.tasks["pair"] == [85, 88]  # class ids ascending, whatever the file's order
-    assert parse_hierarchy({**OWN, "pair": ["tank"]}, cfg, "c").id != a.id
-    assert builtin_hierarchy(cfg).apply(cfg) is cfg  # a pool without a stored hierarchy: the dataset's tasks
+    assert Hierarchy.parse({**OWN, "pair": ["tank"]}, cfg, "c").id != a.id
+    assert Hierarchy.builtin_of(cfg).apply(cfg) is cfg  # a pool without a stored hierarchy: the dataset's tasks
     own = a.apply(cfg)
     assert list(own.tasks) == ["first", "mixed", "pair"] and own.default_tasks == ["first", "mixed", "pair"]
     assert next(iter(cfg.tasks)) == "aquatic_mammals"  # the registry's table is untouched
@@ -125,7 +125,7 @@ def test_new_hierarchy_on_an_existing_library_trains_only_its_experts(official_c
     ]
     stored = json.loads((pool / "hierarchy.json").read_text())
     assert stored["tasks"]["pair"] == ["tank", "tiger"]
-    assert stored["id"] == read_hierarchy(own, get_dataset("cifar100")).id
+    assert stored["id"] == Hierarchy.read(own, get_dataset("cifar100")).id
     ids = [load_checkpoint(p / "library_cifar100.pt")["id"] for p in (pool, src / "cifar100")]
     assert ids[0] == ids[1]  # the same library (its weights' hash), listed in the new pool's manifest
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == source_files

@@ -118,9 +118,9 @@ def test_a_hierarchy_file_beside_a_bare_pool_is_refused_unless_named(tmp_path, o
     cifar = get_dataset("cifar100")
     names = {t: [cifar.class_name(c) for c in cls] for t, cls in cifar.tasks.items()}
     names["people"], names["vehicles_1"] = names["vehicles_1"], names["people"]
-    from PoE.core.tasks import Hierarchy, parse_hierarchy
+    from PoE.core.tasks import Hierarchy
 
-    swapped: Hierarchy = parse_hierarchy(names, cifar, "swapped")
+    swapped: Hierarchy = Hierarchy.parse(names, cifar, "swapped")
     (pool / "hierarchy.json").write_text(json.dumps({"dataset": "cifar100", **swapped.record(cifar)}))
     refused(pool, match=("has no manifest.json", "hierarchy.json", "built-in ones", "--hierarchy"))
     rc = main_service(["--db", str(pool), "--queriedTask", "people", "--no_eval", "--device", "cpu"])

@@ -22,7 +22,7 @@ from pathlib import Path
 from PoE.core import manifest
 from PoE.core.errors import PoEError
 from PoE.core.store import HIERARCHY_FILE, TASK_RULE, PoolPaths, shard_files, valid_task_name
-from PoE.core.tasks import Hierarchy, tasks_hierarchy, write_hierarchy_copy
+from PoE.core.tasks import Hierarchy, write_copy
 from PoE.query.pool import Pool
 
 
@@ -96,7 +96,7 @@ def plan_addition(pool: Pool, added: Hierarchy, flag: str = "--add_tasks") -> Ad
                 )
         new.append(task)
     tasks = {**{t: sorted(c) for t, c in cfg.tasks.items()}, **{t: added.tasks[t] for t in new}}
-    return Addition(tasks_hierarchy(cfg, tasks, str(added.source)), new)
+    return Addition(Hierarchy.of(cfg, tasks, str(added.source)), new)
 
 
 def last_removed(paths: PoolPaths) -> set[str]:
@@ -134,7 +134,7 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
         raise PoEError(
             f"--remove_tasks would leave the pool {pool.root} without tasks; keep at least one (or delete the folder)"
         )
-    h = tasks_hierarchy(cfg, {t: c for t, c in cfg.tasks.items() if t not in gone}, str(paths.root / HIERARCHY_FILE))
+    h = Hierarchy.of(cfg, {t: c for t, c in cfg.tasks.items() if t not in gone}, str(paths.root / HIERARCHY_FILE))
     if gone:
         listing = manifest.Listing.read(paths)
         for task in gone:
@@ -157,7 +157,7 @@ def remove_tasks(pool: Pool, names: list[str], command: str) -> list[str]:
         for t in names
         if t in done and t not in gone and t not in leftover
     ]
-    write_hierarchy_copy(paths.root, h, cfg)
+    write_copy(paths.root, h, cfg)
     kept = [t for t in pool.experts if t not in gone]
     lines.append(f"pool {paths.root}: {len(h.tasks)} task(s), {len(kept)} expert(s)")
     return lines

@@ -26,7 +26,7 @@ from PoE.core.datasets.folder import DESCRIPTION_FILE
 from PoE.core.errors import PoEError
 from PoE.core.manifest import EXPERT_FIELDS, MANIFEST_FORMAT, Contents, Listing, build
 from PoE.core.store import PoolPaths, load_checkpoint, resolve_pool, save_checkpoint, save_json, seal, unwrap
-from PoE.core.tasks import builtin_hierarchy, current_hierarchy, hierarchy_notes, stored_hierarchy, write_hierarchy_copy
+from PoE.core.tasks import copy_notes, recorded_hierarchy, write_copy
 from PoE.query.pool import Pool
 
 
@@ -50,12 +50,12 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
     base = described_by_pool(get_dataset(dataset), paths.root)
     if old.get("manifest_format") == MANIFEST_FORMAT:
         Pool.open(paths.root, dataset)  # every check
-        h = current_hierarchy(base, paths.root, old["hierarchy"])
-        stale = hierarchy_notes(base, paths.root, h)
-        write_hierarchy_copy(paths.root, h, base)
+        h = recorded_hierarchy(base, paths.root, old["hierarchy"])
+        stale = copy_notes(base, paths.root, h)
+        write_copy(paths.root, h, base)
         return f"{paths.root}: already current" + ("; hierarchy.json rewritten from the manifest" if stale else "")
     if old.get("manifest_format") == 3:  # parts and hierarchy current: the manifest gains the files' hashes
-        h = current_hierarchy(base, paths.root, old["hierarchy"])
+        h = recorded_hierarchy(base, paths.root, old["hierarchy"])
         listing = Listing.read(paths)
         listing.hierarchy = h.record(base)
         Pool(h.apply(base), paths, contents=Contents(paths, dict(listing.digests), listing.hierarchy))
@@ -63,7 +63,7 @@ def upgrade(paths: PoolPaths, dataset: str) -> str:
         note = f" ({DESCRIPTION_FILE} recorded as it is now: nothing covered it before)"
         note = note if (paths.root / DESCRIPTION_FILE).is_file() else ""
         return f"{paths.root}: upgraded; manifest.json records every file's size and SHA-256, no part rewritten{note}"
-    h = stored_hierarchy(paths.root, base) or builtin_hierarchy(base)  # how the earlier versions kept it
+    h = recorded_hierarchy(base, paths.root, None)  # how the earlier versions kept it: hierarchy.json or none
     cfg = h.apply(base)
     if old.get("manifest_format") == 2:  # the parts are current: the manifest only gains the hierarchy
         listing = Listing.read(paths)

@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from PoE.core.datasets import DatasetConfig
+from PoE.core.datasets import DatasetConfig, class_index
 from PoE.core.errors import PoEError
-from PoE.core.tasks import class_index
 
 FORMATS = "an ONNX model (.onnx)"
 PROGRAMS = "a torch.export program (.pt2) or TorchScript file (.pt, .ts)"

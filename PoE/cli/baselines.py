@@ -4,6 +4,7 @@ training flags that Run_Experiments.py shares."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from PoE.cli.common import (
     Parser,
     common_arguments,
     open_pool,
-    pool_tasks,
+    read_pool_folder,
     run_main,
     runtime_of,
     tasks_epilog,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from PoE.build.baselines import BaselineRunner
     from PoE.core.data import ImageSet
     from PoE.core.runtime import Runtime
+    from PoE.query.pool import Pool
 
 
 def baselines_parser() -> argparse.ArgumentParser:
@@ -106,10 +108,12 @@ def runners(
     runtime: Runtime,
     train: Callable[[], ImageSet],
     test: ImageSet,
+    pool: Callable[[], Pool],
     T: float = KD_T,
     alpha: float = KD_ALPHA,
 ) -> Callable[[str], BaselineRunner]:
-    """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images)."""
+    """Method -> its BaselineRunner on the command line's schedule (``train()`` gives the training images, ``pool()``
+    the pool, opened when a method first needs it)."""
     from PoE.build.baselines import BaselineConfig, baseline_runner
 
     how = BaselineConfig(
@@ -126,7 +130,7 @@ def runners(
         ckd_views=a.ckd_views,
         progress=not a.no_progress,
     )
-    return lambda method: baseline_runner(method, cfg, train(), test, lambda: open_pool(a, runtime.fp32), how)
+    return lambda method: baseline_runner(method, cfg, train(), test, pool, how)
 
 
 def baselines_body(a: argparse.Namespace) -> int:
@@ -135,15 +139,17 @@ def baselines_body(a: argparse.Namespace) -> int:
     from PoE.core.query import make_query
     from PoE.experiments import markdown_table
 
-    cfg = pool_tasks(a)
+    folder = read_pool_folder(a, missing_ok=True)  # read once; a method that needs no pool runs without one
+    cfg = folder.cfg
     query = make_query(a.queriedTask, cfg.tasks, cfg.name)
     runtime = runtime_of(a)
     train = load_split(cfg, a.data_root, "train")
     test = load_split(cfg, a.data_root, "test")
-    runner = runners(a, cfg, runtime, lambda: train, test, a.T, a.alpha)
+    pool = functools.cache(lambda: open_pool(folder, runtime.fp32))  # opened once, when first needed
+    runner = runners(a, cfg, runtime, lambda: train, test, pool, a.T, a.alpha)
     rows = [result_row(runner(method).run(method, list(query.tasks))) for method in a.method]
     try:
-        rows.append(poe_row(open_pool(a, runtime.fp32), query, test))
+        rows.append(poe_row(pool(), query, test))
     except PoEError as e:
         print(f"(no PoE row: {e})")
     cols = [

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from PoE.core.runtime import Runtime
+    from PoE.query.pool import Pool, PoolFolder
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -199,19 +200,20 @@ def runtime_of(a: argparse.Namespace) -> Runtime:
     return Runtime.resolve(pick_device(a.device), a.precision)
 
 
-def open_pool(a: argparse.Namespace, runtime: Runtime):
+def read_pool_folder(a: argparse.Namespace, missing_ok: bool = False) -> PoolFolder:
+    """The pool folder at ``--db``, read once per command: its manifest, and the dataset with its tasks (checked
+    against --hierarchy, the digest against --pool_digest). ``missing_ok``: no pool there is not an error yet (the
+    tasks are the dataset's); opening it is."""
+    from PoE.query.pool import PoolFolder
+
+    return PoolFolder.read(a.db, a.dataset, a.hierarchy, a.skip_bad_images, a.pool_digest, missing_ok)
+
+
+def open_pool(folder: PoolFolder, runtime: Runtime) -> Pool:
+    """The pool's parts, read from the folder the command read."""
     from PoE.query.pool import Pool
 
-    kw = {"skip_bad_images": a.skip_bad_images, "expected_digest": a.pool_digest, "runtime": runtime}
-    return Pool.open(a.db, a.dataset, hierarchy=a.hierarchy, **kw)
-
-
-def pool_tasks(a: argparse.Namespace) -> DatasetConfig:
-    """The dataset with the tasks of the pool at ``--db`` (its stored hierarchy, checked against --hierarchy)."""
-    from PoE.core.datasets import get_dataset
-    from PoE.core.tasks import pool_config
-
-    return pool_config(get_dataset(a.dataset), a.db, a.hierarchy, a.skip_bad_images)
+    return Pool.load(folder, runtime)
 
 
 MAX_COMBINATIONS = 5000  # combinations of tasks one command scores unless --max_combinations says more
@@ -243,11 +245,10 @@ def check_combinations(tasks: list[str], ns: list[int], limit: int) -> int:
     return total
 
 
-def chosen_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, list[str]]:
-    """The dataset and its tasks to combine (``--tasks``, default: the dataset's default tasks), checked."""
+def chosen_tasks(a: argparse.Namespace, cfg: DatasetConfig) -> list[str]:
+    """The tasks to combine (``--tasks``, default: the dataset's default tasks), checked against ``cfg``'s."""
     from PoE.core.query import make_query
 
-    cfg = pool_tasks(a)
     tasks = a.tasks or cfg.default_tasks
     make_query(tasks, cfg.tasks, cfg.name)
-    return cfg, tasks
+    return tasks

@@ -16,6 +16,7 @@ from PoE.cli.common import (
     combinations_argument,
     common_arguments,
     open_pool,
+    read_pool_folder,
     run_main,
     runtime_of,
     tasks_epilog,
@@ -67,13 +68,15 @@ def evaluation_body(a: argparse.Namespace) -> int:
         write_table,
     )
 
-    cfg, tasks = chosen_tasks(a)
+    folder = read_pool_folder(a)
+    cfg = folder.cfg
+    tasks = chosen_tasks(a, cfg)
     ns = a.n or list(range(2, len(tasks)))
     bad = [n for n in ns if not 1 <= n <= len(tasks)]
     if bad or not ns:
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {bad or ns}")
     check_combinations(tasks, ns, a.max_combinations)
-    pool = open_pool(a, runtime_of(a))
+    pool = open_pool(folder, runtime_of(a))
     test = load_split(pool.cfg, a.data_root, "test", classes=make_query(tasks, cfg.tasks).classes)
     results = pool_combinations(pool, tasks, ns, test, progress=True)
     rows = summarize(results)

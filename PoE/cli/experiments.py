@@ -19,6 +19,7 @@ from PoE.cli.common import (
     combinations_argument,
     common_arguments,
     open_pool,
+    read_pool_folder,
     run_main,
     runtime_of,
     tasks_epilog,
@@ -134,7 +135,9 @@ def experiments_body(a: argparse.Namespace) -> int:
     )
     from PoE.query.pool import Pool
 
-    cfg, tasks = chosen_tasks(a)
+    folder = read_pool_folder(a)
+    cfg = folder.cfg
+    tasks = chosen_tasks(a, cfg)
     if not a.n or any(not 1 <= n <= len(tasks) for n in a.n):
         raise PoEError(f"--n must be between 1 and the number of tasks ({len(tasks)}), got {a.n}")
     check_combinations(tasks, a.n, a.max_combinations)  # the Oracle and PoE score every one
@@ -145,7 +148,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         raise PoEError("--ablation compares pools with PoE's cross-expert errors: add poe to --methods")
     runtime = runtime_of(a)
     device = runtime.device
-    pool = open_pool(a, runtime.fp32)
+    pool = open_pool(folder, runtime.fp32)
     test = load_split(cfg, a.data_root, "test")
     train = cache(lambda: load_split(cfg, a.data_root, "train"))
     rows, poe = compare(
@@ -155,7 +158,7 @@ def experiments_body(a: argparse.Namespace) -> int:
         a.methods,
         test,
         oracle=lambda: load_oracle(a.pretrained, cfg, device),
-        baseline=runners(a, cfg, runtime, train, test),
+        baseline=runners(a, cfg, runtime, train, test, lambda: pool),
         combos_per_n=a.combos_per_n,
         seed=a.seed,
         progress=not a.no_progress,

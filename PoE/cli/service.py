@@ -15,11 +15,12 @@ from PoE.cli.common import (
     common_arguments,
     number,
     open_pool,
-    pool_tasks,
+    read_pool_folder,
     run_main,
     runtime_of,
     tasks_epilog,
 )
+from PoE.core.choices import ENGINES
 from PoE.core.errors import PoEError
 
 if TYPE_CHECKING:
@@ -74,7 +75,12 @@ def service_parser() -> argparse.ArgumentParser:
         help="with --quantize: how many training images calibrate it (a seeded sample; default: 512)",
     )
     p.add_argument("--no_eval", action="store_true", help="build (and export) only; skip the test-set accuracy")
-    g = p.add_argument_group("HTTP service")
+    http_arguments(p.add_argument_group("HTTP service"))
+    return p
+
+
+def http_arguments(g: argparse._ArgumentGroup) -> None:
+    """``--serve`` and how the server runs: address, batching, threads, workers, Ray Serve."""
     g.add_argument("--serve", action="store_true", help="serve the pool over HTTP: API under /api, web page at /")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     g.add_argument(
@@ -84,6 +90,13 @@ def service_parser() -> argparse.ArgumentParser:
         help="TCP port (0: any free port; the URL line printed at start says which)",
     )
     g.add_argument("--max_batch", type=POSITIVE_INT, default=64, help="dynamic batching: most images per forward")
+    g.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINES,
+        help="what runs the forwards: onnxruntime sessions made from the pool's modules at start (fp32 on a CPU), or "
+        "torch; auto: onnx where it applies and onnxruntime is installed, else torch",
+    )
     g.add_argument(
         "--batch_wait_ms",
         type=WAIT_MS,
@@ -117,7 +130,6 @@ def service_parser() -> argparse.ArgumentParser:
         help="with --ray: an existing cluster (e.g. ray://HEAD:10001 or "
         "auto); default: a local Ray started by this command",
     )
-    return p
 
 
 def human(n: float) -> str:
@@ -151,7 +163,16 @@ def serve_body(a: argparse.Namespace, runtime: Runtime) -> int:
 
     device, precision = str(runtime.device), runtime.precision
     settings = Settings(
-        a.db, a.dataset, device, precision, a.data_root, a.max_batch, a.batch_wait_ms, a.threads, a.pool_digest
+        a.db,
+        a.dataset,
+        device,
+        precision,
+        a.data_root,
+        a.max_batch,
+        a.batch_wait_ms,
+        a.threads,
+        a.pool_digest,
+        a.engine,
     )
     if a.ray:
         if a.workers:
@@ -170,11 +191,11 @@ def service_body(a: argparse.Namespace) -> int:
     runtime = runtime_of(a)
     precision = runtime.precision
     if a.list:
-        return list_pool(open_pool(a, runtime))
+        return list_pool(open_pool(read_pool_folder(a), runtime))
     if a.serve:
         return serve_body(a, runtime)
     if a.queriedTask is None:
-        tasks = ", ".join(pool_tasks(a).tasks)
+        tasks = ", ".join(read_pool_folder(a, missing_ok=True).cfg.tasks)
         raise PoEError(f"name the query with --queriedTask TASK [TASK ...]; known tasks: {tasks}")
     if (a.quantize or a.calibration_images) and a.export is None:
         raise PoEError("--quantize and --calibration_images go with --export FILE.onnx")
@@ -182,7 +203,7 @@ def service_body(a: argparse.Namespace) -> int:
         raise PoEError("--calibration_images goes with --quantize int8 (an fp32 export needs no calibration)")
     if a.export is not None:
         check_export(a)  # before any work: a path that cannot be written fails at once
-    pool = open_pool(a, runtime)
+    pool = open_pool(read_pool_folder(a), runtime)
     cfg = pool.cfg
     model = pool.query(a.queriedTask)
     macs, params = model.cost()

@@ -38,7 +38,7 @@ def merge(expert_logits: Sequence[torch.Tensor], order: torch.Tensor) -> torch.T
 
 
 def forward(
-    library: nn.Module,
+    library: Callable[[torch.Tensor], torch.Tensor],
     experts: Experts,
     classes: Mapping[str, int],
     x: torch.Tensor,
@@ -64,7 +64,7 @@ def forward(
 def by_rows(groups: Sequence[Rows], cols: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
     """Per query, the rows of its experts' logits computed on every row."""
     starts = [0, *itertools.accumulate(g.count for g in groups)]
-    return [[cols[t][a:b] for t in g.tasks] for g, a, b in zip(groups, starts, starts[1:], strict=True)]
+    return [[cols[t][a:b] for t in g.tasks] for g, a, b in zip(groups, starts[:-1], starts[1:], strict=True)]
 
 
 def apart(experts: Experts, features: torch.Tensor, groups: Sequence[Rows]) -> list[list[torch.Tensor]]:

@@ -11,6 +11,12 @@ an added or removed task with its expert (``PoE.build.edit``).
 
 The table flows as a value: ``Hierarchy.apply(cfg)`` is the ``DatasetConfig`` whose ``tasks`` are the
 hierarchy's, and every stage, the pool and the service read ``cfg.tasks`` of the config they were given.
+
+A hierarchy is made by ``Hierarchy``'s constructors (``builtin_of``, ``of``, ``parse``, ``read``, ``given``); a pool's
+is read by the five functions below, each named for what it returns: ``recorded_hierarchy`` (the pool's, as its
+manifest records it), ``pool_hierarchy`` (that one checked against the one a user gives), ``hierarchy_to_build`` (what
+a preprocessing run into a folder builds), ``copy_notes`` (what is wrong with ``hierarchy.json``, the readable copy)
+and ``write_copy``.
 """
 
 from __future__ import annotations
@@ -24,18 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PoE.core.datasets import DatasetConfig, described_by_pool
+from PoE.core.datasets import DatasetConfig, class_index
 from PoE.core.errors import PoEError
 from PoE.core.jsonfile import read_json
 from PoE.core.manifest import Contents, valid_record
-from PoE.core.store import (
-    HIERARCHY_FILE,
-    TASK_RULE,
-    PoolPaths,
-    resolve_pool,
-    save_json,
-    valid_task_name,
-)
+from PoE.core.store import HIERARCHY_FILE, TASK_RULE, PoolPaths, save_json, valid_task_name
 
 DEFAULT_QUERY_TASKS = 6  # a file's first six tasks are what Run_Evaluation combines by default (as the paper's six)
 SHAPE = '{"task name": ["class name", ...], ...}'
@@ -49,6 +48,65 @@ class Hierarchy:
     tasks: dict[str, list[int]]
     source: str  # the file it was read from, or "the built-in tasks of <dataset>"
     builtin: bool = False
+
+    @classmethod
+    def builtin_of(cls, cfg: DatasetConfig) -> Hierarchy:
+        """The dataset's built-in tasks."""
+        tasks = {t: sorted(c) for t, c in cfg.tasks.items()}
+        return cls(cfg.name, tasks, f"the built-in tasks of {cfg.name}", builtin=True)
+
+    @classmethod
+    def of(cls, cfg: DatasetConfig, tasks: Mapping[str, list[int]] | None = None, source: str = "") -> Hierarchy:
+        """The hierarchy of ``tasks`` (default: ``cfg``'s): the built-in one when they are the dataset's own."""
+        h = cls(cfg.name, {t: sorted(c) for t, c in (cfg.tasks if tasks is None else tasks).items()}, source)
+        builtin = cls.builtin_of(cfg)
+        return builtin if h.id == builtin.id else h
+
+    @classmethod
+    def parse(cls, obj: Any, cfg: DatasetConfig, source: str) -> Hierarchy:
+        """A decoded hierarchy checked against ``cfg``'s classes; every error is one line naming what is wrong."""
+        if (
+            isinstance(obj, Mapping)
+            and isinstance(obj.get("tasks"), Mapping)
+            and set(obj) <= {"dataset", "id", "tasks"}
+        ):
+            if obj.get("dataset", cfg.name) != cfg.name:  # a pool's stored hierarchy.json, given back
+                raise PoEError(f"hierarchy {source}: it is a hierarchy of {obj.get('dataset')}, not of {cfg.name}")
+            obj = obj["tasks"]
+        if not isinstance(obj, Mapping):
+            raise PoEError(f"hierarchy {source}: expected a JSON object {SHAPE}, got {_json_type(obj)}")
+        if not obj:
+            raise PoEError(f"hierarchy {source}: it names no task; expected {SHAPE}")
+        index = class_index(cfg)
+        owner: dict[int, str] = {}
+        tasks: dict[str, list[int]] = {}
+        for task, names in obj.items():
+            if not valid_task_name(task):
+                raise PoEError(f"hierarchy {source}: task name {task!r} is not accepted: use {TASK_RULE}")
+            if not isinstance(names, list):
+                raise PoEError(
+                    f"hierarchy {source}: task {task!r} must be a list of class names, got {_json_type(names)}"
+                )
+            if not names:
+                raise PoEError(f"hierarchy {source}: task {task!r} is empty; give it at least one class")
+            tasks[task] = sorted(_class_ids(task, names, index, owner, cfg, source))
+        return cls(cfg.name, tasks, source)
+
+    @classmethod
+    def read(cls, path: str | Path, cfg: DatasetConfig) -> Hierarchy:
+        """A hierarchy file (the user's, or a pool's ``hierarchy.json``), checked against ``cfg``."""
+        path = Path(path)
+        obj = read_json(path, "hierarchy", f"a JSON file {SHAPE}", hook=_no_duplicate_keys)
+        return cls.parse(obj, cfg, str(path))
+
+    @classmethod
+    def given(cls, hierarchy: str | Path | Hierarchy | Mapping | None, cfg: DatasetConfig) -> Hierarchy | None:
+        """What a caller passes (a file, a parsed ``Hierarchy`` or a task -> class names mapping) as a Hierarchy."""
+        if hierarchy is None or isinstance(hierarchy, Hierarchy):
+            return hierarchy
+        if isinstance(hierarchy, Mapping):
+            return cls.parse(hierarchy, cfg, "given as a mapping")
+        return cls.read(hierarchy, cfg)
 
     @property
     def id(self) -> str:
@@ -74,82 +132,44 @@ class Hierarchy:
         return dataclasses.replace(cfg, tasks={t: list(c) for t, c in self.tasks.items()}, default_tasks=default)
 
 
-def builtin_hierarchy(cfg: DatasetConfig) -> Hierarchy:
-    return Hierarchy(
-        cfg.name, {t: sorted(c) for t, c in cfg.tasks.items()}, f"the built-in tasks of {cfg.name}", builtin=True
-    )
+def _class_ids(
+    task: str, names: list, index: dict[str, list[int]], owner: dict[int, str], cfg: DatasetConfig, source: str
+) -> list[int]:
+    """The class ids of one task's class names; ``owner`` (class -> task so far) keeps the tasks disjoint."""
+    ids: list[int] = []
+    for name in names:
+        if not isinstance(name, str):
+            raise PoEError(
+                f"hierarchy {source}: task {task!r}: class names are strings, got {_json_type(name)} {json.dumps(name)}"
+            )
+        if name not in index:
+            close = difflib.get_close_matches(name, index, n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(list(index)[:3])}"
+            raise PoEError(f"hierarchy {source}: task {task!r}: unknown {cfg.name} class {name!r} ({hint})")
+        if len(index[name]) > 1:
+            raise PoEError(
+                f"hierarchy {source}: task {task!r}: class name {name!r} names {len(index[name])} {cfg.name} classes "
+                f"(ids {', '.join(map(str, index[name]))}); it cannot be told apart"
+            )
+        c = index[name][0]
+        if c in ids:
+            raise PoEError(f"hierarchy {source}: task {task!r} names class {name!r} twice")
+        if c in owner:
+            raise PoEError(
+                f"hierarchy {source}: class {name!r} is in both task {owner[c]!r} and task {task!r}; tasks must be "
+                "disjoint"
+            )
+        owner[c] = task
+        ids.append(c)
+    return ids
 
 
-def tasks_hierarchy(cfg: DatasetConfig, tasks: Mapping[str, list[int]] | None = None, source: str = "") -> Hierarchy:
-    """The hierarchy of ``tasks`` (default: ``cfg``'s): the built-in one when they are the dataset's own."""
-    h = Hierarchy(cfg.name, {t: sorted(c) for t, c in (cfg.tasks if tasks is None else tasks).items()}, source)
-    builtin = builtin_hierarchy(cfg)
-    return builtin if h.id == builtin.id else h
-
-
-def class_index(cfg: DatasetConfig) -> dict[str, list[int]]:
-    """Every name a class is known by -> the class ids it names (torchvision's ImageNet names have repeats)."""
-    index: dict[str, list[int]] = {}
-    for c in range(cfg.num_classes):
-        for name in {cfg.class_name(c), *cfg.class_aliases(c)}:
-            index.setdefault(name, []).append(c)
-    return index
-
-
-def parse_hierarchy(obj: Any, cfg: DatasetConfig, source: str) -> Hierarchy:
-    """Check a decoded hierarchy against ``cfg``'s classes; every error is one line naming what is wrong."""
-
-    def bad(what: str) -> PoEError:
-        return PoEError(f"hierarchy {source}: {what}")
-
-    if isinstance(obj, Mapping) and isinstance(obj.get("tasks"), Mapping) and set(obj) <= {"dataset", "id", "tasks"}:
-        if obj.get("dataset", cfg.name) != cfg.name:  # a pool's stored hierarchy.json, given back
-            raise bad(f"it is a hierarchy of {obj.get('dataset')}, not of {cfg.name}")
-        obj = obj["tasks"]
-    if not isinstance(obj, Mapping):
-        raise bad(f"expected a JSON object {SHAPE}, got {json_type(obj)}")
-    if not obj:
-        raise bad(f"it names no task; expected {SHAPE}")
-    index = class_index(cfg)
-    owner: dict[int, str] = {}
-    tasks: dict[str, list[int]] = {}
-    for task, names in obj.items():
-        if not valid_task_name(task):
-            raise bad(f"task name {task!r} is not accepted: use {TASK_RULE}")
-        if not isinstance(names, list):
-            raise bad(f"task {task!r} must be a list of class names, got {json_type(names)}")
-        if not names:
-            raise bad(f"task {task!r} is empty; give it at least one class")
-        ids: list[int] = []
-        for name in names:
-            if not isinstance(name, str):
-                raise bad(f"task {task!r}: class names are strings, got {json_type(name)} {json.dumps(name)}")
-            if name not in index:
-                close = difflib.get_close_matches(name, index, n=3, cutoff=0.6)
-                hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(list(index)[:3])}"
-                raise bad(f"task {task!r}: unknown {cfg.name} class {name!r} ({hint})")
-            if len(index[name]) > 1:
-                raise bad(
-                    f"task {task!r}: class name {name!r} names {len(index[name])} {cfg.name} classes "
-                    f"(ids {', '.join(map(str, index[name]))}); it cannot be told apart"
-                )
-            c = index[name][0]
-            if c in ids:
-                raise bad(f"task {task!r} names class {name!r} twice")
-            if c in owner:
-                raise bad(f"class {name!r} is in both task {owner[c]!r} and task {task!r}; tasks must be disjoint")
-            owner[c] = task
-            ids.append(c)
-        tasks[task] = sorted(ids)
-    return Hierarchy(cfg.name, tasks, source)
-
-
-def json_type(v: Any) -> str:
+def _json_type(v: Any) -> str:
     kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return kinds.get(type(v), "a number")
 
 
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for k, v in pairs:
         if k in seen:
@@ -158,28 +178,12 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def read_hierarchy(path: str | Path, cfg: DatasetConfig) -> Hierarchy:
-    """A hierarchy file (the user's, or a pool's ``hierarchy.json``), checked against ``cfg``."""
-    path = Path(path)
-    obj = read_json(path, "hierarchy", f"a JSON file {SHAPE}", hook=no_duplicate_keys)
-    return parse_hierarchy(obj, cfg, str(path))
-
-
-def given_hierarchy(hierarchy: str | Path | Hierarchy | Mapping | None, cfg: DatasetConfig) -> Hierarchy | None:
-    """What a caller passes (a file, a parsed ``Hierarchy`` or a task -> class names mapping) as a Hierarchy."""
-    if hierarchy is None or isinstance(hierarchy, Hierarchy):
-        return hierarchy
-    if isinstance(hierarchy, Mapping):
-        return parse_hierarchy(hierarchy, cfg, "given as a mapping")
-    return read_hierarchy(hierarchy, cfg)
-
-
-def stored_hierarchy(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
+def _stored(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
     """The pool folder's ``hierarchy.json``; None when it has none."""
     path = root / HIERARCHY_FILE
     if not path.is_file():
         return None
-    h = read_hierarchy(path, cfg)
+    h = Hierarchy.read(path, cfg)
     recorded = read_json(path, "hierarchy").get("id")
     if recorded is not None and recorded != h.id:
         raise PoEError(
@@ -189,27 +193,23 @@ def stored_hierarchy(root: Path, cfg: DatasetConfig) -> Hierarchy | None:
     return h
 
 
-def recorded_hierarchy(cfg: DatasetConfig, root: Path, record: dict[str, Any]) -> Hierarchy:
-    """The hierarchy a pool's manifest records (the built-in one when it has the built-in tasks)."""
+def recorded_hierarchy(cfg: DatasetConfig, root: Path, record: dict[str, Any] | None) -> Hierarchy:
+    """The hierarchy of the pool at ``root``: the one its manifest records (``record``: the manifest's
+    ``hierarchy``), else (a pool without a manifest, or of an earlier version) its ``hierarchy.json``, else the
+    dataset's built-in tasks."""
+    if record is None:
+        return _stored(root, cfg) or Hierarchy.builtin_of(cfg)
     source = root / "manifest.json"
-    h = parse_hierarchy(record["tasks"], cfg, str(source)) if record["tasks"] else Hierarchy(cfg.name, {}, "")
+    h = Hierarchy.parse(record["tasks"], cfg, str(source)) if record["tasks"] else Hierarchy(cfg.name, {}, "")
     if h.id != record["id"]:
         raise PoEError(
             f"{source}: its hierarchy hashes to {h.id} but it records {record['id']}: the manifest was "
             "edited or damaged; restore it"
         )
-    return tasks_hierarchy(cfg, h.tasks, str(root / HIERARCHY_FILE))
+    return Hierarchy.of(cfg, h.tasks, str(root / HIERARCHY_FILE))
 
 
-def current_hierarchy(cfg: DatasetConfig, root: Path, record: dict[str, Any] | None) -> Hierarchy:
-    """The pool's hierarchy: the one its manifest records (``record``), else (a pool without a manifest, or of an
-    earlier version) its ``hierarchy.json``, else the dataset's built-in tasks."""
-    if record is not None:
-        return recorded_hierarchy(cfg, root, record)
-    return stored_hierarchy(root, cfg) or builtin_hierarchy(cfg)
-
-
-def hierarchy_notes(cfg: DatasetConfig, root: Path, h: Hierarchy) -> list[str]:
+def copy_notes(cfg: DatasetConfig, root: Path, h: Hierarchy) -> list[str]:
     """What is wrong with ``hierarchy.json`` (the readable copy) when the manifest records ``h``: the manifest's is
     used, and the note says how to rewrite the copy."""
     path = root / HIERARCHY_FILE
@@ -217,7 +217,7 @@ def hierarchy_notes(cfg: DatasetConfig, root: Path, h: Hierarchy) -> list[str]:
     if not path.is_file():
         return [] if h.builtin else [f"{path} is missing; the tasks manifest.json records are used ({fix})"]
     try:
-        stored = stored_hierarchy(root, cfg)
+        stored = _stored(root, cfg)
     except PoEError as e:
         return [f"{e}; the tasks manifest.json records are used ({fix})"]
     if stored is not None and stored.id != h.id:
@@ -229,22 +229,11 @@ def hierarchy_notes(cfg: DatasetConfig, root: Path, h: Hierarchy) -> list[str]:
     return []
 
 
-def pool_root(db: str | Path, cfg: DatasetConfig) -> Path:
-    """The pool folder ``db`` names: ``db`` itself when it holds a library, else ``db/<dataset>``."""
-    try:
-        return resolve_pool(db, cfg.name, cfg.tag).root
-    except PoEError:
-        return Path(db) / cfg.name
-
-
-def pool_hierarchy(
-    cfg: DatasetConfig, root: Path, given: Hierarchy | None, contents: Contents | None = None
-) -> Hierarchy:
+def pool_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None, contents: Contents) -> Hierarchy:
     """The hierarchy of the pool at ``root`` (its manifest's, read as ``contents``); a different ``given`` one is
-    refused."""
-    contents = Contents.read(PoolPaths(root, cfg.tag)) if contents is None else contents
-    current = current_hierarchy(cfg, root, contents.hierarchy)
-    bare = contents.parts is None and current.id != builtin_hierarchy(cfg).id
+    refused, and so is a ``hierarchy.json`` beside a bare pool that nobody named."""
+    current = recorded_hierarchy(cfg, root, contents.hierarchy)
+    bare = contents.parts is None and current.id != Hierarchy.builtin_of(cfg).id
     if bare and (given is None or given.id != current.id):
         # a bare pool records nothing of its tasks: a hierarchy file beside it is only taken when the user names it
         raise PoEError(
@@ -267,32 +256,13 @@ def pool_hierarchy(
     return current
 
 
-def pool_config(
-    cfg: DatasetConfig,
-    db: str | Path,
-    hierarchy: str | Path | Hierarchy | Mapping | None = None,
-    skip_bad_images: bool = False,
-) -> DatasetConfig:
-    """``cfg`` with the tasks of the pool at ``db`` (checked against ``hierarchy`` when one is given); a folder
-    dataset as the pool describes it."""
-    root = pool_root(db, cfg)
-    contents = Contents.read(PoolPaths(root, cfg.tag))  # checks dataset.json before it is read
-    cfg = described_by_pool(cfg, root, skip_bad_images)
-    return pool_hierarchy(cfg, root, given_hierarchy(hierarchy, cfg), contents).apply(cfg)
-
-
-def written_hierarchy(cfg: DatasetConfig, root: Path) -> Hierarchy:
-    """The hierarchy a writer finds in the pool folder: the manifest's (of any version that records one), else
-    ``hierarchy.json``, else the built-in tasks."""
+def hierarchy_to_build(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
+    """The hierarchy a preprocessing run into the pool folder ``root`` builds: the pool's (its manifest's, of any
+    version that records one, else its ``hierarchy.json``, else the built-in tasks), or ``given``. A pool holding
+    experts keeps its hierarchy (another is refused; tasks are added and removed with ``--add_tasks`` and
+    ``--remove_tasks``); one without experts may take a new one."""
     record = PoolPaths(root, cfg.tag).read_manifest().get("hierarchy")
-    return current_hierarchy(cfg, root, record if valid_record(record) else None)
-
-
-def build_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> Hierarchy:
-    """The hierarchy a preprocessing run into the pool folder ``root`` builds: the pool's, or ``given``. A
-    pool holding experts keeps its hierarchy (another is refused; tasks are added and removed with
-    ``--add_tasks`` and ``--remove_tasks``); one without experts may take a new one."""
-    current = written_hierarchy(cfg, root)
+    current = recorded_hierarchy(cfg, root, record if valid_record(record) else None)
     if not (given or current).tasks:
         raise PoEError(f"{cfg.name} has no built-in tasks: give them with --hierarchy tasks.json ({SHAPE})")
     if given is None or given.id == current.id:
@@ -314,7 +284,7 @@ def build_hierarchy(cfg: DatasetConfig, root: Path, given: Hierarchy | None) -> 
     return given
 
 
-def write_hierarchy_copy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
+def write_copy(root: Path, h: Hierarchy, cfg: DatasetConfig) -> None:
     """Write ``hierarchy.json``, the readable copy of the hierarchy the manifest records (after the manifest):
     nothing for the built-in tasks of a pool that has no copy, nothing when the copy is already ``h``."""
     path = root / HIERARCHY_FILE

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,9 @@ from PoE.core.store import (
 )
 from PoE.core.tasks import (
     Hierarchy,
-    current_hierarchy,
-    given_hierarchy,
-    hierarchy_notes,
+    copy_notes,
     pool_hierarchy,
-    tasks_hierarchy,
+    recorded_hierarchy,
 )
 from PoE.query.model import TaskModel
 
@@ -143,6 +142,49 @@ def read_expert(
     return expert.eval(), meta
 
 
+@dataclass(frozen=True)
+class PoolFolder:
+    """A pool folder as a command reads it, once: where it is, its table of contents (the manifest: the parts and
+    the hierarchy come from the same version of the file), and the dataset with the pool's tasks. ``missing``: why
+    there is no pool there (``read(missing_ok=True)``; the tasks are then the dataset's or ``hierarchy``'s)."""
+
+    cfg: DatasetConfig
+    paths: PoolPaths
+    contents: Contents
+    pinned: str | None = None  # the digest it was read against (``expected_digest``)
+    missing: str | None = None
+
+    @classmethod
+    def read(
+        cls,
+        db: str | Path,
+        dataset: str = "cifar100",
+        hierarchy: str | Path | Hierarchy | Mapping | None = None,
+        skip_bad_images: bool = False,
+        expected_digest: str | None = None,
+        missing_ok: bool = False,
+    ) -> PoolFolder:
+        """``db``: a folder holding ``<dataset>/`` or a pool folder itself. A ``hierarchy`` other than the pool's is
+        refused; so is a pool whose root digest is not ``expected_digest``."""
+        pinned = check_digest_text(expected_digest)
+        cfg, missing = get_dataset(dataset), None
+        try:
+            paths = resolve_pool(db, cfg.name, cfg.tag)
+        except PoEError as e:
+            if not missing_ok:
+                raise
+            paths, missing = PoolPaths(Path(db) / cfg.name, cfg.tag), str(e)
+        contents = Contents.read(paths)
+        if pinned is not None and missing is None and contents.digest != pinned:
+            raise PoEError(
+                f"the pool {paths.root} has digest {contents.digest}, not the pinned {pinned} "
+                "(--pool_digest): it is another pool, or it was changed"
+            )
+        cfg = described_by_pool(cfg, paths.root, skip_bad_images)  # dataset.json: checked by Contents.read
+        cfg = pool_hierarchy(cfg, paths.root, Hierarchy.given(hierarchy, cfg), contents).apply(cfg)
+        return cls(cfg, paths, contents, pinned, missing)
+
+
 class Pool:
     """The library and every expert of one pool folder, loaded and checked, on ``device``."""
 
@@ -208,15 +250,15 @@ class Pool:
         """Refuse tasks other than the ones the manifest records; notes on ``hierarchy.json``, its readable copy."""
         if contents.hierarchy is None:
             return []
-        given = tasks_hierarchy(self.cfg)
-        recorded = current_hierarchy(self.cfg, self.paths.root, contents.hierarchy)
+        given = Hierarchy.of(self.cfg)
+        recorded = recorded_hierarchy(self.cfg, self.paths.root, contents.hierarchy)
         if given.id != recorded.id:
             raise PoEError(
                 f"the tasks given ({len(given.tasks)}, hierarchy {given.id}) are not the ones "
                 f"{self.paths.manifest} records ({len(recorded.tasks)}, hierarchy {recorded.id}); open "
                 "the pool with Pool.open, which reads them from there"
             )
-        return hierarchy_notes(self.cfg, self.paths.root, recorded)
+        return copy_notes(self.cfg, self.paths.root, recorded)
 
     @classmethod
     def open(
@@ -238,19 +280,15 @@ class Pool:
         ``device`` and ``precision`` (fp32, bf16 or auto) are resolved here unless a command's ``runtime`` is given.
         """
         runtime = runtime or Runtime.resolve(device, precision)  # fp8 and others refused in one line
-        pinned = check_digest_text(expected_digest)
-        cfg = get_dataset(dataset)
-        paths = resolve_pool(db, cfg.name, cfg.tag)
-        contents = Contents.read(paths)  # read once: the tasks and the parts come from the same manifest
-        if pinned is not None and contents.digest != pinned:
-            raise PoEError(
-                f"the pool {paths.root} has digest {contents.digest}, not the pinned {pinned} "
-                "(--pool_digest): it is another pool, or it was changed"
-            )
-        cfg = described_by_pool(cfg, paths.root, skip_bad_images)  # dataset.json: checked by Contents.read
-        cfg = pool_hierarchy(cfg, paths.root, given_hierarchy(hierarchy, cfg), contents).apply(cfg)
-        pool = cls(cfg, paths, runtime, contents)
-        pool.pinned = pinned
+        return cls.load(PoolFolder.read(db, dataset, hierarchy, skip_bad_images, expected_digest), runtime)
+
+    @classmethod
+    def load(cls, folder: PoolFolder, runtime: Runtime = CPU) -> Pool:
+        """The parts of a pool folder already read (``PoolFolder.read``: a command reads it once)."""
+        if folder.missing is not None:
+            raise PoEError(folder.missing)
+        pool = cls(folder.cfg, folder.paths, runtime, folder.contents)
+        pool.pinned = folder.pinned
         return pool
 
     @property

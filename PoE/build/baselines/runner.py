@@ -232,14 +232,11 @@ def baseline_runner(
     open_pool: Callable[[], Pool],
     how: BaselineConfig,
 ) -> BaselineRunner:
-    """A BaselineRunner for ``method``. The Oracle is read from ``how.pretrained`` and the pool opened by
-    ``open_pool`` only when the method needs them, the pool once."""
-    opened: list[Pool] = []
+    """A BaselineRunner for ``method``. The Oracle is read from ``how.pretrained`` and the pool asked of
+    ``open_pool`` (which keeps it: a command opens it once) only when the method needs them."""
 
     def pool_part(task: str | None) -> nn.Module:  # PoE's library, or the expert of ``task``
-        if not opened:
-            opened.append(open_pool())
-        pool = opened[0]
+        pool = open_pool()
         return pool.library if task is None else pool.experts[pool.make_query([task]).tasks[0]]
 
     oracle = lambda: load_oracle(how.pretrained, cfg, how.runtime.device)  # noqa: E731

@@ -11,7 +11,7 @@ from PoE.build.preprocess.settings import Settings
 from PoE.core import manifest
 from PoE.core.data import file_sha256
 from PoE.core.store import PoolPaths
-from PoE.core.tasks import tasks_hierarchy, write_hierarchy_copy
+from PoE.core.tasks import Hierarchy, write_copy
 
 
 @dataclass
@@ -91,14 +91,14 @@ class RunRecord:
         """The manifest, then ``hierarchy.json``, its readable copy. A run that adds tasks keeps the build's record
         and appends itself to ``edits``."""
         plan, cfg = self.s.plan, self.s.plan.cfg
-        hierarchy = plan.hierarchy or tasks_hierarchy(cfg)
+        hierarchy = plan.hierarchy or Hierarchy.of(cfg)
         self.listing.hierarchy = hierarchy.record(cfg)
         if plan.adding:
             edit = manifest.edited(self.listing.old, self.s.execution.command, added=list(plan.tasks))
             manifest.write(self.listing, edit)
         else:
             manifest.write(self.listing, self.run())
-        write_hierarchy_copy(self.pool.root, hierarchy, cfg)
+        write_copy(self.pool.root, hierarchy, cfg)
 
     def per_stage(self, old: dict[str, Any], key: str) -> dict[str, Any]:
         """Each stage's ``key`` (``epoch_seconds``, ``sittings``) as far as this pool's files record them; a

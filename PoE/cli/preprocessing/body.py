@@ -67,9 +67,9 @@ def build_body(a: argparse.Namespace) -> int:
     plan, places, execution = s.plan, s.places, s.execution
     pool = places.db / plan.cfg.name
     if plan.adding and not plan.tasks:
-        from PoE.core.tasks import write_hierarchy_copy
+        from PoE.core.tasks import write_copy
 
-        write_hierarchy_copy(pool_folder(a), plan.hierarchy, plan.cfg)  # an add killed after its commit: this ends it
+        write_copy(pool_folder(a), plan.hierarchy, plan.cfg)  # an add killed after its commit: this finishes it
         print(f"nothing to add: every task of {a.add_tasks} is in the pool {pool} already")
         return 0
     execution.runtime = replace(execution.runtime, device=distributed.setup(execution.device))  # one GPU per process

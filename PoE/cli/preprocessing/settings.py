@@ -86,7 +86,7 @@ def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, 
     from PoE.core.datasets import described_by_data, get_dataset
     from PoE.core.networks import family_of
     from PoE.core.query import make_query
-    from PoE.core.tasks import build_hierarchy, given_hierarchy
+    from PoE.core.tasks import Hierarchy, hierarchy_to_build
 
     cfg = get_dataset(a.dataset)
     folders = [Path(a.db) / cfg.name, Path(a.pretrained) / cfg.name]  # a folder dataset's pool and Oracle
@@ -101,7 +101,7 @@ def dataset_and_tasks(a: argparse.Namespace) -> tuple[DatasetConfig, Hierarchy, 
         hierarchy, tasks = addition(a, cfg)
         cfg = hierarchy.apply(cfg)
     else:
-        hierarchy = build_hierarchy(cfg, Path(a.db) / cfg.name, given_hierarchy(a.hierarchy, cfg))
+        hierarchy = hierarchy_to_build(cfg, Path(a.db) / cfg.name, Hierarchy.given(a.hierarchy, cfg))
         cfg = hierarchy.apply(cfg)
         tasks = list(cfg.tasks) if a.tasks is None else a.tasks
         make_query(tasks, cfg.tasks, cfg.name)  # validates names, duplicates, emptiness
@@ -166,7 +166,7 @@ def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list
     """``--add_tasks``: the pool's hierarchy with the file's new tasks, and the new tasks (checked against the
     pool, which is opened and checked first)."""
     from PoE.build.edit import plan_addition
-    from PoE.core.tasks import read_hierarchy
+    from PoE.core.tasks import Hierarchy
     from PoE.query.pool import Pool
 
     given = [
@@ -185,5 +185,5 @@ def addition(a: argparse.Namespace, cfg: DatasetConfig) -> tuple[Hierarchy, list
         raise PoEError(
             f"--add_tasks trains the new tasks' experts into the pool as it is; {given[0]} does not go with it"
         )
-    plan = plan_addition(Pool.open(a.db, cfg.name, expected_digest=a.pool_digest), read_hierarchy(a.add_tasks, cfg))
+    plan = plan_addition(Pool.open(a.db, cfg.name, expected_digest=a.pool_digest), Hierarchy.read(a.add_tasks, cfg))
     return plan.hierarchy, plan.new

@@ -74,6 +74,15 @@ class DatasetConfig:
         return (self.aliases[class_id],) if class_id < len(self.aliases) else ()
 
 
+def class_index(cfg: DatasetConfig) -> dict[str, list[int]]:
+    """Every name a class is known by -> the class ids it names (torchvision's ImageNet names have repeats)."""
+    index: dict[str, list[int]] = {}
+    for c in range(cfg.num_classes):
+        for name in {cfg.class_name(c), *cfg.class_aliases(c)}:
+            index.setdefault(name, []).append(c)
+    return index
+
+
 DATASETS: dict[str, DatasetConfig] = {
     m.SETTINGS["name"]: DatasetConfig(**m.SETTINGS) for m in (cifar100, tinyimagenet, imagenet, folder)
 }

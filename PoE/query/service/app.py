@@ -48,11 +48,13 @@ def create_app(
     max_batch: int = 64,
     max_wait_ms: float = 5.0,
     batching: Batching | None = None,
+    engine: str = "torch",
 ) -> FastAPI:
     """The FastAPI app over ``pool`` (already opened and checked). ``data_root``: where the test split is,
     for ``evaluate``; None disables accuracy. ``max_batch`` images / ``max_wait_ms``: the batching window
-    (refused with PoEError unless finite, 0-1000 ms). ``batching``: another batcher (Ray Serve's)."""
-    service = Service(pool, data_root, max_batch, max_wait_ms, batching)
+    (refused with PoEError unless finite, 0-1000 ms). ``batching``: another batcher (Ray Serve's). ``engine``: how
+    the batcher runs the modules (``PoE.query.service.engine``: torch, onnx, or auto)."""
+    service = Service(pool, data_root, max_batch, max_wait_ms, batching, engine=engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

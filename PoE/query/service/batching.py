@@ -35,6 +35,7 @@ from PoE.core.networks import family_of
 from PoE.core.networks.bank import grouped_on
 from PoE.query.model import Prediction, TaskModel
 from PoE.query.pool import Pool
+from PoE.query.service.engine import Engine, Session
 from PoE.query.service.limits import one_line
 
 log = logging.getLogger("PoE.query.service")
@@ -94,13 +95,20 @@ class Batcher:
     request never waits, and concurrent ones share a forward."""
 
     def __init__(
-        self, gate: ExportGate, max_batch: int = 64, max_wait_ms: float = 5.0, threads: int | None = None
+        self,
+        gate: ExportGate,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        threads: int | None = None,
+        engine: str = "torch",
     ) -> None:
+        """``engine``: ``onnx`` runs the served modules as onnxruntime sessions (``PoE.query.service.engine``)."""
         check_window(max_batch, max_wait_ms)
         self.gate, self.max_batch, self.max_wait = gate, max_batch, max_wait_ms / 1e3
         # torch's thread count is per OS thread (each takes the process's default when it first runs an op): the
         # worker's count, read here where the worker set it, is made this thread's own before its first forward
         self.threads = threads or torch.get_num_threads()
+        self.engine = Engine(gate, self.threads) if engine == "onnx" else None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.arriving = 0  # prediction requests received but not yet submitted (see Arrivals)
         self.arriving_lock = threading.Lock()
@@ -125,6 +133,8 @@ class Batcher:
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=10)
+        if self.engine is not None:
+            self.engine.close()
 
     def collect(self, first: Job) -> list[Job]:
         batch, rows = [first], len(first.x)
@@ -155,7 +165,7 @@ class Batcher:
             batch = self.collect(first)
             try:
                 with self.gate.forward():
-                    preds = forward_all(batch)
+                    preds = forward_all(batch, self.engine)
                 self.stats.add(len(batch), sum(len(j.x) for j in batch))
                 results: list[Any] = [answer(p, j.top) for p, j in zip(preds, batch, strict=True)]
             except Exception as e:  # answer every waiting request; the worker keeps serving
@@ -168,7 +178,7 @@ class Batcher:
                 loop.call_soon_threadsafe(settle_all, answers)
 
 
-def forward_all(batch: list[Job]) -> list[Prediction]:
+def forward_all(batch: list[Job], engine: Engine | None = None) -> list[Prediction]:
     """``forward`` per pool: a model is answered by the pool it was built from, so requests taken before a swap
     (``PoE.query.service.core.Service.current``) are answered by the previous pool, later ones by the new one."""
     groups: dict[int, list[int]] = {}
@@ -176,7 +186,7 @@ def forward_all(batch: list[Job]) -> list[Prediction]:
         groups.setdefault(id(job.model.pool), []).append(i)
     preds: list[Prediction | None] = [None] * len(batch)
     for rows in groups.values():
-        for i, p in zip(rows, forward(batch[rows[0]].model.pool, [batch[i] for i in rows]), strict=True):
+        for i, p in zip(rows, forward(batch[rows[0]].model.pool, [batch[i] for i in rows], engine), strict=True):
             preds[i] = p
     return preds  # type: ignore[return-value]
 
@@ -203,14 +213,29 @@ class Served:
     """A pool's library and experts as the batcher runs them: in fp32, private eval-mode copies with each
     BatchNorm that follows a convolution folded into it (the family's fold, as for exports), one elementwise pass
     less per block; otherwise the pool's own modules. The pool's
-    modules are never changed. Experts are copied when first queried, and again if the pool's module changes."""
+    modules are never changed. Experts are copied when first queried, and again if the pool's module changes.
+    With an ``engine`` (``PoE.query.service.engine``: fp32 on a CPU), each copy runs as its onnxruntime session
+    once that is made."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, engine: Engine | None = None) -> None:
         self.fold = pool.precision == "fp32"
         self.family = family_of(pool.cfg)
         self.lock = threading.Lock()
+        self.engine = engine if self.fold and pool.device.type == "cpu" else None
+        self.sessions: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()  # copy -> its own
+        self.asked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.library = self.copy(pool.library)
         self.experts: dict[str, tuple[nn.Module, nn.Module]] = {}  # task -> (the pool's module, the copy run)
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module`` (a copy) on ``x``: by its session when it has one, else by torch (and its session asked for)."""
+        session = self.sessions.get(module) if self.engine is not None else None
+        if session is not None:
+            return session(x)
+        if self.engine is not None and module not in self.asked:
+            self.asked.add(module)
+            self.engine.ask(module, tuple(x.shape[1:]), lambda s, m=module: self.sessions.__setitem__(m, s))
+        return module(x)
 
     def copy(self, module: nn.Module) -> nn.Module:
         if not self.fold:
@@ -233,34 +258,34 @@ SERVED: weakref.WeakKeyDictionary[Pool, Served] = weakref.WeakKeyDictionary()  #
 SERVED_LOCK = threading.Lock()
 
 
-def served(pool: Pool) -> Served:
+def served(pool: Pool, engine: Engine | None = None) -> Served:
     """The modules the batcher runs for ``pool`` (made on its first forward)."""
     with SERVED_LOCK:
         s = SERVED.get(pool)
         if s is None:
-            s = SERVED[pool] = Served(pool)
+            s = SERVED[pool] = Served(pool, engine)
         return s
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: less CPU than no_grad (docs/service.md)
-def forward(pool: Pool, batch: list[Job]) -> list[Prediction]:
+def forward(pool: Pool, batch: list[Job], engine: Engine | None = None) -> list[Prediction]:
     """Every request of ``batch`` answered by one consolidated forward (``PoE.core.consolidate.forward``): the
     library once on every row, then the experts. Used by the hand-written batcher and by Ray Serve's
     ``@serve.batch`` alike. It runs ``served``'s copies, on one thread for a tiny batch (``threads_for``); on a
     GPU the experts the batch queried run as one bank of their union (cached by the pool)."""
     x = torch.cat([j.x for j in batch]).to(pool.device)
     x = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
-    run, union = served(pool), grouped_on(x.device)
+    run, union = served(pool, engine), grouped_on(x.device)
     groups = [Rows(j.model.tasks, len(j.x), j.model.module.order) for j in batch]
     classes = {t: n for j in batch for t, n in j.model.module.sizes.items()}
 
     def experts(tasks: Sequence[str], features: torch.Tensor) -> torch.Tensor:
         if union:
             return pool.bank(list(tasks), cached=True)(features)
-        return torch.cat([run.expert(pool, t)(features) for t in tasks], dim=1)
+        return torch.cat([run.run(run.expert(pool, t), features) for t in tasks], dim=1)
 
     with threads_for(len(x)), pool.runtime.autocast():
-        logits = consolidated(run.library, experts, classes, x, groups, union)
+        logits = consolidated(lambda rows: run.run(run.library, rows), experts, classes, x, groups, union)
     return [job.model.prediction(out) for job, out in zip(batch, logits, strict=True)]
 
 

@@ -25,6 +25,7 @@ from PoE.core.manifest import signature
 from PoE.query.model import TaskModel
 from PoE.query.pool import BANK_CACHE, Pool
 from PoE.query.service.batching import Batcher, BatchStats, ExportGate
+from PoE.query.service.engine import chosen
 from PoE.query.service.images import decode_image
 from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, one_line
 
@@ -158,11 +159,13 @@ class Service:
         max_wait_ms: float = 5.0,
         batching: Batching | None = None,
         watch: bool = True,
+        engine: str = "torch",
     ) -> None:
         self.view, self.data_root, self.watch = View(pool), data_root, watch
         self.gate = ExportGate()
         threads = torch.get_num_threads()  # the worker's count (``Settings.app`` sets it before this)
-        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms, threads)
+        engine = chosen(engine, pool.device, pool.precision)  # onnx or torch (PoE.query.service.engine)
+        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms, threads, engine)
         self.lock = threading.Lock()
         # evaluations and exports run one at a time on their own thread: few threads touch torch, which keeps
         # the memory of per-thread allocator arenas and OpenMP teams bounded. Each sets its torch threads as it

@@ -45,6 +45,7 @@ class Settings:
     max_wait_ms: float = 5.0
     threads: int | None = None  # torch intra-op threads per worker; None: ``plan`` decides
     pool_digest: str | None = None  # --pool_digest: every worker (and every reload) refuses another pool
+    engine: str = "auto"  # --engine: how the batcher runs the modules (PoE.query.service.engine)
 
     def absolute(self) -> Settings:
         """Paths made absolute, so that a worker started elsewhere (a Ray node) reads the same files."""
@@ -58,7 +59,8 @@ class Settings:
         """The app over ``pool`` (opened from the settings when None), torch's threads set first."""
         torch.set_num_threads(self.threads or 1)
         pool = pool or self.open()
-        return create_app(pool, self.data_root, max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, **kwargs)
+        kwargs = {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms, "engine": self.engine, **kwargs}
+        return create_app(pool, self.data_root, **kwargs)
 
 
 def cpus() -> int:
