@@ -4,14 +4,17 @@ the classes of its tasks and each stage's loader."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from PoE.build import distributed
-from PoE.build.preprocess.settings import Execution, Plan, Training
-from PoE.build.profiles import StageConfig
 from PoE.core.data import Draw, FolderLoader, ImageSet, Normalizer, TensorLoader, default_workers
 from PoE.core.errors import PoEError
+
+if TYPE_CHECKING:
+    from PoE.build.preprocess.settings import Execution, Plan, Training
+    from PoE.build.profiles import StageConfig
 
 
 def subset_index(n: int, keep: int | None, seed: int) -> torch.Tensor | None:

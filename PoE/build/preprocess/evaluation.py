@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from PoE.build import distributed
-from PoE.build.preprocess.data import RunData
-from PoE.build.preprocess.record import Report
-from PoE.build.preprocess.settings import Execution
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
+
+if TYPE_CHECKING:
+    from PoE.build.preprocess.data import RunData
+    from PoE.build.preprocess.record import Report
+    from PoE.build.preprocess.settings import Execution
 
 
 class Evaluator:

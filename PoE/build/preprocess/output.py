@@ -4,14 +4,16 @@ listing its manifest is built from, and a new library written without ever showi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from PoE.build import distributed
-from PoE.build.preprocess.record import RunRecord
 from PoE.core.errors import PoEError
 from PoE.core.store import PoolPaths, save_checkpoint, seal
+
+if TYPE_CHECKING:
+    from PoE.build.preprocess.record import RunRecord
 
 
 def say(text: str) -> None:

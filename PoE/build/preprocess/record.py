@@ -4,14 +4,16 @@ pool's manifest keeps (``RunRecord``: settings, stage records and times, machine
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PoE.build.preprocess.data import RunData
-from PoE.build.preprocess.settings import Settings
 from PoE.core import manifest
 from PoE.core.data import file_sha256
 from PoE.core.store import PoolPaths
 from PoE.core.tasks import Hierarchy, write_copy
+
+if TYPE_CHECKING:
+    from PoE.build.preprocess.data import RunData
+    from PoE.build.preprocess.settings import Settings
 
 
 @dataclass
