@@ -32,7 +32,7 @@ from PoE.build.profiles import PROFILES, STAGES, StageConfig
 from PoE.build.train import Feed, Resume, seed_everything, train_stage
 from PoE.cli.common import run_main
 from PoE.core.checkpoint import load_checkpoint, load_into, save_checkpoint
-from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import batched_logits
@@ -126,7 +126,7 @@ def run_one(name: str, opts: dict, ctx: dict) -> dict:
     )
     T, alpha, views = opts.get("T", 4.0), opts.get("alpha", 0.3), opts.get("views", 6)
     seed = (SEED + opts.get("seed", 0)) * 100 + STAGES.index("experts")  # weights and batch order; views stay
-    loader = TensorLoader(ctx["train"], conf.batch_size, ctx["norm"], cfg.crop_pad, "cpu", seed, view_seed=SEED)
+    loader = TensorLoader(ctx["train"], conf.batch_size, ctx["norm"], cfg.crop_pad, "cpu", Draw(seed, SEED))
     lib_id = ctx["pools"][db].part_id()
     caches = ctx["caches"]
     feats = caches.setdefault(lib_id, ViewCache(library, f"library_{lib_id}", loader, work))

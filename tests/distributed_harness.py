@@ -20,7 +20,7 @@ from torch import nn
 from PoE.build import distributed
 from PoE.build.profiles import StageConfig
 from PoE.build.train import Feed, Resume, train_stage
-from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
 from PoE.core.runtime import CPU
 
 
@@ -30,7 +30,7 @@ def toy_training(resume: Path, stop_at: int | None = None) -> nn.Module:
     images = torch.randint(0, 256, (96, 3, 8, 8), dtype=torch.uint8, generator=g)
     data = ImageSet(images, torch.randint(0, 4, (96,), generator=g))
     norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    loader = TensorLoader(data, 16, norm, 2, "cpu", seed=3, rank=distributed.rank(), world=distributed.world())
+    loader = TensorLoader(data, 16, norm, 2, "cpu", Draw(seed=3, rank=distributed.rank(), world=distributed.world()))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     net = distributed.wrap(model)

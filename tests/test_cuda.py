@@ -16,7 +16,7 @@ from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, compiled, train_stage
 from PoE.cli import main_preprocessing, main_service
 from PoE.core.checkpoint import state_id
-from PoE.core.data import ImageSet, Normalizer, TensorLoader
+from PoE.core.data import Draw, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.evaluate import predict
 from PoE.core.networks import WideResNet, WRNSpec
@@ -49,8 +49,8 @@ def test_auto_precision_is_bf16_on_the_gpu():
 
 def test_gpu_loader_draws_the_cpu_loader_batches():
     data = random_images(300)
-    cpu = TensorLoader(data, 64, Normalizer(*NORM), 4, "cpu", seed=3)
-    gpu = TensorLoader(data, 64, Normalizer(*NORM, device=CUDA), 4, CUDA, seed=3)
+    cpu = TensorLoader(data, 64, Normalizer(*NORM), 4, "cpu", Draw(seed=3))
+    gpu = TensorLoader(data, 64, Normalizer(*NORM, device=CUDA), 4, CUDA, Draw(seed=3))
     for a, b in zip(cpu.epoch(1), gpu.epoch(1), strict=True):
         assert b.x.is_cuda and b.index.is_cuda
         assert torch.equal(a.index, b.index.cpu()) and torch.equal(a.y, b.y.cpu())
@@ -76,7 +76,7 @@ def test_training_steps_do_not_wait_for_the_gpu(precision):
     for steps in (4, 16):
         data = random_images(64 * steps)
         model = WideResNet(WRNSpec(10, 1), 10).to(CUDA).to(memory_format=torch.channels_last)
-        loader = TensorLoader(data, 64, Normalizer(*NORM, device=CUDA), 4, CUDA, seed=0)
+        loader = TensorLoader(data, 64, Normalizer(*NORM, device=CUDA), 4, CUDA)
 
         def loss_fn(b, model=model):
             return nn.functional.cross_entropy(model(b.x), b.y)
@@ -100,7 +100,7 @@ def test_bf16_training_learns_like_fp32():
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         model = WideResNet(WRNSpec(10, 1), 4).to(CUDA).to(memory_format=torch.channels_last)
-        loader = TensorLoader(data, 64, Normalizer(*NORM, device=CUDA), 0, CUDA, seed=0)
+        loader = TensorLoader(data, 64, Normalizer(*NORM, device=CUDA), 0, CUDA)
 
         def loss_fn(b, model=model):
             return nn.functional.cross_entropy(model(b.x).float(), b.y)
@@ -126,12 +126,12 @@ def test_compiled_step_computes_the_eager_loss():
 def test_gpu_teacher_cache_equals_the_cpu_oracle(tmp_path):
     data = random_images(200)
     oracle = WideResNet(WRNSpec(10, 1), 10).eval()
-    ref_loader = TensorLoader(data, 50, Normalizer(*NORM), 4, "cpu", seed=1, view_seed=7)
+    ref_loader = TensorLoader(data, 50, Normalizer(*NORM), 4, "cpu", Draw(seed=1, view_seed=7))
     ref = torch.cat([oracle(b.x) for b in ref_loader.ordered(2)]).detach()
     gpu_oracle = WideResNet(WRNSpec(10, 1), 10).eval()
     gpu_oracle.load_state_dict(oracle.state_dict())
     gpu_oracle = gpu_oracle.to(CUDA).to(memory_format=torch.channels_last)
-    loader = TensorLoader(data, 50, Normalizer(*NORM, device=CUDA), 4, CUDA, seed=1, view_seed=7)
+    loader = TensorLoader(data, 50, Normalizer(*NORM, device=CUDA), 4, CUDA, Draw(seed=1, view_seed=7))
     teacher = TeacherOutputs(gpu_oracle, state_id(oracle), 3, 7, tmp_path, Runtime(CUDA), progress=False)
     for batch in teacher.batches(loader, StageConfig(epochs=3, lr=0.1))(2):
         got = teacher.logits(batch, loader)

@@ -12,7 +12,7 @@ import torch
 
 from PoE.build.preprocess import subset_index
 from PoE.core.checkpoint import load_checkpoint, load_into, state_id
-from PoE.core.data import ImageSet, Normalizer, TensorLoader
+from PoE.core.data import Draw, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 def tiny_loader(rank: int = 0, world: int = 1, batch_size: int = 8) -> TensorLoader:
     data = ImageSet(torch.zeros(30, 3, 4, 4, dtype=torch.uint8), torch.zeros(30, dtype=torch.long))
     norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    return TensorLoader(data, batch_size, norm, 1, "cpu", seed=5, rank=rank, world=world)
+    return TensorLoader(data, batch_size, norm, 1, "cpu", Draw(seed=5, rank=rank, world=world))
 
 
 def test_ranks_split_each_global_batch_of_a_single_process():

@@ -327,12 +327,12 @@ def test_a_pinned_remove_changes_only_the_pinned_pool(built, pool_dir, capsys):
 
 
 def test_an_add_killed_after_its_commit_is_finished_by_running_it_again(built, pool_dir, capsys, monkeypatch):
-    import PoE.build.preprocess
+    import PoE.build.preprocess.record
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for the SIGKILL after the manifest, before hierarchy.json
 
-    monkeypatch.setattr(PoE.build.preprocess, "write_copy", killed)
+    monkeypatch.setattr(PoE.build.preprocess.record, "write_copy", killed)
     assert main_preprocessing(add(built, pool_dir)) == 130
     monkeypatch.undo()
     pool = Pool.open(pool_dir)

@@ -17,7 +17,7 @@ from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, Resume, train_stage
 from PoE.cli import main_preprocessing, main_service
 from PoE.core.checkpoint import load_checkpoint, save_checkpoint, state_id
-from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import load_split
 from PoE.core.errors import PoEError
 from PoE.core.networks import WideResNet, WRNSpec
@@ -118,12 +118,12 @@ def test_the_smoke_profile_trains_one_epoch_on_a_subset_and_flags_still_override
         a.argv = []
         return preprocessing_settings(a)
 
-    s = settings("--profile", "smoke")
+    s = settings("--profile", "smoke").training
     assert (s.train_limit, s.test_limit, s.oracle.epochs, s.library.epochs, s.experts.epochs) == (2500, 2000, 1, 1, 1)
-    assert s.oracle_arch == "wrn-10-1" and len(s.tasks) == 20  # every stage and every task: the whole pipeline
-    given = settings("--profile", "smoke", "--train_limit", "100", "--test_limit", "500")
+    assert s.oracle_arch == "wrn-10-1" and len(settings("--profile", "smoke").plan.tasks) == 20  # the whole pipeline
+    given = settings("--profile", "smoke", "--train_limit", "100", "--test_limit", "500").training
     assert (given.train_limit, given.test_limit) == (100, 500)
-    cpu = settings("--profile", "cpu")
+    cpu = settings("--profile", "cpu").training
     assert cpu.train_limit is None and cpu.test_limit is None
 
 
@@ -237,7 +237,7 @@ def test_cached_teacher_logits_equal_running_the_oracle(tmp_path):
     data = ImageSet(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (40,)))
     oracle = WideResNet(WRNSpec(10, 1), 10).eval()
     norm = Normalizer((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    loader = TensorLoader(data, 8, norm, 4, "cpu", seed=1, view_seed=7)
+    loader = TensorLoader(data, 8, norm, 4, "cpu", Draw(seed=1, view_seed=7))
     cached = TeacherOutputs(oracle, state_id(oracle), 3, 7, tmp_path, CPU, progress=False)
     online = TeacherOutputs(oracle, state_id(oracle), 0, 7, tmp_path, CPU, progress=False)
     for epoch in (0, 1, 4):  # epoch 4 reuses view 1
@@ -454,7 +454,7 @@ def test_pools_over_one_library_keep_their_own_expert_progress(tmp_path, monkeyp
 def test_a_run_killed_after_a_stages_last_epoch_resumes_instead_of_retraining(tmp_path, monkeypatch, capsys):
     """Killed while the Oracle's outputs were being evaluated (after its last epoch): its resume file used to
     be gone already, and the rerun trained the Oracle again from epoch 1."""
-    from PoE.build.preprocess import Preprocessor
+    from PoE.build.preprocess import Evaluator
 
     root = fake_cifar(tmp_path / "data", 128, 100)
     args = [
@@ -480,17 +480,17 @@ def test_a_run_killed_after_a_stages_last_epoch_resumes_instead_of_retraining(tm
         "--pretrained",
         str(tmp_path / "pre"),
     ]
-    real = Preprocessor.evaluate
+    real = Evaluator.evaluate
 
     def killed(self, *a, **k):
         raise KeyboardInterrupt  # where a kill -9 would stop the process: trained, not yet evaluated or saved
 
-    monkeypatch.setattr(Preprocessor, "evaluate", killed)
+    monkeypatch.setattr(Evaluator, "evaluate", killed)
     assert main_preprocessing(args) != 0
     resume = tmp_path / "pre" / "cifar100" / "resume" / "oracle.pt"
     assert resume.is_file() and not (tmp_path / "pre" / "cifar100" / "oracle.pt").exists()
     assert "[oracle] epoch 1/1" in capsys.readouterr().out
-    monkeypatch.setattr(Preprocessor, "evaluate", real)
+    monkeypatch.setattr(Evaluator, "evaluate", real)
     assert main_preprocessing(args) == 0, capsys.readouterr().err
     assert "[oracle] epoch" not in capsys.readouterr().out  # nothing trained again
     assert (tmp_path / "pre" / "cifar100" / "oracle.pt").is_file() and not resume.parent.exists()

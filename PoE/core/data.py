@@ -227,6 +227,31 @@ class Batch:
     view: int  # which augmented view the images come from (-1: no augmentation)
 
 
+@dataclass(frozen=True)
+class Draw:
+    """How a loader draws its batches: ``seed`` fixes the batch order of each epoch, ``view_seed`` (default
+    ``seed``) the augmented views; this process keeps shard ``rank`` of ``world``.
+
+    With ``world`` > 1 processes, a loader's batch size is the global batch: every rank draws the same batches and
+    keeps rows ``rank::world`` of each (``batch_size / world`` images), so the ranks together see exactly the
+    batches of one process and a schedule per step means the same at any process count.
+    """
+
+    seed: int = 0
+    view_seed: int | None = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def views(self) -> int:
+        """The seed of the augmented views."""
+        return self.seed if self.view_seed is None else self.view_seed
+
+    def check(self, batch_size: int) -> None:
+        if batch_size % self.world:
+            raise PoEError(f"batch size {batch_size} does not split evenly over {self.world} processes; use a multiple")
+
+
 class TensorLoader:
     """Shuffled, augmented batches of an in-memory ImageSet, reproducible from (seed, epoch, view)."""
 
@@ -237,25 +262,14 @@ class TensorLoader:
         normalize: Normalizer,
         pad: int,
         device: torch.device | str,
-        seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
-        view_seed: int | None = None,
+        draw: Draw = Draw(),
     ) -> None:
-        """``seed`` fixes the batch order of each epoch, ``view_seed`` (default ``seed``) the augmented views.
-
-        With ``world`` > 1 processes, ``batch_size`` is the global batch: every rank draws the same batches and
-        keeps rows ``rank::world`` of each (``batch_size / world`` images), so the ranks together see exactly
-        the batches of one process and a schedule per step means the same at any process count.
-        """
-        if batch_size % world:
-            raise PoEError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple")
-        self.device, self.seed = torch.device(device), seed
-        self.view_seed = seed if view_seed is None else view_seed
+        draw.check(batch_size)
+        self.device, self.seed, self.view_seed = torch.device(device), draw.seed, draw.views
         if self.device.type == "cuda":  # a whole in-memory dataset fits on the GPU: no per-batch copies
             data = ImageSet(data.x.to(self.device), data.y.to(self.device))
         self.data, self.batch_size, self.normalize, self.pad = data, batch_size, normalize, pad
-        self.rank, self.world = rank, world
+        self.rank, self.world = draw.rank, draw.world
 
     def __len__(self) -> int:
         return max(1, len(self.data) // self.batch_size)  # the last partial batch is dropped
@@ -337,21 +351,17 @@ class FolderLoader:
         normalize: Normalizer,
         size: int,
         device: torch.device | str,
-        seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
+        draw: Draw = Draw(),
         workers: int = 0,
-        view_seed: int | None = None,
     ) -> None:
-        if batch_size % world:
-            raise PoEError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple")
+        draw.check(batch_size)
         self.labels = torch.tensor(labels, dtype=torch.long)
         side = round(size * 256 / 224)  # the test transform's resize: the most pixels either transform makes
         self.train_images = FolderImages(files, labels, folder_transform(size, train=True), side)
         self.test_images = FolderImages(files, labels, folder_transform(size, train=False), side)
         self.batch_size, self.normalize, self.device = batch_size, normalize, torch.device(device)
-        self.seed, self.rank, self.world, self.workers = seed, rank, world, workers
-        self.view_seed = seed if view_seed is None else view_seed
+        self.seed, self.rank, self.world, self.workers = draw.seed, draw.rank, draw.world, workers
+        self.view_seed = draw.views
 
     def __len__(self) -> int:
         return max(1, len(self.labels) // self.batch_size)  # the last partial batch is dropped

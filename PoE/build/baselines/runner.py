@@ -19,7 +19,7 @@ from PoE.build.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, seed_everything, train_stage
 from PoE.core.checkpoint import load_checkpoint, load_into, save_checkpoint, unwrap
-from PoE.core.data import Batch, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy, count_macs, count_params
@@ -155,7 +155,9 @@ class BaselineRunner:
             net = target_network(self.cfg, len(tasks), q.num_classes).to(self.device)
             trainable, frozen = [net], ()
         net = net.to(memory_format=torch.channels_last)
-        loader = TensorLoader(train, self.stage.batch_size, self.normalize, self.cfg.crop_pad, self.device, self.seed)
+        loader = TensorLoader(
+            train, self.stage.batch_size, self.normalize, self.cfg.crop_pad, self.device, Draw(self.seed)
+        )
         loss = m.loss(Context(self, q, loader))
         seconds = self.fit(f"{method} {'+'.join(tasks)}", net, trainable, frozen, loader, loss.fn, loss.teacher)
         net.eval()

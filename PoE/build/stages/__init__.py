@@ -38,33 +38,35 @@ __all__ = [
 def run(s: Settings) -> Report:
     """Run (or load) every stage up to the last one asked for; report all of them."""
     t0 = time.perf_counter()
-    prep = Preprocessor(s)
-    prep.check_test_limit()
+    prep, plan = Preprocessor(s), s.plan
+    prep.data.check_test_limit()
     if distributed.is_main():  # a read-only output folder fails now, not after the first stage trained
         for folder in (prep.pretrained, prep.pool.root):
             check_writable(folder)
-        for folder in (prep.pretrained, prep.pool.root) if s.cfg.source.description and not s.adding else ():
-            save_json(folder / DESCRIPTION_FILE, s.cfg.source.description)  # what a folder dataset's pool came from
+        for folder in (prep.pretrained, prep.pool.root) if plan.cfg.source.description and not plan.adding else ():
+            save_json(
+                folder / DESCRIPTION_FILE, plan.cfg.source.description
+            )  # what a folder dataset's pool was built from
     distributed.barrier()
-    if s.library_from is not None:  # every rank: rank 0 writes, the others wait in the write
-        adopt_library(s.library_from, prep)
-    last = max(STAGES.index(st) for st in s.stages)
-    if s.oracle_file is not None:
+    if s.places.library_from is not None:  # every rank: rank 0 writes, the others wait in the write
+        adopt_library(s.places.library_from, prep)
+    last = max(STAGES.index(st) for st in plan.stages)
+    if s.places.oracle_file is not None:
         teacher = FileOracle(prep).teacher()
     else:
-        teacher = (PretrainedOracle if s.cfg.networks.pretrained else Oracle)(prep).teacher()
+        teacher = (PretrainedOracle if plan.cfg.networks.pretrained else Oracle)(prep).teacher()
     if last >= 1:
-        library = (PretrainedLibrary(prep) if s.cfg.networks.pretrained else Library(prep, teacher)).run()["library"]
+        library = (PretrainedLibrary(prep) if plan.cfg.networks.pretrained else Library(prep, teacher)).run()["library"]
         if last >= 2:
-            if s.adding and library.id != prep.listing.library.get("id"):
+            if plan.adding and library.id != prep.files.listing.library.get("id"):
                 raise PoEError(
                     f"--add_tasks: the library student in {prep.pretrained} is library {library.id}, but "
-                    f"the pool's is {prep.listing.library.get('id')}: give the --pretrained folder the "
+                    f"the pool's is {prep.files.listing.library.get('id')}: give the --pretrained folder the "
                     "pool was built with"
                 )
             Experts(prep, teacher, library).run()
         if distributed.is_main() and prep.report.made:  # every part loaded: the pool's record stays as it is
-            prep.write_manifest()
+            prep.record.write()
     prep.report.teacher_cache_seconds = teacher.seconds
     prep.report.wall_seconds = time.perf_counter() - t0
     return prep.report

@@ -41,11 +41,12 @@ class Stage:
     name: ClassVar[str]  # as --stages and --retrain name it
 
     def __init__(self, prep: Preprocessor) -> None:
-        self.prep, self.s, self.cfg = prep, prep.s, prep.cfg
+        self.prep, self.cfg, s = prep, prep.cfg, prep.s
+        self.plan, self.places, self.training, self.execution = s.plan, s.places, s.training, s.execution
 
     @property
     def conf(self) -> StageConfig:
-        return getattr(self.s, self.name)
+        return self.training.conf(self.name)
 
     def keys(self) -> list[str]:
         return [self.name]
@@ -72,7 +73,7 @@ class Stage:
         """Load every part that is finished and fits; make the others if this stage was asked for; report all."""
         parts = {key: self.load(key) for key in self.keys()}
         todo = [key for key, part in parts.items() if part is None]
-        if todo and self.name not in self.s.stages:
+        if todo and self.name not in self.plan.stages:
             raise self.missing(todo)
         if todo:
             self.prep.making(todo)
@@ -94,18 +95,19 @@ class Stage:
 
     def finished(self, path: Path, kind: str) -> tuple[dict, dict] | None:
         """(state_dict, meta) of a finished part's checkpoint, or None when it must be (re)made."""
-        if self.name in self.s.retrain or not path.exists():
+        if self.name in self.plan.retrain or not path.exists():
             return None
         sd, meta = unwrap(load_checkpoint(path), path, kind)
-        if self.prep.is_pool_part(path) and not self.prep.adopt(path, {**meta, "state_dict": sd}, self.name):
+        files = self.prep.files
+        if files.is_pool_part(path) and not files.adopt(path, {**meta, "state_dict": sd}, self.name):
             return None  # a pool part the manifest does not list as it is
         return sd, meta
 
     def start(self, module: nn.Module) -> tuple[nn.Module, TensorLoader | FolderLoader]:
         """``module`` as the training step calls it (under DDP with several processes, compiled when asked) and
         the stage's loader. Seed the stage before building what it trains."""
-        loader = self.prep.loader(self.name, self.conf)
-        return compiled(distributed.wrap(module), self.name in self.s.compile), loader
+        loader = self.prep.data.loader(self.name, self.conf)
+        return compiled(distributed.wrap(module), self.name in self.training.compile), loader
 
     def start_weights(self, model: nn.Module, path: Path | None, flag: str) -> str | None:
         """Load ``path`` (``flag``: a whole torchvision MobileNetV2's state dict in a local file, e.g. ImageNet's)
@@ -142,26 +144,26 @@ class Stage:
         """Train ``modules`` on the stage's schedule, resuming ``resume_file`` when its fingerprint matches;
         the training part of the parts' metadata."""
         resume = self.resume_file
-        if self.name in self.s.retrain and distributed.is_main():
+        if self.name in self.plan.retrain and distributed.is_main():
             resume.unlink(missing_ok=True)
         distributed.barrier()  # no rank reads a resume file rank 0 is about to drop
         conf = self.conf
         fingerprint = {
             "stage": self.name,
             "dataset": self.cfg.name,
-            "seed": self.s.seed,
+            "seed": self.training.seed,
             "config": repr(conf),
-            "train_limit": self.s.train_limit,
+            "train_limit": self.training.train_limit,
             **fingerprint,
         }
-        feed = Feed(batches, len(loader), self.s.progress)
+        feed = Feed(batches, len(loader), self.execution.progress)
         history = train_stage(
-            self.name, modules, loss_fn, feed, conf, self.s.runtime, Resume(resume, fingerprint), frozen
+            self.name, modules, loss_fn, feed, conf, self.execution.runtime, Resume(resume, fingerprint), frozen
         )
         return {
             "epochs": conf.epochs,
             "config": repr(conf),
-            "seed": self.s.seed,
+            "seed": self.training.seed,
             "train_seconds": history["seconds"],
             "epoch_seconds": history.get("epoch_seconds", []),
             "sittings": history.get("sittings", []),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from PoE.build.losses import ckd_loss
-from PoE.build.preprocess import Preprocessor, StageRecord
+from PoE.build.preprocess import Preprocessor, StageRecord, say
 from PoE.build.stages.base import Part, Stage
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import seed_everything
@@ -32,7 +32,7 @@ class Experts(Stage):
             p.requires_grad_(False)
 
     def keys(self) -> list[str]:
-        return list(self.s.tasks)
+        return list(self.plan.tasks)
 
     @property
     def resume_file(self) -> Path:
@@ -49,27 +49,28 @@ class Experts(Stage):
         path = self.target(key)
         found = self.finished(path, "expert")
         if found is not None and found[1].get("library_id") != self.lib_id:
-            self.prep.say(f"[experts] {path} was trained on another library: retraining it")
+            say(f"[experts] {path} was trained on another library: retraining it")
             found = None
         if self.cfg.networks.pretrained and found is not None and found[1].get("oracle_id") != self.teacher.oracle_id:
             # a pretrained library does not change with the Oracle: check the Oracle itself
-            self.prep.say(f"[experts] {path} was distilled from another Oracle: retraining it")
+            say(f"[experts] {path} was distilled from another Oracle: retraining it")
             found = None
         if found is None:
             return None
         e = self.family.new_expert(self.library, self.cfg.networks.expert_width, len(self.cfg.tasks[key]))
-        return Part(load_into(e, found[0], path, f"expert of {key!r}").to(self.s.device), found[1])
+        return Part(load_into(e, found[0], path, f"expert of {key!r}").to(self.execution.device), found[1])
 
     def make(self, todo: list[str]) -> dict[str, Part]:
         """Train every expert of ``todo`` at once as one bank (one library forward, one bank forward and backward,
         one optimizer step per batch), each on its own conditional KD loss; write each back as its own file."""
         teacher, conf, library, tasks = self.teacher, self.conf, self.library, self.cfg.tasks
-        seed_everything(self.s.stage_seed(self.name))
+        seed_everything(self.training.stage_seed(self.name))
         fresh = [self.family.new_expert(library, self.cfg.networks.expert_width, len(tasks[t])) for t in todo]
-        bank = bank_of(fresh).to(self.s.device).to(memory_format=torch.channels_last)
-        cols = [torch.tensor(tasks[t], device=self.s.device) for t in todo]
+        bank = bank_of(fresh).to(self.execution.device).to(memory_format=torch.channels_last)
+        cols = [torch.tensor(tasks[t], device=self.execution.device) for t in todo]
         ends = torch.tensor([len(tasks[t]) for t in todo]).cumsum(0).tolist()
-        T, alpha, soft, scale = self.s.T, self.s.alpha, self.s.soft, self.s.scale
+        training = self.training
+        T, alpha, soft, scale = training.T, training.alpha, training.soft, training.scale
         trained, loader = self.start(bank)
 
         def loss_fn(b: Batch) -> torch.Tensor:
@@ -92,7 +93,7 @@ class Experts(Stage):
             "alpha": alpha,
             "soft": soft,
             "scale": scale,
-            "views": self.s.teacher_views,
+            "views": self.training.teacher_views,
             "form": "bank",
         }
         batches = teacher.batches(loader, conf)
@@ -103,7 +104,7 @@ class Experts(Stage):
         run["train_seconds"] /= len(todo)
         parts = {}
         for t, e, state in zip(todo, fresh, unbank(bank), strict=True):
-            e = load_into(e, state, self.target(t), f"expert of {t!r}").to(self.s.device).eval()
+            e = load_into(e, state, self.target(t), f"expert of {t!r}").to(self.execution.device).eval()
             meta = {
                 "task": t,
                 "classes": tasks[t],
@@ -116,9 +117,9 @@ class Experts(Stage):
                 "oracle_id": teacher.oracle_id,
                 "family": self.family.name,
             }
-            meta["test_acc"], meta["test_n"] = self.prep.evaluate(nn.Sequential(library, e), tasks[t])
+            meta["test_acc"], meta["test_n"] = self.prep.scores.evaluate(nn.Sequential(library, e), tasks[t])
             meta["id"] = state_id(e)
-            self.prep.save(self.target(t), "expert", meta, e.state_dict())
+            self.prep.files.save(self.target(t), "expert", meta, e.state_dict())
             parts[t] = Part(e, meta)
         return parts
 

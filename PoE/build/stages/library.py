@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from PoE.build.losses import kd_loss
-from PoE.build.preprocess import Preprocessor, StageRecord
+from PoE.build.preprocess import Preprocessor, StageRecord, say
 from PoE.build.stages.base import Part, Stage
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import seed_everything
@@ -40,12 +40,12 @@ class Library(Stage):
         path, arch = self.student_path, self.cfg.networks.library_arch
         found = self.finished(path, "library_student") if self.target(key).exists() else None
         if found is not None and found[1].get("oracle_id") != self.teacher.oracle_id:
-            if self.name not in self.s.stages:
+            if self.name not in self.plan.stages:
                 raise PoEError(
                     f"{path} was distilled from another Oracle than {self.prep.pretrained / 'oracle.pt'}; "
                     "run --stages library again"
                 )
-            self.prep.say(f"[library] {path} was distilled from another Oracle: retraining it")
+            say(f"[library] {path} was distilled from another Oracle: retraining it")
             found = None
         if found is None:
             return None
@@ -54,40 +54,41 @@ class Library(Stage):
         student = load_into(build_network(arch, self.cfg), sd, path, f"{arch} library student")
         pool_file = self.target(key)
         lib_sd, lib_meta = unwrap(load_checkpoint(pool_file), pool_file, "library")
-        if not self.prep.adopt(pool_file, {**lib_meta, "state_dict": lib_sd}, "library"):
+        if not self.prep.files.adopt(pool_file, {**lib_meta, "state_dict": lib_sd}, "library"):
             self.prep.making([self.name])
-            self.prep.replace_library(meta, student.front.state_dict())  # the student's front, as when it was made
-        return Part(student.front.to(self.s.device).eval(), meta)
+            front = student.front.state_dict()  # the student's front, as when it was made
+            self.prep.files.replace_library(meta, front)
+        return Part(student.front.to(self.execution.device).eval(), meta)
 
     def make(self, todo: list[str]) -> dict[str, Part]:
-        teacher, conf, T, arch = self.teacher, self.conf, self.s.T, self.cfg.networks.library_arch
-        seed_everything(self.s.stage_seed(self.name))
+        teacher, conf, T, arch = self.teacher, self.conf, self.training.T, self.cfg.networks.library_arch
+        seed_everything(self.training.stage_seed(self.name))
         student = build_network(arch, self.cfg)
-        start = self.start_weights(student, self.s.library_weights, "--library_weights")
-        student = student.to(self.s.device).to(memory_format=torch.channels_last)
+        start = self.start_weights(student, self.places.library_weights, "--library_weights")
+        student = student.to(self.execution.device).to(memory_format=torch.channels_last)
         net, loader = self.start(student)
 
         def loss_fn(b: Batch) -> torch.Tensor:
             return kd_loss(net(b.x), teacher.logits(b, loader), T)
 
         given = {"start": start} if start else {}  # recorded only when given: other runs' records stay as they were
-        fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.s.teacher_views, **given}
+        fp = {"arch": arch, "oracle": teacher.oracle_id, "T": T, "views": self.training.teacher_views, **given}
         meta = {
             "arch": arch,
             **given,
             **self.train({"student": student}, loss_fn, loader, teacher.batches(loader, conf), fp),
         }
-        meta["test_acc"], meta["test_n"] = self.prep.evaluate(student, None)
+        meta["test_acc"], meta["test_n"] = self.prep.scores.evaluate(student, None)
         meta.update(
             T=T,
-            teacher_views=self.s.teacher_views,
+            teacher_views=self.training.teacher_views,
             oracle_id=teacher.oracle_id,
             id=state_id(student.front),
             teacher_seconds=teacher.seconds,
             family=family_of(self.cfg).name,
         )
-        self.prep.save(self.student_path, "library_student", meta, student.state_dict())
-        self.prep.replace_library(meta, student.front.state_dict())
+        self.prep.files.save(self.student_path, "library_student", meta, student.state_dict())
+        self.prep.files.replace_library(meta, student.front.state_dict())
         return {self.name: Part(student.front.eval(), meta)}
 
     def report(self, key: str, part: Part) -> None:
@@ -112,11 +113,11 @@ class PretrainedLibrary(Stage):
         if found is None:
             return None
         library = load_into(MobileNetLibrary(), found[0], path, f"{self.cfg.name} library")
-        return Part(library.to(self.s.device).eval(), found[1])
+        return Part(library.to(self.execution.device).eval(), found[1])
 
     def make(self, todo: list[str]) -> dict[str, Part]:
         arch = self.cfg.networks.library_arch
-        full, source = imagenet_weights(arch, self.s.library_weights, "--library_weights")
+        full, source = imagenet_weights(arch, self.places.library_weights, "--library_weights")
         library = MobileNetLibrary()
         load_into(library, library_state(full), source, f"{arch} front (features[:18])")
         meta = {
@@ -126,8 +127,8 @@ class PretrainedLibrary(Stage):
             "id": state_id(library),
             "family": family_of(self.cfg).name,
         }
-        self.prep.replace_library(meta, library.state_dict())
-        return {self.name: Part(library.to(self.s.device).eval(), meta)}
+        self.prep.files.replace_library(meta, library.state_dict())
+        return {self.name: Part(library.to(self.execution.device).eval(), meta)}
 
     def report(self, key: str, part: Part) -> None:
         meta = part.meta
@@ -141,7 +142,7 @@ def adopt_library(source: str | Path, prep: Preprocessor) -> str:
     on it), listed in its manifest as every part is; returns its id. For a distilled library it must be the
     front of the library student in ``--pretrained``, which the library stage loads: the experts record that
     id, and the pool checks it."""
-    cfg, root, pretrained = prep.cfg, prep.pool.root, prep.s.pretrained
+    cfg, root, pretrained = prep.cfg, prep.pool.root, prep.s.places.pretrained
     src = resolve_pool(source, cfg.name, cfg.tag).library
     sd, meta = unwrap(load_checkpoint(src), src, "library")
     lib_id = meta.get("id")
@@ -168,5 +169,5 @@ def adopt_library(source: str | Path, prep: Preprocessor) -> str:
         if have == lib_id:
             return lib_id
         raise PoEError(f"--library_from: {dest} already holds another library ({have}); give a new --db")
-    prep.replace_library({k: v for k, v in meta.items() if k not in ("digest", "poe_format", "kind")}, sd)
+    prep.files.replace_library({k: v for k, v in meta.items() if k not in ("digest", "poe_format", "kind")}, sd)
     return lib_id

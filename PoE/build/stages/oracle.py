@@ -36,7 +36,7 @@ class Oracle(Stage):
     @property
     def views(self) -> int:
         """Augmented views whose logits the teacher caches."""
-        return self.s.teacher_views
+        return self.training.teacher_views
 
     def teacher(self) -> TeacherOutputs:
         """Run the stage; its Oracle as the teacher of the later stages."""
@@ -45,22 +45,22 @@ class Oracle(Stage):
             oracle.module,
             oracle.id,
             self.views,
-            self.s.seed,
+            self.training.seed,
             self.prep.pretrained / "cache",
-            self.s.runtime,
-            self.s.progress,
+            self.execution.runtime,
+            self.execution.progress,
         )
 
     def ready(self, model: nn.Module) -> nn.Module:
-        return model.to(self.s.device).to(memory_format=torch.channels_last).eval()
+        return model.to(self.execution.device).to(memory_format=torch.channels_last).eval()
 
     def load(self, key: str) -> Part | None:
-        path, arch = self.target(key), self.s.oracle_arch
+        path, arch = self.target(key), self.training.oracle_arch
         found = self.finished(path, "oracle")
         if found is None:
             return None
         sd, meta = found
-        if meta.get("arch") != arch and self.name in self.s.stages:
+        if meta.get("arch") != arch and self.name in self.plan.stages:
             raise PoEError(
                 f"{path} holds a {meta.get('arch')} Oracle but this run asks for {arch}; pass "
                 f"--retrain oracle to replace it, or --oracle_arch {meta.get('arch')}"
@@ -69,11 +69,11 @@ class Oracle(Stage):
         return Part(self.ready(load_into(build_network(arch, self.cfg), sd, path, f"{arch} Oracle")), meta)
 
     def make(self, todo: list[str]) -> dict[str, Part]:
-        arch, conf = self.s.oracle_arch, self.conf
-        seed_everything(self.s.stage_seed(self.name))
+        arch, conf = self.training.oracle_arch, self.conf
+        seed_everything(self.training.stage_seed(self.name))
         model = build_network(arch, self.cfg)
-        start = self.start_weights(model, self.s.oracle_weights, "--oracle_weights")
-        model = model.to(self.s.device).to(memory_format=torch.channels_last)
+        start = self.start_weights(model, self.places.oracle_weights, "--oracle_weights")
+        model = model.to(self.execution.device).to(memory_format=torch.channels_last)
         net, loader = self.start(model)
 
         def loss_fn(b: Batch) -> torch.Tensor:
@@ -84,9 +84,9 @@ class Oracle(Stage):
         meta = {"arch": arch, **given, **self.train({"oracle": model}, loss_fn, loader, loader.epoch, fp)}
         model.load_state_dict(half_state(model))
         meta["stored_as"] = "fp16"
-        meta["test_acc"], meta["test_n"] = self.prep.evaluate(model, None)
+        meta["test_acc"], meta["test_n"] = self.prep.scores.evaluate(model, None)
         meta["id"] = state_id(model)
-        self.prep.save(self.target(self.name), "oracle", meta, half_state(model))
+        self.prep.files.save(self.target(self.name), "oracle", meta, half_state(model))
         return {self.name: Part(self.ready(model), meta)}
 
     def report(self, key: str, part: Part) -> None:
@@ -101,11 +101,11 @@ class PretrainedOracle(Oracle):
     views = 0  # the images are streamed with fresh augmentations: the Oracle runs on every batch
 
     def load(self, key: str) -> Part:
-        arch = self.s.oracle_arch
-        sd, source = imagenet_weights(arch, self.s.oracle_weights, "--oracle_weights")
+        arch = self.training.oracle_arch
+        sd, source = imagenet_weights(arch, self.places.oracle_weights, "--oracle_weights")
         model = self.ready(load_into(build_network(arch, self.cfg), sd, source, f"{arch} Oracle"))
         meta: dict[str, Any] = {"arch": arch, "weights": str(source), "train_seconds": 0.0, "id": state_id(model)}
-        meta["test_acc"], meta["test_n"] = self.prep.evaluate(model, self.prep.task_classes, restrict=True)
+        meta["test_acc"], meta["test_n"] = self.prep.scores.evaluate(model, self.prep.data.task_classes, restrict=True)
         return Part(model, meta)
 
     def report(self, key: str, part: Part) -> None:
@@ -118,17 +118,17 @@ class FileOracle(Oracle):
     content hash, so the library and experts distilled from it (and the cached logits) are tied to it."""
 
     def load(self, key: str) -> Part:
-        path = Path(self.s.oracle_file)
-        order = class_order(Path(self.s.oracle_classes), self.cfg) if self.s.oracle_classes else None
+        path = Path(self.places.oracle_file)
+        order = class_order(Path(self.places.oracle_classes), self.cfg) if self.places.oracle_classes else None
         seconds = seconds_per_8()
-        program = load_program(path, self.s.trust_oracle_code, self.s.device, seconds)
-        model = ProgramOracle(program, self.cfg, order, path, seconds).to(self.s.device).eval()
-        test = self.prep.test_set
-        check_program(model, self.prep.normalize(test.x[:8].to(self.s.device)), self.cfg, path)
+        program = load_program(path, self.places.trust_oracle_code, self.execution.device, seconds)
+        model = ProgramOracle(program, self.cfg, order, path, seconds).to(self.execution.device).eval()
+        test = self.prep.data.test_set
+        check_program(model, self.prep.data.normalize(test.x[:8].to(self.execution.device)), self.cfg, path)
         meta: dict[str, Any] = {"arch": f"file {path.name}", "file": str(path), "train_seconds": 0.0}
-        meta["id"] = files_id([path] + ([Path(self.s.oracle_classes)] if self.s.oracle_classes else []))
-        classes = self.prep.task_classes if self.cfg.streamed else None
-        meta["test_acc"], meta["test_n"] = self.prep.evaluate(model, classes, restrict=self.cfg.streamed)
+        meta["id"] = files_id([path] + ([Path(self.places.oracle_classes)] if self.places.oracle_classes else []))
+        classes = self.prep.data.task_classes if self.cfg.streamed else None
+        meta["test_acc"], meta["test_n"] = self.prep.scores.evaluate(model, classes, restrict=self.cfg.streamed)
         return Part(model, meta)
 
     def report(self, key: str, part: Part) -> None:
