@@ -4,17 +4,17 @@ the clients placed as a client on another machine would be (niced, or on cores o
     python benchmarks/load_test.py --data_root ../shared/data --out results/service/load_test.md \\
         --configs workers:1 workers:1:taskset workers:2 ray:1 ray:2
 
-Each configuration is a ``Run_Service.py --serve`` started in a subprocess on 127.0.0.1; the load comes from
-several client processes (``load_clients.py``: httpx, asyncio; one client process cannot exceed ~500 req/s),
-placed per configuration: ``nice`` (the default: the clients at nice 10 on every core), ``taskset`` (the server
-pinned to the first three quarters of the cores, the clients to the rest; on 2 cores one each) or ``same`` (the
-clients beside the server at its priority). Measured per configuration: ``/api/query`` p50 / p99 (one client),
-``/api/predict`` throughput with one client and with 16 (``--body``: base64 PNG in JSON, or ``/api/predict/raw``
-with the PNG file or the raw pixels as the body), the server's and the clients' CPU per request (user + system
-time from /proc, every process of each; the server's event loop apart), and 10,000 mixed requests from 16 clients: errors and the
-server's memory (every process of the server: workers, or Ray's processes and replicas; private memory, which
-excludes the shared libraries every process maps). Goals (issue 22): 16 clients >= 3x one client; 0 errors;
-memory flat. The table says the load average before and after: above zero, other work ran beside it.
+Each configuration is a ``Run_Service.py --serve`` started in a subprocess on 127.0.0.1; the load comes from several
+client processes (``load_clients.py``: httpx, asyncio; one client process cannot exceed ~500 req/s), placed per
+configuration: ``nice`` (the default: the clients at nice 10 on every core), ``taskset`` (the server pinned to the
+first three quarters of the cores, the clients to the rest; on 2 cores one each) or ``same`` (the clients beside the
+server at its priority). Measured per configuration: ``/api/query`` p50 / p99 (one client), ``/api/predict``
+throughput with one client and with 16 (``--body``: base64 PNG in JSON, or ``/api/predict/raw`` with the PNG file or
+the raw pixels as the body), the server's and the clients' CPU per request (user + system time from /proc, every
+process of each; the server's event loop apart), and 10,000 mixed requests from 16 clients: errors and the server's
+memory (every process of the server: workers, or Ray's processes and replicas; private memory, which excludes the
+shared libraries every process maps). Goals (issue 22): 16 clients >= 3x one client; 0 errors; memory flat. The
+table says the load average before and after: above zero, other work ran beside it.
 """
 
 from __future__ import annotations
