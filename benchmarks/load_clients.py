@@ -26,14 +26,18 @@ def client_init(nice: int, cpus: list[int] | None) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def images(data_root: str) -> tuple[list[bytes], list[str]]:
-    """64 CIFAR-100 test images as PNG bytes and as base64 text."""
-    pngs = []
+BODIES = ("json", "png", "raw")  # a predict's body: base64 PNG in JSON, the PNG file, the raw uint8 pixels
+
+
+def images(data_root: str) -> tuple[list[bytes], list[str], list[bytes]]:
+    """64 CIFAR-100 test images as PNG bytes, as base64 text and as raw uint8 pixels (32 x 32 x 3)."""
+    pngs, pixels = [], []
     for im in np.load(Path(data_root) / "cifar100" / "test.npz")["x"][:64]:
         buf = io.BytesIO()
         Image.fromarray(im).save(buf, "PNG")
         pngs.append(buf.getvalue())
-    return pngs, [base64.b64encode(p).decode() for p in pngs]
+        pixels.append(im.tobytes())
+    return pngs, [base64.b64encode(p).decode() for p in pngs], pixels
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Phase:
     seed: int
     tasks: list[str]
     start_at: float  # wall-clock time at which every process starts, so that they overlap
+    body: str = "json"  # the predict phase's body (BODIES): /api/predict's JSON or /api/predict/raw's bytes
 
 
 @dataclass
@@ -65,7 +70,7 @@ def run_phase(ph: Phase) -> Result:
 
 
 async def phase_loop(ph: Phase) -> Result:
-    pngs, b64 = images(ph.data_root)
+    pngs, b64, pixels = images(ph.data_root)
     lat: list[float] = []
     errors, first = 0, ""
     limits = httpx.Limits(max_connections=ph.clients, max_keepalive_connections=ph.clients)
@@ -88,13 +93,27 @@ async def phase_loop(ph: Phase) -> Result:
         def predict(i: int, k: int = 1, tasks: list[str] | None = None) -> dict:
             return {"tasks": tasks or FIXED[i % 4], "images": [b64[(i + j) % 64] for j in range(k)]}
 
+        def predict_request(i: int) -> tuple[str, dict]:
+            """One image, one of the FIXED queries, in the body ``ph.body`` says: (URL, httpx's arguments)."""
+            if ph.body == "json":
+                return "/api/predict", {"json": predict(i)}
+            data, kind = (
+                (pngs[i % 64], "image/png") if ph.body == "png" else (pixels[i % 64], "application/octet-stream")
+            )
+            return "/api/predict/raw", {
+                "params": {"tasks": FIXED[i % 4]},
+                "content": data,
+                "headers": {"content-type": kind},
+            }
+
         async def loop(k: int) -> None:
             r = random.Random(ph.seed * 1000 + k)
             for i in range(ph.n):
                 if ph.kind == "query":
                     await call("POST", "/api/query", json={"tasks": r.sample(ph.tasks, r.randint(1, 5))})
                 elif ph.kind == "predict":
-                    await call("POST", "/api/predict", json=predict(k * ph.n + i))
+                    url, kw = predict_request(k * ph.n + i)
+                    await call("POST", url, **kw)
                 else:
                     await mixed_request(r, i, call, predict, pngs, ph.tasks)
 

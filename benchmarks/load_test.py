@@ -4,16 +4,17 @@ the clients placed as a client on another machine would be (niced, or on cores o
     python benchmarks/load_test.py --data_root ../shared/data --out results/service/load_test.md \\
         --configs workers:1 workers:1:taskset workers:2 ray:1 ray:2
 
-Each configuration is a ``Run_Service.py --serve`` started in a subprocess on 127.0.0.1; the load comes from
-several client processes (``load_clients.py``: httpx, asyncio; one client process cannot exceed ~500 req/s),
-placed per configuration: ``nice`` (the default: the clients at nice 10 on every core), ``taskset`` (the server
-pinned to the first three quarters of the cores, the clients to the rest; on 2 cores one each) or ``same`` (the
-clients beside the server at its priority). Measured per configuration: ``/api/query`` p50 / p99 (one client),
-``/api/predict`` throughput with one client and with 16, the server's and the clients' CPU per request (user +
-system time from /proc, every process of each), and 10,000 mixed requests from 16 clients: errors and the
-server's memory (every process of the server: workers, or Ray's processes and replicas; private memory, which
-excludes the shared libraries every process maps). Goals (issue 22): 16 clients >= 3x one client; 0 errors;
-memory flat. The table says the load average before and after: above zero, other work ran beside it.
+Each configuration is a ``Run_Service.py --serve`` started in a subprocess on 127.0.0.1; the load comes from several
+client processes (``load_clients.py``: httpx, asyncio; one client process cannot exceed ~500 req/s), placed per
+configuration: ``nice`` (the default: the clients at nice 10 on every core), ``taskset`` (the server pinned to the
+first three quarters of the cores, the clients to the rest; on 2 cores one each) or ``same`` (the clients beside the
+server at its priority). Measured per configuration: ``/api/query`` p50 / p99 (one client), ``/api/predict``
+throughput with one client and with 16 (``--body``: base64 PNG in JSON, or ``/api/predict/raw`` with the PNG file or
+the raw pixels as the body), the server's and the clients' CPU per request (user + system time from /proc, every
+process of each; the server's event loop apart), and 10,000 mixed requests from 16 clients: errors and the server's
+memory (every process of the server: workers, or Ray's processes and replicas; private memory, which excludes the
+shared libraries every process maps). Goals (issue 22): 16 clients >= 3x one client; 0 errors; memory flat. The
+table says the load average before and after: above zero, other work ran beside it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from load_clients import FIXED, Phase, client_init, run_phase
+from load_clients import BODIES, FIXED, Phase, client_init, run_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PoE.core.choices import ENGINES
@@ -61,12 +62,18 @@ def children(pid: int) -> list[int]:
     return tree
 
 
-def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of the process tree so far (its live processes; Linux)."""
+def tree_cpu_s(pid: int, main_threads: bool = False) -> float:
+    """User + system CPU seconds of the process tree so far (its live processes; Linux). ``main_threads``: of
+    each process's main thread only, which in a uvicorn worker is the event loop (HTTP, JSON, decoding)."""
     total = 0.0
     for q in children(pid):
         try:
-            f = Path(f"/proc/{q}/stat").read_text().rsplit(")", 1)[1].split()
+            f = (
+                Path(f"/proc/{q}/task/{q}/stat" if main_threads else f"/proc/{q}/stat")
+                .read_text()
+                .rsplit(")", 1)[1]
+                .split()
+            )
             total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             pass
@@ -193,6 +200,7 @@ class Measured:
     first_error: str
     server_cpu_ms: float  # per request
     client_cpu_ms: float  # per request
+    loop_cpu_ms: float = 0.0  # per request, the server's main threads (a worker's event loop)
 
     @property
     def rps(self) -> float:
@@ -214,16 +222,21 @@ def phase(
     per_client = max(1, total // clients)
     share = [clients // procs + (p < clients % procs) for p in range(procs)]
     start_at = time.time() + 1.0
-    jobs = [Phase(server.url, a.data_root, kind, c, per_client, seed + p, tasks, start_at) for p, c in enumerate(share)]
-    cpu = tree_cpu_s(server.proc.pid)
+    jobs = [
+        Phase(server.url, a.data_root, kind, c, per_client, seed + p, tasks, start_at, a.body)
+        for p, c in enumerate(share)
+    ]
+    cpu, loop = tree_cpu_s(server.proc.pid), tree_cpu_s(server.proc.pid, main_threads=True)
     results = list(ex.map(run_phase, jobs))
     server_cpu = tree_cpu_s(server.proc.pid) - cpu
+    loop_cpu = tree_cpu_s(server.proc.pid, main_threads=True) - loop
     n = per_client * clients
     wall = max(r.end for r in results) - min(r.start for r in results)
     lat = [x for r in results for x in r.latencies_ms]
     errors = sum(r.errors for r in results)
     first = next((r.first_error for r in results if r.first_error), "")
-    return Measured(n, wall, lat, errors, first, server_cpu / n * 1e3, sum(r.cpu_s for r in results) / n * 1e3)
+    client_cpu = sum(r.cpu_s for r in results)
+    return Measured(n, wall, lat, errors, first, server_cpu / n * 1e3, client_cpu / n * 1e3, loop_cpu / n * 1e3)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -275,6 +288,11 @@ def measure(spec: str, a: argparse.Namespace, max_batch: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- the report
+BODY_NAMES = {
+    "json": "base64 PNG in JSON to /api/predict",
+    "png": "the PNG file as the body of /api/predict/raw",
+    "raw": "uint8 pixels as the body of /api/predict/raw",
+}
 WHERE = {"nice": "clients niced", "taskset": "clients on other cores", "same": "clients beside, same priority"}
 
 
@@ -289,9 +307,10 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
     c = a.clients
     rows = [
         f"| server | predict, 1 client | predict, {c} clients | gain | goal >= 3x | query p50 / p99 "
-        f"| server CPU per predict, 1 / {c} clients | client CPU per predict, 1 / {c} clients "
+        f"| server CPU per predict, 1 / {c} clients | of it the event loop, 1 / {c} clients "
+        f"| client CPU per predict, 1 / {c} clients "
         f"| {a.n_mixed:,} mixed: errors, req/s | server memory (private): warm / max / end | flat (5%) | start, took |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         one, many, q = r["one"], r["many"], r["query"]
@@ -305,6 +324,7 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
             f"| {name} | {one.rps:.0f} req/s | {many.rps:.0f} req/s | {gain:.1f}x | {ok(gain >= 3)} "
             f"| {pct(q.latencies_ms, 50):.1f} / {pct(q.latencies_ms, 99):.1f} ms "
             f"| {one.server_cpu_ms:.2f} / {many.server_cpu_ms:.2f} ms "
+            f"| {one.loop_cpu_ms:.2f} / {many.loop_cpu_ms:.2f} ms "
             f"| {one.client_cpu_ms:.2f} / {many.client_cpu_ms:.2f} ms "
             f"| {mix} | {mems} | {'-' if flat is None else ok(flat)} | {r['start_s']:.0f} s, {r['took_s']:.0f} s |"
         )
@@ -318,13 +338,15 @@ def table(a: argparse.Namespace, results: list[dict], where: str) -> str:
     notes = [
         f"Servers: `Run_Service.py --serve --max_batch {a.max_batch} --batch_wait_ms {a.batch_wait_ms}"
         f"{f' --threads {a.threads}' if a.threads else ''} --engine {a.engine} [--workers N | --ray --replicas N]` "
-        f"(fp32, {a.device}, shipped pool). Clients: {a.client_procs} processes (httpx, asyncio); 'niced': at "
+        f"(fp32, {a.device}, shipped pool). Predictions: one 32x32 image each, {BODY_NAMES[a.body]}. "
+        f"Clients: {a.client_procs} processes (httpx, asyncio); 'niced': at "
         f"nice {a.nice}, every core; 'other cores': the server pinned to CPUs {server_cpus}, the clients to "
         f"{client_cpus} (sched_setaffinity, as taskset does); {a.n_latency} requests per latency phase, "
         f"{a.n_latency * 2} for {c} clients; before them {a.n_warm_mixed:,} mixed requests warm every worker's "
         "caches. CPU: user + system time of every process of the server (workers, or Ray's own processes and its "
-        "replicas) and of every client process during the phase, per request; 'start': until the server answers "
-        "(all workers up); 'took': the whole configuration.",
+        "replicas) and of every client process during the phase, per request; 'the event loop': the main thread "
+        "of each server process (a worker's HTTP, JSON and decoding; under Ray not the replicas' work); 'start': "
+        "until the server answers (all workers up); 'took': the whole configuration.",
         f"Machine: {where}.",
     ]
     if errors:
@@ -350,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         default="nice",
         help="nice: clients at lower priority; taskset: server and clients on different cores; same: "
         "clients beside the server at the same priority",
+    )
+    p.add_argument(
+        "--body",
+        choices=BODIES,
+        default="json",
+        help="the predict phases' body: json (POST /api/predict, base64 PNG), png (POST /api/predict/raw, the PNG "
+        "file) or raw (POST /api/predict/raw, uint8 pixels); the mixed phases send JSON and multipart as before",
     )
     p.add_argument("--batching_off", action="store_true", help="also workers:1 with --max_batch 1")
     p.add_argument("--clients", type=int, default=16)

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -33,12 +33,14 @@ from PoE.query.service.limits import (
     memory,
     one_line,
 )
-from PoE.query.service.schemas import USAGE, PredictBody, QueryBody, refusals
+from PoE.query.service.schemas import RAW_BODY, USAGE, PredictBody, QueryBody, refusals
 
 log = logging.getLogger("PoE.query.service")
 
 WEB = Path(__file__).resolve().parents[2] / "web"
 MODEL_ID = re.compile(r"[0-9a-f]{16}-[0-9a-f]{2,}\.pt2")  # View.tasks_of checks the task codes
+RAW_PATH = "/api/predict/raw"
+PIXELS = "application/octet-stream"  # the raw route's body of pixels; image/* is one image file
 
 
 def create_app(
@@ -74,6 +76,7 @@ def create_app(
 
     add_error_handlers(app, service)
     add_query_routes(app, service, data_root)
+    add_predict_routes(app, service)
     add_download_routes(app, service)
 
     @app.get("/", include_in_schema=False)
@@ -122,7 +125,7 @@ def add_error_handlers(app: FastAPI, service: Service) -> None:
 
 
 def add_query_routes(app: FastAPI, service: Service, data_root: str | Path | None) -> None:
-    """Liveness, the pool, a query and predictions."""
+    """Liveness, the pool and a query."""
 
     @app.get("/healthz", summary="Liveness: the pool is loaded and the batcher runs", responses=refusals(503))
     async def healthz() -> dict[str, Any]:
@@ -178,6 +181,10 @@ def add_query_routes(app: FastAPI, service: Service, data_root: str | Path | Non
             out["accuracy"], out["n_test"] = await service.run_slow(service.accuracy, view, model, key)
         return JSONResponse(out)
 
+
+def add_predict_routes(app: FastAPI, service: Service) -> None:
+    """Predictions: images as base64 in JSON, as multipart files, or as the body itself (no JSON, no base64)."""
+
     @app.post(
         "/api/predict",
         summary="Top classes of base64 PNG/JPEG images under the queried tasks' model",
@@ -202,11 +209,44 @@ def add_query_routes(app: FastAPI, service: Service, data_root: str | Path | Non
         images: Annotated[list[UploadFile], File(min_length=1, description="PNG or JPEG files")],
         top: Annotated[int, Form(ge=1)] = DEFAULT_TOP,
     ) -> JSONResponse:
-        names = [t for field_value in tasks for t in re.split(r"[,\s]+", field_value) if t]
-        model = (await service.current()).model(names)
+        model = (await service.current()).model(task_names(tasks))
         check_count(len(images))
         data = [await f.read() for f in images]
         return JSONResponse(await service.predict(model, data, top, request.scope.get("poe.arrival")))
+
+    @app.post(
+        "/api/predict/raw",
+        summary="As /api/predict, from a binary body (one PNG/JPEG file, or uint8 RGB pixels); tasks and top in "
+        "the query string",
+        responses=refusals(400, 413, 415, 503),
+        openapi_extra=RAW_BODY,
+    )
+    async def predict_raw(
+        request: Request,
+        tasks: Annotated[
+            list[str], Query(min_length=1, description="task names: repeat the parameter, or separate with commas")
+        ],
+        top: Annotated[int, Query(ge=1, description="classes shown per image, most probable first")] = DEFAULT_TOP,
+    ) -> JSONResponse:
+        usage = USAGE[RAW_PATH]
+        unknown = sorted(set(request.query_params) - {"tasks", "top"})
+        if unknown:
+            raise ClientError(400, f"unknown query parameter {unknown[0][:80]!r}; {usage}")
+        model = (await service.current()).model(task_names(tasks))  # task errors first, as on /api/predict
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != PIXELS and not kind.startswith("image/"):
+            given = f"Content-Type {kind[:80]!r}" if kind else "a body without a Content-Type"
+            raise ClientError(415, f"{given} is not accepted here; {usage}")
+        body = await request.body()
+        if not body:
+            raise ClientError(400, f"empty body: no image given; {usage}")
+        images = service.pixels(body) if kind == PIXELS else [body]
+        return JSONResponse(await service.predict(model, images, top, request.scope.get("poe.arrival")))
+
+
+def task_names(values: list[str]) -> list[str]:
+    """Task names from form fields or query parameters: each repeated, or separated by commas or spaces."""
+    return [t for value in values for t in re.split(r"[,\s]+", value) if t]
 
 
 def add_download_routes(app: FastAPI, service: Service) -> None:
@@ -271,4 +311,8 @@ def describe_tasks(schema: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
         if prop is not None:
             prop["items"] = {**prop.get("items", {}), "enum": tasks}
             prop["uniqueItems"] = True
+    for param in schema.get("paths", {}).get(RAW_PATH, {}).get("post", {}).get("parameters", []):
+        if param.get("name") == "tasks":
+            param["schema"]["items"] = {**param["schema"].get("items", {}), "enum": tasks}
+            param["schema"]["uniqueItems"] = True
     return schema

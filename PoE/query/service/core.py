@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from PoE.core.data import ImageSet, image_batch
@@ -27,7 +28,7 @@ from PoE.query.pool import BANK_CACHE, Pool
 from PoE.query.service.batching import Batcher, BatchStats, ExportGate
 from PoE.query.service.engine import chosen
 from PoE.query.service.images import decode_image
-from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, one_line
+from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, check_count, one_line
 
 log = logging.getLogger("PoE.query.service")
 
@@ -307,11 +308,16 @@ class Service:
         view.exports.put(f"{key}.{fmt}", data)
         return data
 
-    async def predict(self, model: TaskModel, images: list[bytes], top: int, arrival: Any = None) -> dict[str, Any]:
-        """Decode (off the event loop for several images), then answer from a batched forward."""
+    async def predict(
+        self, model: TaskModel, images: list[bytes] | torch.Tensor, top: int, arrival: Any = None
+    ) -> dict[str, Any]:
+        """Decode image files (off the event loop for several images; pixels from ``pixels`` need none), then
+        answer from a batched forward."""
         if top < 1:
             raise ClientError(400, f"top must be 1 or more (classes shown per image), got {top}")
-        if len(images) > DECODE_INLINE:
+        if isinstance(images, torch.Tensor):
+            x = images
+        elif len(images) > DECODE_INLINE:
             x = await asyncio.wrap_future(self.decode.submit(self.images, images))
         else:
             x = self.images(images)
@@ -325,5 +331,22 @@ class Service:
         size = self.cfg.image_size
         try:
             return image_batch([decode_image(b, i, size) for i, b in enumerate(images)], size)
+        except PoEError as e:
+            raise ClientError(400, str(e)) from None
+
+    def pixels(self, data: bytes) -> torch.Tensor:
+        """Raw uint8 RGB pixels, N x S x S x 3 in that order (numpy's ``tobytes()`` of such an array), S the pool's
+        image size: N follows from the length, which must be a whole number of images."""
+        size = self.cfg.image_size
+        per_image = size * size * 3
+        if len(data) % per_image:
+            raise ClientError(
+                400,
+                f"raw pixels of {len(data):,} bytes are not a whole number of images; this pool takes "
+                f"N x {size} x {size} x 3 uint8 RGB pixels, {per_image:,} bytes per image",
+            )
+        check_count(len(data) // per_image)
+        try:
+            return image_batch(np.frombuffer(data, np.uint8).reshape(-1, size, size, 3), size)
         except PoEError as e:
             raise ClientError(400, str(e)) from None

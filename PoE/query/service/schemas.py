@@ -44,6 +44,7 @@ REFUSALS = {
     413: "body or image count over the limit (see /api/pool: max_body_bytes, max_images)",
     422: "the request is well-formed but cannot be answered from this pool's test data (e.g. no test images of "
     "the query's classes)",
+    415: "a body of another Content-Type than the route accepts",
     503: "accuracy is unavailable on this server (no usable test data) or the prediction worker has stopped",
     507: "the server has no room to write the model (disk full); retry later",
 }
@@ -59,4 +60,25 @@ USAGE = {
     "/api/predict": 'send JSON {"tasks": [TASK, ...], "images": [BASE64_PNG_OR_JPEG, ...], "top": 5}',
     "/api/predict/upload": "send multipart/form-data with one or more 'tasks' fields, one or more 'images' files "
     "(PNG or JPEG) and optionally 'top'",
+    "/api/predict/raw": "send ?tasks=TASK&tasks=TASK[&top=5] with one PNG or JPEG file as the body (Content-Type "
+    "image/png or image/jpeg) or N images' uint8 RGB pixels, N x S x S x 3 for the pool's image size S "
+    "(Content-Type application/octet-stream)",
+}
+
+RAW_BODY = {  # /api/predict/raw reads its body itself (no pydantic model): the schema is written out
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"1 to {MAX_IMAGES} images' uint8 RGB pixels, N x S x S x 3 in that order (numpy's "
+                    "tobytes()), S the pool's image_size (GET /api/pool): the length gives N",
+                }
+            },
+        },
+    }
 }
