@@ -32,10 +32,11 @@ from PoE.build.profiles import PROFILES, STAGES, StageConfig
 from PoE.build.train import Feed, Resume, seed_everything, train_stage
 from PoE.cli.common import run_main
 from PoE.core.checkpoint import load_checkpoint, load_into, save_checkpoint
-from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import batched_logits
+from PoE.core.loaders import Batch, Draw, TensorLoader
 from PoE.core.networks import build_network, family_of
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.core.runtime import CPU

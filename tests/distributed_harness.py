@@ -20,7 +20,8 @@ from torch import nn
 from PoE.build import distributed
 from PoE.build.profiles import StageConfig
 from PoE.build.train import Feed, Resume, train_stage
-from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import ImageSet, Normalizer
+from PoE.core.loaders import Batch, Draw, TensorLoader
 from PoE.core.runtime import CPU
 
 

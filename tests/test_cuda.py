@@ -16,9 +16,10 @@ from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, compiled, train_stage
 from PoE.cli import main_preprocessing, main_service
 from PoE.core.checkpoint import state_id
-from PoE.core.data import Draw, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.evaluate import predict
+from PoE.core.loaders import Draw, TensorLoader
 from PoE.core.networks import WideResNet, WRNSpec
 from PoE.core.precision import resolve
 from PoE.core.query import make_query

@@ -12,10 +12,11 @@ import torch
 
 from PoE.build.preprocess import subset_index
 from PoE.core.checkpoint import load_checkpoint, load_into, state_id
-from PoE.core.data import Draw, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import get_dataset, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy
+from PoE.core.loaders import Draw, TensorLoader
 from PoE.core.networks import build_network
 from PoE.core.runtime import CPU
 from PoE.query.pool import Pool

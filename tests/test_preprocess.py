@@ -17,9 +17,10 @@ from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, Resume, train_stage
 from PoE.cli import main_preprocessing, main_service
 from PoE.core.checkpoint import load_checkpoint, save_checkpoint, state_id
-from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import load_split
 from PoE.core.errors import PoEError
+from PoE.core.loaders import Batch, Draw, TensorLoader
 from PoE.core.networks import WideResNet, WRNSpec
 from PoE.core.runtime import CPU
 

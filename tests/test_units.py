@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from PoE.build.losses import ckd_loss, kd_loss, scale_loss
 from PoE.build.profiles import StageConfig
 from PoE.core.checkpoint import atomic_write, load_checkpoint, load_into, save_checkpoint
-from PoE.core.data import ImageSet, crop_flip, view_params
+from PoE.core.data import ImageSet
 from PoE.core.datasets import DATASETS, cifar100, tinyimagenet
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import count_macs, count_params, cross_expert_share
+from PoE.core.loaders import crop_flip, view_params
 from PoE.core.networks import WideResNet, WRNLibrary, WRNSpec
 from PoE.core.networks.wrn import expert_from_state, new_expert
 from PoE.core.query import make_query

@@ -13,8 +13,8 @@ from tqdm import tqdm
 from PoE.build import distributed
 from PoE.build.profiles import StageConfig
 from PoE.core.checkpoint import load_checkpoint, save_checkpoint
-from PoE.core.data import Batch, TensorLoader
 from PoE.core.errors import PoEError
+from PoE.core.loaders import Batch, TensorLoader
 from PoE.core.runtime import Runtime
 
 

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from PoE.build import distributed
 from PoE.build.profiles import StageConfig
 from PoE.core.checkpoint import load_checkpoint, save_checkpoint
-from PoE.core.data import Batch
 from PoE.core.errors import PoEError
+from PoE.core.loaders import Batch
 from PoE.core.runtime import Runtime
 
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from PoE.build.teacher import TeacherOutputs
-from PoE.core.data import Batch, TensorLoader
 from PoE.core.datasets import DatasetConfig
+from PoE.core.loaders import Batch, TensorLoader
 from PoE.core.query import Query
 from PoE.core.runtime import Runtime
 

@@ -19,10 +19,11 @@ from PoE.build.profiles import KD_ALPHA, KD_T, PAPER_LR, StageConfig
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import Feed, seed_everything, train_stage
 from PoE.core.checkpoint import load_checkpoint, load_into, save_checkpoint, unwrap
-from PoE.core.data import Batch, Draw, ImageSet, Normalizer, TensorLoader
+from PoE.core.data import ImageSet, Normalizer
 from PoE.core.datasets import DatasetConfig
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import accuracy, count_macs, count_params
+from PoE.core.loaders import Batch, Draw, TensorLoader
 from PoE.core.networks import build_network, family_of
 from PoE.core.query import Query, make_query
 from PoE.core.runtime import CPU, Runtime

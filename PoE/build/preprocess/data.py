@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from PoE.build import distributed
-from PoE.core.data import Draw, FolderLoader, ImageSet, Normalizer, TensorLoader, default_workers
+from PoE.core.data import ImageSet, Normalizer
 from PoE.core.errors import PoEError
+from PoE.core.loaders import Draw, FolderLoader, TensorLoader, default_workers
 
 if TYPE_CHECKING:
     from PoE.build.preprocess.settings import Execution, Plan, Training

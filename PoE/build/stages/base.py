@@ -17,8 +17,8 @@ from PoE.build.preprocess import Preprocessor
 from PoE.build.profiles import StageConfig
 from PoE.build.train import Feed, Resume, compiled, train_stage
 from PoE.core.checkpoint import load_checkpoint, unwrap
-from PoE.core.data import Batch, FolderLoader, TensorLoader
 from PoE.core.errors import PoEError
+from PoE.core.loaders import Batch, FolderLoader, TensorLoader
 
 
 @dataclass

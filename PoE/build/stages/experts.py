@@ -13,7 +13,7 @@ from PoE.build.stages.base import Part, Stage
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import seed_everything
 from PoE.core.checkpoint import load_into, state_id
-from PoE.core.data import Batch
+from PoE.core.loaders import Batch
 from PoE.core.networks import bank_of, family_of, unbank
 
 

@@ -13,8 +13,8 @@ from PoE.build.stages.base import Part, Stage
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import seed_everything
 from PoE.core.checkpoint import load_checkpoint, load_into, state_id, unwrap
-from PoE.core.data import Batch
 from PoE.core.errors import PoEError
+from PoE.core.loaders import Batch
 from PoE.core.networks import build_network, family_of
 from PoE.core.networks.mobilenetv2 import MobileNetLibrary, library_state
 from PoE.core.networks.pretrained import imagenet_weights

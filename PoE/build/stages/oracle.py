@@ -16,8 +16,8 @@ from PoE.build.stages.base import Part, Stage
 from PoE.build.teacher import TeacherOutputs
 from PoE.build.train import seed_everything
 from PoE.core.checkpoint import files_id, half_state, load_into, state_id
-from PoE.core.data import Batch
 from PoE.core.errors import PoEError
+from PoE.core.loaders import Batch
 from PoE.core.networks import build_network
 from PoE.core.networks.pretrained import imagenet_weights
 

@@ -78,7 +78,8 @@ def read(data_root: Path, split: str, progress: bool, classes: list[int] | None)
     and the folder they came from; the training split is only streamed."""
     import torch
 
-    from PoE.core.data import FolderLoader, ImageSet, default_workers
+    from PoE.core.data import ImageSet
+    from PoE.core.loaders import FolderLoader, default_workers
 
     folder = data_root / FOLDER
     if split == "train":
