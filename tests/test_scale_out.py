@@ -71,7 +71,8 @@ def servers(request, data_root, tmp_path_factory) -> dict[str, Server]:
     processes) overlap instead of adding up. Each test stops its server; this stops what a failure left."""
     selected = {item.name for item in request.session.items}
     logs = tmp_path_factory.mktemp("workers")
-    started = {"workers": Server("--port", "0", "--workers", "2", data_root=data_root, logs=logs)}
+    # torch engine: onnxruntime sessions (tests/test_engine.py) would be exported by each worker beside the test
+    started = {"workers": Server("--port", "0", "--workers", "2", "--engine", "torch", data_root=data_root, logs=logs)}
     if RAY and "test_ray_serve_with_two_replicas_answers_as_one_process" in selected:
         logs = tmp_path_factory.mktemp("ray")
         started["ray"] = Server("--ray", "--replicas", "2", "--port", str(free_port()), data_root=data_root, logs=logs)
