@@ -223,18 +223,20 @@ class Served:
         self.lock = threading.Lock()
         self.engine = engine if self.fold and pool.device.type == "cpu" else None
         self.sessions: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()  # copy -> its own
-        self.asked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.runs: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()  # forwards by torch
         self.library = self.copy(pool.library)
         self.experts: dict[str, tuple[nn.Module, nn.Module]] = {}  # task -> (the pool's module, the copy run)
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``module`` (a copy) on ``x``: by its session when it has one, else by torch (and its session asked for)."""
+        """``module`` (a copy) on ``x``: by its session when it has one, else by torch (its session asked for once it
+        has run the engine's ``after`` forwards)."""
         session = self.sessions.get(module) if self.engine is not None else None
         if session is not None:
             return session(x)
-        if self.engine is not None and module not in self.asked:
-            self.asked.add(module)
-            self.engine.ask(module, tuple(x.shape[1:]), lambda s, m=module: self.sessions.__setitem__(m, s))
+        if self.engine is not None:
+            runs = self.runs[module] = self.runs.get(module, 0) + 1
+            if runs == self.engine.after:  # busy enough to be worth an export: ask once
+                self.engine.ask(module, tuple(x.shape[1:]), lambda s, m=module: self.sessions.__setitem__(m, s))
         return module(x)
 
     def copy(self, module: nn.Module) -> nn.Module:

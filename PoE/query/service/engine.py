@@ -3,8 +3,9 @@
 On a few 32x32 images torch spends most of a forward dispatching operations (docs/service.md, "Where the time goes");
 onnxruntime runs the same folded fp32 graphs for a fraction of that. The sessions are made in memory from the
 batcher's private torch copies (``batching.Served``) by the TorchScript-based ONNX exporter, one module at a time on a
-background thread: the library first, each expert when it is first queried. Until a module's session is ready its
-torch copy serves, so nothing waits for them. Logits agree with the torch copies within 1e-4 (tests/test_engine.py).
+background thread, once a module has run ``after`` forwards (a server that answers a few requests never pays for
+an export; a busy one has its sessions within its first few hundred requests). Until a module's session is ready
+its torch copy serves, so nothing waits for them. Logits agree with the torch copies within 1e-4 (tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class Engine:
     """Makes sessions on one background thread, in the order asked. A session is made on the gate's forward side
     (``batching.ExportGate``): never while a ``torch.export`` or a cost count runs."""
 
-    def __init__(self, gate: object, threads: int) -> None:
-        self.gate, self.threads = gate, threads
+    def __init__(self, gate: object, threads: int, after: int = 16) -> None:
+        self.gate, self.threads, self.after = gate, threads, after
         self.jobs: queue.Queue[tuple[nn.Module, tuple[int, ...], Callable[[Session], None]] | None] = queue.Queue()
         self.made = 0
         threading.Thread(target=self.run, name="poe-engine", daemon=True).start()
