@@ -163,6 +163,28 @@ def pool():
     return Pool.open(ROOT / "DB_PoE", "cifar100", device="cpu", precision="fp32")
 
 
+@pytest.fixture(scope="module")
+def client(pool, data_root):
+    """The app over the shipped pool, in process (the service tests' client)."""
+    from PoE.query.service.app import create_app
+
+    from .api import TestClient
+
+    with TestClient(create_app(pool, data_root)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images(pool, data_root):
+    """Eight real test images of the README query's classes (uint8, N x 32 x 32 x 3)."""
+    import numpy as np
+
+    from .api import QUERY
+
+    d = np.load(data_root / "cifar100" / "test.npz")
+    return d["x"][np.flatnonzero(np.isin(d["y"], pool.make_query(QUERY).classes))[:8]]
+
+
 @pytest.fixture(scope="session")
 def tiny_pool(tmp_path_factory, data_root) -> dict[str, Path]:
     """A pool made by a real (tiny) preprocessing run on real CIFAR-100: 1024 images, 2 epochs per stage, every part

@@ -10,28 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from PoE.query.pool import Pool
-from PoE.query.service import MAX_IMAGES, create_app
+from PoE.query.service import MAX_IMAGES
 
-from .api import QUERY, TestClient, b64, encode, expected, same_predictions, still_answers
-from .conftest import ROOT
+from .api import QUERY, b64, encode, expected, same_predictions, still_answers
 
 RAW = "/api/predict/raw"
 PNG, JPEG, PIXELS = ({"content-type": t} for t in ("image/png", "image/jpeg", "application/octet-stream"))
-
-
-@pytest.fixture(scope="module")
-def client(pool, data_root):
-    with TestClient(create_app(pool, data_root)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def images(data_root) -> np.ndarray:
-    """Eight real test images of the README query's classes (uint8, N x 32 x 32 x 3)."""
-    d = np.load(data_root / "cifar100" / "test.npz")
-    classes = Pool.open(ROOT / "DB_PoE").make_query(QUERY).classes
-    return d["x"][np.flatnonzero(np.isin(d["y"], classes))[:8]]
 
 
 def as_json(client, tasks: list[str], files: list[bytes], top: int = 5) -> dict:

@@ -16,27 +16,11 @@ import torch
 from PIL import Image
 
 from PoE.cli import main_service
-from PoE.query.pool import Pool
 from PoE.query.service import MAX_IMAGES, create_app
 from PoE.query.service.batching import served
 
 from .api import QUERY, TestClient, b64, encode, expected, same_predictions, still_answers
 from .conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def client(pool, data_root):
-    with TestClient(create_app(pool, data_root)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def images(data_root) -> np.ndarray:
-    """Eight real test images of the query's classes (uint8, N x 32 x 32 x 3)."""
-    d = np.load(data_root / "cifar100" / "test.npz")
-    classes = Pool.open(ROOT / "DB_PoE").make_query(QUERY).classes
-    keep = np.flatnonzero(np.isin(d["y"], classes))[:8]
-    return d["x"][keep]
 
 
 # ------------------------------------------------------------------ endpoints

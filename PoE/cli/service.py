@@ -160,7 +160,9 @@ def serve_body(a: argparse.Namespace, runtime: Runtime) -> int:
     """``--serve``: one process, ``--workers N`` or Ray Serve replicas, each opening the pool (pinned with
     ``--pool_digest``) itself."""
     from PoE.query.service import Settings, serve
+    from PoE.query.service.engine import chosen
 
+    chosen(a.engine, runtime.device, runtime.precision)  # --engine onnx on a GPU or in bf16: refused here, not per worker
     device, precision = str(runtime.device), runtime.precision
     settings = Settings(
         a.db,
