@@ -162,7 +162,8 @@ def serve_body(a: argparse.Namespace, runtime: Runtime) -> int:
     from PoE.query.service import Settings, serve
     from PoE.query.service.engine import chosen
 
-    chosen(a.engine, runtime.device, runtime.precision)  # --engine onnx on a GPU or in bf16: refused here, not per worker
+    # --engine onnx on a GPU or in bf16 is refused here, once, rather than by every worker as it starts
+    chosen(a.engine, runtime.device, runtime.precision)
     device, precision = str(runtime.device), runtime.precision
     settings = Settings(
         a.db,
