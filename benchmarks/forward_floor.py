@@ -14,7 +14,7 @@ Each figure is the median over ``--repeats`` calls (after a warm-up) of the call
 (``time.thread_time``) and of the wall time, divided by B; the variants alternate call by call, so that drift of the
 machine hits them alike. Multiply-adds per image are the query's (``TaskModel.cost``).
 
-    python benchmarks/forward_floor.py --data_root ../shared/data [--tasks people vehicles_1 vehicles_2]
+    python benchmarks/forward_floor.py --data_root ../shared/data [--tasks people vehicles_1 vehicles_2] [--engine onnx]
 """
 
 from __future__ import annotations
@@ -36,28 +36,29 @@ from PoE.core.data import Normalizer
 from PoE.core.paths import DATA_ROOT_HELP, default_data_root
 from PoE.core.precision import cpu_model
 from PoE.query.pool import Pool
-from PoE.query.service.batching import Job, answer, forward, served
+from PoE.query.service.batching import ExportGate, Job, answer, forward, served
+from PoE.query.service.engine import Engine
 
 README_QUERY = ["people", "vehicles_1", "vehicles_2"]
 
 
-def variants(pool: Pool, tasks: list[str], x: torch.Tensor) -> dict[str, Callable[[], object]]:
+def variants(pool: Pool, tasks: list[str], x: torch.Tensor, engine: Engine | None) -> dict[str, Callable[[], object]]:
     """The three ways of running the forward of ``x`` (float RGB in [0, 1], B x 3 x S x S)."""
     model = pool.query(tasks)
-    run = served(pool)
+    run = served(pool, engine)
     experts = [run.expert(pool, t) for t in model.tasks]
     normed = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def modules() -> object:
-        features = run.library(normed)
-        return [e(features) for e in experts]
+        features = run.run(run.library, normed)
+        return [run.run(e, features) for e in experts]
 
     def one_request() -> object:
-        return [answer(p, 5) for p in forward(pool, [Job(model, x)])]
+        return [answer(p, 5) for p in forward(pool, [Job(model, x)], engine)]
 
     def many_requests() -> object:
-        return [answer(p, 5) for p in forward(pool, [Job(model, x[i : i + 1]) for i in range(len(x))])]
+        return [answer(p, 5) for p in forward(pool, [Job(model, x[i : i + 1]) for i in range(len(x))], engine)]
 
     out = {"modules": modules, "one request": one_request}
     if len(x) > 1:
@@ -65,11 +66,21 @@ def variants(pool: Pool, tasks: list[str], x: torch.Tensor) -> dict[str, Callabl
     return out
 
 
+def warm(pool: Pool, tasks: list[str], calls: dict[str, Callable[[], object]], engine: Engine | None) -> None:
+    """First-call costs (the served copies, allocator, oneDNN primitives); with an engine, until every module
+    runs as its onnxruntime session."""
+    for call in calls.values():
+        for _ in range(5 if engine is None else engine.after + 1):
+            call()
+    run, deadline = served(pool, engine), time.monotonic() + 300
+    while engine is not None and len(run.sessions) < 1 + len(tasks):
+        if time.monotonic() > deadline:
+            raise SystemExit("the onnxruntime sessions were not made within 300 s")
+        time.sleep(0.1)
+
+
 def measure(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
     """(thread CPU ms, wall ms) per call, medians; the calls alternate."""
-    for call in calls.values():  # warm-up: first-call costs (the served copies, allocator, oneDNN primitives)
-        for _ in range(5):
-            call()
     cpu: dict[str, list[float]] = {name: [] for name in calls}
     wall: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -89,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16], help="images per forward")
     p.add_argument("--repeats", type=int, default=200, help="timed calls of each variant per batch size")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument(
+        "--engine", choices=["torch", "onnx"], default="torch", help="how the modules run (the server's --engine)"
+    )
     a = p.parse_args(argv)
     if a.repeats < 1 or a.threads < 1 or min(a.batches) < 1:
         p.error("--repeats, --threads and every --batches value must be 1 or more")
@@ -104,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"query {' '.join(model.tasks)}: {macs:,} multiply-adds per image\n")
     print("| batch B | way | thread CPU per image | wall per image |\n| --- | --- | --- | --- |")
+    engine = Engine(ExportGate(), a.threads) if a.engine == "onnx" else None
     for b in a.batches:
-        for name, (cpu, wall) in measure(variants(pool, model.tasks, images[:b]), a.repeats).items():
+        calls = variants(pool, model.tasks, images[:b], engine)
+        warm(pool, model.tasks, calls, engine)
+        for name, (cpu, wall) in measure(calls, a.repeats).items():
             print(f"| {b} | {name} | {cpu / b:.3f} ms | {wall / b:.3f} ms |", flush=True)
     end = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"\n{cpu_model()}; torch {torch.__version__}, {a.threads} thread(s), fp32, pool {pool.root} "
+        f"\n{cpu_model()}; torch {torch.__version__}, engine {a.engine}, {a.threads} thread(s), fp32, pool {pool.root} "
         f"({pool.digest[:16]}); medians of {a.repeats} calls; load average {load} before, {end} after"
     )
     return 0

@@ -104,6 +104,13 @@ def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]]:
     return cpus[:-k], cpus[-k:]
 
 
+def temp_log() -> Path:
+    """The server's stderr: kept (and named) only if the server failed (``Server.stop``)."""
+    fd, path = tempfile.mkstemp(prefix="poe-load-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
 @dataclass
 class Server:
     """One configuration's server: ``workers:N`` or ``ray:N`` (replicas), then optionally ``:PLACEMENT`` (where the
@@ -113,7 +120,7 @@ class Server:
     args: argparse.Namespace
     proc: subprocess.Popen | None = None
     url: str = ""
-    log: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="poe-load-", suffix=".log")[1]))
+    log: Path = field(default_factory=lambda: temp_log())
 
     @property
     def kind(self) -> str:
@@ -174,8 +181,9 @@ class Server:
         line = self.proc.stdout.readline()  # "serving ... at http://127.0.0.1:PORT/ ..."
         found = re.search(r"http://127\.0\.0\.1:\d+", line)
         if found is None:
+            log = self.log.read_text()[-3000:]
             self.stop()
-            raise SystemExit(f"the server did not start: {line}{self.log.read_text()[-3000:]}")
+            raise SystemExit(f"the server did not start: {line}{log}")
         self.url = found.group(0)
         deadline, pids = time.monotonic() + 600, set()
         while len(pids) < (self.n if self.kind == "workers" else 1) and time.monotonic() < deadline:
@@ -189,6 +197,11 @@ class Server:
                 self.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if self.proc is None or self.proc.returncode == 0:
+            self.log.unlink(missing_ok=True)
+        else:
+            print(f"{self.spec}: the server exited with {self.proc.returncode}; its log: {self.log}", file=sys.stderr)
 
 
 @dataclass

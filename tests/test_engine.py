@@ -54,3 +54,14 @@ def test_sessions_answer_as_the_torch_copies_on_real_images(data_root):
     assert torch.equal(onnx_answer.argmax(1), torch_answer.argmax(1))
     assert (onnx_answer - torch_answer).abs().max() < 1e-5
     assert not torch.equal(onnx_answer, torch_answer)  # another engine did answer
+
+
+def test_uint8_pixels_beside_float_images_in_one_batch(pool, images):
+    """The service hands the batcher uint8 pixels (scaled with the whole batch, off the event loop); a request of
+    [0, 1] floats in the same batch is scaled alike: each answer is the one its model gives alone."""
+    model = pool.query(QUERY)
+    pixels = torch.from_numpy(images[:3]).permute(0, 3, 1, 2)  # as Service.pixels gives them: channels-last uint8
+    floats = torch.from_numpy(images[3:5]).permute(0, 3, 1, 2).float().div(255)
+    preds = forward(pool, [Job(model, pixels), Job(model, floats), Job(model, pixels[:1])])
+    for pred, x in zip(preds, (pixels, floats, pixels[:1]), strict=True):
+        torch.testing.assert_close(pred.probabilities, model.predict(x).probabilities, rtol=0, atol=1e-5)

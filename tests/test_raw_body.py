@@ -50,6 +50,31 @@ def test_raw_pixels_answer_what_the_json_route_answers(client, pool, images):
     same_predictions(r.json()["predictions"], expected(pool, QUERY, images, top=4))
 
 
+def test_the_fast_path_answers_as_the_route(client, images, monkeypatch):
+    """A well-formed request is answered by ``FastRaw`` (no FastAPI routing); one it does not read itself (``top=05``)
+    by the FastAPI route: the same answers and refusals, each path taken."""
+    from PoE.query.service import app, raw
+
+    taken, real = [], raw.answer_raw
+
+    def counted(path):
+        async def call(*args, **kwargs):
+            taken.append(path)
+            return await real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(raw, "answer_raw", counted("fast"))
+    monkeypatch.setattr(app, "answer_raw", counted("route"))
+    for query, body in (("tasks=people,vehicles_1", images[:2].tobytes()), ("tasks=nope", images[:1].tobytes())):
+        fast = client.post(f"{RAW}?{query}&top=5", content=body, headers=PIXELS)
+        route = client.post(f"{RAW}?{query}&top=05", content=body, headers=PIXELS)
+        assert (fast.status_code, fast.json()) == (route.status_code, route.json())
+        assert fast.headers["content-type"] == route.headers["content-type"] == "application/json"
+    assert fast.status_code == 400 and "nope" in fast.json()["error"]
+    assert taken == ["fast", "route"] * 2
+
+
 def test_the_schema_gives_both_kinds_of_body_and_the_pools_tasks(client, pool):
     op = client.get("/openapi.json").json()["paths"][RAW]["post"]
     assert {"image/png", "image/jpeg", "application/octet-stream"} <= set(op["requestBody"]["content"])

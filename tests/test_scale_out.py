@@ -81,7 +81,7 @@ def servers(request, data_root, tmp_path_factory) -> dict[str, Server]:
         server.stop()
 
 
-def check_server(server: Server, reference, pool, images, tmp_path, workers: int) -> None:
+def check_server(server: Server, reference, pool, images, tmp_path, workers: int, engine: str) -> None:
     pids = {server.get("/healthz").json()["pid"] for _ in range(12)}
     with httpx.Client(base_url=server.url, timeout=START_S) as client:
         got = answers(client, images)
@@ -92,6 +92,7 @@ def check_server(server: Server, reference, pool, images, tmp_path, workers: int
         assert members(server.get(reference["model"]).content) == members(download.content)
     stats = server.get("/api/stats").json()
     assert stats["private_bytes"] > 0 and len(stats["workers"]) in (1, workers)
+    assert stats["engine"] == engine  # Ray's replicas too (--engine auto: onnx for fp32 on a CPU)
     assert len(pids) <= workers
 
 
@@ -104,7 +105,7 @@ def test_two_workers_answer_as_one_process_and_stop_with_their_supervisor(server
     try:
         pids = server.ready().pids(2)  # both workers up and taking connections
         assert len(pids) == 2, pids
-        check_server(server, reference, pool, images, tmp_path, workers=2)
+        check_server(server, reference, pool, images, tmp_path, workers=2, engine="torch")
         stats = server.get("/api/stats").json()
         assert {w["pid"] for w in stats["workers"]} == pids and stats["workers_private_bytes"] > 0
         port = int(server.url.rsplit(":", 1)[1])
@@ -125,7 +126,7 @@ def test_two_workers_answer_as_one_process_and_stop_with_their_supervisor(server
 def test_ray_serve_with_two_replicas_answers_as_one_process(servers, reference, pool, images, tmp_path):
     server = servers["ray"]
     try:
-        check_server(server.ready(), reference, pool, images, tmp_path, workers=2)
+        check_server(server.ready(), reference, pool, images, tmp_path, workers=2, engine="onnx")
     finally:  # SIGTERM: ray.init puts its own handler in (sys.exit(15), Serve left running) unless ours goes back
         assert server.stop(signal.SIGTERM) == 0
 

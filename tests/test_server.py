@@ -153,6 +153,7 @@ def test_batching_shares_one_library_forward(pool, data_root, images):
         same_predictions(results[i]["predictions"], expected(pool, queries[i % 4], [images[i % 8]] * (1 + i % 2)))
     assert rows == {t: sum(1 + i % 2 for i in range(12) if t in queries[i % 4]) for t in pool.experts}, rows
     assert stats["requests"] == 12 and stats["images"] == 18
+    assert (stats["engine"], stats["engine_sessions"]) == ("torch", 0)  # create_app's default engine
     assert stats["forwards"] == len(calls) and sum(calls) == 18  # one library forward per batch, every row once
     assert stats["forwards"] <= 4 and stats["largest_batch_requests"] >= 4, stats  # 12 requests, at most 4 forwards
 

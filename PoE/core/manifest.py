@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 from PoE.core.checkpoint import file_record, part_digest, read_recorded, save_json, shard_files
 from PoE.core.datasets.folder import DESCRIPTION_FILE
 from PoE.core.errors import PoEError
-from PoE.core.pool_paths import HIERARCHY_FILE, PoolPaths
+from PoE.core.pool_paths import PoolPaths
 
 # 4: ``files`` records the size and SHA-256 of every file the pool's answers depend on (parts, their shards,
 # dataset.json), checked before a file is read; 3: records the hierarchy; 2: ``parts`` lists every part by its
@@ -189,9 +190,9 @@ def signature(paths: PoolPaths) -> tuple:
     """A cheap fingerprint of the pool's table of contents (inode, size and mtime of ``manifest.json`` and
     ``hierarchy.json``; writers replace them atomically, so every write gives a new inode)."""
     out = []
-    for path in (paths.manifest, paths.root / HIERARCHY_FILE):
+    for path in paths.watched:
         try:
-            st = path.stat()
+            st = os.stat(path)
             out.append((st.st_ino, st.st_size, st.st_mtime_ns))
         except OSError:
             out.append(None)

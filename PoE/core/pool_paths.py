@@ -12,6 +12,7 @@ from typing import Any
 from PoE.core.errors import PoEError
 from PoE.core.jsonfile import read_json
 
+MANIFEST_FILE = "manifest.json"
 HIERARCHY_FILE = "hierarchy.json"  # in the pool's folder: the readable copy of the hierarchy its manifest records
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # it names a file (expert_<task>.pt) and a CLI word
 TASK_RULE = "1-100 letters, digits, '_', '-' or '.', starting with a letter or digit (it names the expert's file)"
@@ -29,6 +30,8 @@ class PoolPaths:
     def __init__(self, root: str | Path, tag: str) -> None:
         self.root = Path(root)
         self.tag = tag
+        # the table of contents a server stats on every request (``manifest.signature``), as strings made once
+        self.watched = (os.fspath(self.root / MANIFEST_FILE), os.fspath(self.root / HIERARCHY_FILE))
 
     @property
     def library(self) -> Path:
@@ -53,7 +56,7 @@ class PoolPaths:
 
     @property
     def manifest(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST_FILE
 
     def experts_present(self) -> list[str]:
         d = self.root / "experts"

@@ -33,14 +33,13 @@ from PoE.query.service.limits import (
     memory,
     one_line,
 )
+from PoE.query.service.raw import RAW_PATH, FastRaw, answer_raw, content_kind, error_of, task_names
 from PoE.query.service.schemas import RAW_BODY, USAGE, PredictBody, QueryBody, refusals
 
 log = logging.getLogger("PoE.query.service")
 
 WEB = Path(__file__).resolve().parents[2] / "web"
 MODEL_ID = re.compile(r"[0-9a-f]{16}-[0-9a-f]{2,}\.pt2")  # View.tasks_of checks the task codes
-RAW_PATH = "/api/predict/raw"
-PIXELS = "application/octet-stream"  # the raw route's body of pixels; image/* is one image file
 
 
 def create_app(
@@ -71,6 +70,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(FastRaw, service=service)  # inside the two below: counted as arriving, its body limited
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(Arrivals, batcher=service.batcher)
 
@@ -115,13 +115,10 @@ def add_error_handlers(app: FastAPI, service: Service) -> None:
         return JSONResponse({"error": one_line(f"{what}; {usage}; known tasks: {known}")}, status_code=400)
 
     @app.exception_handler(PoEError)
-    async def refused(request: Request, exc: PoEError) -> JSONResponse:
-        return JSONResponse({"error": one_line(exc)}, status_code=400)
-
     @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request %s failed", request.url.path)
-        return JSONResponse({"error": one_line(f"internal error: {exc}")}, status_code=500)
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        status, line = error_of(exc, request.url.path)  # PoEError: 400; anything else: a logged 500
+        return JSONResponse({"error": line}, status_code=status)
 
 
 def add_query_routes(app: FastAPI, service: Service, data_root: str | Path | None) -> None:
@@ -228,25 +225,12 @@ def add_predict_routes(app: FastAPI, service: Service) -> None:
         ],
         top: Annotated[int, Query(ge=1, description="classes shown per image, most probable first")] = DEFAULT_TOP,
     ) -> JSONResponse:
-        usage = USAGE[RAW_PATH]
+        """Answers what ``FastRaw`` passed on: well-formed requests are answered there, by the same ``answer_raw``."""
         unknown = sorted(set(request.query_params) - {"tasks", "top"})
         if unknown:
-            raise ClientError(400, f"unknown query parameter {unknown[0][:80]!r}; {usage}")
-        model = (await service.current()).model(task_names(tasks))  # task errors first, as on /api/predict
-        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if kind != PIXELS and not kind.startswith("image/"):
-            given = f"Content-Type {kind[:80]!r}" if kind else "a body without a Content-Type"
-            raise ClientError(415, f"{given} is not accepted here; {usage}")
-        body = await request.body()
-        if not body:
-            raise ClientError(400, f"empty body: no image given; {usage}")
-        images = service.pixels(body) if kind == PIXELS else [body]
-        return JSONResponse(await service.predict(model, images, top, request.scope.get("poe.arrival")))
-
-
-def task_names(values: list[str]) -> list[str]:
-    """Task names from form fields or query parameters: each repeated, or separated by commas or spaces."""
-    return [t for value in values for t in re.split(r"[,\s]+", value) if t]
+            raise ClientError(400, f"unknown query parameter {unknown[0][:80]!r}; {USAGE[RAW_PATH]}")
+        kind, arrival = content_kind(request.headers), request.scope.get("poe.arrival")
+        return JSONResponse(await answer_raw(service, tasks, top, kind, request.body, arrival))
 
 
 def add_download_routes(app: FastAPI, service: Service) -> None:
@@ -295,6 +279,8 @@ def add_download_routes(app: FastAPI, service: Service) -> None:
     async def stats() -> dict[str, Any]:
         return {
             **service.batcher.stats.as_dict(),
+            "engine": service.engine,  # torch, or onnx: onnxruntime sessions, made once a module ran 16 forwards
+            "engine_sessions": service.batcher.engine.made if service.batcher.engine is not None else 0,
             **memory(),
             "uptime_s": round(time.time() - service.started, 1),
             "models_exported": len(service.view.exports),

@@ -43,8 +43,8 @@ log = logging.getLogger("PoE.query.service")
 
 @dataclass
 class Job:
-    """One request's images (float RGB in [0, 1], N x 3 x S x S) for one consolidated model, and how many
-    classes to show per image. ``loop``/``future``: where the answer goes (None under Ray Serve's batching)."""
+    """One request's images (RGB, N x 3 x S x S: uint8 pixels, or float in [0, 1]) for one consolidated model, and how
+    many classes to show per image. ``loop``/``future``: where the answer goes (None under Ray Serve's batching)."""
 
     model: TaskModel
     x: torch.Tensor
@@ -225,6 +225,7 @@ class Served:
         self.sessions: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()  # copy -> its own
         self.runs: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()  # forwards by torch
         self.library = self.copy(pool.library)
+        self.normalize = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)
         self.experts: dict[str, tuple[nn.Module, nn.Module]] = {}  # task -> (the pool's module, the copy run)
 
     def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -275,9 +276,11 @@ def forward(pool: Pool, batch: list[Job], engine: Engine | None = None) -> list[
     library once on every row, then the experts. Used by the hand-written batcher and by Ray Serve's
     ``@serve.batch`` alike. It runs ``served``'s copies, on one thread for a tiny batch (``threads_for``); on a
     GPU the experts the batch queried run as one bank of their union (cached by the pool)."""
-    x = torch.cat([j.x for j in batch]).to(pool.device)
-    x = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
-    run, union = served(pool, engine), grouped_on(x.device)
+    xs = [j.x for j in batch]
+    if len({t.dtype for t in xs}) > 1:  # uint8 pixels beside [0, 1] floats: one scale for all before the cat
+        xs = [t.float().div(255) if t.dtype == torch.uint8 else t for t in xs]
+    run, union = served(pool, engine), grouped_on(pool.device)
+    x = run.normalize(torch.cat(xs).to(pool.device)).contiguous(memory_format=torch.channels_last)
     groups = [Rows(j.model.tasks, len(j.x), j.model.module.order) for j in batch]
     classes = {t: n for j in batch for t, n in j.model.module.sizes.items()}
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from PoE.core.data import ImageSet, image_batch
+from PoE.core.data import ImageSet
 from PoE.core.datasets import DatasetConfig, load_split
 from PoE.core.errors import PoEError
 from PoE.core.evaluate import count_macs, count_params
@@ -26,7 +26,7 @@ from PoE.core.manifest import signature
 from PoE.query.model import TaskModel
 from PoE.query.pool import BANK_CACHE, Pool
 from PoE.query.service.batching import Batcher, BatchStats, ExportGate
-from PoE.query.service.engine import chosen
+from PoE.query.service.engine import Engine, chosen
 from PoE.query.service.images import decode_image
 from PoE.query.service.limits import LRU, MAX_EXPORT_BYTES, ClientError, check_count, one_line
 
@@ -46,6 +46,7 @@ class Batching(Protocol):
     """What the service needs of a batcher: the hand-written one (``Batcher``) or Ray Serve's."""
 
     stats: BatchStats
+    engine: Engine | None  # onnxruntime sessions of the served modules, or None: torch runs them
 
     async def submit(self, model: TaskModel, x: torch.Tensor, top: int) -> list[dict[str, Any]]: ...
     def alive(self) -> bool: ...
@@ -165,8 +166,8 @@ class Service:
         self.view, self.data_root, self.watch = View(pool), data_root, watch
         self.gate = ExportGate()
         threads = torch.get_num_threads()  # the worker's count (``Settings.app`` sets it before this)
-        engine = chosen(engine, pool.device, pool.precision)  # onnx or torch (PoE.query.service.engine)
-        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms, threads, engine)
+        self.engine = chosen(engine, pool.device, pool.precision)  # onnx or torch (PoE.query.service.engine)
+        self.batcher: Batching = batching or Batcher(self.gate, max_batch, max_wait_ms, threads, self.engine)
         self.lock = threading.Lock()
         # evaluations and exports run one at a time on their own thread: few threads touch torch, which keeps
         # the memory of per-thread allocator arenas and OpenMP teams bounded. Each sets its torch threads as it
@@ -329,10 +330,7 @@ class Service:
 
     def images(self, images: list[bytes]) -> torch.Tensor:
         size = self.cfg.image_size
-        try:
-            return image_batch([decode_image(b, i, size) for i, b in enumerate(images)], size)
-        except PoEError as e:
-            raise ClientError(400, str(e)) from None
+        return pixel_batch(np.stack([decode_image(b, i, size) for i, b in enumerate(images)]))
 
     def pixels(self, data: bytes) -> torch.Tensor:
         """Raw uint8 RGB pixels, N x S x S x 3 in that order (numpy's ``tobytes()`` of such an array), S the pool's
@@ -346,7 +344,11 @@ class Service:
                 f"N x {size} x {size} x 3 uint8 RGB pixels, {per_image:,} bytes per image",
             )
         check_count(len(data) // per_image)
-        try:
-            return image_batch(np.frombuffer(data, np.uint8).reshape(-1, size, size, 3), size)
-        except PoEError as e:
-            raise ClientError(400, str(e)) from None
+        return pixel_batch(np.frombuffer(data, np.uint8).reshape(-1, size, size, 3).copy())
+
+
+def pixel_batch(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x S x S x 3 (``decode_image``'s RGB, of the pool's size) as the uint8 N x 3 x S x S tensor the batcher
+    takes (channels-last in memory, as the served modules run): the batcher scales and standardises every request's
+    pixels in one operation (``batching.forward``), not the event loop each request's."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)

@@ -21,6 +21,7 @@ import torch
 
 from PoE.core.errors import PoEError
 from PoE.query.service.batching import BatchStats, Job, answer, check_window, forward_all
+from PoE.query.service.engine import Engine, chosen
 from PoE.query.service.run import Settings, plan, url_line
 
 try:
@@ -43,6 +44,7 @@ class RayBatching:
 
     def __init__(self, pool: Any, max_batch: int, max_wait_ms: float) -> None:
         self.pool, self.stats, self.gate = pool, BatchStats(), None  # the gate is the service's (set by the app)
+        self.engine: Engine | None = None  # onnxruntime sessions (``engine``), made once the gate is known
         self.batched.set_max_batch_size(max_batch)  # requests per batch
         self.batched.set_batch_wait_timeout_s(max_wait_ms / 1e3)
 
@@ -55,7 +57,7 @@ class RayBatching:
 
     def run(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
         with self.gate.forward():
-            preds = forward_all(jobs)
+            preds = forward_all(jobs, self.engine)
         self.stats.add(len(jobs), sum(len(j.x) for j in jobs))
         return [answer(p, j.top) for p, j in zip(preds, jobs, strict=True)]
 
@@ -66,7 +68,8 @@ class RayBatching:
         pass
 
     def close(self) -> None:
-        pass
+        if self.engine is not None:
+            self.engine.close()
 
 
 if serve is not None:
@@ -85,6 +88,8 @@ if serve is not None:
         def __serve_build_asgi_app__(self) -> Any:
             app = self.settings.app(self.pool, batching=self.batching)
             self.batching.gate = app.state.service.gate
+            if chosen(self.settings.engine, self.pool.device, self.pool.precision) == "onnx":
+                self.batching.engine = Engine(self.batching.gate, self.settings.threads or 1)
             return app
 
 
