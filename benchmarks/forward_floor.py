@@ -1,9 +1,10 @@
 """The arithmetic floor of one prediction: the CPU time of the forward alone, per image, with no HTTP, JSON or
 decoding around it, to set beside the server's CPU per predict (``load_test.py``).
 
-Three ways, each for batches of ``--batches`` images (real CIFAR-100 test images of the query's classes), in this
+Four ways, each for batches of ``--batches`` images (real CIFAR-100 test images of the query's classes), in this
 one process, on ``--threads`` torch threads (default 1, as the service runs a batch of 8 or fewer), fp32:
 
+- library: the served library alone (the part every query shares, most of the arithmetic);
 - modules: the served library and the query's experts as the batcher runs them (``served``: BatchNorm folded,
   channels_last), on already normalised images: the network's arithmetic and torch's per-operation dispatch;
 - one request: the service's ``forward`` for one request of B images, plus ``answer`` (the top-k rows the
@@ -43,11 +44,15 @@ README_QUERY = ["people", "vehicles_1", "vehicles_2"]
 
 
 def variants(pool: Pool, tasks: list[str], x: torch.Tensor, engine: Engine | None) -> dict[str, Callable[[], object]]:
-    """The three ways of running the forward of ``x`` (float RGB in [0, 1], B x 3 x S x S)."""
+    """The ways of running the forward of ``x`` (float RGB in [0, 1], B x 3 x S x S)."""
     model = pool.query(tasks)
     run = served(pool, engine)
     experts = [run.expert(pool, t) for t in model.tasks]
     normed = Normalizer(pool.cfg.mean, pool.cfg.std, pool.device)(x).contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def library() -> object:
+        return run.run(run.library, normed)
 
     @torch.inference_mode()
     def modules() -> object:
@@ -60,7 +65,7 @@ def variants(pool: Pool, tasks: list[str], x: torch.Tensor, engine: Engine | Non
     def many_requests() -> object:
         return [answer(p, 5) for p in forward(pool, [Job(model, x[i : i + 1]) for i in range(len(x))], engine)]
 
-    out = {"modules": modules, "one request": one_request}
+    out = {"library": library, "modules": modules, "one request": one_request}
     if len(x) > 1:
         out[f"{len(x)} requests"] = many_requests
     return out
@@ -79,12 +84,16 @@ def warm(pool: Pool, tasks: list[str], calls: dict[str, Callable[[], object]], e
         time.sleep(0.1)
 
 
-def measure(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
-    """(thread CPU ms, wall ms) per call, medians; the calls alternate."""
+def measure(
+    calls: dict[str, Callable[[], object]], repeats: int, idle_ms: float = 0.0
+) -> dict[str, tuple[float, float]]:
+    """(thread CPU ms, wall ms) per call, medians; the calls alternate, each after ``idle_ms`` of sleep."""
     cpu: dict[str, list[float]] = {name: [] for name in calls}
     wall: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
+            if idle_ms:
+                time.sleep(idle_ms / 1e3)
             c, w = time.thread_time(), time.perf_counter()
             call()
             cpu[name].append((time.thread_time() - c) * 1e3)
@@ -101,11 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=200, help="timed calls of each variant per batch size")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument(
+        "--idle_ms",
+        type=float,
+        default=0.0,
+        help="sleep this long before each timed call, as a server's batcher idles between lone requests",
+    )
+    p.add_argument(
         "--engine", choices=["torch", "onnx"], default="torch", help="how the modules run (the server's --engine)"
     )
     a = p.parse_args(argv)
     if a.repeats < 1 or a.threads < 1 or min(a.batches) < 1:
         p.error("--repeats, --threads and every --batches value must be 1 or more")
+    if not 0 <= a.idle_ms <= 1000:
+        p.error(f"--idle_ms must be 0 to 1000 milliseconds, got {a.idle_ms:g}")
     torch.set_num_threads(a.threads)
     pool = Pool.open(a.db, "cifar100", device="cpu", precision="fp32")
     model = pool.query(a.tasks)
@@ -122,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     for b in a.batches:
         calls = variants(pool, model.tasks, images[:b], engine)
         warm(pool, model.tasks, calls, engine)
-        for name, (cpu, wall) in measure(calls, a.repeats).items():
+        for name, (cpu, wall) in measure(calls, a.repeats, a.idle_ms).items():
             print(f"| {b} | {name} | {cpu / b:.3f} ms | {wall / b:.3f} ms |", flush=True)
     end = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"\n{cpu_model()}; torch {torch.__version__}, engine {a.engine}, {a.threads} thread(s), fp32, pool {pool.root} "
+        f"\n{cpu_model()}; torch {torch.__version__}, engine {a.engine}, {a.threads} thread(s), "
+        f"idle {a.idle_ms:g} ms before each call, fp32, pool {pool.root} "
         f"({pool.digest[:16]}); medians of {a.repeats} calls; load average {load} before, {end} after"
     )
     return 0

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -120,7 +120,7 @@ class Server:
     args: argparse.Namespace
     proc: subprocess.Popen | None = None
     url: str = ""
-    log: Path = field(default_factory=lambda: temp_log())
+    log: Path | None = None  # the server's stderr, made when it starts
 
     @property
     def kind(self) -> str:
@@ -170,6 +170,7 @@ class Server:
     def start(self, max_batch: int) -> None:
         cores = self.cpus()[0]
         pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None  # Ray's processes inherit it
+        self.log = temp_log()
         self.proc = subprocess.Popen(
             self.command(max_batch),
             cwd=ROOT,
@@ -198,6 +199,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.log is None:
+            return
         if self.proc is None or self.proc.returncode == 0:
             self.log.unlink(missing_ok=True)
         else:
