@@ -159,3 +159,20 @@ def test_a_batch_wakes_the_event_loop_once(pool, test_images):
         batcher.close()
     assert batcher.stats.forwards == 1 and batcher.stats.requests == 4
     assert len(calls) == 1, calls
+
+
+def test_non_finite_probabilities_are_refused_not_written(pool):
+    """The answers are written by orjson, which writes NaN as null: ``answer`` refuses them first (the batcher then
+    answers the request with a one-line 500), so no answer carries a NaN as a probability."""
+    from PoE.query.model import Prediction
+    from PoE.query.service.answers import dumps
+    from PoE.query.service.batching import answer
+
+    probabilities = torch.tensor([[0.25, float("nan"), 0.75]])
+    with pytest.raises(RuntimeError, match="non-finite probabilities"):
+        answer(Prediction([1], ["b"], probabilities, [0, 1, 2], ["a", "b", "c"]), top=2)
+    good = answer(Prediction([2], ["c"], probabilities.nan_to_num(0.0), [0, 1, 2], ["a", "b", "c"]), top=2)
+    assert (
+        dumps(good) == b'[{"class_id":2,"class_name":"c","top":[{"id":2,"name":"c","probability":0.75},'
+        b'{"id":0,"name":"a","probability":0.25}]}]'
+    )

@@ -3,6 +3,7 @@ and export (``.pt2`` by ``torch.export``, ``.onnx`` by ``PoE.query.onnx_export``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,11 +81,19 @@ class TaskModel:
 
     @property
     def classes(self) -> list[int]:
-        return self.query.classes
+        return list(self._classes)
 
     @property
     def class_names(self) -> list[str]:
-        return [self.cfg.class_name(c) for c in self.classes]
+        return list(self._names)
+
+    @functools.cached_property
+    def _classes(self) -> tuple[int, ...]:  # once per model: the server reads them for every request
+        return tuple(self.query.classes)
+
+    @functools.cached_property
+    def _names(self) -> tuple[str, ...]:
+        return tuple(self.cfg.class_name(c) for c in self._classes)
 
     def cost(self) -> tuple[int, int]:
         """(multiply-adds per image, parameters) of the consolidated model."""

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from PoE import __version__
 from PoE.core.errors import PoEError
 from PoE.query.pool import Pool
+from PoE.query.service.answers import Answer
 from PoE.query.service.batching import Arrivals
 from PoE.query.service.core import Batching, Service
 from PoE.query.service.images import decode_base64
@@ -191,7 +192,7 @@ def add_predict_routes(app: FastAPI, service: Service) -> None:
         model = (await service.current()).model(body.tasks)  # task errors first
         check_count(len(body.images))
         images = [decode_base64(s, i) for i, s in enumerate(body.images)]
-        return JSONResponse(await service.predict(model, images, body.top, request.scope.get("poe.arrival")))
+        return Answer(await service.predict(model, images, body.top, request.scope.get("poe.arrival")))
 
     @app.post(
         "/api/predict/upload",
@@ -209,7 +210,7 @@ def add_predict_routes(app: FastAPI, service: Service) -> None:
         model = (await service.current()).model(task_names(tasks))
         check_count(len(images))
         data = [await f.read() for f in images]
-        return JSONResponse(await service.predict(model, data, top, request.scope.get("poe.arrival")))
+        return Answer(await service.predict(model, data, top, request.scope.get("poe.arrival")))
 
     @app.post(
         "/api/predict/raw",
@@ -230,7 +231,7 @@ def add_predict_routes(app: FastAPI, service: Service) -> None:
         if unknown:
             raise ClientError(400, f"unknown query parameter {unknown[0][:80]!r}; {USAGE[RAW_PATH]}")
         kind, arrival = content_kind(request.headers), request.scope.get("poe.arrival")
-        return JSONResponse(await answer_raw(service, tasks, top, kind, request.body, arrival))
+        return Answer(await answer_raw(service, tasks, top, kind, request.body, arrival))
 
 
 def add_download_routes(app: FastAPI, service: Service) -> None:

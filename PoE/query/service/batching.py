@@ -297,6 +297,8 @@ def forward(pool: Pool, batch: list[Job], engine: Engine | None = None) -> list[
 def answer(pred: Prediction, top: int) -> list[dict[str, Any]]:
     """Per image: the predicted class and the ``top`` most probable ones, one top-k over the whole request
     (``Prediction.top``'s numbers, without a tensor operation per image)."""
+    if not bool(pred.probabilities.isfinite().all()):  # a wrong answer must not pass as one (answers.dumps)
+        raise RuntimeError("the model gave non-finite probabilities")
     p, idx = pred.probabilities.topk(min(top, pred.probabilities.shape[1]), dim=1)
     classes, names = pred.classes, pred.names
     return [

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from PoE.core.errors import PoEError
+from PoE.query.service.answers import dumps
 from PoE.query.service.core import Service
 from PoE.query.service.limits import ClientError, one_line
 from PoE.query.service.schemas import USAGE
@@ -26,18 +27,6 @@ log = logging.getLogger("PoE.query.service")
 RAW_PATH = "/api/predict/raw"
 PIXELS = "application/octet-stream"  # the raw route's body of pixels; image/* is one image file
 PLAIN_TOP = re.compile(r"[1-9][0-9]{0,5}")  # what the fast path reads as top itself; anything else: FastAPI's
-
-try:  # a third of json's time for an answer's rows (docs/service.md); json where it is not installed
-    import orjson
-
-    def dumps(content: Any) -> bytes:
-        return orjson.dumps(content)
-
-except ImportError:  # pragma: no cover - orjson is in requirements.txt
-    import json
-
-    def dumps(content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def task_names(values: list[str]) -> list[str]:
