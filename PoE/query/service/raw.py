@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from starlette.requests import ClientDisconnect
+
 from PoE.core.errors import PoEError
 from PoE.query.service.core import Service
 from PoE.query.service.limits import ClientError, one_line
@@ -25,6 +27,7 @@ log = logging.getLogger("PoE.query.service")
 
 RAW_PATH = "/api/predict/raw"
 PIXELS = "application/octet-stream"  # the raw route's body of pixels; image/* is one image file
+GONE = "the client went away before its body was received"
 PLAIN_TOP = re.compile(r"[1-9][0-9]{0,5}")  # what the fast path reads as top itself; anything else: FastAPI's
 
 try:  # a third of json's time for an answer's rows (docs/service.md); json where it is not installed
@@ -77,6 +80,8 @@ def error_of(exc: Exception, path: str = RAW_PATH) -> tuple[int, str]:
         return exc.status_code, exc.detail
     if isinstance(exc, PoEError):
         return 400, one_line(exc)
+    if isinstance(exc, ClientDisconnect):  # the client's doing, not the server's failure (and nobody reads it)
+        return 400, GONE
     log.exception("request %s failed", path)
     return 500, one_line(f"internal error: {exc}")
 
@@ -116,7 +121,7 @@ class FastRaw:
             while more:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise ClientError(400, "the client went away before its body was received")
+                    raise ClientDisconnect  # as Starlette's Request.body raises it on the route
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
             return b"".join(chunks)
