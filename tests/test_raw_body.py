@@ -134,3 +134,44 @@ def test_bad_raw_requests_are_one_line_errors_and_the_server_goes_on(
     for part in says:
         assert part in error, error
     still_answers(client, pool, images)
+
+
+def call(app, url: str, chunks: list[bytes], headers: dict) -> tuple[int, bytes]:
+    """``app`` called as a server would, the client going away after ``chunks`` (what TestClient cannot send)."""
+    import asyncio
+
+    path, _, query = url.partition("?")
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": path, "root_path": ""}
+    scope.update(query_string=query.encode(), headers=[(k.encode(), v.encode()) for k, v in headers.items()])
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    sent: dict = {"body": b""}
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.setdefault("status", message.get("status"))
+        sent["body"] += message.get("body", b"")
+
+    asyncio.run(app(scope, receive, send))
+    return sent["status"], sent["body"]
+
+
+@pytest.mark.parametrize("path", ["fast", "route"])
+def test_a_client_gone_mid_body_is_no_server_failure(client, pool, images, monkeypatch, caplog, path):
+    """Both paths refuse it alike, as a client's doing: a 400 line, no 500, no traceback logged."""
+    from PoE.query.service import raw
+
+    if path == "route":
+        monkeypatch.setattr(raw, "plain_query", lambda query: None)
+    status, body = call(client.app, f"{RAW}?tasks=people", [images[:1].tobytes()[:1000]], PIXELS)
+    assert (status, body) == (400, b'{"error":"the client went away before its body was received"}')
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    still_answers(client, pool, images)
+
+
+@pytest.mark.parametrize("query", ["tasks=people,{}", "tasks={}&tasks={}"])
+def test_a_long_task_name_is_not_echoed_whole(client, query):
+    r = client.post(f"{RAW}?{query.format(*['x' * 8000] * 2)}", content=b"x", headers=PNG)
+    assert r.status_code == 400 and "'" + "x" * 80 + "'" in r.json()["error"]
+    assert len(r.json()["error"]) < 1000, len(r.json()["error"])

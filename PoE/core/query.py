@@ -51,11 +51,11 @@ def make_query(names: Sequence[str], table: Mapping[str, Sequence[int]], dataset
     unknown = [n for n in names if n not in table]
     if unknown:
         where = f" for {dataset}" if dataset else ""
-        raise PoEError(f"unknown task {unknown[0]!r}{where}; known tasks: {', '.join(table)}")
+        raise PoEError(f"unknown task {unknown[0][:80]!r}{where}; known tasks: {', '.join(table)}")
     seen: set[str] = set()
     for n in names:
         if n in seen:
-            raise PoEError(f"task {n!r} is named twice in the query; name each task once")
+            raise PoEError(f"task {n[:80]!r} is named twice in the query; name each task once")
         seen.add(n)
     classes = [tuple(table[n]) for n in names]
     flat = [c for cls in classes for c in cls]

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from PoE import __version__
 from PoE.core.errors import PoEError
@@ -116,6 +117,7 @@ def add_error_handlers(app: FastAPI, service: Service) -> None:
         return JSONResponse({"error": one_line(f"{what}; {usage}; known tasks: {known}")}, status_code=400)
 
     @app.exception_handler(PoEError)
+    @app.exception_handler(ClientDisconnect)  # here, not with Exception: a 500 handler's exception is raised again
     @app.exception_handler(Exception)
     async def refused(request: Request, exc: Exception) -> JSONResponse:
         status, line = error_of(exc, request.url.path)  # PoEError: 400; anything else: a logged 500

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from starlette.requests import ClientDisconnect
+
 from PoE.core.errors import PoEError
 from PoE.query.service.answers import dumps
 from PoE.query.service.core import Service
@@ -26,6 +28,7 @@ log = logging.getLogger("PoE.query.service")
 
 RAW_PATH = "/api/predict/raw"
 PIXELS = "application/octet-stream"  # the raw route's body of pixels; image/* is one image file
+GONE = "the client went away before its body was received"
 PLAIN_TOP = re.compile(r"[1-9][0-9]{0,5}")  # what the fast path reads as top itself; anything else: FastAPI's
 
 
@@ -66,6 +69,8 @@ def error_of(exc: Exception, path: str = RAW_PATH) -> tuple[int, str]:
         return exc.status_code, exc.detail
     if isinstance(exc, PoEError):
         return 400, one_line(exc)
+    if isinstance(exc, ClientDisconnect):  # the client's doing, not the server's failure (and nobody reads it)
+        return 400, GONE
     log.exception("request %s failed", path)
     return 500, one_line(f"internal error: {exc}")
 
@@ -105,7 +110,7 @@ class FastRaw:
             while more:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise ClientError(400, "the client went away before its body was received")
+                    raise ClientDisconnect  # as Starlette's Request.body raises it on the route
                 chunks.append(message.get("body", b""))
                 more = message.get("more_body", False)
             return b"".join(chunks)
