@@ -3,8 +3,8 @@ query string; and its fast path.
 
 The route's checks and answer are ``answer_raw``, called by the FastAPI route and by ``FastRaw``. ``FastRaw`` is an ASGI
 middleware that answers a well-formed request of this route itself, without FastAPI's routing, dependency solving
-and exception layers, which cost about a fifth of the event loop's time per predict (docs/service.md, "The cost of
-a request"). Anything it does not recognise as well formed (an unknown or repeated parameter, a missing ``tasks``, a
+and exception layers, a large part of the event loop's time per predict (docs/service.md, "A fast path for the
+binary body"). Anything it does not recognise as well formed (an unknown or repeated parameter, a missing ``tasks``, a
 ``top`` that is not a plain positive number) goes on to the FastAPI route, which answers it, with its one-line 4xx.
 """
 
